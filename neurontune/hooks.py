@@ -1,0 +1,38 @@
+"""Scoped forward pre-hooks on a shared model.
+
+Every hook registered here is tagged with a token; it runs only for forward calls made from a context
+(thread or asyncio task) in which its `with` block is open, and it is removed when the block exits,
+also on an exception. Blocks nest: an outer modulation and an inner activation capture both apply.
+"""
+from __future__ import annotations
+
+import contextvars
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator
+
+from torch import nn
+
+PreHook = Callable[[nn.Module, tuple], "tuple | None"]
+_ACTIVE: contextvars.ContextVar[frozenset] = contextvars.ContextVar("neurontune_active_hooks", default=frozenset())
+
+
+def _guarded(fn: PreHook, token: object) -> PreHook:
+    def hook(module: nn.Module, args: tuple):
+        if token not in _ACTIVE.get():  # another thread's call: leave it alone
+            return None
+        return fn(module, args)
+    return hook
+
+
+@contextmanager
+def scoped_pre_hooks(hooks: Iterable[tuple[nn.Module, PreHook]]) -> Iterator[None]:
+    """Register `(module, fn)` forward pre-hooks for this context only, for the duration of the block."""
+    token = object()
+    handles = [module.register_forward_pre_hook(_guarded(fn, token)) for module, fn in hooks]
+    reset = _ACTIVE.set(_ACTIVE.get() | {token})
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(reset)
+        for h in handles:
+            h.remove()

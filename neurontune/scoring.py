@@ -1,0 +1,72 @@
+"""Teacher-forced scoring: batch (chat prompt, target) pairs and compute log p(target | prompt).
+
+Shared by attribution (gradient of the refusal log-probability), meta-learning losses and the fast
+refusal proxy of the evaluation, so all three read the same tokens the same way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PairBatch:
+    """Right-padded token ids of prompt+target. `target_mask[b, t]` marks tokens whose log-prob counts."""
+
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T]
+    target_mask: torch.Tensor  # [B, T] bool, True on target tokens
+    n_truncated: int = 0
+
+    def to(self, device) -> "PairBatch":
+        return PairBatch(self.input_ids.to(device), self.attention_mask.to(device), self.target_mask.to(device), self.n_truncated)
+
+
+def encode_pairs(tokenizer, prompts: Sequence[str], targets: Sequence[str], max_length: int = 256) -> PairBatch:
+    """Tokenise formatted prompts and their targets separately (no merge across the boundary) and pad.
+
+    A prompt too long for `max_length` keeps its end (where the request and the assistant header are)."""
+    rows, masks, n_truncated = [], [], 0
+    for prompt, target in zip(prompts, targets, strict=True):
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        t = tokenizer(target, add_special_tokens=False)["input_ids"] if target else []
+        room = max_length - len(t)
+        if len(p) > room:
+            p, n_truncated = p[len(p) - room:], n_truncated + 1
+        rows.append(p + t)
+        masks.append([False] * len(p) + [True] * len(t))
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    tmask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for b, (r, m) in enumerate(zip(rows, masks)):
+        ids[b, : len(r)] = torch.tensor(r)
+        attn[b, : len(r)] = 1
+        tmask[b, : len(m)] = torch.tensor(m)
+    return PairBatch(ids, attn, tmask, n_truncated)
+
+
+def token_logprobs(logits: torch.Tensor, batch: PairBatch) -> torch.Tensor:
+    """Log-prob of each target token given everything before it: [B, T-1], zero off-target."""
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    picked = logp.gather(-1, batch.input_ids[:, 1:, None].to(logp.device)).squeeze(-1)
+    return picked * batch.target_mask[:, 1:].to(picked.device)
+
+
+def target_logprob(logits: torch.Tensor, batch: PairBatch, mean: bool = False) -> torch.Tensor:
+    """Sum (or mean) over target tokens of log p(token): [B]."""
+    lp = token_logprobs(logits, batch).sum(-1)
+    if mean:
+        lp = lp / batch.target_mask[:, 1:].sum(-1).clamp(min=1).to(lp.device)
+    return lp
+
+
+def forward(model, batch: PairBatch, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits for a pair batch on the model's input device (works under device_map="auto")."""
+    device = model.get_input_embeddings().weight.device
+    kwargs = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": batch.input_ids.to(device)}
+    return model(attention_mask=batch.attention_mask.to(device), use_cache=False, **kwargs).logits
