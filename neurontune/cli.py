@@ -1,0 +1,247 @@
+"""Command line: `python -m neurontune {attribute,tune,evaluate,sweep,export,generate} --help`.
+
+Every command drives the same engine as the studio, shows a progress bar and ends with a summary.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+
+def _bar(desc: str):
+    """A tqdm bar and a (done, total, stage) progress callback feeding it."""
+    bar = tqdm(total=1, desc=desc, unit="ex", dynamic_ncols=True)
+
+    def progress(done: int, total: int, stage: str = "") -> None:
+        bar.total = total
+        bar.n = done
+        bar.set_postfix_str(stage[:28])
+        bar.refresh()
+    return bar, progress
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="embedded", help="'embedded' (SmolLM2-135M-Instruct, default), 'tiny-llama', 'tiny-gpt2', a hub id, a local directory or a .gguf file")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"], help="weights dtype (default float32)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda:0 (default: cpu)")
+    p.add_argument("--device-map", default=None, help="'auto' shards a large model over all GPUs (accelerate)")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code (off by default: only for repos you trust)")
+    p.add_argument("--cache-dir", default=None, help="where the dequantised embedded model and attribution results are cached (default ~/.cache/neurontune or $NEURONTUNE_CACHE)")
+
+
+def _preset_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="balanced", help="preset name (security-critical, balanced, utility-priority) or a .json path")
+    p.add_argument("--k-safety", type=int, default=None, help="number of safety neurons to amplify (overrides the preset)")
+    p.add_argument("--k-utility", type=int, default=None, help="number of over-refusal neurons to suppress (overrides the preset)")
+    p.add_argument("--mode", choices=["fomaml", "reptile", "joint"], default=None, help="meta-learning mode (overrides the preset)")
+    p.add_argument("--steps", type=int, default=None, help="outer training steps (overrides the preset)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for data sampling and training")
+
+
+def _load(args):
+    from .models import load_model
+    return load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map,
+                      trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir)
+
+
+def _config(args):
+    from .config import load_preset
+    cfg = load_preset(args.preset).replace(model=args.model)
+    sel = {k: v for k, v in (("k_safety", args.k_safety), ("k_utility", args.k_utility)) if v is not None}
+    meta = {k: v for k, v in (("mode", args.mode), ("steps", args.steps), ("seed", args.seed)) if v is not None}
+    return cfg.replace(selection=sel, meta=meta)
+
+
+def cmd_attribute(args) -> int:
+    from .attribution import AttributionConfig
+    from .pipeline import attribute_step
+    cfg = _config(args).replace(attribution=AttributionConfig(method=args.method, ig_steps=args.ig_steps, batch_size=args.batch_size))
+    if args.n_prompts:
+        n = args.n_prompts
+        cfg = cfg.replace(data={"n_harmful": n, "n_attack_per_family": max(1, n // 4), "n_benign": n, "n_borderline": max(1, n // 2), "n_answer": max(1, n // 2)})
+    lm = _load(args)
+    bar, progress = _bar("attribution")
+    start = time.perf_counter()
+    scores = attribute_step(lm, cfg, Path(args.out), progress=progress, cache_dir=args.cache_dir)
+    bar.close()
+    out = Path(args.out)
+    print(f"\nScored {scores.shape[0]} layers x {scores.shape[1]} neurons on {sum(scores.counts.values())} examples "
+          f"in {time.perf_counter() - start:.1f} s ({'cached' if 'cache' in scores.meta and time.perf_counter() - start < 5 else 'computed'}).")
+    print("Top safety neurons:\n" + scores.table("safety", 10).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    mass = scores.layer_summary("safety")
+    print("Safety score mass by layer (positive part):\n" + " ".join(f"L{l}:{m:.2f}" for l, m in zip(mass.layer, mass.positive_mass)))
+    print(f"Wrote {out}/scores.safetensors, top_neurons.csv, layer_summary.csv, attribution.json")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from .pipeline import attribute_step, select_step, train_step
+    cfg = _config(args)
+    out = Path(args.out)
+    lm = _load(args)
+    bar, progress = _bar("attribution")
+    scores = attribute_step(lm, cfg, out, progress=progress, cache_dir=args.cache_dir)
+    bar.close()
+    selection = select_step(scores, cfg, out)
+    print(f"Selected {selection.counts()}")
+    bar = tqdm(total=cfg.meta.steps, desc=f"train gains ({cfg.meta.mode})", dynamic_ncols=True)
+
+    def on_step(entry: dict) -> None:
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in entry.items() if k in ("loss", "refusal_nll", "kl", "over_refusal", "val")})
+    result = train_step(lm, selection, cfg, out, progress=on_step, cancel=None, cache_dir=args.cache_dir)
+    bar.close()
+    s = result.modulation.summary()
+    print(f"Training {result.stopped} after {len(result.log)} steps (best step {result.best_step}): "
+          f"{s['n_amplified']} amplified, {s['n_suppressed']} suppressed, gains {s['min_gain']:.3f}-{s['max_gain']:.3f}.")
+    if not args.no_eval:
+        from .evaluation_run import evaluate_run
+        evaluate_run(lm, out, cfg, baselines=(), quick=args.quick_eval, cache_dir=args.cache_dir)
+    print(f"Wrote {out}/ (modulation.safetensors, train_log.jsonl, preset.json, scores.safetensors ...)")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluation_run import evaluate_run
+    from .pipeline import load_run
+    cfg, _, _ = load_run(args.run)
+    args.model = cfg.model if args.model == "embedded" else args.model
+    lm = _load(args)
+    baselines = tuple(b for b in args.baselines.split(",") if b) if args.baselines != "none" else ()
+    evaluate_run(lm, Path(args.run), cfg, baselines=baselines, quick=args.quick, cache_dir=args.cache_dir)
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from .evaluation_run import sweep_run
+    cfg = _config(args)
+    grid = [tuple(int(x) for x in point.split(":")) for point in args.grid.split(",")]
+    lm = _load(args)
+    sweep_run(lm, cfg, grid, Path(args.out), cache_dir=args.cache_dir)
+    return 0
+
+
+def cmd_export(args) -> int:
+    import os
+    from .export import export
+    from .modulation import Modulation
+    from .pipeline import load_run
+    cfg, mod, _ = load_run(args.run)
+    if mod is None:
+        raise SystemExit(f"{args.run} holds no modulation.safetensors; run `tune` first.")
+    args.model = cfg.model if args.model == "embedded" else args.model
+    lm = _load(args)
+    eval_rows = None
+    table = Path(args.run) / "eval.json"
+    if table.exists():
+        eval_rows = json.loads(table.read_text())["table"]
+    token = os.environ.get("HF_TOKEN") if args.push_to_hub else None
+    result = export(lm, Modulation.load(args.run, lm.fingerprint), args.root, args.name, preset=cfg.to_dict(),
+                    eval_rows=eval_rows, overwrite=args.overwrite, static_only=args.static_only,
+                    push_to_hub=args.push_to_hub, token=token)
+    print(f"Exported to {result['path']} (reloaded logits match the hooked model: max diff {result['max_logit_diff']:.2e}).")
+    if result["push_error"]:
+        print(result["push_error"], file=sys.stderr)
+    elif result["pushed"]:
+        print(f"Pushed to the Hub: {result['pushed']}")
+    print(f"Load it with: AutoModelForCausalLM.from_pretrained({result['path']!r})")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .data import DataError
+    from .generation import generate
+    from .judge import is_refusal
+    from .modulation import Modulation
+    rows = []
+    with open(args.prompts, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                    rows.append({"id": row.get("id", n - 1), "prompt": str(row["prompt"])})
+                except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+                    raise DataError(f"{args.prompts}:{n}: each line must be a JSON object with a 'prompt' ({exc}).") from exc
+    if not rows:
+        raise DataError(f"{args.prompts} holds no prompts.")
+    lm = _load(args)
+    mod = Modulation.load(args.modulation, lm.fingerprint) if args.modulation else None
+    bar, progress = _bar("generate")
+    answers = generate(lm, [r["prompt"] for r in rows], mod, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=progress)
+    bar.close()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as f:
+        for r, a in zip(rows, answers):
+            f.write(json.dumps({"id": r["id"], "prompt": r["prompt"], "response": a}) + "\n")
+    refused = sum(is_refusal(a) for a in answers)
+    print(f"Wrote {len(rows)} responses to {args.out} ({'modulated' if mod else 'base model'}; "
+          f"{refused}/{len(rows)} judged refusals).")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m neurontune", description="NeuronTune: find, tune and export the neurons behind refusal.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("attribute", help="score every MLP neuron for safety and utility")
+    _model_args(p); _preset_args(p)
+    p.add_argument("--out", required=True, help="run folder to write (scores.safetensors, top_neurons.csv, layer_summary.csv)")
+    p.add_argument("--method", default="grad_x_act", choices=["grad_x_act", "integrated_gradients"], help="attribution method")
+    p.add_argument("--ig-steps", type=int, default=8, help="integration steps for integrated_gradients")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward/backward pass")
+    p.add_argument("--n-prompts", type=int, default=None, help="use about this many prompts per group (default: the preset's)")
+    p.set_defaults(func=cmd_attribute)
+
+    p = sub.add_parser("tune", help="attribution + selection + meta-learned gains (+ evaluation) into --out")
+    _model_args(p); _preset_args(p)
+    p.add_argument("--out", required=True, help="run folder to write")
+    p.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
+    p.add_argument("--quick-eval", action="store_true", help="a smaller evaluation (for a first look)")
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("evaluate", help="evaluate a run's modulation against the base model and baselines")
+    _model_args(p)
+    p.add_argument("--run", required=True, help="run folder written by `tune`")
+    p.add_argument("--baselines", default="direction,random,attribution_only", help="comma list of direction,random,attribution_only, or 'none'")
+    p.add_argument("--quick", action="store_true", help="fewer prompts (for a first look)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("sweep", help="safety-utility trade-off over a grid of (k_safety, k_utility)")
+    _model_args(p); _preset_args(p)
+    p.add_argument("--grid", default="250:0,750:250,1500:500,3000:1000", help="comma list of k_safety:k_utility")
+    p.add_argument("--out", required=True, help="folder for sweep.csv and tradeoff.html")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("export", help="fold a run's gains into the weights and save a standard checkpoint")
+    _model_args(p)
+    p.add_argument("--run", required=True, help="run folder written by `tune`")
+    p.add_argument("--name", required=True, help="export folder name (letters, digits, . _ -)")
+    p.add_argument("--root", default="exports", help="folder that holds exports (default ./exports)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing export of that name")
+    p.add_argument("--static-only", action="store_true", help="for a gated modulation: export its static gains only")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="also upload to this Hub repo (token from $HF_TOKEN, never stored)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("generate", help="answer a JSONL of prompts (batched, greedy) with or without a modulation")
+    _model_args(p)
+    p.add_argument("--modulation", default=None, help="a run folder from `tune --out` or a modulation.safetensors file")
+    p.add_argument("--prompts", required=True, help="JSONL input: one {\"prompt\": ..., \"id\": optional} per line")
+    p.add_argument("--out", required=True, help="JSONL output: {\"id\", \"prompt\", \"response\"} per line")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="new tokens per answer (default 48)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:  # our errors carry what to do; no traceback for bad input
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,74 @@
+"""The NeuronTune run as steps that write a run folder; the CLI and the studio both call these.
+
+Run folder (`tune --out DIR`): preset.json, scores.safetensors, top_neurons.csv, layer_summary.csv,
+selection.json, modulation.safetensors, train_log.jsonl, and after evaluation eval.json,
+eval_table.csv and generations.jsonl.
+"""
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+from .attribution import Progress
+from .config import RunConfig
+from .metalearn import StepCallback, TrainResult, train_gains
+from .modulation import Modulation
+from .neuron_scores import NeuronScores, run_attribution
+from .selection import Selection, select
+from .splits import build_splits
+
+
+def write_json(path: Path, obj) -> Path:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def attribute_step(lm, cfg: RunConfig, out: Path, *, progress: Progress | None = None,
+                   cancel: threading.Event | None = None, cache_dir=None) -> NeuronScores:
+    """Attribution, plus the tables a reader wants first: top neurons and score mass per layer."""
+    out.mkdir(parents=True, exist_ok=True)
+    scores = run_attribution(lm, cfg, cache_dir=cache_dir, progress=progress, cancel=cancel)
+    scores.save(out / "scores.safetensors")
+    cfg.save(out / "preset.json")
+    tables = [scores.table(kind, 100).assign(kind=kind) for kind in ("safety", "over_refusal", "benign_dependence") if kind in scores.scores]
+    import pandas as pd
+    pd.concat(tables).to_csv(out / "top_neurons.csv", index=False)
+    layers = scores.layer_summary("safety").rename(columns=lambda c: c if c == "layer" else f"safety_{c}")
+    layers = layers.merge(scores.layer_summary("over_refusal").rename(columns=lambda c: c if c == "layer" else f"over_refusal_{c}"))
+    layers.to_csv(out / "layer_summary.csv", index=False)
+    write_json(out / "attribution.json", {"model": lm.name, "fingerprint": lm.fingerprint, "counts": scores.counts,
+                                          "meta": scores.meta, "shape": list(scores.shape)})
+    return scores
+
+
+def select_step(scores: NeuronScores, cfg: RunConfig, out: Path | None = None) -> Selection:
+    selection = select(scores, cfg.selection)
+    if out is not None:
+        write_json(out / "selection.json", {"counts": selection.counts(), "rules": selection.rules,
+                                            "per_layer": selection.per_layer().to_dict(orient="list")})
+    return selection
+
+
+def train_step(lm, selection: Selection, cfg: RunConfig, out: Path, *, progress: StepCallback | None = None,
+               cancel: threading.Event | None = None, cache_dir=None) -> TrainResult:
+    result = train_gains(lm, selection, cfg, splits=build_splits(cfg.data), cache_dir=cache_dir, progress=progress, cancel=cancel)
+    result.modulation.meta["preset"] = cfg.name
+    result.modulation.save(out / "modulation.safetensors")
+    with open(out / "train_log.jsonl", "w", encoding="utf-8") as f:
+        for entry in result.log:
+            f.write(json.dumps(entry) + "\n")
+    return result
+
+
+def load_run(run_dir: str | Path) -> tuple[RunConfig, Modulation | None, NeuronScores | None]:
+    """Read back what a run folder holds (missing parts are None)."""
+    run = Path(run_dir)
+    if not (run / "preset.json").exists():
+        raise FileNotFoundError(f"{run} is not a NeuronTune run folder (no preset.json). Run `python -m neurontune tune --out {run}` first.")
+    cfg = RunConfig.from_dict(json.loads((run / "preset.json").read_text(encoding="utf-8")))
+    mod = Modulation.load(run / "modulation.safetensors") if (run / "modulation.safetensors").exists() else None
+    scores = NeuronScores.load(run / "scores.safetensors") if (run / "scores.safetensors").exists() else None
+    return cfg, mod, scores
