@@ -67,6 +67,7 @@ def _batch_scores(lm, batch, cfg: AttributionConfig):
     model, nmap = lm.model, lm.nmap
     embed = model.get_input_embeddings()
     store: list = [None] * nmap.n_layers
+    B, T = batch.input_ids.shape
     alphas = [1.0] if cfg.method == "grad_x_act" else [(k + 0.5) / cfg.ig_steps for k in range(cfg.ig_steps)]
     grads_sum = None
     for alpha in alphas:
@@ -74,12 +75,12 @@ def _batch_scores(lm, batch, cfg: AttributionConfig):
         with torch.enable_grad(), scoped_pre_hooks(_capture(nmap, store, alpha)):
             logp = target_logprob(forward(model, batch, embeds), batch)
             grads = torch.autograd.grad(logp.sum(), store)
-        g = torch.stack([gr.float().to("cpu") for gr in grads], 1)  # [B, L, T, N] gradient w.r.t. scaled input
+        g = torch.stack([gr.float().to("cpu").reshape(B, T, -1) for gr in grads], 1)  # [B, L, T, N] (OPT feeds [B*T, N])
         grads_sum = g if grads_sum is None else grads_sum + g
     if cfg.method == "integrated_gradients":  # activations at full scale, times the path-averaged gradient
         with torch.no_grad(), scoped_pre_hooks(_capture(nmap, store)):
             forward(model, batch)
-    acts_full = torch.stack([s.detach().float().to("cpu") for s in store], 1)  # [B, L, T, N]
+    acts_full = torch.stack([s.detach().float().to("cpu").reshape(B, T, -1) for s in store], 1)  # [B, L, T, N]
     grads_mean = grads_sum / len(alphas)
     mask = batch.attention_mask.to(torch.float32)[:, None, :, None]  # [B, 1, T, 1]
     scores = (acts_full * grads_mean * mask).sum(2)  # [B, L, N]

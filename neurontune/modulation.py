@@ -184,6 +184,8 @@ def _gain_hook(g: torch.Tensor, per_row: bool):
             if not g.requires_grad:
                 cache[(x.device, x.dtype)] = gx
         if per_row:
+            if x.dim() == 2 and x.shape[0] != gx.shape[0] and x.shape[0] % gx.shape[0] == 0:
+                gx = gx.repeat_interleave(x.shape[0] // gx.shape[0], dim=0)  # OPT flattens [B, T, N] to [B*T, N]
             if gx.shape[0] != x.shape[0]:
                 raise ValueError(f"Per-row gains for {gx.shape[0]} rows but the batch has {x.shape[0]}.")
             gx = gx.view(gx.shape[0], *([1] * (x.dim() - 2)), gx.shape[-1])
