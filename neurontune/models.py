@@ -56,7 +56,8 @@ class LoadedModel:
 def fingerprint(model: torch.nn.Module, nmap: NeuronMap) -> str:
     """A short id for these weights: config + neuron shape + statistics of the output projections.
 
-    Statistics are rounded so the same weights in another dtype or device give the same id; folding
+    Statistics are taken on the CPU from the weights rounded to bfloat16, so the same weights in float32
+    or bfloat16, on any device, give the same id (float16 may not: its rounding differs); folding
     gains into the weights changes it (a modulation made for the base model is refused by the export)."""
     cfg = model.config.to_dict()
     for key in ("torch_dtype", "dtype", "_name_or_path", "transformers_version", "quantization_config", "architectures"):
@@ -65,7 +66,7 @@ def fingerprint(model: torch.nn.Module, nmap: NeuronMap) -> str:
     h.update(str(nmap.shape).encode())
     with torch.no_grad():
         for layer in sorted({0, nmap.n_layers // 2, nmap.n_layers - 1}):
-            w = nmap.weight_slice(layer).detach().float()
+            w = nmap.weight_slice(layer).detach().to("cpu", torch.bfloat16).float()
             h.update(f"{w.abs().mean().item():.5g},{w[:8].sum().item():.4g}".encode())
     return h.hexdigest()[:16]
 
