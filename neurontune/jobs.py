@@ -311,11 +311,10 @@ class JobRunner:
             if not force and now - self._written.get(job.id, 0.0) < self.write_every:
                 return
             self._written[job.id] = now
-            snapshot = job.to_dict()
-        try:
-            write_json_atomic(self.dir / f"{job.id}.json", snapshot)
-        except OSError as exc:  # a full disk must not kill the job
-            log.warning("Could not write the status of job %s: %s", job.id, exc)
+            try:  # under the lock: a stale snapshot never overwrites a newer one
+                write_json_atomic(self.dir / f"{job.id}.json", job.to_dict())
+            except OSError as exc:  # a full disk must not kill the job
+                log.warning("Could not write the status of job %s: %s", job.id, exc)
 
     def _read(self, path: Path) -> Job | None:
         try:
