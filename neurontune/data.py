@@ -121,7 +121,7 @@ def load_prompts(source: str, column: str = "prompt", category_column: str | Non
             kind = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(path.suffix.lower())
             if kind is None:
                 raise DataError(f"{path}: unsupported file type '{path.suffix}'. Use .csv, .json, .jsonl or .parquet.")
-            if path.is_file() and not path.read_bytes().strip():  # `datasets` fails on these with no message
+            if path.is_file() and path.stat().st_size <= 4096 and not path.read_bytes().strip():  # datasets: no message
                 raise DataError(f"{path} is empty. Add at least one prompt in a '{column}' column.")
             ds = datasets.load_dataset(kind, data_files=str(path), split="train")
         else:
