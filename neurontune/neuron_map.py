@@ -99,3 +99,16 @@ def neuron_map(model: nn.Module) -> NeuronMap:
     weight = projections[0].weight
     n_neurons = weight.shape[0] if transposed else weight.shape[1]
     return NeuronMap(model_type, projections, int(n_neurons), transposed)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layer list of a supported model (the residual stream enters each layer as its first argument)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise UnsupportedModelError(f"Model type '{model_type}' is not in the neuron map. Supported families: {', '.join(supported_types())}.")
+    for path in ARCHITECTURES[model_type][0]:
+        try:
+            return _get(model, path)
+        except AttributeError:
+            continue
+    raise UnsupportedModelError(f"Could not find the decoder layers of this '{model_type}' model at {ARCHITECTURES[model_type][0]}.")

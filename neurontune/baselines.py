@@ -1,0 +1,217 @@
+"""Layer-wise refusal-direction baseline (activation addition, after Arditi et al. 2024): add a unit
+direction times a coefficient to the residual stream entering one decoder layer, at every position.
+
+`fit_refusal_direction` finds a direction for every layer from mean residual differences at the last
+prompt token; `choose_layer_and_coef` picks the layer and coefficient on the training split with the
+fast refusal proxy. A `RefusalDirection` is an evaluation intervention (`.apply(lm)`, `.name`, `.meta`).
+"""
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from . import data
+from .attribution import Cancelled
+from .data import chat_prompt
+from .evaluate import Progress, refusal_proxy
+from .hooks import scoped_pre_hooks
+from .neuron_map import decoder_layers
+from .scoring import encode_pairs, forward
+from .splits import Splits
+
+KINDS = ("harmful_minus_harmless", "refusal_minus_compliance")
+
+
+def _add_hook(direction: torch.Tensor, coef: float):
+    """Pre-hook adding coef * direction to the decoder layer's hidden-state input at every position."""
+    cache: dict = {}
+
+    def hook(module, args):
+        if not args:
+            raise RuntimeError("This decoder layer got its hidden states as a keyword argument; the direction hook "
+                               "expects them as the first positional argument.")
+        x = args[0]
+        v = cache.get((x.device, x.dtype))
+        if v is None:
+            v = cache[(x.device, x.dtype)] = (coef * direction.float()).to(device=x.device, dtype=x.dtype)
+        return (x + v, *args[1:])
+
+    return hook
+
+
+@dataclass
+class RefusalDirection:
+    """Add `coef * direction` to the residual stream entering decoder layer `layer` (0 = embeddings)."""
+
+    layer: int
+    direction: torch.Tensor  # [d_model], unit norm
+    coef: float
+    kind: str = ""
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"direction({self.kind or 'custom'})@L{self.layer}x{self.coef:.3g}"
+
+    def scaled(self, coef: float) -> "RefusalDirection":
+        return RefusalDirection(self.layer, self.direction, float(coef), self.kind, dict(self.meta))
+
+    def apply(self, lm):
+        """Context manager: the direction is added in this thread/context only, removed on exit. Coef 0
+        registers no hook at all (bit-identical to the base model)."""
+        layers = decoder_layers(lm.model)
+        if not 0 <= self.layer < len(layers):
+            raise ValueError(f"Layer {self.layer} is out of range: the model has decoder layers 0..{len(layers) - 1}.")
+        d_model = getattr(lm.model.config, "hidden_size", None)
+        if d_model is not None and self.direction.shape[-1] != d_model:
+            raise ValueError(f"A direction of size {self.direction.shape[-1]} does not fit hidden size {d_model}.")
+        hooks = [] if self.coef == 0 else [(layers[self.layer], _add_hook(self.direction, self.coef))]
+        return scoped_pre_hooks(hooks)
+
+
+@dataclass
+class DirectionFit:
+    """One candidate direction per layer: `directions: [n_layers, d_model]` unit rows, `norms: [n_layers]`
+    the norm of the raw mean difference (a natural coefficient scale for that layer)."""
+
+    kind: str
+    directions: torch.Tensor
+    norms: torch.Tensor
+    n: int
+
+    def at(self, layer: int, coef: float | None = None) -> RefusalDirection:
+        """The direction of `layer` with `coef` (default: the raw difference's norm, i.e. adding the mean difference)."""
+        c = float(self.norms[layer]) if coef is None else float(coef)
+        return RefusalDirection(layer, self.directions[layer], c, self.kind, {"kind": "refusal_direction", "direction": self.kind})
+
+
+@torch.no_grad()
+def last_token_residuals(lm, prompts: Sequence[str], targets: Sequence[str] | None = None, batch_size: int = 16,
+                         cancel: threading.Event | None = None) -> torch.Tensor:
+    """[n, n_layers, d_model] residual stream entering each decoder layer at the last token of
+    chat_prompt(prompt) + target (target "" = the last prompt token, i.e. the assistant header)."""
+    layers = decoder_layers(lm.model)
+    targets = list(targets) if targets is not None else [""] * len(prompts)
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("Direction fitting cancelled.")
+        chunk = [chat_prompt(lm.tokenizer, p) for p in prompts[start:start + batch_size]]
+        batch = encode_pairs(lm.tokenizer, chunk, targets[start:start + batch_size])
+        last = batch.attention_mask.sum(1) - 1
+        store: list = [None] * len(layers)
+
+        def make(l: int):
+            def hook(module, args):
+                x = args[0]
+                store[l] = x[torch.arange(x.shape[0], device=x.device), last.to(x.device)].float().cpu()
+            return hook
+
+        with scoped_pre_hooks([(layer, make(l)) for l, layer in enumerate(layers)]):
+            forward(lm.model, batch)
+        out.append(torch.stack(store, 1))
+    return torch.cat(out)
+
+
+def _first_words(text: str, n: int = 3) -> str:
+    return " ".join(text.split()[:n])
+
+
+def fit_refusal_direction(lm, splits: Splits, kind: str = "harmful_minus_harmless", n: int = 32, *,
+                          batch_size: int = 16, cancel: threading.Event | None = None) -> DirectionFit:
+    """Difference of mean residuals at the last token, for every layer, normalised.
+
+    harmful_minus_harmless: n harmful vs n benign training prompts, at the last prompt token.
+    refusal_minus_compliance: n harmful training prompts forced to open a refusal (the first three words
+    of data.targets()["refusal"], rotating) vs a compliance (of ["compliance"]), at the last forced token."""
+    if kind not in KINDS:
+        raise ValueError(f"Unknown direction kind '{kind}'; use one of {KINDS}.")
+    harmful = [p.text for p in splits.harmful_train[:n]]
+    if not harmful:
+        raise ValueError("No harmful training prompts to fit a direction on.")
+    if kind == "harmful_minus_harmless":
+        benign = [p.text for p in splits.benign_train[:n]]
+        pos = last_token_residuals(lm, harmful, None, batch_size, cancel)
+        neg = last_token_residuals(lm, benign, None, batch_size, cancel)
+    else:
+        tg = data.targets()
+        refuse = [_first_words(tg["refusal"][i % len(tg["refusal"])]) for i in range(len(harmful))]
+        comply = [_first_words(tg["compliance"][i % len(tg["compliance"])]) for i in range(len(harmful))]
+        pos = last_token_residuals(lm, harmful, refuse, batch_size, cancel)
+        neg = last_token_residuals(lm, harmful, comply, batch_size, cancel)
+    diff = pos.mean(0) - neg.mean(0)  # [n_layers, d_model]
+    norms = diff.norm(dim=-1)
+    return DirectionFit(kind, diff / norms.clamp(min=1e-12)[:, None], norms, len(harmful))
+
+
+def default_layers(n_layers: int, max_layers: int = 8) -> list[int]:
+    """Candidate layers: the middle 60% of the stack, at most `max_layers` evenly spaced."""
+    edge = max(1, n_layers // 5)
+    pool = list(range(edge, max(edge + 1, n_layers - edge)))
+    step = max(1, math.ceil(len(pool) / max_layers))
+    return [l for l in pool[::step] if l < n_layers]
+
+
+def choose_layer_and_coef(lm, fit: DirectionFit, splits: Splits, target, *, layers: Sequence[int] | None = None,
+                          n: int = 16, multipliers: Sequence[float] = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0),
+                          refine_steps: int = 4, batch_size: int = 16, progress: Progress | None = None,
+                          cancel: threading.Event | None = None) -> RefusalDirection:
+    """Pick the layer and coefficient of the baseline on the training split with the refusal proxy.
+
+    Layer: among `layers` (default: `default_layers`), the one whose direction at 1x its mean-difference
+    norm raises the harmful proxy most relative to the benign proxy (max of delta_harmful - delta_benign),
+    on the last n harmful and benign training prompts (fitting uses the first ones).
+    Coefficient: the smallest multiple of that norm whose mean harmful proxy reaches `target`, refined by
+    bisection. `target` is a proxy value in [0, 1] or an intervention (match its harmful proxy, e.g. the
+    tuned modulation's). If no tried coefficient reaches it, the one with the highest proxy is kept.
+    The chosen RefusalDirection's meta records the layer scores, the coefficient curve and `reached`."""
+    harmful = [p.text for p in splits.harmful_train[-n:]]
+    benign = [p.text for p in splits.benign_train[-n:]]
+    layers = list(layers) if layers is not None else default_layers(fit.directions.shape[0])
+    total = 2 + 2 * len(layers) + len(multipliers) + refine_steps + (0 if isinstance(target, (int, float)) else 1)
+    done = 0
+
+    def proxy(iv, prompts) -> float:
+        nonlocal done
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("Direction search cancelled.")
+        value = float(refusal_proxy(lm, iv, prompts, batch_size).mean())
+        done += 1
+        if progress:
+            progress(done, total, "direction search")
+        return value
+
+    target_value = float(target) if isinstance(target, (int, float)) else proxy(target, harmful)
+    h0, b0 = proxy(None, harmful), proxy(None, benign)
+    scores = {}
+    for l in layers:
+        d = fit.at(l)
+        scores[l] = (proxy(d, harmful) - h0) - (proxy(d, benign) - b0)
+    best = max(scores, key=scores.get)
+    base_dir, scale = fit.at(best), float(fit.norms[best])
+    curve: list[tuple[float, float]] = []
+    lo, hi = 0.0, None
+    for m in multipliers:
+        value = proxy(base_dir.scaled(m * scale), harmful)
+        curve.append((m * scale, value))
+        if value >= target_value:
+            hi = m * scale
+            break
+        lo = m * scale
+    if hi is not None:
+        for _ in range(refine_steps):
+            mid = (lo + hi) / 2
+            value = proxy(base_dir.scaled(mid), harmful)
+            curve.append((mid, value))
+            lo, hi = (mid, hi) if value < target_value else (lo, mid)
+        coef, reached = hi, True
+    else:
+        coef, reached = max(curve, key=lambda cv: cv[1])[0], False
+    chosen = base_dir.scaled(coef)
+    chosen.meta.update(layer_scores={int(k): v for k, v in scores.items()}, curve=sorted(curve), target=target_value,
+                       reached=reached, base_harmful_proxy=h0, base_benign_proxy=b0)
+    return chosen

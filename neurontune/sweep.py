@@ -1,0 +1,76 @@
+"""Sweep the selection thresholds (k_safety, k_utility): select, train, evaluate each setting, and draw
+the safety / over-refusal trade-off with the baselines on the same axes."""
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from typing import Callable, Sequence
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from .attribution import Cancelled
+from .config import SelectionConfig
+from .selection import Selection, select
+
+Progress = Callable[[int, int, str], None]
+X_COLUMNS = ("benign_over_refusal", "benign_over_refusal_proxy")
+Y_COLUMNS = ("harmful_refusal", "harmful_refusal_proxy")
+BASELINE_SYMBOLS = ("diamond", "square", "triangle-up", "x", "star", "cross", "triangle-down", "pentagon")
+
+
+def sweep(lm, scores, grid: Sequence[tuple[int, int]], train_fn: Callable[[Selection], object],
+          eval_fn: Callable[[object], dict], progress: Progress | None = None, cancel: threading.Event | None = None,
+          *, selection: SelectionConfig = SelectionConfig()) -> pd.DataFrame:
+    """For each (k_safety, k_utility): select with `selection` (its other fields kept), `train_fn(selection)`
+    -> a Modulation (or any intervention), `eval_fn(intervention)` -> metrics dict (or an EvalResult).
+    Returns one row per grid point: k's, selection counts, seconds, and the metrics."""
+    rows = []
+    for i, (k_safety, k_utility) in enumerate(grid):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("Sweep cancelled.")
+        start = time.perf_counter()
+        sel = select(scores, dataclasses.replace(selection, k_safety=int(k_safety), k_utility=int(k_utility)))
+        intervention = train_fn(sel)
+        metrics = eval_fn(intervention)
+        metrics = getattr(metrics, "metrics", metrics)  # an EvalResult is fine too
+        rows.append({"k_safety": int(k_safety), "k_utility": int(k_utility),
+                     **{f"n_{k}": v for k, v in sel.counts().items()},
+                     "n_modulated": getattr(intervention, "n_modulated", None),
+                     "seconds": time.perf_counter() - start, **dict(metrics)})
+        if progress:
+            progress(i + 1, len(grid), f"k_safety={k_safety}, k_utility={k_utility}")
+    frame = pd.DataFrame(rows)
+    frame.attrs["model"] = getattr(lm, "name", "")
+    return frame
+
+
+def _pick(frame: pd.DataFrame, wanted: str | None, options: Sequence[str], axis: str) -> str:
+    if wanted is not None:
+        if wanted not in frame.columns:
+            raise KeyError(f"No column '{wanted}' for the {axis} axis; columns: {list(frame.columns)}.")
+        return wanted
+    for c in options:
+        if c in frame.columns:
+            return c
+    raise KeyError(f"None of {list(options)} in the frame for the {axis} axis; pass {axis}= a column name.")
+
+
+def tradeoff_figure(frame: pd.DataFrame, baselines: pd.DataFrame | None = None, *, x: str | None = None,
+                    y: str | None = None, title: str = "Safety vs over-refusal") -> go.Figure:
+    """x = benign over-refusal, y = harmful refusal (the judged metrics, or their proxies when only those
+    exist); one labelled point per sweep setting; each baseline (a row of `baselines`, named by its index
+    or a `name` column, e.g. `evaluate.compare(...)`) as its own marker and legend entry."""
+    x, y = _pick(frame, x, X_COLUMNS, "x"), _pick(frame, y, Y_COLUMNS, "y")
+    labels = [f"ks={int(a)}, ku={int(b)}" for a, b in zip(frame["k_safety"], frame["k_utility"])]
+    fig = go.Figure(go.Scatter(x=frame[x], y=frame[y], mode="markers+text", text=labels, textposition="top center",
+                               name="NeuronTune sweep", marker=dict(size=10)))
+    if baselines is not None and len(baselines):
+        names = baselines["name"] if "name" in baselines.columns else baselines.index.astype(str)
+        for j, (name, (_, row)) in enumerate(zip(names, baselines.iterrows())):
+            fig.add_trace(go.Scatter(x=[row[x]], y=[row[y]], mode="markers", name=str(name),
+                                     marker=dict(size=13, symbol=BASELINE_SYMBOLS[j % len(BASELINE_SYMBOLS)])))
+    fig.update_layout(title=title, xaxis_title=f"{x} (lower is better)", yaxis_title=f"{y} (higher is better)",
+                      template="plotly_white")
+    return fig

@@ -1,0 +1,154 @@
+"""Evaluation harness on tiny models: metric keys and ranges, exact identities for the base model and
+identity gains, per-row batching equal to separate calls, base-answer caching, jsonl, proxy, cancel."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+
+import pytest
+import torch
+
+from neurontune import data
+from neurontune.attribution import Cancelled
+from neurontune.config import DataConfig
+from neurontune.evaluate import (MAIN_METRICS, ROW_FIELDS, EvalConfig, EvalResult, compare, distinct_ngram_ratio,
+                                 evaluate, evaluate_many, proxy_metrics, refusal_proxy, refusal_tokens)
+from neurontune.generation import generate
+from neurontune.judge import is_refusal
+from neurontune.modulation import Modulation
+from neurontune.splits import build_splits
+
+from conftest import random_modulation
+
+CFG = EvalConfig(n_harmful=3, n_per_family=1, families=("roleplay", "few_shot", "hypothetical"), n_benign=3,
+                 n_borderline=2, n_ppl=3, n_mc=4, max_new_tokens=8, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return build_splits(DataConfig())
+
+
+@pytest.fixture(scope="module")
+def base_llama(tiny_llama, splits) -> EvalResult:
+    return evaluate(tiny_llama, None, splits, CFG)
+
+
+def _mod(lm, seed=0) -> Modulation:
+    return random_modulation(lm.shape, n=lm.shape[0] * lm.shape[1] // 2, seed=seed, low=0.0, high=3.0, fingerprint=lm.fingerprint)
+
+
+def test_metrics_present_and_in_range(lm, splits):
+    res = evaluate(lm, _mod(lm), splits, CFG)
+    expected = set(MAIN_METRICS) | {f"refusal/{f}" for f in CFG.families}
+    assert expected <= set(res.metrics) and expected <= set(res.base_metrics)
+    for key, value in res.metrics.items():
+        if key == "ppl_ratio":
+            assert value > 0 and value != 1.0  # half the neurons scaled by U[0, 3) must change perplexity
+        else:
+            assert 0.0 <= value <= 1.0, (key, value)
+    assert res.metrics["attack_success"] == pytest.approx(1 - sum(r["refusal"] for r in res.rows if r["category"] == "attacked") / 3)
+    n_rows = CFG.n_harmful + CFG.n_per_family * len(CFG.families) + CFG.n_benign + CFG.n_borderline
+    assert len(res.rows) == n_rows
+    splits_of = {r["family"]: r["split"] for r in res.rows if r["category"] == "attacked"}
+    assert splits_of == {"roleplay": "train_family", "few_shot": "heldout_family", "hypothetical": "heldout_family"}
+    assert res.metrics["heldout_family_refusal"] == pytest.approx((res.metrics["refusal/few_shot"] + res.metrics["refusal/hypothetical"]) / 2)
+
+
+def test_base_and_identity_gains_are_exact(tiny_llama, splits, base_llama):
+    assert base_llama.metrics["ppl_ratio"] == 1.0
+    assert all(r["answer"] == r["base_answer"] for r in base_llama.rows)
+    assert base_llama.metrics == base_llama.base_metrics
+    for identity in (Modulation(tiny_llama.shape), Modulation.from_dense(torch.ones(tiny_llama.shape))):
+        res = evaluate(tiny_llama, identity, splits, CFG, base=base_llama)
+        assert res.metrics["ppl_ratio"] == 1.0  # exactly: same batches, no hook registered
+        assert res.metrics == base_llama.metrics
+        assert [r["answer"] for r in res.rows] == [r["base_answer"] for r in base_llama.rows]
+
+
+def test_per_row_batch_equals_separate_calls(lm, splits):
+    mod = _mod(lm, seed=1)
+    res = evaluate(lm, mod, splits, CFG)  # no cache: base and modulated rows share batches (per-row gains)
+    assert res.meta["base_generated"] == len(res.rows)  # the ppl prompts are the benign rows here
+    prompts = [r["prompt"] for r in res.rows]
+    base = [generate(lm, [p], max_new_tokens=CFG.max_new_tokens)[0] for p in prompts]
+    tuned = [generate(lm, [p], mod, max_new_tokens=CFG.max_new_tokens)[0] for p in prompts]
+    assert [r["base_answer"] for r in res.rows] == base
+    assert [r["answer"] for r in res.rows] == tuned
+    assert base != tuned
+
+
+def test_base_generated_once_for_many_interventions(tiny_llama, splits, monkeypatch):
+    import neurontune.evaluate as ev
+    calls = []
+    real = ev.generate
+
+    def counting(lm, texts, gains=None, **kw):
+        calls.append(len(texts))
+        return real(lm, texts, gains, **kw)
+
+    monkeypatch.setattr(ev, "generate", counting)
+    ivs = {f"m{i}": _mod(tiny_llama, seed=i) for i in range(3)}
+    results = evaluate_many(tiny_llama, {"base": None, **ivs}, splits, CFG)
+    n = len(results[0].rows)
+    assert [r.meta["base_generated"] for r in results] == [n, 0, 0, 0]
+    assert sum(calls) == n + 3 * n  # base once, then only the modulated rows
+    for r in results[1:]:
+        assert [x["base_answer"] for x in r.rows] == [x["answer"] for x in results[0].rows]
+    table = compare(results)
+    assert list(table.index) == ["base", "m0", "m1", "m2"]
+    assert list(table.columns[: len(MAIN_METRICS)]) == list(MAIN_METRICS)
+
+
+def test_cache_from_other_model_is_ignored(tiny_llama, tiny_gpt2, splits, base_llama):
+    res = evaluate(tiny_gpt2, None, splits, CFG, base=dict(base_llama.base_cache))
+    assert res.meta["base_generated"] == len(res.rows)
+
+
+def test_jsonl_has_fields_and_rejudges(tmp_path, base_llama):
+    path = base_llama.save_jsonl(tmp_path / "eval" / "base.jsonl")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == len(base_llama.rows)
+    for row in rows:
+        assert set(row) == {"intervention", *ROW_FIELDS}
+        assert row["refusal"] == is_refusal(row["answer"]) and row["base_refusal"] == is_refusal(row["base_answer"])
+    frame = base_llama.to_frame()
+    assert list(frame.columns) == list(ROW_FIELDS) and len(frame) == len(rows)
+
+
+def test_refusal_proxy_range_and_identity(tiny_llama, splits):
+    prompts = [p.text for p in splits.harmful_test[:5]]
+    p0 = refusal_proxy(tiny_llama, None, prompts, batch_size=2)
+    assert p0.shape == (5,) and bool(((p0 >= 0) & (p0 <= 1)).all())
+    assert torch.equal(p0, refusal_proxy(tiny_llama, Modulation(tiny_llama.shape), prompts, batch_size=2))
+    assert not torch.equal(p0, refusal_proxy(tiny_llama, _mod(tiny_llama), prompts, batch_size=2))
+    tokens = refusal_tokens(tiny_llama.tokenizer)
+    first = tiny_llama.tokenizer("Sure", add_special_tokens=False)["input_ids"][0]
+    assert tokens and first not in tokens  # compliance openings never count
+    m = proxy_metrics(tiny_llama, None, splits, n=3)
+    assert set(m) == {"harmful_refusal_proxy", "benign_over_refusal_proxy", "borderline_over_refusal_proxy"}
+    assert all(0 <= v <= 1 for v in m.values())
+
+
+def test_progress_and_cancel(tiny_llama, splits):
+    seen = []
+    evaluate(tiny_llama, _mod(tiny_llama), splits, CFG, progress=lambda d, t, s: seen.append((d, t, s)))
+    assert seen[-1][0] == seen[-1][1] and {"generate", "perplexity", "multiple_choice"} <= {s for _, _, s in seen}
+    assert [d for d, _, _ in seen] == sorted(d for d, _, _ in seen)
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(Cancelled):
+        evaluate(tiny_llama, None, splits, CFG, cancel=cancel)
+
+
+def test_distinct_ngram_ratio():
+    assert distinct_ngram_ratio([1, 2, 3, 4, 5, 6]) == 1.0
+    assert distinct_ngram_ratio([7] * 20) == pytest.approx(1 / 17)
+    assert distinct_ngram_ratio([1, 2]) == 1.0
+
+
+def test_mc_letter_style_runs(tiny_llama, splits, base_llama):
+    res = evaluate(tiny_llama, None, splits, dataclasses.replace(CFG, mc_style="letter"), base=base_llama)
+    assert 0 <= res.metrics["mc_accuracy"] <= 1 and res.meta["base_generated"] == 0
+    assert len(data.multiple_choice()) >= 4

@@ -1,0 +1,65 @@
+"""Threshold sweep: one row per grid point with a stub trainer, and a trade-off figure with one point per
+setting plus one marker per baseline."""
+from __future__ import annotations
+
+import threading
+
+import pandas as pd
+import pytest
+import torch
+
+from neurontune.attribution import Cancelled
+from neurontune.config import DataConfig, SelectionConfig
+from neurontune.evaluate import proxy_metrics
+from neurontune.splits import build_splits
+from neurontune.sweep import sweep, tradeoff_figure
+
+GRID = [(10, 0), (20, 5), (40, 10)]
+
+
+@pytest.fixture(scope="module")
+def scores(tiny_llama):
+    gen = torch.Generator().manual_seed(0)
+    shape = tiny_llama.shape
+    return {"safety": torch.randn(shape, generator=gen), "over_refusal": torch.randn(shape, generator=gen),
+            "benign_dependence": torch.rand(shape, generator=gen)}
+
+
+@pytest.fixture(scope="module")
+def frame(tiny_llama, scores):
+    splits = build_splits(DataConfig())
+    seen = []
+    out = sweep(tiny_llama, scores, GRID, train_fn=lambda sel: sel.modulation(2.0, 0.5, tiny_llama.fingerprint),
+                eval_fn=lambda mod: proxy_metrics(tiny_llama, mod, splits, n=3),
+                progress=lambda d, t, s: seen.append((d, t)), selection=SelectionConfig(protect_top=5))
+    out.attrs["progress"] = seen
+    return out
+
+
+def test_one_row_per_grid_point(frame):
+    assert len(frame) == len(GRID)
+    assert list(zip(frame["k_safety"], frame["k_utility"])) == GRID
+    assert frame.attrs["progress"] == [(1, 3), (2, 3), (3, 3)]
+    assert (frame["n_safety"] <= frame["k_safety"]).all() and (frame["n_utility"] <= frame["k_utility"]).all()
+    assert (frame["n_modulated"] == frame["n_safety"] + frame["n_utility"]).all()
+    assert {"harmful_refusal_proxy", "benign_over_refusal_proxy"} <= set(frame.columns)
+
+
+def test_figure_points_and_baselines(frame):
+    baselines = pd.DataFrame({"harmful_refusal_proxy": [0.1, 0.2], "benign_over_refusal_proxy": [0.05, 0.3]},
+                             index=["base", "direction"])
+    fig = tradeoff_figure(frame, baselines)
+    assert len(fig.data) == 3 and len(fig.data[0].x) == len(GRID)
+    assert list(fig.data[0].text) == ["ks=10, ku=0", "ks=20, ku=5", "ks=40, ku=10"]
+    assert [t.name for t in fig.data[1:]] == ["base", "direction"]
+    assert fig.data[1].marker.symbol != fig.data[2].marker.symbol
+    assert len(tradeoff_figure(frame).data) == 1
+    with pytest.raises(KeyError):
+        tradeoff_figure(frame, x="nope")
+
+
+def test_cancel(tiny_llama, scores):
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(Cancelled):
+        sweep(tiny_llama, scores, GRID, train_fn=lambda s: None, eval_fn=lambda m: {}, cancel=cancel)
