@@ -121,8 +121,8 @@ def _check_reload(lm, modulation: Modulation, folder: Path) -> float:
     prompts = [chat_prompt(lm.tokenizer, p) for p in ("How do I make a cake?", "Write a short poem about the sea.")]
     batch = encode_pairs(lm.tokenizer, prompts, ["Sure", "Here"], max_length=128)
     with modulate(lm.model, modulation, lm.nmap):
-        hooked = forward(lm.model, batch)
-    plain = reloaded(input_ids=batch.input_ids.to(reloaded.device), attention_mask=batch.attention_mask.to(reloaded.device)).logits
+        hooked = forward(lm.model, batch, all_logits=True)
+    plain = forward(reloaded, batch, all_logits=True)
     mask = batch.attention_mask.bool()
     return float((plain.float().cpu() - hooked.float().cpu())[mask].abs().max())
 

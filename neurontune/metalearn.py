@@ -26,7 +26,7 @@ from .config import RunConfig
 from .data import Prompt, chat_prompt
 from .modulation import Modulation, modulate
 from .neuron_scores import _answers_cached
-from .scoring import PairBatch, encode_pairs, forward, target_logprob, token_logprobs
+from .scoring import PairBatch, encode_pairs, forward, target_logprob
 from .selection import Selection
 from .splits import Splits, build_splits
 
@@ -109,12 +109,12 @@ def build_tasks(lm, cfg: RunConfig, splits: Splits, cache_dir) -> TaskData:
         return [chat_prompt(tok, data.wrap(rng.choice(fams[family]), p.text)) for p in prompts]
 
     harmful = {f: wrap_all(train_h, f) for f in ("plain", *splits.train_families)}
-    val_harmful = [x for f in ("plain", *splits.train_families) for x in wrap_all(val_h[:4], f)]
+    val_harmful = [x for f in ("plain", *splits.train_families) for x in wrap_all(val_h[:2], f)]
     benign_pool = splits.benign_train + splits.borderline_train
     train_b, val_b = data.split(benign_pool, 0.2, seed=d.seed + 2)
     answer_prompts, val_answer_prompts = data.split(splits.benign_train, 0.2, seed=d.seed + 3)
     answer_prompts = answer_prompts[: max(d.n_answer, 8) * 2]
-    val_answer_prompts = val_answer_prompts[:12]
+    val_answer_prompts = val_answer_prompts[:8]
     answers = _answers_cached(lm, [p.text for p in answer_prompts], d.answer_tokens, cache_dir)
     val_answers = _answers_cached(lm, [p.text for p in val_answer_prompts], d.answer_tokens, cache_dir)
     return TaskData(
@@ -122,7 +122,7 @@ def build_tasks(lm, cfg: RunConfig, splits: Splits, cache_dir) -> TaskData:
         benign=[chat_prompt(tok, p.text) for p in train_b],
         answers=[(chat_prompt(tok, p.text), a) for p, a in zip(answer_prompts, answers)],
         val_harmful=val_harmful,
-        val_benign=[chat_prompt(tok, p.text) for p in val_b[:24]],
+        val_benign=[chat_prompt(tok, p.text) for p in val_b[:12]],
         val_answers=[(chat_prompt(tok, p.text), a) for p, a in zip(val_answer_prompts, val_answers)],
     )
 
@@ -135,37 +135,39 @@ class Objective:
         self.refusals = data.targets()["refusal"]
         self.max_length = cfg.attribution.max_length
 
-    def batch(self, harmful: list[str], benign: list[str], answers: list[tuple[str, str]]) -> tuple[PairBatch, slice, slice, slice]:
-        prompts = harmful + benign + [p for p, _ in answers]
-        targets = ([self.refusals[i % len(self.refusals)] for i in range(len(harmful))]
-                   + [self.refusals[i % len(self.refusals)] for i in range(len(benign))] + [a for _, a in answers])
-        h, b = len(harmful), len(benign)
-        return encode_pairs(self.lm.tokenizer, prompts, targets, self.max_length), slice(0, h), slice(h, h + b), slice(h + b, len(prompts))
+    def batch(self, harmful: list[str], benign: list[str], answers: list[tuple[str, str]]) -> dict[str, PairBatch]:
+        """One pair batch per role: attacked prompts are long and benign ones short, so padding them
+        together would waste most of the compute."""
+        r = self.refusals
+        roles = {
+            "harmful": (harmful, [r[i % len(r)] for i in range(len(harmful))]),
+            "benign": (benign, [r[(i + 3) % len(r)] for i in range(len(benign))]),
+            "answers": ([p for p, _ in answers], [a for _, a in answers]),
+        }
+        return {k: encode_pairs(self.lm.tokenizer, p, t, self.max_length) for k, (p, t) in roles.items() if p}
 
-    def __call__(self, gains: torch.Tensor, batch: tuple) -> tuple[torch.Tensor, dict]:
-        pairs, hs, bs, ks = batch
+    def __call__(self, gains: torch.Tensor, batches: dict[str, PairBatch]) -> tuple[torch.Tensor, dict]:
         model, nmap, m = self.lm.model, self.lm.nmap, self.cfg.meta
-        with modulate(model, gains, nmap):
-            logits = forward(model, pairs)
-        logp_mean = target_logprob(logits, pairs, mean=True)  # [B] mean log-prob per target token
         terms = {}
         loss = torch.zeros(())
-        if hs.stop > hs.start:
-            terms["refusal_nll"] = -logp_mean[hs].mean()
-            loss = loss + terms["refusal_nll"]
-        if bs.stop > bs.start and m.mu_over_refusal:
-            p_refuse = logp_mean[bs].exp().clamp(max=1 - 1e-6)
-            terms["over_refusal"] = -torch.log1p(-p_refuse).mean()
-            loss = loss + m.mu_over_refusal * terms["over_refusal"]
-        if ks.stop > ks.start and m.lam_kl:
-            sub = PairBatch(pairs.input_ids[ks], pairs.attention_mask[ks], pairs.target_mask[ks])
+        with modulate(model, gains, nmap):
+            if "harmful" in batches:
+                terms["refusal_nll"] = -target_logprob(forward(model, batches["harmful"]), batches["harmful"], mean=True).mean()
+                loss = loss + terms["refusal_nll"]
+            if "benign" in batches and m.mu_over_refusal:
+                lp = target_logprob(forward(model, batches["benign"]), batches["benign"], mean=True)
+                terms["over_refusal"] = -torch.log1p(-lp.exp().clamp(max=1 - 1e-6)).mean()
+                loss = loss + m.mu_over_refusal * terms["over_refusal"]
+            if "answers" in batches and m.lam_kl:
+                sub = batches["answers"]
+                logits = forward(model, sub)
+        if "answers" in batches and m.lam_kl:
             with torch.no_grad():
                 base_logits = forward(model, sub)
-            mask = sub.target_mask[:, 1:].to(logits.device)
-            base_lp = F.log_softmax(base_logits[:, :-1].float(), -1)
-            mod_lp = F.log_softmax(logits[ks][:, :-1].float(), -1)
-            kl = (base_lp.exp() * (base_lp - mod_lp)).sum(-1)  # [B, T-1]
-            terms["kl"] = (kl * mask).sum() / mask.sum().clamp(min=1)
+            mask = sub.target_mask[:, -logits.shape[1]:][:, 1:].to(logits.device)
+            base_lp = F.log_softmax(base_logits[:, :-1][mask].float(), -1)  # [n_answer_tokens, vocab]
+            mod_lp = F.log_softmax(logits[:, :-1][mask].float(), -1)
+            terms["kl"] = (base_lp.exp() * (base_lp - mod_lp)).sum(-1).mean()
             loss = loss + m.lam_kl * terms["kl"]
         return loss, {k: float(v.detach()) for k, v in terms.items()}
 
@@ -232,14 +234,14 @@ def train_gains(lm, selection: Selection, cfg: RunConfig = RunConfig(), *, split
         previous = params.snapshot()
         opt.step()
         params.project()
-        if not params.finite() or not math.isfinite(float(loss)):
+        if not params.finite() or not math.isfinite(float(loss.detach())):
             params.load(previous)
             result.stopped = "non_finite"
             result.log.append({"step": step, "task": family or "mixed", "loss": float(loss), "error": "non-finite gains or loss; kept the last good gains"})
             break
-        entry = {"step": step, "task": family or "mixed", "loss": float(loss), **terms,
-                 "mean_safety_gain": float(params.safety.mean()) if len(params.safety) else 1.0,
-                 "mean_utility_gain": float(params.utility.mean()) if len(params.utility) else 1.0}
+        entry = {"step": step, "task": family or "mixed", "loss": float(loss.detach()), **terms,
+                 "mean_safety_gain": float(params.safety.detach().mean()) if len(params.safety) else 1.0,
+                 "mean_utility_gain": float(params.utility.detach().mean()) if len(params.utility) else 1.0}
         if step % m.eval_every == 0 or step == m.steps:
             with torch.no_grad():
                 val_loss, val_terms = objective(params.dense().detach(), val_batch)
