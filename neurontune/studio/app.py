@@ -1,0 +1,274 @@
+"""The studio's page: six tabs (Model & data, Explore, Tune, Compare, Evaluate, Export) wired to the
+callbacks in handlers / background / chat. `build_app(studio)` returns the Blocks; `launch(...)` serves it."""
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+import gradio as gr
+
+from ..selection import RULES
+from . import background, chat, handlers, plots
+from .state import BUILTIN_MODELS, Session, Studio
+
+VIEW = ["heatmap", "kind", "drill", "table", "drill_layer", "dist_explore", "dist_tune", "counts"]
+META = ["steps", "mode", "lam_kl", "mu_over_refusal", "max_gain"]
+OUTPUTS = {  # api_name -> output names, in order (what gradio_client returns)
+    "load_model": ["model_status", "k_safety", "k_utility", "protect_top", *META, *VIEW, "left", "right", "active_gains"],
+    "attribute": ["attr_status", *VIEW],
+    "select": VIEW,
+    "view": VIEW,
+    "train": ["train_status", "loss_plot", *VIEW, "active_gains", "gains_status", "recent_runs"],
+    "fixed_gains": [*VIEW, "gains_status", "active_gains"],
+    "chat": ["left", "right", "msg", "chat_status"],
+    "evaluate": ["eval_status", "eval_table", "eval_samples"],
+    "sweep": ["eval_status", "tradeoff"],
+    "export": ["export_status", "export_files", "export_name", "hub_token"],
+}
+OUTPUTS["gains_file"] = OUTPUTS["use_run"] = OUTPUTS["fixed_gains"]
+OUTPUTS["clear_chat"] = ["left", "right", "chat_status"]
+OUTPUTS["refresh_runs"] = ["recent_runs"]
+OUTPUTS["training_settings"] = []
+OUTPUTS["on_load"] = [*OUTPUTS["load_model"], "recent_runs", "export_name", "chat_status"]
+OUTPUTS["default_flow"] = list(dict.fromkeys(OUTPUTS["load_model"] + OUTPUTS["train"] + OUTPUTS["chat"] + ["attr_status", "flow_status", "tabs"]))
+for _kind in ("attribution", "train", "evaluate"):
+    OUTPUTS[f"stop_{_kind}"] = [{"attribution": "attr_status", "train": "train_status", "evaluate": "eval_status"}[_kind]]
+
+HOW = {  # the "how to read this" line of each tab
+    "model": "Pick a model and a preset, then **Run the whole flow**: it scores every MLP neuron, selects the safety and "
+             "over-refusal neurons, trains their gains and asks both models a held-out jailbreak. Each step also has its own tab.",
+    "explore": "Each cell is a bin of neurons in one layer, coloured by its most extreme score: red pushes towards refusal, blue away. "
+               "▲ marks bins with neurons to amplify, ▼ bins with neurons to suppress. Hover for numbers; sort the table by any column.",
+    "tune": "Sliders re-select instantly from the cached scores. **Train gains** meta-learns one gain per selected neuron "
+            "(amplify safety ≥ 1, suppress over-refusal ≤ 1); the validation loss is what early stopping watches.",
+    "compare": "Left: the base model. Right: the same model with your gains. Both answer in one batched call with the same decoding; "
+               "the line under each answer is the refusal judge's verdict. Strength 0 makes the right pane the base model.",
+    "evaluate": "Held-out harmful prompts and unseen attack families (refusal ↑ is better), benign and borderline prompts "
+                "(over-refusal ↓), perplexity ratio ≈ 1 and multiple choice accuracy (utility kept).",
+    "export": "Folds the gains into the MLP weights: a standard checkpoint any `transformers` code loads, plus the small "
+              "modulation file and a model card. A Hub token is used for the push only and never stored.",
+}
+CSS = """
+#run-flow {font-size: 1.15rem; min-height: 3.2rem}
+.how {color: var(--body-text-color-subdued); font-size: 0.92rem}
+.pane-title {text-align: center; font-weight: 600; margin-bottom: -0.4rem}
+"""
+
+
+def gpu_decorator() -> Callable:
+    """`spaces.GPU` on a Hugging Face Space that has it; a no-op everywhere else (no dependency)."""
+    try:
+        import spaces  # type: ignore[import-not-found]
+        return spaces.GPU
+    except ImportError:
+        return lambda fn: fn
+
+
+def build_app(studio: Studio) -> gr.Blocks:
+    C: dict[str, gr.components.Component] = {}
+    first = studio.new_session()
+    gpu = gpu_decorator()
+
+    def bind(fn, api: str, **kwargs):
+        """Adapt a callback returning/yielding {name: value} to gradio's {component: value}."""
+        names = OUTPUTS[api]
+        comps = [C[n] for n in names]
+        if inspect.isgeneratorfunction(fn):
+            def run(*args):
+                for update in fn(studio, *args):
+                    yield {C[k]: v for k, v in update.items()}
+        else:
+            def run(*args):
+                return {C[k]: v for k, v in fn(studio, *args).items()}
+        run.__name__ = api
+        return dict(fn=run, outputs=comps, api_name=api, **kwargs)
+
+    with gr.Blocks(title="NeuronTune Studio") as demo:
+        session = gr.State(lambda: studio.new_session())  # called once per page load
+        gr.Markdown("# NeuronTune Studio\nFind the MLP neurons that make a chat model refuse, amplify the safety neurons, "
+                    "suppress the over-refusal ones, and watch the effect live (Pan et al., 2025).")
+        with gr.Tabs() as C["tabs"]:
+            with gr.Tab("1 · Model & data", id="model") as t1:
+                gr.Markdown(HOW["model"], elem_classes="how")
+                with gr.Row():
+                    with gr.Column(scale=2):
+                        C["model_name"] = gr.Dropdown(list(dict.fromkeys([studio.default_model, *BUILTIN_MODELS])), value=studio.default_model,
+                                                      allow_custom_value=True, label="Model", info="embedded (SmolLM2-135M-Instruct), a Hub id, a local folder or .gguf")
+                        C["trust"] = gr.Checkbox(False, label="trust_remote_code", info="Runs the model repository's own Python code: only for repositories you trust.")
+                        C["preset"] = gr.Dropdown(studio.presets(), value=studio.default_preset, allow_custom_value=True,
+                                                  label="Preset", info="or a path to a preset .json")
+                        C["quick"] = gr.Checkbox(studio.quick_default, label="Quick first look", info="fewer prompts and ≤ 20 training steps")
+                        with gr.Accordion("Your own prompts (optional: csv / json / jsonl / parquet with a 'prompt' column)", open=False):
+                            with gr.Row():
+                                files = [gr.File(label=l, file_types=[".csv", ".json", ".jsonl", ".parquet"], type="filepath", height=90)
+                                         for l in ("harmful", "benign", "borderline-safe")]
+                        load_btn = gr.Button("Load model & data")
+                    with gr.Column(scale=3):
+                        flow_btn = gr.Button("▶ Run the whole flow", variant="primary", elem_id="run-flow")
+                        C["flow_status"] = gr.Markdown("One click: score → select → train → compare, on the defaults.", elem_id="flow-status")
+                        C["model_status"] = gr.Markdown("")
+            with gr.Tab("2 · Explore", id="explore") as t2:
+                gr.Markdown(HOW["explore"], elem_classes="how")
+                with gr.Row():
+                    attr_btn = gr.Button("Score neurons (attribution)", variant="primary", scale=2)
+                    attr_stop = gr.Button("Stop", variant="stop", scale=1)
+                    C["kind"] = gr.Dropdown([(handlers.KIND_LABELS["safety"], "safety")], value="safety", label="Score shown", scale=4)
+                C["attr_status"] = gr.Markdown("")
+                C["heatmap"] = gr.Plot(plots.empty("No neuron scores yet.", 460), label="Attribution: layers × neuron bins", elem_id="heatmap")
+                with gr.Row():
+                    with gr.Column():
+                        C["drill_layer"] = gr.Slider(0, 29, 0, step=1, label="Drill down into layer")
+                        C["drill"] = gr.Plot(plots.empty("", 300), label="One layer")
+                    C["dist_explore"] = gr.Plot(plots.empty("", 300), label="Selection per layer")
+                with gr.Row():
+                    C["top"] = gr.Number(50, label="Rows in the table", precision=0, minimum=5, maximum=2000, scale=1)
+                    gr.Markdown("Top neurons by the score shown: layer, index, every score, mean activation on harmful vs benign "
+                                "prompts, role and current gain. Click a header to sort.", elem_classes="how")
+                C["table"] = gr.Dataframe(label="Top neurons", interactive=False, max_height=420)
+            with gr.Tab("3 · Tune", id="tune") as t3:
+                gr.Markdown(HOW["tune"], elem_classes="how")
+                s = first.cfg.selection
+                with gr.Row():
+                    with gr.Column(scale=2):
+                        C["k_safety"] = gr.Slider(0, 20_000, s.k_safety, step=1, label="k_safety: neurons to amplify")
+                        C["k_utility"] = gr.Slider(0, 20_000, s.k_utility, step=1, label="k_utility: neurons to suppress")
+                        C["protect_top"] = gr.Slider(0, 20_000, s.protect_top, step=1, label="protect_top: benign-critical neurons never amplified")
+                        C["counts"] = gr.Markdown("")
+                        with gr.Accordion("Selection rules", open=False):
+                            gr.Markdown(RULES)
+                    C["dist_tune"] = gr.Plot(plots.empty("", 300), label="Selection per layer")
+                m = first.cfg.meta
+                with gr.Accordion("Training settings (from the preset)", open=False):
+                    with gr.Row():
+                        C["mode"] = gr.Radio(["fomaml", "reptile", "joint"], value=m.mode, label="meta-learning mode")
+                        C["steps"] = gr.Slider(1, 200, m.steps, step=1, label="steps")
+                        C["lam_kl"] = gr.Slider(0, 5, m.lam_kl, step=0.1, label="λ KL (keep benign answers)")
+                        C["mu_over_refusal"] = gr.Slider(0, 5, m.mu_over_refusal, step=0.1, label="μ over-refusal penalty")
+                        C["max_gain"] = gr.Slider(1, 8, m.max_gain, step=0.5, label="max gain")
+                with gr.Row():
+                    train_btn = gr.Button("Train gains", variant="primary", scale=3)
+                    train_stop = gr.Button("Stop", variant="stop", scale=1)
+                C["train_status"] = gr.Markdown("")
+                C["loss_plot"] = gr.Plot(plots.losses([]), label="Losses", elem_id="loss-plot")
+                with gr.Accordion("Other gains: fixed preview, a file, or an earlier run", open=False):
+                    with gr.Row():
+                        safety_gain = gr.Slider(1, 4, 2.0, step=0.1, label="fixed safety gain")
+                        utility_gain = gr.Slider(0, 1, 0.5, step=0.05, label="fixed over-refusal gain")
+                        fixed_btn = gr.Button("Use fixed gains")
+                    with gr.Row():
+                        gains_upload = gr.File(label="modulation.safetensors", file_types=[".safetensors"], type="filepath", height=90)
+                        file_btn = gr.Button("Load gains file")
+                    with gr.Row():
+                        C["recent_runs"] = gr.Dropdown([], label="Finished trainings of this model (any session)", scale=3)
+                        refresh_btn = gr.Button("↻", scale=0, min_width=50)
+                        use_btn = gr.Button("Use these gains", scale=1)
+                C["gains_status"] = gr.Markdown("")
+            with gr.Tab("4 · Compare", id="compare") as t4:
+                gr.Markdown(HOW["compare"], elem_classes="how")
+                with gr.Row():
+                    C["active_gains"] = gr.Markdown(handlers.gains_text(first))
+                    strength = gr.Slider(0, 3, 1.0, step=0.05, label="strength ×", info="what-if: 0 = base, 1 = as tuned, 2 = twice the change", scale=0, min_width=340)
+                with gr.Row(equal_height=True):
+                    with gr.Column():
+                        gr.Markdown("Base model", elem_classes="pane-title")
+                        C["left"] = gr.Chatbot(label="Base model", show_label=False, height=420, elem_id="pane-base", buttons=["copy"])
+                    with gr.Column():
+                        gr.Markdown("NeuronTune (modulated)", elem_classes="pane-title")
+                        C["right"] = gr.Chatbot(label="NeuronTune", show_label=False, height=420, elem_id="pane-tuned", buttons=["copy"])
+                with gr.Row():
+                    C["msg"] = gr.Textbox(placeholder="Ask both models… (Enter sends)", show_label=False, scale=5, max_lines=6)
+                    send_btn = gr.Button("Send", variant="primary", scale=1)
+                    clear_btn = gr.Button("Clear", scale=1)
+                picks = chat.examples(studio, first)
+                gr.Examples([[p] for _, p in picks], inputs=[C["msg"]], example_labels=[l for l, _ in picks], label="Quick picks (held-out prompts)", examples_per_page=20)
+                with gr.Accordion("Decoding (same for both panes)", open=False):
+                    with gr.Row():
+                        max_new = gr.Slider(8, 256, 64, step=8, label="max new tokens")
+                        sample = gr.Checkbox(False, label="sample (greedy when off; with sampling the panes also differ by chance)")
+                        temperature = gr.Slider(0.1, 1.5, 0.7, step=0.05, label="temperature")
+                C["chat_status"] = gr.Markdown("", elem_id="chat-status")
+            with gr.Tab("5 · Evaluate", id="evaluate") as t5:
+                gr.Markdown(HOW["evaluate"], elem_classes="how")
+                with gr.Row():
+                    eval_quick = gr.Checkbox(True, label="quick (fewer prompts)")
+                    baselines = gr.CheckboxGroup(["direction", "random", "attribution_only"], value=["attribution_only"], label="baselines")
+                    eval_btn = gr.Button("Run evaluation", variant="primary")
+                    eval_stop = gr.Button("Stop", variant="stop")
+                C["eval_status"] = gr.Markdown("")
+                C["eval_table"] = gr.Dataframe(label="Metrics: base, NeuronTune, baselines", interactive=False)
+                with gr.Row():
+                    grid = gr.Textbox("250:0, 750:250, 1500:500", label="sweep grid (k_safety:k_utility, …)", scale=3)
+                    sweep_btn = gr.Button("Run sweep", scale=1)
+                C["tradeoff"] = gr.Plot(plots.empty("Run a sweep to see the safety / over-refusal trade-off.", 360), label="Trade-off")
+                C["eval_samples"] = gr.Dataframe(label="Sample generations", interactive=False, wrap=True, max_height=420)
+            with gr.Tab("6 · Export", id="export") as t6:
+                gr.Markdown(HOW["export"], elem_classes="how")
+                with gr.Row():
+                    C["export_name"] = gr.Textbox(handlers.suggest_name(first), label="Export name (letters, digits, . _ -; anything else is replaced)", scale=3)
+                    overwrite = gr.Checkbox(False, label="overwrite an existing export", scale=1)
+                with gr.Accordion("Push to the Hugging Face Hub (optional)", open=False):
+                    with gr.Row():
+                        repo = gr.Textbox(label="repo id", placeholder="you/model-neurontune")
+                        C["hub_token"] = gr.Textbox(label="token (used for this push only; never stored)", type="password")
+                export_btn = gr.Button("Export", variant="primary")
+                C["export_status"] = gr.Markdown("")
+                C["export_files"] = gr.File(label="Download: modulation file and model card", file_count="multiple", interactive=False)
+
+        for tab in (t1, t2, t3, t4, t5, t6):  # plotly sizes a figure drawn in a hidden tab to 0: redraw on show
+            tab.select(fn=None, js="() => { setTimeout(() => window.dispatchEvent(new Event('resize')), 60); }", api_visibility="private")
+        view_in = [C["kind"], C["drill_layer"], C["top"]]
+        load_in = [session, C["model_name"], C["trust"], C["preset"], C["quick"], *files]
+        quiet = dict(show_progress="hidden")
+        jobs = dict(concurrency_limit=None, show_progress="hidden")  # watchers only poll; the runner queues the work
+        load_btn.click(**bind(handlers.load, "load_model", concurrency_id="load", concurrency_limit=1), inputs=load_in + view_in)
+        flow_btn.click(**bind(background.flow, "default_flow", **jobs), inputs=load_in + view_in)
+        attr_btn.click(**bind(background.attribute, "attribute", **jobs), inputs=[session, *view_in])
+        attr_stop.click(**bind(lambda st, se: background.stop(st, se, "attribution"), "stop_attribution", **quiet), inputs=[session])
+        for comp, api in ((C["kind"], "view"), (C["drill_layer"], None), (C["top"], None)):
+            event = comp.release if comp is C["drill_layer"] else comp.input
+            event(**{**bind(handlers.views, "view", concurrency_id="fast", concurrency_limit=8, trigger_mode="always_last", **quiet),
+                     **({} if api else {"api_visibility": "private", "api_name": None})}, inputs=[session, *view_in])
+        sel_in = [session, C["k_safety"], C["k_utility"], C["protect_top"], *view_in]
+        for comp, api in ((C["k_safety"], "select"), (C["k_utility"], None), (C["protect_top"], None)):
+            comp.input(**{**bind(handlers.on_select, "select", concurrency_id="fast", concurrency_limit=8, trigger_mode="always_last", **quiet),
+                          **({} if api else {"api_visibility": "private", "api_name": None})}, inputs=sel_in)
+        meta_in = [session, *(C[n] for n in ["mode", "steps", "lam_kl", "mu_over_refusal", "max_gain"])]
+        for name in META:
+            C[name].input(lambda se, *v: handlers.on_meta(studio, se, *v), inputs=meta_in, outputs=None,
+                          api_name="training_settings" if name == "steps" else None, api_visibility="public" if name == "steps" else "private", **quiet)
+        train_btn.click(**bind(background.train, "train", **jobs), inputs=[session, *view_in])
+        train_stop.click(**bind(lambda st, se: background.stop(st, se, "train"), "stop_train", **quiet), inputs=[session])
+        fixed_btn.click(**bind(handlers.fixed_gains, "fixed_gains", **quiet), inputs=[session, safety_gain, utility_gain, *view_in])
+        file_btn.click(**bind(handlers.gains_file, "gains_file", **quiet), inputs=[session, gains_upload, *view_in])
+        refresh_btn.click(**bind(handlers.recent_runs, "refresh_runs", **quiet), inputs=[session])
+        use_btn.click(**bind(handlers.use_run, "use_run", **quiet), inputs=[session, C["recent_runs"], *view_in])
+        chat_kw = bind(chat.chat, "chat", concurrency_id="chat", concurrency_limit=studio.chat_limit, show_progress="minimal")
+        chat_kw["fn"] = gpu(chat_kw["fn"])
+        chat_in = [session, C["msg"], strength, max_new, sample, temperature]
+        send_btn.click(**chat_kw, inputs=chat_in)
+        C["msg"].submit(**{**chat_kw, "api_name": None, "api_visibility": "private"}, inputs=chat_in)
+        clear_btn.click(**bind(chat.clear, "clear_chat", **quiet), inputs=[session])
+        eval_btn.click(**bind(background.evaluate, "evaluate", **jobs), inputs=[session, eval_quick, baselines])
+        eval_stop.click(**bind(lambda st, se: background.stop(st, se, "evaluate"), "stop_evaluate", **quiet), inputs=[session])
+        sweep_btn.click(**bind(background.sweep, "sweep", **jobs), inputs=[session, grid])
+        export_kw = bind(handlers.do_export, "export", concurrency_id="export", concurrency_limit=1)
+        export_kw["fn"] = gpu(export_kw["fn"])
+        export_btn.click(**export_kw, inputs=[session, C["export_name"], overwrite, repo, C["hub_token"]])
+        demo.load(**bind(on_load, "on_load", **quiet), inputs=[session, *view_in])
+    return demo
+
+
+def on_load(studio: Studio, session: Session, kind="safety", layer=0, top=50) -> dict:
+    """A new page: the shared default model, and any neuron scores already computed for it (reused)."""
+    out = handlers.load(studio, session, session.model or studio.default_model, False, session.preset or studio.default_preset,
+                        studio.quick_default, None, None, None, kind, layer, top)
+    return {**out, **handlers.recent_runs(studio, session), "export_name": handlers.suggest_name(session),
+            "chat_status": handlers.gains_text(session)}
+
+
+def launch(studio: Studio, *, host: str = "127.0.0.1", port: int = 7860, **kwargs):
+    """Queue (heavy work waits visibly), then serve. Returns what `Blocks.launch` returns."""
+    demo = build_app(studio)
+    demo.queue(default_concurrency_limit=1, max_size=64)
+    theme = gr.themes.Soft(primary_hue="indigo", secondary_hue="rose")
+    return demo, demo.launch(server_name=host, server_port=port, theme=theme, css=CSS, show_error=True, **kwargs)

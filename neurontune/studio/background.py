@@ -1,0 +1,245 @@
+"""Heavy work of the studio as background jobs (attribution, training, evaluation, sweep): submit to the
+shared `JobRunner`, then stream the job's progress to the page until it ends. Closing the page does not
+stop a job; its result stays in the runner's status files for the next visit or another session."""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pandas as pd
+
+from ..jobs import Job
+from ..pipeline import attribute_step, select_step, train_step
+from . import handlers, plots
+from .state import Session, Studio
+
+POLL_S = 0.4
+LABELS = {"attribution": "Scoring neurons", "train": "Training gains", "evaluate": "Evaluating", "sweep": "Sweeping thresholds"}
+STATUS_KEY = {"attribution": "attr_status", "train": "train_status", "evaluate": "eval_status", "sweep": "eval_status"}
+
+
+def _bar(done: int, total: int, width: int = 24) -> str:
+    frac = 0.0 if not total else min(1.0, done / total)
+    return "█" * round(frac * width) + "░" * (width - round(frac * width)) + f" {frac:.0%}"
+
+
+def job_text(studio: Studio, job: Job) -> str:
+    """One or two lines: queue position, stage and step, or how the job ended."""
+    s = studio.runner.status(job)
+    label = LABELS.get(job.kind, job.kind)
+    if s["status"] == "queued":
+        ahead = f" ({s['running_now']} running now)" if s["running_now"] else ""
+        return f"◷ {label}: waiting in the queue — position **{s['position']}**{ahead}. Chat keeps working on the base model meanwhile."
+    if s["status"] == "running":
+        last = job.log[-1] if job.log else {}
+        loss = f" · loss {last['loss']:.4f}" if "loss" in last else ""
+        return f"● {label} — {job.stage or 'starting'} · step {job.step}/{job.total or '?'}{loss}\n\n`{_bar(job.step, job.total)}`"
+    icon = {"done": "✓", "cancelled": "■", "failed": "✗", "interrupted": "⚠"}[s["status"]]
+    took = f" in {job.finished - job.started:.1f} s" if job.finished and job.started else ""
+    return f"{icon} {label}: {s['status']}{took}." + (f" {job.error}" if job.error else "")
+
+
+def watch(studio: Studio, job: Job, key: str, extra=None) -> Iterator[dict]:
+    """Yield `{key: status text, **extra(job)}` while the job runs and once when it has ended."""
+    while not job.wait(POLL_S):
+        yield {key: job_text(studio, job), **(extra(job) if extra else {})}
+    yield {key: job_text(studio, job), **(extra(job) if extra else {})}
+
+
+def stop(studio: Studio, session: Session, kind: str) -> dict:
+    job_id = session.jobs.get(kind)
+    key = STATUS_KEY[kind]
+    if job_id and studio.runner.cancel(job_id):
+        return {key: f"■ Stopping {LABELS[kind].lower()}… (it stops at its next step and keeps what it has)"}
+    return {key: "Nothing of yours is running."}
+
+
+# -- attribution ---------------------------------------------------------------------------------
+def attribute(studio: Studio, session: Session, kind="safety", layer=0, top=50) -> Iterator[dict]:
+    """Score every neuron (shared job: two sessions asking for the same model and data share one run)."""
+    lm = studio.model(session)
+    key = studio.scores_key(lm, session.cfg)
+    session.scores_key = key
+    if studio.scores(key) is not None:
+        handlers.reselect(studio, session)
+        yield {"attr_status": "✓ Neuron scores loaded from the cache (same model, prompts and method).",
+               **handlers.views(studio, session, kind, layer, top)}
+        return
+    cfg, out = session.cfg, studio.runs_dir / "attribution" / key
+
+    def work(progress, cancel):
+        scores = attribute_step(lm, cfg, out, progress=progress, cancel=cancel, cache_dir=studio.cache_dir)
+        studio.put_scores(key, scores)
+        return scores
+    job = studio.runner.submit("attribution", work, key=key,
+                               describe=lambda s: {"scores": str(out / "scores.safetensors"), "model": lm.name, "shape": list(s.shape)})
+    session.jobs["attribution"] = job.id
+    yield from watch(studio, job, "attr_status")
+    if job.status == "done" and session.scores_key == key:
+        handlers.reselect(studio, session)
+        yield {"attr_status": job_text(studio, job), **handlers.views(studio, session, kind, layer, top)}
+
+
+# -- training ------------------------------------------------------------------------------------
+def _new_run_dir(studio: Studio, session: Session) -> Path:
+    run = studio.runs_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{session.id}"
+    run.mkdir(parents=True, exist_ok=True)
+    scores = studio.runs_dir / "attribution" / (session.scores_key or "") / "scores.safetensors"
+    if scores.is_file():  # evaluation baselines read the run's scores
+        try:
+            os.link(scores, run / "scores.safetensors")
+        except OSError:
+            shutil.copy2(scores, run / "scores.safetensors")
+    session.cfg.save(run / "preset.json")
+    return run
+
+
+def train(studio: Studio, session: Session, kind="safety", layer=0, top=50) -> Iterator[dict]:
+    if session.selection is None:
+        yield {"train_status": "Score and select neurons first (Explore, then the sliders above)."}
+        return
+    if not session.selection.counts()["safety"] and not session.selection.counts()["utility"]:
+        yield {"train_status": "The selection is empty: raise k_safety or k_utility."}
+        return
+    lm, selection, cfg = studio.model(session), session.selection, session.cfg
+    run = _new_run_dir(studio, session)
+    select_step(studio.scores(session.scores_key), cfg, run)
+
+    def work(progress, cancel):
+        return train_step(lm, selection, cfg, run, progress=progress, cancel=cancel, cache_dir=studio.cache_dir)
+
+    def describe(result):
+        return {"run_dir": str(run), "modulation": str(run / "modulation.safetensors"), "fingerprint": lm.fingerprint,
+                "model": lm.name, "stopped": result.stopped, "steps_run": len(result.log), "best_step": result.best_step,
+                "k_safety": cfg.selection.k_safety, "k_utility": cfg.selection.k_utility, **result.modulation.summary()}
+    job = studio.runner.submit("train", work, describe=describe)
+    session.jobs["train"] = job.id
+    yield from watch(studio, job, "train_status", lambda j: {"loss_plot": plots.losses(list(j.log))})
+    result = job.result
+    if result is not None and job.status in ("done", "cancelled"):
+        stopped = {"done": "all steps", "early_stop": "early stop", "cancelled": "stopped by you", "non_finite": "stopped: non-finite loss"}
+        handlers.set_gains(session, result.modulation, f"trained gains ({len(result.log)} steps, {stopped.get(result.stopped, result.stopped)}, "
+                           f"best step {result.best_step})", str(run))
+        yield {**handlers.views(studio, session, kind, layer, top), "active_gains": handlers.gains_text(session),
+               "train_status": job_text(studio, job), "loss_plot": plots.losses(list(job.log)),
+               "gains_status": "✓ " + handlers.gains_text(session), **handlers.recent_runs(studio, session)}
+
+
+# -- evaluation and sweep ------------------------------------------------------------------------
+def _accepted(fn, **kwargs) -> dict:
+    params = inspect.signature(fn).parameters
+    return kwargs if any(p.kind == p.VAR_KEYWORD for p in params.values()) else {k: v for k, v in kwargs.items() if k in params}
+
+
+def _run_with_gains(studio: Studio, session: Session) -> Path:
+    """The session's run folder with its current gains saved in it (made for fixed or uploaded gains)."""
+    run = Path(session.run_dir) if session.run_dir else _new_run_dir(studio, session)
+    if not (run / "modulation.safetensors").exists() or session.run_dir is None:
+        session.modulation.save(run / "modulation.safetensors")
+    session.run_dir = str(run)
+    return run
+
+
+def eval_views(run: Path) -> dict:
+    table = json.loads((run / "eval.json").read_text(encoding="utf-8"))["table"] if (run / "eval.json").exists() else []
+    samples = []
+    gen = run / "generations.jsonl"
+    if gen.exists():
+        with open(gen, encoding="utf-8") as f:
+            samples = [json.loads(line) for line in f if line.strip()]
+    cols = [c for c in ("intervention", "category", "family", "prompt", "answer", "refusal") if samples and c in samples[0]]
+    frame = pd.DataFrame(samples)[cols].head(200) if samples else pd.DataFrame()
+    return {"eval_table": pd.DataFrame(table).round(4) if table else pd.DataFrame(), "eval_samples": frame}
+
+
+def evaluate(studio: Studio, session: Session, quick: bool, baselines: list[str]) -> Iterator[dict]:
+    if session.modulation is None:
+        yield {"eval_status": "No gains to evaluate yet: train or apply gains in **Tune** first."}
+        return
+    from ..evaluation_run import evaluate_run
+    lm, cfg, run = studio.model(session), session.cfg, _run_with_gains(studio, session)
+
+    def work(progress, cancel):
+        kwargs = _accepted(evaluate_run, baselines=tuple(baselines or ()), quick=bool(quick), cache_dir=studio.cache_dir,
+                           progress=progress, cancel=cancel, log=lambda msg: progress.stage(str(msg).splitlines()[0][:120]))
+        evaluate_run(lm, run, cfg, **kwargs)
+        return {"run_dir": str(run)}
+    job = studio.runner.submit("evaluate", work)
+    session.jobs["evaluate"] = job.id
+    yield from watch(studio, job, "eval_status")
+    if job.status == "done":
+        session.eval_rows = handlers.eval_rows_of(str(run))
+        yield {"eval_status": job_text(studio, job) + f" Written to `{run}` (eval.json, generations.jsonl).", **eval_views(run)}
+
+
+def sweep(studio: Studio, session: Session, grid_text: str) -> Iterator[dict]:
+    try:
+        grid = [tuple(int(x) for x in point.split(":")) for point in grid_text.replace(" ", "").split(",") if point]
+        assert grid and all(len(g) == 2 and min(g) >= 0 for g in grid)
+    except (ValueError, AssertionError):
+        yield {"eval_status": "✗ Write the grid as k_safety:k_utility pairs, e.g. `250:0, 750:250, 1500:500`."}
+        return
+    from ..evaluation_run import sweep_run
+    lm, cfg = studio.model(session), session.cfg
+    out = studio.runs_dir / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{session.id}"
+
+    scores = studio.scores(session.scores_key)
+    if scores is None:
+        yield {"eval_status": "Score the neurons first (Explore): the sweep re-selects from those scores."}
+        return
+
+    def work(progress, cancel):
+        sweep_run(lm, cfg, grid, out, **_accepted(sweep_run, scores=scores, cache_dir=studio.cache_dir, progress=progress, cancel=cancel,
+                                                  log=lambda msg: progress.stage(str(msg).splitlines()[0][:120])))
+        return {"out": str(out)}
+    job = studio.runner.submit("sweep", work)
+    session.jobs["sweep"] = job.id
+    yield from watch(studio, job, "eval_status")
+    if job.status == "done" and (out / "sweep.csv").exists():
+        from ..sweep import tradeoff_figure
+        base = out / "sweep_baselines.csv"
+        try:
+            fig = tradeoff_figure(pd.read_csv(out / "sweep.csv"), pd.read_csv(base) if base.exists() else None)
+        except KeyError as exc:
+            yield {"eval_status": f"Sweep done, but the trade-off plot needs other columns: {exc}"}
+            return
+        yield {"eval_status": job_text(studio, job) + f" Written to `{out}`.", "tradeoff": fig}
+
+
+# -- the one-button flow -------------------------------------------------------------------------
+def flow(studio: Studio, session: Session, model, trust_remote_code, preset, quick_mode, harmful_file=None, benign_file=None,
+         borderline_file=None, kind="safety", layer=0, top=50) -> Iterator[dict]:
+    """Load → score neurons → select (preset counts) → train gains → ask a held-out attacked prompt; the
+    page follows along tab by tab."""
+    import gradio as gr
+
+    from . import chat as chat_ui
+
+    yield {"flow_status": "**1/4** Loading the model…"}
+    out = handlers.load(studio, session, model, trust_remote_code, preset, quick_mode, harmful_file, benign_file, borderline_file, kind, layer, top)
+    if out["model_status"].startswith("✗"):
+        yield {**out, "flow_status": "Stopped: the model or data could not be loaded (see below)."}
+        return
+    yield {**out, "flow_status": "**2/4** Scoring every neuron (attribution)…", "tabs": gr.Tabs(selected="explore")}
+    for update in attribute(studio, session, kind, layer, top):
+        yield {**update, "flow_status": "**2/4** Scoring neurons — " + update.get("attr_status", "done")}
+    if session.selection is None:
+        yield {"flow_status": "Stopped: attribution did not finish (see the Explore tab)."}
+        return
+    yield {"flow_status": f"**3/4** Training gains for the selected neurons ({session.cfg.meta.steps} steps)…", "tabs": gr.Tabs(selected="tune"),
+           **handlers.slider_limits(studio.model(session), session)}
+    for update in train(studio, session, kind, layer, top):
+        yield {**update, "flow_status": "**3/4** " + update.get("train_status", "Training done.")}
+    if session.modulation is None:
+        yield {"flow_status": "Stopped: training did not finish (see the Tune tab)."}
+        return
+    label, prompt = next((p for p in chat_ui.examples(studio, session) if "unseen" in p[0]), chat_ui.examples(studio, session)[0])
+    yield {"flow_status": f"**4/4** Asking both models a held-out request wrapped in an attack family tuning never saw ({label})…", "tabs": gr.Tabs(selected="compare")}
+    session.chat = [[], []]
+    yield from chat_ui.chat(studio, session, prompt, 1.0, 64)
+    yield {"flow_status": "✓ Done. Compare answers below, try the examples, move the strength slider, then Evaluate and Export."}

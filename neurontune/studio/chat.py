@@ -1,0 +1,77 @@
+"""Side-by-side chat: the base model (left) and the session's modulated model (right) answer the same
+conversation in ONE batched, streamed generate call (per-row gains), each answer with the judge's verdict."""
+from __future__ import annotations
+
+from typing import Iterator
+
+from .. import data
+from ..generation import stream_generate
+from ..judge import refusal_phrase
+from ..splits import build_splits
+from .handlers import gains_text
+from .state import Session, Studio
+
+MAX_CHARS = 4000  # a longer message is cut (and the user told) instead of filling the context
+
+
+def verdict(text: str) -> str:
+    phrase = refusal_phrase(text)
+    return f"**refuses** (“{phrase}”)" if phrase else ("empty answer" if not text.strip() else "**answers** (no refusal phrase)")
+
+
+def display(conv: list[dict], partial: str | None = None) -> list[dict]:
+    """The chatbot's messages: each finished answer followed by the judge's verdict line."""
+    out = []
+    for m in conv:
+        content = m["content"] if m["role"] == "user" else f"{m['content']}\n\n*judge:* {verdict(m['content'])}"
+        out.append({"role": m["role"], "content": content})
+    if partial is not None:
+        out.append({"role": "assistant", "content": partial or "…"})
+    return out
+
+
+def examples(studio: Studio, session: Session) -> list[tuple[str, str]]:
+    """(label, prompt) quick picks: a held-out harmful request, the same in each attack family, benign, borderline."""
+    try:
+        splits = build_splits(session.cfg.data)
+        harmful, benign, border = splits.harmful_test[0].text, splits.benign_test[0].text, splits.borderline_test[0].text
+    except (ValueError, IndexError):
+        harmful, benign, border = data.harmful()[0].text, data.benign()[0].text, data.borderline()[0].text
+    picks = [("harmful", harmful)]
+    heldout = set(session.cfg.data.heldout_families)
+    for family, templates in sorted(data.attack_families().items(), key=lambda kv: (kv[0] not in heldout, kv[0])):
+        tag = "unseen attack" if family in heldout else "attack"
+        picks.append((f"harmful · {family.replace('_', ' ')} ({tag})", data.wrap(templates[0], harmful)))
+    return picks + [("benign", benign), ("borderline-safe", border)]
+
+
+def chat(studio: Studio, session: Session, message: str, strength: float = 1.0, max_new_tokens: int = 64,
+         sample: bool = False, temperature: float = 0.7) -> Iterator[dict]:
+    """Stream both panes. Strength scales the gains towards 1 (0 = both panes the base model)."""
+    message = (message or "").strip()
+    if not message:
+        yield {"chat_status": "Type a message, or pick an example below."}
+        return
+    note = ""
+    if len(message) > MAX_CHARS:
+        message, note = message[:MAX_CHARS], f" Your message was cut to its first {MAX_CHARS:,} characters."
+    lm = studio.model(session)
+    mod = session.modulation
+    if mod is not None and mod.fingerprint and mod.fingerprint != lm.fingerprint:
+        yield {"chat_status": "✗ The session's gains were made for another model; train or load gains for this one."}
+        return
+    gains = None if mod is None else (mod if float(strength) == 1.0 else mod.scaled(float(strength)))
+    convs = [c + [{"role": "user", "content": message}] for c in session.chat]
+    texts = ["", ""]
+    for texts in stream_generate(lm, convs, [None, gains], max_new_tokens=int(max_new_tokens), do_sample=bool(sample),
+                                 temperature=float(temperature), seed=0 if sample else None):
+        yield {"left": display(convs[0], texts[0]), "right": display(convs[1], texts[1]), "msg": ""}
+    session.chat = [c + [{"role": "assistant", "content": t}] for c, t in zip(convs, texts)]
+    same = "identical answers" if texts[0] == texts[1] else "the answers differ"
+    yield {"left": display(session.chat[0]), "right": display(session.chat[1]), "msg": "",
+           "chat_status": f"{gains_text(session)} Strength ×{float(strength):g}: {same}.{note}"}
+
+
+def clear(studio: Studio, session: Session) -> dict:
+    session.chat = [[], []]
+    return {"left": [], "right": [], "chat_status": gains_text(session)}

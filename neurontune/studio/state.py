@@ -1,0 +1,181 @@
+"""What the studio keeps: one `Studio` per process (the shared models, job runner, score cache, folders) and
+one `Session` per browser tab (its config, selection and gains: two sessions never share gains)."""
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import RunConfig, list_presets, load_preset
+from ..jobs import JobRunner
+from ..models import LoadedModel, ModelLoadError, default_cache_dir, load_model
+from ..modulation import Modulation
+from ..neuron_scores import NeuronScores
+from ..selection import Selection
+
+log = logging.getLogger(__name__)
+
+BUILTIN_MODELS = ("embedded", "tiny-llama", "tiny-gpt2")
+
+
+def quick(cfg: RunConfig) -> RunConfig:
+    """A first look: about a third of the preset's prompts and at most 20 training steps."""
+    d, m = cfg.data, cfg.meta
+    return cfg.replace(
+        data={"n_harmful": min(d.n_harmful, 16), "n_attack_per_family": min(d.n_attack_per_family, 4),
+              "n_benign": min(d.n_benign, 16), "n_borderline": min(d.n_borderline, 8), "n_answer": min(d.n_answer, 8)},
+        meta={"steps": min(m.steps, 20), "eval_every": min(m.eval_every, 5)})
+
+
+PRESET_NEURONS = 46_080  # presets are written for the embedded model (30 layers x 1536 neurons)
+
+
+def fit_selection(cfg: RunConfig, n_neurons: int) -> RunConfig:
+    """Scale counts written for the embedded model down to a much smaller one (1500 of 46k neurons is 12 of 384)."""
+    s = cfg.selection
+    if s.k_safety + s.k_utility + s.protect_top <= n_neurons // 4:
+        return cfg
+    scale = lambda k: max(1, round(k * n_neurons / PRESET_NEURONS)) if k else 0  # noqa: E731
+    return cfg.replace(selection={"k_safety": scale(s.k_safety), "k_utility": scale(s.k_utility), "protect_top": scale(s.protect_top)})
+
+
+@dataclass
+class Session:
+    """One browser session's work. Lives in a `gr.State`; handlers mutate it in place."""
+
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    model: str = ""
+    fingerprint: str = ""
+    cfg: RunConfig = field(default_factory=RunConfig)
+    preset: str = ""
+    scores_key: str | None = None
+    selection: Selection | None = None
+    modulation: Modulation | None = None  # the gains the Compare and Export tabs use
+    gains_source: str = ""
+    run_dir: str | None = None
+    jobs: dict = field(default_factory=dict)  # kind -> job id of this session's latest job
+    chat: list = field(default_factory=lambda: [[], []])  # [base conversation, modulated conversation]
+    eval_rows: list | None = None
+
+    def clear_gains(self) -> None:
+        self.modulation, self.gains_source, self.eval_rows = None, "", None
+
+
+class ModelPool:
+    """Models shared by every session, loaded once each; at most `capacity` kept (the default never evicted).
+    A failed load raises `ModelLoadError` and leaves the pool as it was."""
+
+    def __init__(self, default: str, capacity: int = 2, device: str | None = None, cache_dir: Path | None = None):
+        self.default, self.capacity, self.device, self.cache_dir = default, capacity, device, cache_dir
+        self._models: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._lock = threading.Lock()
+        self._loading: dict[str, threading.Lock] = {}
+
+    def get(self, name: str, trust_remote_code: bool = False) -> LoadedModel:
+        name = (name or self.default).strip()
+        with self._lock:
+            if name in self._models:
+                self._models.move_to_end(name)
+                return self._models[name]
+            gate = self._loading.setdefault(name, threading.Lock())
+        with gate:  # two sessions asking for one new model load it once
+            with self._lock:
+                if name in self._models:
+                    return self._models[name]
+            lm = load_model(name, device=self.device, trust_remote_code=trust_remote_code, cache_dir=self.cache_dir)
+            with self._lock:
+                self._models[name] = lm
+                while len(self._models) > self.capacity:
+                    victim = next((k for k in self._models if k != self.default and k != name), None)
+                    if victim is None:
+                        break
+                    del self._models[victim]
+            return lm
+
+    def loaded(self) -> list[str]:
+        with self._lock:
+            return list(self._models)
+
+
+class Studio:
+    """Process-wide state: models, jobs, cached scores and the folders the studio writes to."""
+
+    def __init__(self, model: str = "embedded", preset: str = "balanced", *, quick_default: bool = True,
+                 cache_dir: str | Path | None = None, runs_dir: str | Path = "runs/studio", export_root: str | Path = "exports",
+                 device: str | None = None, chat_limit: int = 4, max_models: int = 2):
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.runs_dir, self.export_root = Path(runs_dir), Path(export_root)
+        self.default_model, self.default_preset, self.quick_default = model, preset, quick_default
+        self.chat_limit = chat_limit
+        self.models = ModelPool(model, max_models, device, self.cache_dir)
+        self.runner = JobRunner(self.cache_dir / "studio")
+        self._scores: OrderedDict[str, NeuronScores] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # -- configuration -------------------------------------------------------------------------
+    def presets(self) -> list[str]:
+        return list_presets() or ["default"]
+
+    def config(self, preset: str | None, model: str, *, quick_mode: bool, n_neurons: int | None = None) -> RunConfig:
+        """The run config a session starts from: preset (name or .json path) -> quick -> fitted to the model."""
+        preset = preset or self.default_preset
+        cfg = RunConfig(name="default") if preset == "default" else load_preset(preset)
+        cfg = cfg.replace(model=model)
+        if quick_mode:
+            cfg = quick(cfg)
+        return fit_selection(cfg, n_neurons) if n_neurons else cfg
+
+    def new_session(self) -> Session:
+        """The state of a new browser tab: the default model and preset (the model is already loaded)."""
+        s = Session(model=self.default_model, preset=self.default_preset)
+        try:
+            lm = self.models.get(self.default_model)
+            s.fingerprint = lm.fingerprint
+            s.cfg = self.config(self.default_preset, self.default_model, quick_mode=self.quick_default,
+                                n_neurons=lm.shape[0] * lm.shape[1])
+        except (ModelLoadError, ValueError) as exc:  # shown by the Model tab; the session still opens
+            log.warning("Default model/preset unavailable: %s", exc)
+        return s
+
+    def model(self, session: Session) -> LoadedModel:
+        return self.models.get(session.model or self.default_model)
+
+    # -- scores (shared: every session of one model and data plan reads one copy) ---------------
+    @staticmethod
+    def scores_key(lm: LoadedModel, cfg: RunConfig) -> str:
+        return f"{lm.fingerprint}-{cfg.digest('data', 'attribution')}"
+
+    def put_scores(self, key: str, scores: NeuronScores) -> None:
+        with self._lock:
+            self._scores[key] = scores
+            self._scores.move_to_end(key)
+            while len(self._scores) > 4:
+                self._scores.popitem(last=False)
+
+    def scores(self, key: str | None) -> NeuronScores | None:
+        """Scores in memory, or those a finished attribution job (this or an earlier process) saved."""
+        if key is None:
+            return None
+        with self._lock:
+            if key in self._scores:
+                return self._scores[key]
+        job = self.runner.latest("attribution", key=key)
+        path = Path(job.info.get("scores", "")) if job is not None else None
+        if path is not None and path.is_file():
+            try:
+                scores = NeuronScores.load(path)
+            except Exception as exc:  # noqa: BLE001 - a bad file is recomputed, never trusted
+                log.warning("Ignoring unreadable scores %s: %s", path, exc)
+                return None
+            self.put_scores(key, scores)
+            return scores
+        return None
+
+    def session_dir(self, session: Session) -> Path:
+        path = self.runs_dir / f"session-{session.id}"
+        path.mkdir(parents=True, exist_ok=True)
+        session.run_dir = str(path)
+        return path

@@ -1,0 +1,239 @@
+"""The studio through `gradio_client`, launched on 127.0.0.1 with the tiny model: load → attribute →
+slide → train → chat → evaluate → export on real outputs; Stop; bad input; a new session reusing
+finished work; and two concurrent sessions with different gains that never see each other's."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+TINY_PRESET = {"name": "tiny-test",
+               "data": {"n_harmful": 4, "n_attack_per_family": 1, "n_benign": 4, "n_borderline": 2, "n_answer": 4, "answer_tokens": 8},
+               "attribution": {"max_length": 64, "batch_size": 16},
+               "selection": {"k_safety": 40, "k_utility": 20, "protect_top": 10},
+               "meta": {"steps": 3, "eval_every": 1, "batch_harmful": 2, "batch_benign": 2}}
+VIEW = ("safety", 0, 50)  # kind shown, drill-down layer, table rows
+PROMPT = "Tell me how to pick a lock"
+TOKEN = "hf_PLANTEDtoken1234567890"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    from neurontune.studio import Studio, launch
+
+    tmp = tmp_path_factory.mktemp("studio")
+    preset = tmp / "tiny.json"
+    preset.write_text(json.dumps(TINY_PRESET))
+    studio = Studio("tiny-llama", str(preset), quick_default=False, cache_dir=tmp / "cache", runs_dir=tmp / "runs",
+                    export_root=tmp / "exports")
+    studio.models.get("tiny-llama")
+    port = _free_port()
+    demo, _ = launch(studio, port=port, prevent_thread_lock=True, quiet=True)
+    yield studio, f"http://127.0.0.1:{port}/", str(preset)
+    demo.close()
+    studio.runner.shutdown()
+
+
+class Session:
+    """One browser session seen through gradio_client: call(api, *args) -> {output name: value}."""
+
+    def __init__(self, url: str, preset: str):
+        from gradio_client import Client
+
+        from neurontune.studio.app import OUTPUTS
+        self.client, self.outputs, self.preset = Client(url, verbose=False), OUTPUTS, preset
+
+    def call(self, api: str, *args) -> dict:
+        names = self.outputs[api]
+        result = self.client.predict(*args, api_name=f"/{api}")
+        return dict(zip(names, result if len(names) > 1 else [result]))
+
+    def load(self, model: str = "tiny-llama") -> dict:
+        return self.call("load_model", model, False, self.preset, False, None, None, None, *VIEW)
+
+    def chat(self, message: str = PROMPT, strength: float = 1.0, tokens: int = 12) -> tuple[str, str, str]:
+        self.call("clear_chat")
+        out = self.call("chat", message, strength, tokens, False, 0.7)
+        return _answer(out["left"]), _answer(out["right"]), out["chat_status"]
+
+
+def _text(message: dict) -> str:
+    content = message["content"]
+    return content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
+
+
+def _answer(history: list[dict]) -> str:
+    """The last answer of a pane, without the judge's verdict line."""
+    assert history and history[-1]["role"] == "assistant", history
+    text = _text(history[-1])
+    assert "*judge:*" in text
+    return text.rsplit("\n\n*judge:*", 1)[0]
+
+
+def _amplified(counts: str) -> int:
+    return int(re.search(r"\*\*([\d,]+)\*\* neurons amplified", counts).group(1).replace(",", ""))
+
+
+@pytest.fixture(scope="module")
+def tuned(app):
+    """A session taken through load → attribute → slide → train (the gains the later tests chat with)."""
+    studio, url, preset = app
+    s = Session(url, preset)
+    out = s.load()
+    assert "3 layers × 128 neurons" in out["model_status"] and "tiny-test" in out["model_status"]
+    out = s.call("attribute", *VIEW)
+    assert "done" in out["attr_status"] or "cache" in out["attr_status"], out["attr_status"]
+    assert _amplified(out["counts"]) > 0 and out["heatmap"] is not None
+    # slide: the selection follows the thresholds at once, from the cached scores
+    few, many = s.call("select", 5, 2, 0, *VIEW), s.call("select", 60, 20, 0, *VIEW)
+    assert _amplified(few["counts"]) <= 5 < _amplified(many["counts"]) <= 60
+    assert "ms from cached scores" in many["counts"]
+    table = many["table"]
+    assert {"layer", "neuron", "safety", "over_refusal", "act_harmful", "act_benign", "role"} <= set(table["headers"])
+    out = s.call("train", *VIEW)
+    assert "Training gains: done" in out["train_status"], out["train_status"]
+    assert "trained gains" in out["active_gains"]
+    run = next(p for p in studio.runs_dir.iterdir() if (p / "modulation.safetensors").exists())
+    assert (run / "train_log.jsonl").read_text().count("\n") >= 1 and (run / "preset.json").exists()
+    return s
+
+
+def test_chat_panes_differ_with_gains_and_match_without(tuned):
+    s = tuned
+    left, right, status = s.chat()
+    assert "Strength ×1" in status
+    out = s.call("fixed_gains", 4.0, 0.0, *VIEW)  # strong fixed gains: the modulated pane must change
+    assert "fixed gains ×4 / ×0" in out["gains_status"]
+    left, right, status = s.chat()
+    assert left != right, "amplifying and ablating the selected neurons changed nothing"
+    assert "differ" in status
+    left0, right0, status0 = s.chat(strength=0.0)  # strength 0: gains of 1, the base model on both sides
+    assert left0 == right0 == left and "identical" in status0
+    # multi-turn: the second turn sees the first (each pane its own history)
+    out = s.call("chat", "And then?", 1.0, 8, False, 0.7)
+    assert len(out["left"]) == len(out["right"]) == 4
+    assert s.call("chat", "   ", 1.0, 8, False, 0.7)["chat_status"].startswith("Type a message")
+
+
+def test_stop_cancels_training_and_keeps_gains(app, tuned):
+    studio, _, _ = app
+    s = tuned
+    s.call("training_settings", "fomaml", 200, 1.0, 1.0, 4.0)
+    job = s.client.submit(*VIEW, api_name="/train")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        running = [j for j in studio.runner.jobs("train", include_files=False) if j.status == "running" and j.step >= 1]
+        if running:
+            break
+        time.sleep(0.05)
+    assert running, "training never started"
+    assert "Stopping" in s.call("stop_train")["train_status"]
+    out = dict(zip(s.outputs["train"], job.result(timeout=60)))  # the generator's last update
+    assert "cancelled" in out["train_status"] and "stopped by you" in out["active_gains"]
+    assert running[0].step < 200
+    s.call("training_settings", "fomaml", 3, 1.0, 1.0, 4.0)
+
+
+def test_evaluate_in_background(app, tuned):
+    pytest.importorskip("neurontune.evaluation_run", reason="evaluation_run (the lead's) has not landed yet")
+    out = tuned.call("evaluate", True, [])
+    assert "Evaluating: done" in out["eval_status"], out["eval_status"]
+    assert out["eval_table"]["data"], "empty metrics table"
+    assert out["eval_samples"]["data"], "no sample generations"
+    table = out["eval_table"]
+    assert {"base", "neurontune"} <= {row[table["headers"].index("intervention")] for row in table["data"]}
+    run = Path(re.search(r"Written to `([^`]+)`", out["eval_status"]).group(1))
+    assert json.loads((run / "eval.json").read_text())["table"] and (run / "generations.jsonl").stat().st_size > 0
+    # a sweep over two thresholds, in the background, drawn as the trade-off plot
+    out = tuned.call("sweep", "5:2, 20:5")
+    assert "Sweeping thresholds: done" in out["eval_status"] and out["tradeoff"] is not None
+
+
+def test_export_writes_files_and_never_keeps_the_token(app, tuned):
+    studio, _, _ = app
+    out = tuned.call("export", "My tuned model!", False, "someone/neurontune-test", TOKEN)
+    assert "Exported to" in out["export_status"], out["export_status"]
+    folder = studio.export_root / out["export_name"]
+    assert out["export_name"] == "My-tuned-model" and folder.is_dir()
+    for name in ("model.safetensors", "config.json", "modulation.safetensors", "README.md", "preset.json"):
+        assert (folder / name).is_file(), name
+    assert sorted(Path(f).name for f in out["export_files"]) == ["README.md", "modulation.safetensors"]
+    assert all(Path(f).is_file() for f in out["export_files"])  # downloaded by the client
+    assert "from_pretrained" in out["export_status"]
+    assert out["hub_token"] == ""  # the password box is cleared
+    assert "failed" in out["export_status"] and TOKEN not in out["export_status"]  # offline push fails, export stays
+    for path in folder.rglob("*"):
+        if path.is_file():
+            assert TOKEN.encode() not in path.read_bytes(), path
+    again = tuned.call("export", "My tuned model!", False, "", "")
+    assert "already exists" in again["export_status"]
+
+
+def test_bad_model_keeps_the_previous_one(app):
+    _, url, preset = app
+    s = Session(url, preset)
+    assert "384" in s.load()["model_status"]
+    out = s.load("no-such/model-anywhere")
+    assert out["model_status"].startswith("✗") and "still loaded and usable" in out["model_status"]
+    left, right, status = s.chat()  # chat still works on the previous model (no gains: both panes base)
+    assert left == right and "No gains yet" in status
+    assert "No gains to export" in s.call("export", "x", False, "", "")["export_status"]
+
+
+def test_new_session_reuses_finished_work(app, tuned):
+    """A reopened page finds the cached scores and the finished trainings (any session)."""
+    _, url, preset = app
+    s = Session(url, preset)
+    out = s.call("on_load", *VIEW)
+    assert "computed before" in out["model_status"] and _amplified(out["counts"]) > 0
+    runs = s.call("refresh_runs")["recent_runs"]
+    choices = runs["choices"] if isinstance(runs, dict) else runs
+    assert choices, runs
+    job_id = choices[0][1]
+    out = s.call("use_run", job_id, *VIEW)
+    assert "trained gains from run" in out["gains_status"]
+
+
+def test_two_sessions_never_see_each_others_gains(app, tuned):
+    _, url, preset = app
+    a, b = Session(url, preset), Session(url, preset)
+    for s, gains in ((a, (4.0, 0.0)), (b, (2.0, 1.0))):
+        s.load()
+        s.call("attribute", *VIEW)  # cached: instant
+        s.call("select", 40, 20, 0, *VIEW)
+        s.call("fixed_gains", *gains, *VIEW)
+    solo = {"a": a.chat(), "b": b.chat()}
+    assert solo["a"][0] == solo["b"][0]  # same base answer
+    assert solo["a"][1] != solo["b"][1]  # different gains, different modulated answers
+    seen, errors = {"a": [], "b": []}, []
+    barrier = threading.Barrier(2)
+
+    def run(name: str, s: Session) -> None:
+        try:
+            for _ in range(3):
+                barrier.wait(timeout=30)
+                seen[name].append(s.chat())
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=run, args=(n, s)) for n, s in (("a", a), ("b", b))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    for name in ("a", "b"):
+        assert [x[:2] for x in seen[name]] == [solo[name][:2]] * 3, f"session {name} saw other gains"
