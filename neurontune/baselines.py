@@ -17,7 +17,7 @@ import torch
 from . import data
 from .attribution import Cancelled
 from .data import chat_prompt
-from .evaluate import Progress, refusal_proxy
+from .evaluate import Progress, last_token_index, refusal_proxy
 from .hooks import scoped_pre_hooks
 from .neuron_map import decoder_layers
 from .scoring import encode_pairs, forward
@@ -102,7 +102,7 @@ def last_token_residuals(lm, prompts: Sequence[str], targets: Sequence[str] | No
             raise Cancelled("Direction fitting cancelled.")
         chunk = [chat_prompt(lm.tokenizer, p) for p in prompts[start:start + batch_size]]
         batch = encode_pairs(lm.tokenizer, chunk, targets[start:start + batch_size])
-        last = batch.attention_mask.sum(1) - 1
+        last = last_token_index(batch)
         store: list = [None] * len(layers)
 
         def make(l: int):

@@ -120,11 +120,9 @@ def _scope(intervention, lm):
 def intervention_name(intervention) -> str:
     if intervention is None:
         return "base"
-    name = getattr(intervention, "name", None) or getattr(intervention, "meta", {}).get("name")
-    if name:
-        return str(name)
-    meta = getattr(intervention, "meta", {}) or {}
-    return str(meta.get("kind", type(intervention).__name__.lower()))
+    meta = getattr(intervention, "meta", None) or {}
+    name = getattr(intervention, "name", None) or meta.get("name")
+    return str(name or meta.get("kind") or type(intervention).__name__.lower())
 
 
 def _check(cancel: threading.Event | None) -> None:
@@ -310,6 +308,9 @@ def evaluate(lm, intervention, splits: Splits, cfg: EvalConfig = EvalConfig(), *
     cache_dir: also keep that cache on disk, keyed by the model fingerprint."""
     start_time = time.perf_counter()
     name = name or intervention_name(intervention)
+    made_for = getattr(intervention, "fingerprint", None)
+    if isinstance(intervention, Modulation) and made_for and made_for != lm.fingerprint:
+        raise ValueError(f"This modulation was made for model {made_for}, not the loaded model {lm.fingerprint}.")
     cache = _base_cache(base, lm)
     _disk_cache(cache, lm, cache_dir)
     rows = eval_plan(splits, cfg)
@@ -424,6 +425,12 @@ def refusal_tokens(tokenizer) -> list[int]:
     return sorted(firsts(list(tg["refusal"]) + ["I", "Sorry", "As"]) - firsts(tg["compliance"]))
 
 
+def last_token_index(batch) -> torch.Tensor:
+    """[B] position of each row's last real token (whichever side the batch is padded on)."""
+    mask = batch.attention_mask
+    return mask.shape[1] - 1 - mask.flip(-1).argmax(-1)
+
+
 @torch.no_grad()
 def refusal_proxy(lm, intervention, prompts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
     """[n] probability that the answer *starts* like a refusal, without generating: the next-token
@@ -435,11 +442,11 @@ def refusal_proxy(lm, intervention, prompts: Sequence[str], batch_size: int = 16
     out = []
     for start in range(0, len(prompts), batch_size):
         chunk = [chat_prompt(lm.tokenizer, p) for p in prompts[start:start + batch_size]]
-        batch = encode_pairs(lm.tokenizer, chunk, [""] * len(chunk))  # right-padded prompts only
+        batch = encode_pairs(lm.tokenizer, chunk, [""] * len(chunk))
         with _scope(intervention, lm):
             logits = forward(lm.model, batch)
-        last = (batch.attention_mask.sum(1) - 1).to(logits.device)
-        probs = logits[torch.arange(len(chunk), device=logits.device), last].float().softmax(-1)
+        last = last_token_index(batch) - (batch.input_ids.shape[1] - logits.shape[1])  # logits may cover the end only
+        probs = logits[torch.arange(len(chunk), device=logits.device), last.to(logits.device)].float().softmax(-1)
         out.append(probs[:, tok_ids.to(probs.device)].sum(-1).clamp(0, 1).cpu())
     return torch.cat(out) if out else torch.zeros(0)
 

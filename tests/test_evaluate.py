@@ -152,3 +152,9 @@ def test_mc_letter_style_runs(tiny_llama, splits, base_llama):
     res = evaluate(tiny_llama, None, splits, dataclasses.replace(CFG, mc_style="letter"), base=base_llama)
     assert 0 <= res.metrics["mc_accuracy"] <= 1 and res.meta["base_generated"] == 0
     assert len(data.multiple_choice()) >= 4
+
+
+def test_modulation_for_another_model_is_refused(tiny_llama, splits):
+    mod = random_modulation(tiny_llama.shape, n=4, fingerprint="0123456789abcdef")
+    with pytest.raises(ValueError, match="made for model"):
+        evaluate(tiny_llama, mod, splits, CFG)
