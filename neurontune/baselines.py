@@ -2,8 +2,9 @@
 direction times a coefficient to the residual stream entering one decoder layer, at every position.
 
 `fit_refusal_direction` finds a direction for every layer from mean residual differences at the last
-prompt token; `choose_layer_and_coef` picks the layer and coefficient on the training split with the
-fast refusal proxy. A `RefusalDirection` is an evaluation intervention (`.apply(lm)`, `.name`, `.meta`).
+token; `choose_layer_and_coef` picks the layer (refusal proxy) and the coefficient (judged refusal of
+short answers, or the proxy) on the training split. A `RefusalDirection` is an evaluation intervention
+(`.apply(lm)`, `.name`, `.meta`).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 from . import data
 from .attribution import Cancelled
 from .data import chat_prompt
-from .evaluate import Progress, last_token_index, refusal_proxy
+from .evaluate import Progress, judged_refusal, last_token_index, refusal_proxy
 from .hooks import scoped_pre_hooks
 from .neuron_map import decoder_layers
 from .scoring import encode_pairs, forward
@@ -157,35 +158,51 @@ def default_layers(n_layers: int, max_layers: int = 8) -> list[int]:
 
 
 def choose_layer_and_coef(lm, fit: DirectionFit, splits: Splits, target, *, layers: Sequence[int] | None = None,
-                          n: int = 16, multipliers: Sequence[float] = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0),
-                          refine_steps: int = 4, batch_size: int = 16, progress: Progress | None = None,
+                          n: int = 16, by: str = "judge", judge_tokens: int = 16,
+                          multipliers: Sequence[float] = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0), refine_steps: int = 4,
+                          batch_size: int = 16, progress: Progress | None = None,
                           cancel: threading.Event | None = None) -> RefusalDirection:
-    """Pick the layer and coefficient of the baseline on the training split with the refusal proxy.
+    """Pick the layer and coefficient of the baseline on the training split (last n harmful and benign
+    training prompts; fitting uses the first ones).
 
-    Layer: among `layers` (default: `default_layers`), the one whose direction at 1x its mean-difference
-    norm raises the harmful proxy most relative to the benign proxy (max of delta_harmful - delta_benign),
-    on the last n harmful and benign training prompts (fitting uses the first ones).
-    Coefficient: the smallest multiple of that norm whose mean harmful proxy reaches `target`, refined by
-    bisection. `target` is a proxy value in [0, 1] or an intervention (match its harmful proxy, e.g. the
-    tuned modulation's). If no tried coefficient reaches it, the one with the highest proxy is kept.
-    The chosen RefusalDirection's meta records the layer scores, the coefficient curve and `reached`."""
+    Layer (refusal proxy, fast): among `layers` (default `default_layers`), the one whose direction at 1x
+    its mean-difference norm raises the harmful proxy most relative to the benign one
+    (max of delta_harmful - delta_benign).
+    Coefficient: the smallest multiple of that norm whose harmful refusal reaches `target`, refined by
+    bisection. by="judge" (default) measures refusal by judging `judge_tokens`-token greedy answers;
+    by="proxy" uses the mean refusal proxy (no generation, but it also counts answers opening with "I"
+    that do not refuse: on SmolLM2 a harmful-minus-harmless direction matched the proxy of a tuned
+    modulation while refusing nothing). `target` is a value of that measure in [0, 1], or an intervention
+    whose measured harmful refusal is matched (e.g. the tuned modulation). If no tried coefficient
+    reaches it, the one with the highest measured refusal is kept. The result's meta records the layer
+    scores, the coefficient curve, the target and `reached`."""
+    if by not in ("judge", "proxy"):
+        raise ValueError(f"by must be 'judge' or 'proxy', not {by!r}.")
     harmful = [p.text for p in splits.harmful_train[-n:]]
     benign = [p.text for p in splits.benign_train[-n:]]
     layers = list(layers) if layers is not None else default_layers(fit.directions.shape[0])
     total = 2 + 2 * len(layers) + len(multipliers) + refine_steps + (0 if isinstance(target, (int, float)) else 1)
     done = 0
 
-    def proxy(iv, prompts) -> float:
+    def step() -> None:
         nonlocal done
         if cancel is not None and cancel.is_set():
             raise Cancelled("Direction search cancelled.")
-        value = float(refusal_proxy(lm, iv, prompts, batch_size).mean())
         done += 1
         if progress:
             progress(done, total, "direction search")
-        return value
 
-    target_value = float(target) if isinstance(target, (int, float)) else proxy(target, harmful)
+    def proxy(iv, prompts) -> float:
+        step()
+        return float(refusal_proxy(lm, iv, prompts, batch_size).mean())
+
+    def measure(iv) -> float:
+        if by == "proxy":
+            return proxy(iv, harmful)
+        step()
+        return judged_refusal(lm, iv, harmful, judge_tokens, batch_size)
+
+    target_value = float(target) if isinstance(target, (int, float)) else measure(target)
     h0, b0 = proxy(None, harmful), proxy(None, benign)
     scores = {}
     for l in layers:
@@ -196,7 +213,7 @@ def choose_layer_and_coef(lm, fit: DirectionFit, splits: Splits, target, *, laye
     curve: list[tuple[float, float]] = []
     lo, hi = 0.0, None
     for m in multipliers:
-        value = proxy(base_dir.scaled(m * scale), harmful)
+        value = measure(base_dir.scaled(m * scale))
         curve.append((m * scale, value))
         if value >= target_value:
             hi = m * scale
@@ -205,7 +222,7 @@ def choose_layer_and_coef(lm, fit: DirectionFit, splits: Splits, target, *, laye
     if hi is not None:
         for _ in range(refine_steps):
             mid = (lo + hi) / 2
-            value = proxy(base_dir.scaled(mid), harmful)
+            value = measure(base_dir.scaled(mid))
             curve.append((mid, value))
             lo, hi = (mid, hi) if value < target_value else (lo, mid)
         coef, reached = hi, True
@@ -213,5 +230,5 @@ def choose_layer_and_coef(lm, fit: DirectionFit, splits: Splits, target, *, laye
         coef, reached = max(curve, key=lambda cv: cv[1])[0], False
     chosen = base_dir.scaled(coef)
     chosen.meta.update(layer_scores={int(k): v for k, v in scores.items()}, curve=sorted(curve), target=target_value,
-                       reached=reached, base_harmful_proxy=h0, base_benign_proxy=b0)
+                       measure=by, reached=reached, base_harmful_proxy=h0, base_benign_proxy=b0)
     return chosen

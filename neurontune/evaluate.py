@@ -451,6 +451,15 @@ def refusal_proxy(lm, intervention, prompts: Sequence[str], batch_size: int = 16
     return torch.cat(out) if out else torch.zeros(0)
 
 
+def judged_refusal(lm, intervention, prompts: Sequence[str], max_new_tokens: int = 16, batch_size: int = 16) -> float:
+    """Fraction of short greedy answers the judge calls refusals (refusals show in the first words)."""
+    if not prompts:
+        return float("nan")
+    with _scope(intervention, lm):
+        answers = generate(lm, list(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return _mean([float(is_refusal(a)) for a in answers])
+
+
 def proxy_metrics(lm, intervention, splits: Splits, n: int = 32, *, split: str = "test", batch_size: int = 16) -> dict[str, float]:
     """Mean refusal proxy on n harmful, benign and borderline prompts of the `split` ("test" or "train")."""
     if split not in ("train", "test"):

@@ -117,16 +117,28 @@ def test_fit_directions(lm, splits, kind):
 
 def test_choose_layer_and_coef(tiny_llama, splits):
     fit = fit_refusal_direction(tiny_llama, splits, n=4)
-    chosen = choose_layer_and_coef(tiny_llama, fit, splits, target=0.0, layers=[1, 2], n=4, refine_steps=2)
+    chosen = choose_layer_and_coef(tiny_llama, fit, splits, target=0.0, layers=[1, 2], n=4, by="proxy", refine_steps=2)
     assert chosen.layer in (1, 2) and chosen.meta["reached"] and chosen.coef >= 0
     assert set(chosen.meta["layer_scores"]) == {1, 2}
-    unreachable = choose_layer_and_coef(tiny_llama, fit, splits, target=1.0, layers=[1], n=4, multipliers=(1.0, 2.0))
+    unreachable = choose_layer_and_coef(tiny_llama, fit, splits, target=1.0, layers=[1], n=4, by="proxy", multipliers=(1.0, 2.0))
     assert not unreachable.meta["reached"] and unreachable.coef in [c for c, _ in unreachable.meta["curve"]]
     # an intervention as target: match its harmful proxy on the same training prompts
     target = fit.at(2, 2 * float(fit.norms[2]))
-    matched = choose_layer_and_coef(tiny_llama, fit, splits, target=target, layers=[2], n=4)
+    matched = choose_layer_and_coef(tiny_llama, fit, splits, target=target, layers=[2], n=4, by="proxy")
     expected = float(refusal_proxy(tiny_llama, target, [p.text for p in splits.harmful_train[-4:]]).mean())
     assert matched.meta["target"] == pytest.approx(expected)
+
+
+def test_choose_coef_by_judge(tiny_llama, splits):
+    """The judged measure: a random tiny model never refuses, so target 0 is met by the first coefficient."""
+    fit = fit_refusal_direction(tiny_llama, splits, n=4)
+    seen = []
+    chosen = choose_layer_and_coef(tiny_llama, fit, splits, target=0.0, layers=[2], n=3, judge_tokens=4,
+                                   refine_steps=1, progress=lambda d, t, s: seen.append(d))
+    assert chosen.meta["measure"] == "judge" and chosen.meta["reached"]
+    assert chosen.meta["curve"][-1][1] == 0.0 and seen == sorted(seen)
+    with pytest.raises(ValueError):
+        choose_layer_and_coef(tiny_llama, fit, splits, target=0.0, layers=[2], n=3, by="vibes")
 
 
 def test_default_layers():
