@@ -17,18 +17,19 @@ _ACTIVE: contextvars.ContextVar[frozenset] = contextvars.ContextVar("neurontune_
 
 
 def _guarded(fn: PreHook, token: object) -> PreHook:
-    def hook(module: nn.Module, args: tuple):
+    def hook(module: nn.Module, *args):
         if token not in _ACTIVE.get():  # another thread's call: leave it alone
             return None
-        return fn(module, args)
+        return fn(module, *args)
     return hook
 
 
 @contextmanager
-def scoped_pre_hooks(hooks: Iterable[tuple[nn.Module, PreHook]]) -> Iterator[None]:
-    """Register `(module, fn)` forward pre-hooks for this context only, for the duration of the block."""
+def scoped_pre_hooks(hooks: Iterable[tuple[nn.Module, PreHook]], with_kwargs: bool = False) -> Iterator[None]:
+    """Register `(module, fn)` forward pre-hooks for this context only, for the duration of the block.
+    With `with_kwargs`, fn is called as fn(module, args, kwargs) (torch's keyword-argument pre-hook)."""
     token = object()
-    handles = [module.register_forward_pre_hook(_guarded(fn, token)) for module, fn in hooks]
+    handles = [module.register_forward_pre_hook(_guarded(fn, token), with_kwargs=with_kwargs) for module, fn in hooks]
     reset = _ACTIVE.set(_ACTIVE.get() | {token})
     try:
         yield

@@ -237,7 +237,7 @@ def train_gains(lm, selection: Selection, cfg: RunConfig = RunConfig(), *, split
         if not params.finite() or not math.isfinite(float(loss.detach())):
             params.load(previous)
             result.stopped = "non_finite"
-            result.log.append({"step": step, "task": family or "mixed", "loss": float(loss), "error": "non-finite gains or loss; kept the last good gains"})
+            result.log.append({"step": step, "task": family or "mixed", "loss": float(loss.detach()), "error": "non-finite gains or loss; kept the last good gains"})
             break
         entry = {"step": step, "task": family or "mixed", "loss": float(loss.detach()), **terms,
                  "mean_safety_gain": float(params.safety.detach().mean()) if len(params.safety) else 1.0,

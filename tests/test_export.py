@@ -1,0 +1,76 @@
+"""Export round trip: the folded checkpoint, loaded by plain transformers, reproduces the hooked model."""
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from neurontune.export import ExportError, export, export_path, slugify
+from neurontune.modulation import modulate
+
+from conftest import random_modulation
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_gpt2"])
+def test_export_round_trip(request, tmp_path, name):
+    lm = request.getfixturevalue(name)
+    mod = random_modulation(lm.shape, 60, seed=3, fingerprint=lm.fingerprint)
+    result = export(lm, mod, tmp_path, "tuned-1", preset={"name": "balanced"}, eval_rows=[{"intervention": "base", "harmful_refusal": 0.1}])
+    folder = tmp_path / "tuned-1"
+    assert result["max_logit_diff"] < 1e-4
+    for f in ("model.safetensors", "config.json", "modulation.safetensors", "preset.json", "README.md", "export_check.json"):
+        assert (folder / f).exists(), f
+    reloaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = lm.tokenizer(["a quick test of the export"], return_tensors="pt")["input_ids"]
+    with torch.no_grad(), modulate(lm.model, mod):
+        hooked = lm.model(ids).logits
+    with torch.no_grad():
+        plain = reloaded(ids).logits
+    assert (plain - hooked).abs().max() < 1e-4
+    assert "harmful_refusal" in (folder / "README.md").read_text()
+    # the shared model itself was not modified by the export
+    with torch.no_grad():
+        assert not torch.allclose(lm.model(ids).logits, hooked)
+
+
+@pytest.mark.parametrize("bad", ["../up", "a/b", "/abs", "..", ".hidden", "x" * 101, "semi;colon", "", "sp ace"])
+def test_unsafe_names_refused(tmp_path, bad):
+    with pytest.raises(ExportError, match="not allowed|leave"):
+        export_path(tmp_path, bad)
+    assert export_path(tmp_path, slugify(bad)).parent == tmp_path.resolve()
+
+
+def test_existing_export_not_overwritten_and_failure_leaves_nothing(tiny_llama, tmp_path, monkeypatch):
+    mod = random_modulation(tiny_llama.shape, 10, fingerprint=tiny_llama.fingerprint)
+    export(tiny_llama, mod, tmp_path, "one")
+    with pytest.raises(ExportError, match="already exists"):
+        export(tiny_llama, mod, tmp_path, "one")
+    export(tiny_llama, mod, tmp_path, "one", overwrite=True)
+    from neurontune import export as export_mod
+    monkeypatch.setattr(export_mod, "model_card", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        export(tiny_llama, mod, tmp_path, "two")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one"]
+
+
+def test_wrong_model_and_gated_refused(tiny_llama, tmp_path):
+    mod = random_modulation(tiny_llama.shape, 10, fingerprint="someothermodel")
+    with pytest.raises(ExportError, match="made for model"):
+        export(tiny_llama, mod, tmp_path, "x")
+    gated = random_modulation(tiny_llama.shape, 10, fingerprint=tiny_llama.fingerprint)
+    gated.meta["gated"] = True
+    with pytest.raises(ExportError, match="cannot be folded"):
+        export(tiny_llama, gated, tmp_path, "x")
+    export(tiny_llama, gated, tmp_path, "x", static_only=True)
+
+
+def test_failed_push_keeps_local_export_and_hides_token(tiny_llama, tmp_path):
+    mod = random_modulation(tiny_llama.shape, 10, fingerprint=tiny_llama.fingerprint)
+    token = "hf_plantedSECRETtoken123"
+    result = export(tiny_llama, mod, tmp_path, "pushed", push_to_hub="nobody/none", token=token)
+    assert result["pushed"] is None and result["push_error"]
+    assert token not in result["push_error"]
+    assert (tmp_path / "pushed" / "model.safetensors").exists()
+    for f in (tmp_path / "pushed").iterdir():
+        if f.suffix in (".json", ".md", ".txt", ".jinja"):
+            assert token not in f.read_text(errors="ignore")

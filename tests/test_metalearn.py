@@ -1,0 +1,91 @@
+"""Meta-learned gains on a tiny model: bounds, loss goes down, reproducible, cancel and NaN handling."""
+import threading
+
+import pytest
+import torch
+
+from neurontune.config import RunConfig, SelectionConfig
+from neurontune.metalearn import train_gains
+from neurontune.neuron_scores import run_attribution
+from neurontune.selection import select
+
+SMALL = dict(data={"n_harmful": 6, "n_attack_per_family": 2, "n_benign": 6, "n_borderline": 4, "n_answer": 4, "answer_tokens": 6},
+             selection={"k_safety": 40, "k_utility": 30, "protect_top": 5},
+             meta={"steps": 12, "eval_every": 4, "patience": 10, "batch_harmful": 4, "batch_benign": 4, "outer_lr": 0.1})
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_llama, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    cfg = RunConfig(model="tiny-llama").replace(**SMALL)
+    scores = run_attribution(tiny_llama, cfg, cache_dir=cache)
+    return tiny_llama, cfg, select(scores, cfg.selection), cache
+
+
+@pytest.mark.parametrize("mode", ["fomaml", "reptile", "joint"])
+def test_gains_stay_in_bounds_and_only_selected_change(setup, mode):
+    lm, cfg, sel, cache = setup
+    result = train_gains(lm, sel, cfg.replace(meta={"mode": mode}), cache_dir=cache)
+    dense = result.modulation.dense()
+    assert (dense[sel.safety] >= 1).all() and (dense[sel.safety] <= cfg.meta.max_gain).all()
+    assert (dense[sel.utility] >= 0).all() and (dense[sel.utility] <= 1).all()
+    untouched = ~(sel.safety | sel.utility)
+    assert (dense[untouched] == 1).all()
+    assert (dense != 1).any(), "training moved no gain"
+    assert result.modulation.fingerprint == lm.fingerprint
+
+
+def test_unconstrained_option_lifts_bounds(setup):
+    lm, cfg, sel, cache = setup
+    result = train_gains(lm, sel, cfg.replace(meta={"constrained": False, "mode": "joint", "outer_lr": 0.5}), cache_dir=cache)
+    dense = result.modulation.dense()
+    assert (dense[sel.utility] > 1).any() or (dense[sel.safety] < 1).any()
+
+
+def test_training_lowers_the_loss(setup):
+    lm, cfg, sel, cache = setup
+    result = train_gains(lm, sel, cfg.replace(meta={"mode": "joint", "steps": 25, "eval_every": 5, "patience": 99, "outer_lr": 0.1}), cache_dir=cache)
+    vals = [e["val"] for e in result.log if "val" in e]
+    assert min(vals[1:]) < vals[0]
+    first = sum(e["refusal_nll"] for e in result.log[:5]) / 5
+    last = sum(e["refusal_nll"] for e in result.log[-5:]) / 5
+    assert last < first
+
+
+def test_reproducible_under_a_seed(setup):
+    lm, cfg, sel, cache = setup
+    a = train_gains(lm, sel, cfg, cache_dir=cache).modulation.dense()
+    b = train_gains(lm, sel, cfg, cache_dir=cache).modulation.dense()
+    c = train_gains(lm, sel, cfg.replace(meta={"seed": 1}), cache_dir=cache).modulation.dense()
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_cancel_stops_and_keeps_gains(setup):
+    lm, cfg, sel, cache = setup
+    cancel = threading.Event()
+    seen = []
+
+    def progress(entry):
+        seen.append(entry)
+        if len(seen) == 3:
+            cancel.set()
+    result = train_gains(lm, sel, cfg, cache_dir=cache, progress=progress, cancel=cancel)
+    assert result.stopped == "cancelled" and len(result.log) == 3
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_gains(setup, monkeypatch):
+    lm, cfg, sel, cache = setup
+    from neurontune import metalearn
+    calls = {"n": 0}
+    original = metalearn.Objective.__call__
+
+    def poisoned(self, gains, batch):
+        calls["n"] += 1
+        loss, terms = original(self, gains, batch)
+        return (loss * float("nan") if calls["n"] > 6 else loss), terms
+    monkeypatch.setattr(metalearn.Objective, "__call__", poisoned)
+    result = train_gains(lm, sel, cfg.replace(meta={"mode": "joint", "eval_every": 100}), cache_dir=cache)
+    assert result.stopped == "non_finite"
+    assert torch.isfinite(result.modulation.dense()).all()
+    assert "error" in result.log[-1]

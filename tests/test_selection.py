@@ -1,0 +1,69 @@
+"""Selection rules on hand-made score tables, compared with a brute-force reading of the rules."""
+import time
+
+import pytest
+import torch
+
+from neurontune.config import SelectionConfig
+from neurontune.selection import SelectionError, select
+
+
+def scores(seed=0, shape=(30, 1536)):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(shape, generator=g)
+    return {"safety": s, "over_refusal": 0.8 * s + 0.6 * torch.randn(shape, generator=g),
+            "benign_dependence": torch.rand(shape, generator=g)}
+
+
+def brute(sc, k_s, k_u, protect):
+    def top(t, k):
+        flat = [(float(v), i) for i, v in enumerate(t.flatten()) if v > 0]
+        return {i for _, i in sorted(flat, reverse=True)[:k]}
+    s, u = top(sc["safety"], k_s), top(sc["over_refusal"], k_u)
+    prot = {i for _, i in sorted(((float(v), i) for i, v in enumerate(sc["benign_dependence"].flatten())), reverse=True)[:protect]}
+    return (s - u) - prot, u - s, s & u
+
+
+@pytest.mark.parametrize("k_s,k_u,protect", [(50, 20, 10), (200, 150, 0), (0, 40, 5)])
+def test_rules_match_brute_force(k_s, k_u, protect):
+    sc = scores(shape=(6, 64))
+    sel = select(sc, SelectionConfig(k_safety=k_s, k_utility=k_u, protect_top=protect))
+    safety, utility, overlap = brute(sc, k_s, k_u, protect)
+    assert set(sel.safety.flatten().nonzero().flatten().tolist()) == safety
+    assert set(sel.utility.flatten().nonzero().flatten().tolist()) == utility
+    assert set(sel.overlap.flatten().nonzero().flatten().tolist()) == overlap
+    assert not (sel.safety & sel.utility).any()
+    assert not (sel.safety & sel.protected).any()  # protected neurons are never amplified
+
+
+def test_per_layer_cap_and_counts():
+    sc = scores(shape=(6, 64))
+    sel = select(sc, SelectionConfig(k_safety=100, k_utility=0, protect_top=0, per_layer_cap=5))
+    assert int(sel.safety.sum(1).max()) <= 5
+    assert sel.counts()["safety"] == int(sel.safety.sum())
+    assert sel.per_layer()["safety"].sum() == sel.counts()["safety"]
+
+
+def test_fixed_gain_modulation():
+    sc = scores(shape=(6, 64))
+    sel = select(sc, SelectionConfig(k_safety=30, k_utility=10, protect_top=0))
+    dense = sel.modulation(2.0, 0.5).dense()
+    assert torch.equal(dense[sel.safety], torch.full((int(sel.safety.sum()),), 2.0))
+    assert torch.equal(dense[sel.utility], torch.full((int(sel.utility.sum()),), 0.5))
+    assert int((dense != 1).sum()) == int(sel.safety.sum() + sel.utility.sum())
+
+
+@pytest.mark.parametrize("bad", [-1, 10**9, "many", 2.5, None])
+def test_out_of_range_thresholds_are_refused_with_the_range(bad):
+    with pytest.raises(SelectionError, match="between 0 and"):
+        select(scores(shape=(4, 8)), SelectionConfig(k_safety=bad))
+
+
+def test_selection_is_fast_on_embedded_size():
+    sc = scores()  # 46,080 neurons, the embedded model's size
+    select(sc, SelectionConfig())
+    start = time.perf_counter()
+    for _ in range(5):
+        select(sc, SelectionConfig(k_safety=1500, k_utility=500, protect_top=500))
+    per_call = (time.perf_counter() - start) / 5
+    print(f"selection on 46,080 neurons: {per_call * 1000:.1f} ms")  # figure only; the benchmark reports it
