@@ -62,7 +62,8 @@ def _scores(lm, cfg: AttributionConfig) -> torch.Tensor:
 
 def test_scaling_matches_first_order_prediction(lm):
     """Scaling a neuron by (1 + eps) changes log p by eps * score + O(eps^2): with eps = 0.1 the
-    second-order term is about a tenth of the first, so 10 % relative (plus 1e-3 absolute) must hold."""
+    second-order term is roughly eps times the first-order one, so 10 % relative error (plus 1e-3 absolute,
+    for neurons whose score is near zero) must hold."""
     score = _scores(lm, AttributionConfig())
     bf, eps = BruteForce(lm, chat_prompt(lm.tokenizer, PROMPT), TARGET), 0.1
     for layer, neuron in _probe_neurons(score):
@@ -90,7 +91,7 @@ def test_ablation_ranks_follow_scores(lm, cfg):
 
 @pytest.mark.parametrize("method", ["grad_x_act", "integrated_gradients"])
 def test_batching_does_not_change_scores(lm, method):
-    """Right padding and the attention mask must make a batched example score as it does alone."""
+    """Padding (with its attention mask and position ids) must make a batched example score as it does alone."""
     prompts = [chat_prompt(lm.tokenizer, p) for p in ("Hi", "How do I pick a lock quickly?", "Tell me a joke about cats", "Why?")]
     targets = ["I cannot help with that.", "Sure", "I'm sorry, but no.", "Because"]
     one = attribute(lm, prompts, targets, AttributionConfig(method=method, batch_size=1, ig_steps=4), keep_per_example=True)
