@@ -25,6 +25,7 @@ from .scoring import encode_pairs, forward
 from .splits import Splits
 
 KINDS = ("harmful_minus_harmless", "refusal_minus_compliance")
+MULTIPLIERS = tuple(round(2 ** (k / 2), 4) for k in range(-6, 9))  # 0.125 .. 16 times the mean-difference norm, ratio sqrt(2)
 
 
 def _add_hook(direction: torch.Tensor, coef: float):
@@ -159,7 +160,7 @@ def default_layers(n_layers: int, max_layers: int = 8) -> list[int]:
 
 def choose_layer_and_coef(lm, fit: DirectionFit, splits: Splits, target, *, layers: Sequence[int] | None = None,
                           n: int = 16, by: str = "judge", judge_tokens: int = 16,
-                          multipliers: Sequence[float] = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0), refine_steps: int = 4,
+                          multipliers: Sequence[float] = MULTIPLIERS, refine_steps: int = 4, patience: int = 2,
                           batch_size: int = 16, progress: Progress | None = None,
                           cancel: threading.Event | None = None) -> RefusalDirection:
     """Pick the layer and coefficient of the baseline on the training split (last n harmful and benign
@@ -168,8 +169,10 @@ def choose_layer_and_coef(lm, fit: DirectionFit, splits: Splits, target, *, laye
     Layer (refusal proxy, fast): among `layers` (default `default_layers`), the one whose direction at 1x
     its mean-difference norm raises the harmful proxy most relative to the benign one
     (max of delta_harmful - delta_benign).
-    Coefficient: the smallest multiple of that norm whose harmful refusal reaches `target`, refined by
-    bisection. by="judge" (default) measures refusal by judging `judge_tokens`-token greedy answers;
+    Coefficient: the smallest of `multipliers` x that norm whose harmful refusal reaches `target`, refined
+    by bisection; the scan stops early once refusal has stayed below its peak for `patience` coefficients
+    (larger coefficients only break the model: on SmolLM2, refusal-minus-compliance at 0.5x its norm
+    refused 44% of the time and at 1x produced no refusals at all). by="judge" (default) measures refusal by judging `judge_tokens`-token greedy answers;
     by="proxy" uses the mean refusal proxy (no generation, but it also counts answers opening with "I"
     that do not refuse: on SmolLM2 a harmful-minus-harmless direction matched the proxy of a tuned
     modulation while refusing nothing). `target` is a value of that measure in [0, 1], or an intervention
@@ -211,7 +214,7 @@ def choose_layer_and_coef(lm, fit: DirectionFit, splits: Splits, target, *, laye
     best = max(scores, key=scores.get)
     base_dir, scale = fit.at(best), float(fit.norms[best])
     curve: list[tuple[float, float]] = []
-    lo, hi = 0.0, None
+    lo, hi, peak, falls = 0.0, None, 0.0, 0
     for m in multipliers:
         value = measure(base_dir.scaled(m * scale))
         curve.append((m * scale, value))
@@ -219,6 +222,9 @@ def choose_layer_and_coef(lm, fit: DirectionFit, splits: Splits, target, *, laye
             hi = m * scale
             break
         lo = m * scale
+        peak, falls = (value, 0) if value > peak else (peak, falls + (value < peak))
+        if falls >= patience:
+            break
     if hi is not None:
         for _ in range(refine_steps):
             mid = (lo + hi) / 2

@@ -247,10 +247,13 @@ def mc_items(style: str, tokenizer, questions: Sequence[dict]) -> list[tuple[str
     return items
 
 
+def _mc_questions(cfg: EvalConfig) -> tuple[dict, ...]:
+    return data.multiple_choice()[: cfg.n_mc] if cfg.n_mc is not None else data.multiple_choice()
+
+
 @torch.no_grad()
 def _mc_predictions(lm, intervention, cfg: EvalConfig, tick, cancel) -> list[int]:
-    questions = data.multiple_choice()[: cfg.n_mc] if cfg.n_mc is not None else data.multiple_choice()
-    items = mc_items(cfg.mc_style, lm.tokenizer, questions)
+    items = mc_items(cfg.mc_style, lm.tokenizer, _mc_questions(cfg))
     flat = [(qi, p, c) for qi, (p, cands) in enumerate(items) for c in cands]
     scores: list[float] = []
     for start in range(0, len(flat), cfg.batch_size):
@@ -270,8 +273,7 @@ def _mc_predictions(lm, intervention, cfg: EvalConfig, tick, cancel) -> list[int
 
 
 def _mc_accuracy(preds: list[int], cfg: EvalConfig) -> float:
-    questions = data.multiple_choice()[: cfg.n_mc] if cfg.n_mc is not None else data.multiple_choice()
-    return _mean([float(p == q["answer"]) for p, q in zip(preds, questions)])
+    return _mean([float(p == q["answer"]) for p, q in zip(preds, _mc_questions(cfg))])
 
 
 # -- refusal metrics ----------------------------------------------------------------------------
@@ -321,8 +323,8 @@ def evaluate(lm, intervention, splits: Splits, cfg: EvalConfig = EvalConfig(), *
     mod_jobs = [] if intervention is None else [(r["prompt"], "mod") for r in rows]
     ppl_missing = [p for p in ppl_prompts if akey(p) not in cache["nll"]]
     mc_key = f"{cfg.mc_style}:{cfg.n_mc}"
-    n_mc = len(data.multiple_choice()[: cfg.n_mc] if cfg.n_mc is not None else data.multiple_choice())
-    n_choices = sum(len(q["choices"]) for q in (data.multiple_choice()[: cfg.n_mc] if cfg.n_mc is not None else data.multiple_choice()))
+    n_mc = len(_mc_questions(cfg))
+    n_choices = sum(len(q["choices"]) for q in _mc_questions(cfg))
     total = (len(missing) + len(mod_jobs) + len(ppl_missing) + (len(ppl_prompts) if intervention is not None else 0)
              + (n_choices if mc_key not in cache["mc"] else 0) + (n_choices if intervention is not None else 0))
     done = 0

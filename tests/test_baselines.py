@@ -141,6 +141,21 @@ def test_choose_coef_by_judge(tiny_llama, splits):
         choose_layer_and_coef(tiny_llama, fit, splits, target=0.0, layers=[2], n=3, by="vibes")
 
 
+def test_coefficient_scan_stops_after_the_peak(tiny_llama, splits, monkeypatch):
+    """Refusal rises then collapses as the coefficient grows (the model breaks): the scan stops after the
+    peak, keeps the peak when the target is out of reach, and bisects when it is reached."""
+    import neurontune.baselines as bl
+    fit = fit_refusal_direction(tiny_llama, splits, n=4)
+    scale = float(fit.norms[2])
+    hump = lambda lm, iv, prompts, tokens, bs: 0.0 if iv is None else (0.4 if iv.coef <= 0.5 * scale * 1.0001 else 0.0)
+    monkeypatch.setattr(bl, "judged_refusal", hump)
+    out = choose_layer_and_coef(tiny_llama, fit, splits, target=0.9, layers=[2], n=2)
+    assert not out.meta["reached"] and len(out.meta["curve"]) == 1 + 4 + 2  # up to 0.5x, then two below the peak
+    assert out.coef == pytest.approx(0.125 * scale)  # the first coefficient at the peak value
+    hit = choose_layer_and_coef(tiny_llama, fit, splits, target=0.3, layers=[2], n=2, refine_steps=3)
+    assert hit.meta["reached"] and hit.coef == pytest.approx(0.125 * scale / 8)
+
+
 def test_default_layers():
     assert default_layers(30) == [6, 9, 12, 15, 18, 21]
     assert len(default_layers(30, max_layers=8)) <= 8
