@@ -85,6 +85,13 @@ def test_default_flow_in_browser(studio_url):
             expect(heat).to_be_visible(timeout=10_000)
             expect(page.locator("#heatmap .heatmaplayer, #heatmap g.hm, #heatmap image").first).to_be_attached()
             expect(page.locator("#heatmap .scatterlayer .point").first).to_be_attached()  # the selection overlay
+            page.get_by_role("tab", name="6 · Export").click()
+            page.get_by_role("button", name="Export", exact=True).click()
+            expect(page.get_by_text("Exported to").first).to_be_visible(timeout=60_000)
+            if MODEL != "tiny-llama":  # the README's Evaluate screenshot: a real metrics table
+                page.get_by_role("tab", name="5 · Evaluate").click()
+                page.get_by_role("button", name="Run evaluation").click()
+                expect(page.get_by_text("Evaluating: done").first).to_be_visible(timeout=timeout_s * 1000)
             for tab_id, name in TABS:
                 page.get_by_role("tab", name=name).click()
                 time.sleep(0.8)  # plotly lays out a newly shown tab

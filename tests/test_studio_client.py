@@ -129,23 +129,43 @@ def test_chat_panes_differ_with_gains_and_match_without(tuned):
     assert s.call("chat", "   ", 1.0, 8, False, 0.7)["chat_status"].startswith("Type a message")
 
 
-def test_stop_cancels_training_and_keeps_gains(app, tuned):
-    studio, _, _ = app
-    s = tuned
-    s.call("training_settings", "fomaml", 200, 1.0, 1.0, 4.0)
-    job = s.client.submit(*VIEW, api_name="/train")
-    deadline = time.monotonic() + 30
+def _wait(cond, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        running = [j for j in studio.runner.jobs("train", include_files=False) if j.status == "running" and j.step >= 1]
-        if running:
-            break
+        if cond():
+            return True
         time.sleep(0.05)
-    assert running, "training never started"
-    assert "Stopping" in s.call("stop_train")["train_status"]
-    out = dict(zip(s.outputs["train"], job.result(timeout=60)))  # the generator's last update
+    return False
+
+
+def test_queue_position_stop_and_chat_while_training(app, tuned):
+    """A second session's training waits visibly behind the first; chat keeps working on the shared
+    model meanwhile; Stop ends a running job (keeping its gains) and drops a queued one."""
+    studio, url, preset = app
+    a, b = tuned, Session(url, preset)
+    b.load()
+    b.call("attribute", *VIEW)  # cached: instant
+    base, _, _ = a.chat(strength=0.0)
+    for s in (a, b):
+        s.call("training_settings", "fomaml", 200, 1.0, 1.0, 4.0)
+    first = a.client.submit(*VIEW, api_name="/train")
+    assert _wait(lambda: any(j.status == "running" and j.step >= 1 for j in studio.runner.jobs("train", include_files=False))), "training never started"
+    second = b.client.submit(*VIEW, api_name="/train")
+
+    def queued_text() -> str:
+        return " ".join(str(o[0]) for o in second.outputs() if o)
+    assert _wait(lambda: "position **1**" in queued_text()), queued_text()
+    left, right, _ = a.chat(strength=0.0)  # the shared model answers while it trains
+    assert left == right == base
+    assert "Stopping" in a.call("stop_train")["train_status"]
+    assert "Stopping" in b.call("stop_train")["train_status"]
+    out = dict(zip(a.outputs["train"], first.result(timeout=60)))  # the generator's last update
     assert "cancelled" in out["train_status"] and "stopped by you" in out["active_gains"]
-    assert running[0].step < 200
-    s.call("training_settings", "fomaml", 3, 1.0, 1.0, 4.0)
+    out_b = dict(zip(b.outputs["train"], second.result(timeout=60)))
+    assert "cancelled" in out_b["train_status"]
+    assert all(j.step < 200 for j in studio.runner.jobs("train", include_files=False))
+    for s in (a, b):
+        s.call("training_settings", "fomaml", 3, 1.0, 1.0, 4.0)
 
 
 def test_evaluate_in_background(app, tuned):

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Iterator
@@ -89,14 +87,16 @@ def attribute(studio: Studio, session: Session, kind="safety", layer=0, top=50) 
 def _new_run_dir(studio: Studio, session: Session) -> Path:
     run = studio.runs_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{session.id}"
     run.mkdir(parents=True, exist_ok=True)
-    scores = studio.runs_dir / "attribution" / (session.scores_key or "") / "scores.safetensors"
-    if scores.is_file():  # evaluation baselines read the run's scores
-        try:
-            os.link(scores, run / "scores.safetensors")
-        except OSError:
-            shutil.copy2(scores, run / "scores.safetensors")
+    scores = studio.scores(session.scores_key)
+    if scores is not None:  # evaluation baselines read the run's scores (the cache may live elsewhere)
+        scores.save(run / "scores.safetensors")
     session.cfg.save(run / "preset.json")
     return run
+
+
+def train_key(lm, session: Session) -> str:
+    """Trainings with the same model, data, attribution, selection and meta settings give the same gains."""
+    return f"{lm.fingerprint}-{session.cfg.digest('data', 'attribution', 'selection', 'meta')}"
 
 
 def train(studio: Studio, session: Session, kind="safety", layer=0, top=50) -> Iterator[dict]:
@@ -117,7 +117,7 @@ def train(studio: Studio, session: Session, kind="safety", layer=0, top=50) -> I
         return {"run_dir": str(run), "modulation": str(run / "modulation.safetensors"), "fingerprint": lm.fingerprint,
                 "model": lm.name, "stopped": result.stopped, "steps_run": len(result.log), "best_step": result.best_step,
                 "k_safety": cfg.selection.k_safety, "k_utility": cfg.selection.k_utility, **result.modulation.summary()}
-    job = studio.runner.submit("train", work, describe=describe)
+    job = studio.runner.submit("train", work, key=train_key(lm, session), describe=describe)
     session.jobs["train"] = job.id
     yield from watch(studio, job, "train_status", lambda j: {"loss_plot": plots.losses(list(j.log))})
     result = job.result
@@ -233,8 +233,14 @@ def flow(studio: Studio, session: Session, model, trust_remote_code, preset, qui
         return
     yield {"flow_status": f"**3/4** Training gains for the selected neurons ({session.cfg.meta.steps} steps)…", "tabs": gr.Tabs(selected="tune"),
            **handlers.slider_limits(studio.model(session), session)}
-    for update in train(studio, session, kind, layer, top):
-        yield {**update, "flow_status": "**3/4** " + update.get("train_status", "Training done.")}
+    earlier = studio.runner.latest("train", key=train_key(studio.model(session), session))
+    if earlier is not None and Path(earlier.info.get("modulation", "")).is_file():  # same settings trained before
+        update = handlers.use_run(studio, session, earlier.id, kind, layer, top)
+        yield {**update, "train_status": f"✓ Reused the gains trained earlier with the same settings (run `{Path(earlier.info['run_dir']).name}`); "
+               "press **Train gains** to train again.", "loss_plot": plots.losses(list(earlier.log)), "flow_status": "**3/4** Reused earlier gains."}
+    else:
+        for update in train(studio, session, kind, layer, top):
+            yield {**update, "flow_status": "**3/4** " + update.get("train_status", "Training done.")}
     if session.modulation is None:
         yield {"flow_status": "Stopped: training did not finish (see the Tune tab)."}
         return
