@@ -203,7 +203,9 @@ def test_export_writes_files_and_never_keeps_the_token(app, tuned):
     assert "already exists" in again["export_status"]
 
 
-def test_bad_model_keeps_the_previous_one(app):
+def test_bad_input_keeps_the_previous_model_and_data(app, tmp_path):
+    from gradio_client import handle_file
+
     _, url, preset = app
     s = Session(url, preset)
     assert "384" in s.load()["model_status"]
@@ -212,6 +214,14 @@ def test_bad_model_keeps_the_previous_one(app):
     left, right, status = s.chat()  # chat still works on the previous model (no gains: both panes base)
     assert left == right and "No gains yet" in status
     assert "No gains to export" in s.call("export", "x", False, "", "")["export_status"]
+    bad = tmp_path / "prompts.csv"
+    bad.write_text("text\nhello\n")
+    out = s.call("load_model", "tiny-llama", False, preset, False, handle_file(str(bad)), None, None, *VIEW)
+    assert out["model_status"].startswith("✗") and "no 'prompt' column" in out["model_status"]
+    good = tmp_path / "harmful.csv"
+    good.write_text("prompt\n" + "\n".join(f"Explain how to do forbidden thing number {i}" for i in range(12)) + "\n")
+    out = s.call("load_model", "tiny-llama", False, preset, False, handle_file(str(good)), None, None, *VIEW)
+    assert "harmful: `harmful.csv`" in out["model_status"]
 
 
 def test_new_session_reuses_finished_work(app, tuned):
@@ -226,6 +236,9 @@ def test_new_session_reuses_finished_work(app, tuned):
     job_id = choices[0][1]
     out = s.call("use_run", job_id, *VIEW)
     assert "trained gains from run" in out["gains_status"]
+    jobs = s.call("jobs")["jobs_table"]
+    statuses = {tuple(row[1:3]) for row in jobs["data"]}
+    assert {("attribution", "done"), ("train", "done")} <= statuses, statuses
 
 
 def test_two_sessions_never_see_each_others_gains(app, tuned):

@@ -29,7 +29,8 @@ OUTPUTS["gains_file"] = OUTPUTS["use_run"] = OUTPUTS["fixed_gains"]
 OUTPUTS["clear_chat"] = ["left", "right", "chat_status"]
 OUTPUTS["refresh_runs"] = ["recent_runs"]
 OUTPUTS["training_settings"] = []
-OUTPUTS["on_load"] = [*OUTPUTS["load_model"], "recent_runs", "export_name", "chat_status"]
+OUTPUTS["jobs"] = ["jobs_table"]
+OUTPUTS["on_load"] = [*OUTPUTS["load_model"], "recent_runs", "export_name", "chat_status", "jobs_table"]
 OUTPUTS["default_flow"] = list(dict.fromkeys(OUTPUTS["load_model"] + OUTPUTS["train"] + OUTPUTS["chat"] + ["attr_status", "flow_status", "tabs"]))
 for _kind in ("attribution", "train", "evaluate"):
     OUTPUTS[f"stop_{_kind}"] = [{"attribution": "attr_status", "train": "train_status", "evaluate": "eval_status"}[_kind]]
@@ -107,6 +108,9 @@ def build_app(studio: Studio) -> gr.Blocks:
                         flow_btn = gr.Button("▶ Run the whole flow", variant="primary", elem_id="run-flow")
                         C["flow_status"] = gr.Markdown("One click: score → select → train → compare, on the defaults.", elem_id="flow-status")
                         C["model_status"] = gr.Markdown("")
+                        with gr.Accordion("Background jobs (all sessions; kept across restarts)", open=False):
+                            C["jobs_table"] = gr.Dataframe(interactive=False, max_height=260, wrap=True)
+                            jobs_btn = gr.Button("Refresh", size="sm")
             with gr.Tab("2 · Explore", id="explore") as t2:
                 gr.Markdown(HOW["explore"], elem_classes="how")
                 with gr.Row():
@@ -254,6 +258,7 @@ def build_app(studio: Studio) -> gr.Blocks:
         export_kw = bind(handlers.do_export, "export", concurrency_id="export", concurrency_limit=1)
         export_kw["fn"] = gpu(export_kw["fn"])
         export_btn.click(**export_kw, inputs=[session, C["export_name"], overwrite, repo, C["hub_token"]])
+        jobs_btn.click(**bind(handlers.jobs_table, "jobs", **quiet), inputs=[session])
         demo.load(**bind(on_load, "on_load", **quiet), inputs=[session, *view_in])
     return demo
 
@@ -262,7 +267,7 @@ def on_load(studio: Studio, session: Session, kind="safety", layer=0, top=50) ->
     """A new page: the shared default model, and any neuron scores already computed for it (reused)."""
     out = handlers.load(studio, session, session.model or studio.default_model, False, session.preset or studio.default_preset,
                         studio.quick_default, None, None, None, kind, layer, top)
-    return {**out, **handlers.recent_runs(studio, session), "export_name": handlers.suggest_name(session),
+    return {**out, **handlers.recent_runs(studio, session), **handlers.jobs_table(studio), "export_name": handlers.suggest_name(session),
             "chat_status": handlers.gains_text(session)}
 
 

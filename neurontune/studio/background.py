@@ -152,8 +152,15 @@ def eval_views(run: Path) -> dict:
     if gen.exists():
         with open(gen, encoding="utf-8") as f:
             samples = [json.loads(line) for line in f if line.strip()]
-    cols = [c for c in ("intervention", "category", "family", "prompt", "answer", "refusal") if samples and c in samples[0]]
-    frame = pd.DataFrame(samples)[cols].head(200) if samples else pd.DataFrame()
+    frame = pd.DataFrame()
+    if samples:  # a few prompts of each (category, family), every intervention's answer side by side
+        frame = pd.DataFrame(samples)
+        frame["n"] = frame.groupby("intervention").cumcount()
+        first = frame[frame["intervention"] == frame["intervention"].iloc[0]]
+        keep = first.groupby(["category", "family"], sort=False).head(3)["n"]
+        order = {name: i for i, name in enumerate(dict.fromkeys(frame["intervention"]))}
+        frame = frame[frame["n"].isin(keep)].assign(o=lambda f: f["intervention"].map(order)).sort_values(["n", "o"])
+        frame = frame[[c for c in ("category", "family", "intervention", "refusal", "answer", "prompt") if c in frame.columns]]
     return {"eval_table": pd.DataFrame(table).round(4) if table else pd.DataFrame(), "eval_samples": frame}
 
 

@@ -257,6 +257,18 @@ def recent_runs(studio: Studio, session: Session) -> dict:
     return {"recent_runs": gr.update(choices=choices, value=choices[0][1] if choices else None)}
 
 
+def jobs_table(studio: Studio, session: Session | None = None) -> dict:
+    """Every session's recent jobs, including those an earlier process left unfinished (interrupted)."""
+    rows = []
+    for job in studio.runner.jobs()[:30]:
+        when = time.strftime("%m-%d %H:%M:%S", time.localtime(job.created))
+        position = studio.runner.position(job)
+        rows.append({"created": when, "job": job.kind, "status": job.status + (f" (#{position} in queue)" if position else ""),
+                     "stage": job.stage, "step": f"{job.step}/{job.total}" if job.total else str(job.step or ""),
+                     "note": (job.error or "")[:160]})
+    return {"jobs_table": pd.DataFrame(rows, columns=["created", "job", "status", "stage", "step", "note"])}
+
+
 def use_run(studio: Studio, session: Session, job_id: str, kind="safety", layer=0, top=50) -> dict:
     job = studio.runner.get(job_id)
     if job is None or not job.info.get("modulation"):

@@ -79,7 +79,7 @@ def heatmap(values, title: str, *, safety=None, utility=None, per_bin: int | Non
             customdata=n, hovertemplate=f"layer %{{y}}, bin at neuron %{{x:.0f}}: %{{customdata:.0f}} {name}<extra></extra>"))
     fig.update_layout(**LAYOUT, title=title, height=height, xaxis_title=f"neuron index (bins of {b})", yaxis_title="layer",
                       legend=dict(orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom"))
-    fig.update_yaxes(autorange=True, dtick=max(1, L // 15))
+    fig.update_yaxes(range=[-0.5, L - 0.5], dtick=max(1, L // 15))
     return fig
 
 
