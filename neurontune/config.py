@@ -41,6 +41,7 @@ class SelectionConfig:
     k_utility: int = 500
     per_layer_cap: int | None = None
     protect_top: int = 500  # the neurons benign answers depend on most are never amplified
+    safety_rank: str = "safety"  # "safety" or "contrast" (safety - over_refusal: harmful-specific neurons)
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,8 @@ class MetaConfig:
     patience: int = 8  # early stopping: validation checks without improvement
     eval_every: int = 5
     seed: int = 0
+    gate: bool = False  # also fit an input-conditional gate (neurontune/gating.py)
+    gate_bias_shift: float = 0.0
 
 
 @dataclass(frozen=True)

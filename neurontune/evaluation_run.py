@@ -82,6 +82,9 @@ def evaluate_run(lm, run_dir: Path, cfg: RunConfig, *, baselines: Sequence[str] 
     tuned = Modulation.load(run_dir, lm.fingerprint)
     splits = build_splits(cfg.data)
     interventions: dict = {"base": None, "neurontune": tuned}
+    if (run_dir / "gate.safetensors").exists():
+        from .gating import GatedModulation, GateProbe
+        interventions["neurontune-gated"] = GatedModulation(tuned, GateProbe.load(run_dir / "gate.safetensors"))
     if baselines:
         scores = NeuronScores.load(run_dir / "scores.safetensors")
         interventions.update(build_baselines(lm, cfg, scores, tuned, splits, baselines, cache_dir=cache_dir, cancel=cancel, log=log))

