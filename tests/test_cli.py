@@ -73,3 +73,23 @@ def test_generate_cli_on_embedded(tmp_path):
     rows = [json.loads(l) for l in out.read_text().splitlines()]
     assert len(rows) == 2 and "paris" in rows[0]["response"].lower()
     assert "Wrote 2 responses" in proc.stdout
+
+
+def test_evaluate_with_baselines_and_sweep_on_tiny(tmp_path, tiny_preset):
+    cache = tmp_path / "cache"
+    run_dir = tmp_path / "run"
+    assert run("tune", "--model", "tiny-llama", "--preset", tiny_preset, "--out", run_dir, "--no-eval", "--cache-dir", cache) == 0
+    assert run("evaluate", "--model", "tiny-llama", "--run", run_dir, "--quick", "--cache-dir", cache) == 0
+    table = json.loads((run_dir / "eval.json").read_text())["table"]
+    names = [r["intervention"] for r in table]
+    assert names[:2] == ["base", "neurontune"]
+    assert {"attribution-only", "random-neurons"} <= set(names) and any(n.startswith("direction:") for n in names)
+    base = table[0]
+    assert base["ppl_ratio"] == 1.0 and 0 <= base["harmful_refusal"] <= 1
+    rows = [json.loads(l) for l in (run_dir / "generations.jsonl").read_text().splitlines()]
+    assert {"intervention", "prompt", "base_answer", "answer", "refusal"} <= set(rows[0])
+    out = tmp_path / "sweep"
+    assert run("sweep", "--model", "tiny-llama", "--preset", tiny_preset, "--grid", "10:0,30:10", "--out", out, "--cache-dir", cache) == 0
+    import pandas as pd
+    frame = pd.read_csv(out / "sweep.csv")
+    assert list(frame.k_safety) == [10, 30] and (out / "tradeoff.html").exists()
