@@ -97,7 +97,10 @@ def tuned(app):
     assert "3 layers × 128 neurons" in out["model_status"] and "tiny-test" in out["model_status"]
     out = s.call("attribute", *VIEW)
     assert "done" in out["attr_status"] or "cache" in out["attr_status"], out["attr_status"]
-    assert _amplified(out["counts"]) > 0 and out["heatmap"] is not None
+    assert _amplified(out["counts"]) > 0
+    heat = json.loads(out["heatmap"]["plot"])  # the plotly figure as sent to the page
+    assert [t["type"] for t in heat["data"]][:2] == ["heatmap", "scatter"]  # the scores and the selection overlay
+    assert heat["data"][0]["z"]["shape"].replace(" ", "") == "3,64"  # 3 layers x 64 bins of 2 neurons
     # slide: the selection follows the thresholds at once, from the cached scores
     few, many = s.call("select", 5, 2, 0, *VIEW), s.call("select", 60, 20, 0, *VIEW)
     assert _amplified(few["counts"]) <= 5 < _amplified(many["counts"]) <= 60
@@ -123,6 +126,9 @@ def test_chat_panes_differ_with_gains_and_match_without(tuned):
     assert "differ" in status
     left0, right0, status0 = s.chat(strength=0.0)  # strength 0: gains of 1, the base model on both sides
     assert left0 == right0 == left and "identical" in status0
+    s.call("fixed_gains", 1.0, 1.0, *VIEW)  # explicit gains of 1 at full strength
+    left1, right1, _ = s.chat()
+    assert left1 == right1 == left
     # multi-turn: the second turn sees the first (each pane its own history)
     out = s.call("chat", "And then?", 1.0, 8, False, 0.7)
     assert len(out["left"]) == len(out["right"]) == 4
