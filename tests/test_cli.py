@@ -93,3 +93,15 @@ def test_evaluate_with_baselines_and_sweep_on_tiny(tmp_path, tiny_preset):
     import pandas as pd
     frame = pd.read_csv(out / "sweep.csv")
     assert list(frame.k_safety) == [10, 30] and (out / "tradeoff.html").exists()
+
+
+def test_attribute_writes_scores_and_summary(tmp_path, tiny_preset, capsys):
+    out = tmp_path / "attr"
+    assert run("attribute", "--model", "tiny-llama", "--preset", tiny_preset, "--out", out, "--n-prompts", "3", "--cache-dir", tmp_path / "c") == 0
+    printed = capsys.readouterr().out
+    assert "Top safety neurons" in printed and "Safety score mass by layer" in printed
+    from neurontune.neuron_scores import NeuronScores
+    scores = NeuronScores.load(out / "scores.safetensors")
+    assert scores["safety"].shape == (3, 128) and scores.counts["safety/plain"] == 3
+    import pandas as pd
+    assert len(pd.read_csv(out / "layer_summary.csv")) == 3
