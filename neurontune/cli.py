@@ -101,7 +101,9 @@ def cmd_tune(args) -> int:
           f"{s['n_amplified']} amplified, {s['n_suppressed']} suppressed, gains {s['min_gain']:.3f}-{s['max_gain']:.3f}.")
     if not args.no_eval:
         from .evaluation_run import evaluate_run
-        evaluate_run(lm, out, cfg, baselines=(), quick=args.quick_eval, cache_dir=args.cache_dir)
+        bar, progress = _bar("evaluate")
+        evaluate_run(lm, out, cfg, baselines=(), quick=args.quick_eval, cache_dir=args.cache_dir, progress=progress, log=tqdm.write)
+        bar.close()
     print(f"Wrote {out}/ (modulation.safetensors, train_log.jsonl, preset.json, scores.safetensors ...)")
     return 0
 
@@ -113,7 +115,9 @@ def cmd_evaluate(args) -> int:
     args.model = cfg.model if args.model == "embedded" else args.model
     lm = _load(args)
     baselines = tuple(b for b in args.baselines.split(",") if b) if args.baselines != "none" else ()
-    evaluate_run(lm, Path(args.run), cfg, baselines=baselines, quick=args.quick, cache_dir=args.cache_dir)
+    bar, progress = _bar("evaluate")
+    evaluate_run(lm, Path(args.run), cfg, baselines=baselines, quick=args.quick, cache_dir=args.cache_dir, progress=progress, log=tqdm.write)
+    bar.close()
     return 0
 
 
@@ -122,7 +126,9 @@ def cmd_sweep(args) -> int:
     cfg = _config(args)
     grid = [tuple(int(x) for x in point.split(":")) for point in args.grid.split(",")]
     lm = _load(args)
-    sweep_run(lm, cfg, grid, Path(args.out), cache_dir=args.cache_dir)
+    bar, progress = _bar("sweep")
+    sweep_run(lm, cfg, grid, Path(args.out), cache_dir=args.cache_dir, progress=progress, log=tqdm.write)
+    bar.close()
     return 0
 
 
