@@ -25,7 +25,7 @@ from .attribution import Cancelled
 from .config import RunConfig
 from .data import Prompt, chat_prompt
 from .modulation import Modulation, modulate
-from .neuron_scores import _answers_cached
+from .neuron_scores import cached_answers
 from .scoring import PairBatch, encode_pairs, forward, target_logprob
 from .selection import Selection
 from .splits import Splits, build_splits
@@ -115,8 +115,8 @@ def build_tasks(lm, cfg: RunConfig, splits: Splits, cache_dir) -> TaskData:
     answer_prompts, val_answer_prompts = data.split(splits.benign_train, 0.2, seed=d.seed + 3)
     answer_prompts = answer_prompts[: max(d.n_answer, 8) * 2]
     val_answer_prompts = val_answer_prompts[:8]
-    answers = _answers_cached(lm, [p.text for p in answer_prompts], d.answer_tokens, cache_dir)
-    val_answers = _answers_cached(lm, [p.text for p in val_answer_prompts], d.answer_tokens, cache_dir)
+    answers = cached_answers(lm, [p.text for p in answer_prompts], d.answer_tokens, cache_dir)
+    val_answers = cached_answers(lm, [p.text for p in val_answer_prompts], d.answer_tokens, cache_dir)
     return TaskData(
         harmful=harmful,
         benign=[chat_prompt(tok, p.text) for p in train_b],

@@ -93,7 +93,7 @@ class NeuronScores:
         return cls(load_file(str(path)), json.loads(header.get("counts", "{}")), json.loads(header.get("meta", "{}")))
 
 
-def _answers_cached(lm: LoadedModel, prompts: list[str], n_tokens: int, cache_dir: Path, progress=None) -> list[str]:
+def cached_answers(lm: LoadedModel, prompts: list[str], n_tokens: int, cache_dir: Path, progress=None) -> list[str]:
     """The model's own greedy answers to benign prompts (the targets of benign dependence and the KL term)."""
     key = hashlib.sha256(json.dumps([lm.fingerprint, n_tokens, prompts]).encode()).hexdigest()[:16]
     path = cache_dir / "answers" / f"{key}.json"
@@ -130,7 +130,7 @@ def attribution_plan(lm: LoadedModel, cfg: RunConfig, cache_dir: Path, progress:
     groups["over_refusal/benign"] = refusal_group(splits.benign_train[: d.n_benign])
     groups["over_refusal/borderline"] = refusal_group(splits.borderline_train[: d.n_borderline])
     answer_prompts = [p.text for p in splits.benign_train[: d.n_answer]]
-    answers = _answers_cached(lm, answer_prompts, d.answer_tokens, cache_dir, progress)
+    answers = cached_answers(lm, answer_prompts, d.answer_tokens, cache_dir, progress)
     groups["benign_dependence"] = ([chat_prompt(tok, p) for p in answer_prompts], answers)
     return {k: v for k, v in groups.items() if v[0]}
 
