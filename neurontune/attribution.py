@@ -50,6 +50,29 @@ class GroupScores:
     truncated: int = 0
     per_example: list = field(default_factory=list)  # optional [n_layers, n_neurons] per example (tests, drill-down)
 
+    @classmethod
+    def zeros(cls, shape: tuple[int, int]) -> "GroupScores":
+        return cls(torch.zeros(shape), torch.zeros(shape), torch.zeros(shape))
+
+    def add(self, other: "GroupScores") -> "GroupScores":
+        """Add another part's sums and counts in place (sums of sums / sums of counts stay exact means)."""
+        self.score += other.score
+        self.abs_score += other.abs_score
+        self.act += other.act
+        self.n, self.tokens, self.truncated = self.n + other.n, self.tokens + other.tokens, self.truncated + other.truncated
+        self.per_example.extend(other.per_example)
+        return self
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Sums and counts as tensors (what a cross-process reduction adds up); `from_tensors` inverts it."""
+        counts = torch.tensor([self.n, self.tokens, self.truncated], dtype=torch.int64)
+        return {"score": self.score, "abs_score": self.abs_score, "act": self.act, "counts": counts}
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor]) -> "GroupScores":
+        n, tokens, truncated = (int(v) for v in t["counts"])
+        return cls(t["score"], t["abs_score"], t["act"], n, tokens, truncated)
+
 
 def _capture(nmap, store: list, alpha: float = 1.0):
     """Pre-hooks that record each projection's input (scaled by alpha for integrated gradients)."""
@@ -95,8 +118,7 @@ def attribute(lm, prompts: Sequence[str], targets: Sequence[str], cfg: Attributi
     """Attribute log p(target | prompt) for formatted chat prompts to every neuron; returns group sums."""
     if not prompts:
         raise ValueError("No prompts to attribute.")
-    L, N = lm.nmap.shape
-    out = GroupScores(torch.zeros(L, N), torch.zeros(L, N), torch.zeros(L, N))
+    out = GroupScores.zeros(lm.nmap.shape)
     total = total or len(prompts)
     for start in range(0, len(prompts), cfg.batch_size):
         if cancel is not None and cancel.is_set():

@@ -14,8 +14,10 @@ from tqdm.auto import tqdm
 
 
 def _bar(desc: str):
-    """A tqdm bar and a (done, total, stage) progress callback feeding it."""
-    bar = tqdm(total=1, desc=desc, unit="ex", dynamic_ncols=True)
+    """A tqdm bar and a (done, total, stage) progress callback feeding it (under `accelerate launch`: on the
+    main process only, counting its own share of the work)."""
+    from .distributed import is_main
+    bar = tqdm(total=1, desc=desc, unit="ex", dynamic_ncols=True, disable=not is_main())
 
     def progress(done: int, total: int, stage: str = "") -> None:
         bar.total = total
@@ -34,17 +36,33 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=None, help="where the dequantised embedded model and attribution results are cached (default ~/.cache/neurontune or $NEURONTUNE_CACHE)")
 
 
+def _whole(minimum: int, what: str):
+    """An argparse type: a whole number of at least `minimum`, refused with a message that says what to give."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number ({what}), not {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum} ({what}), not {value}")
+        return value
+    return parse
+
+
 def _preset_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="balanced", help="preset name (security-critical, balanced, utility-priority) or a .json path")
-    p.add_argument("--k-safety", type=int, default=None, help="number of safety neurons to amplify (overrides the preset)")
-    p.add_argument("--k-utility", type=int, default=None, help="number of over-refusal neurons to suppress (overrides the preset)")
+    p.add_argument("--k-safety", type=_whole(0, "a number of neurons, 0 or more"), default=None, help="number of safety neurons to amplify (overrides the preset)")
+    p.add_argument("--k-utility", type=_whole(0, "a number of neurons, 0 or more"), default=None, help="number of over-refusal neurons to suppress (overrides the preset)")
     p.add_argument("--mode", choices=["fomaml", "reptile", "joint"], default=None, help="meta-learning mode (overrides the preset)")
-    p.add_argument("--steps", type=int, default=None, help="outer training steps (overrides the preset)")
+    p.add_argument("--steps", type=_whole(1, "training steps, 1 or more"), default=None, help="outer training steps (overrides the preset)")
     p.add_argument("--seed", type=int, default=None, help="random seed for data sampling and training")
 
 
 def _load(args):
+    from . import distributed
     from .models import load_model
+    if args.device is None and args.device_map is None and distributed.device() is not None:
+        args.device = str(distributed.device())  # `accelerate launch --multi_gpu`: one GPU per process
     return load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map,
                       trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir)
 
@@ -69,6 +87,9 @@ def cmd_attribute(args) -> int:
     start = time.perf_counter()
     scores = attribute_step(lm, cfg, Path(args.out), progress=progress, cache_dir=args.cache_dir)
     bar.close()
+    from .distributed import is_main
+    if not is_main():  # under `accelerate launch` the main process writes and reports
+        return 0
     out = Path(args.out)
     print(f"\nScored {scores.shape[0]} layers x {scores.shape[1]} neurons on {sum(scores.counts.values())} examples "
           f"in {time.perf_counter() - start:.1f} s ({'cached' if 'cache' in scores.meta and time.perf_counter() - start < 5 else 'computed'}).")
@@ -81,9 +102,12 @@ def cmd_attribute(args) -> int:
 
 def cmd_tune(args) -> int:
     from .pipeline import attribute_step, select_step, train_step
+    from .selection import check_counts
     cfg = _config(args)
+    check_counts(cfg.selection, training=True)  # bad thresholds are refused before any work...
     out = Path(args.out)
     lm = _load(args)
+    check_counts(cfg.selection, lm.shape, training=True)  # ...and those too large for this model before attribution
     bar, progress = _bar("attribution")
     scores = attribute_step(lm, cfg, out, progress=progress, cache_dir=args.cache_dir)
     bar.close()
@@ -99,6 +123,8 @@ def cmd_tune(args) -> int:
     s = result.modulation.summary()
     print(f"Training {result.stopped} after {len(result.log)} steps (best step {result.best_step}): "
           f"{s['n_amplified']} amplified, {s['n_suppressed']} suppressed, gains {s['min_gain']:.3f}-{s['max_gain']:.3f}.")
+    if result.stopped == "non_finite":
+        print(f"warning: {result.log[-1].get('error', 'non-finite gains or loss')}", file=sys.stderr)
     if not args.no_eval:
         from .evaluation_run import evaluate_run
         bar, progress = _bar("evaluate")
@@ -116,7 +142,9 @@ def cmd_evaluate(args) -> int:
     lm = _load(args)
     baselines = tuple(b for b in args.baselines.split(",") if b) if args.baselines != "none" else ()
     bar, progress = _bar("evaluate")
-    evaluate_run(lm, Path(args.run), cfg, baselines=baselines, quick=args.quick, cache_dir=args.cache_dir, progress=progress, log=tqdm.write)
+    from .distributed import is_main
+    evaluate_run(lm, Path(args.run), cfg, baselines=baselines, quick=args.quick, cache_dir=args.cache_dir, progress=progress,
+                 log=tqdm.write if is_main() else (lambda _msg: None))
     bar.close()
     return 0
 
@@ -124,7 +152,11 @@ def cmd_evaluate(args) -> int:
 def cmd_sweep(args) -> int:
     from .evaluation_run import sweep_run
     cfg = _config(args)
-    grid = [tuple(int(x) for x in point.split(":")) for point in args.grid.split(",")]
+    points = [point.split(":") for point in args.grid.split(",")]
+    if not all(len(pt) == 2 and all(x.strip().isdigit() for x in pt) for pt in points):
+        raise ValueError(f"--grid {args.grid!r}: write k_safety:k_utility pairs of whole numbers >= 0, separated by "
+                         "commas, e.g. 250:0,750:250")
+    grid = [(int(a), int(b)) for a, b in points]
     lm = _load(args)
     bar, progress = _bar("sweep")
     sweep_run(lm, cfg, grid, Path(args.out), cache_dir=args.cache_dir, progress=progress, log=tqdm.write)
@@ -244,10 +276,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DISTRIBUTED_COMMANDS = ("attribute", "evaluate")  # the ones `accelerate launch` shares over processes
+
+
 def main(argv: list[str] | None = None) -> int:
+    from . import distributed
     args = build_parser().parse_args(argv)
+    if distributed.launched() and args.command not in DISTRIBUTED_COMMANDS:
+        print(f"error: `{args.command}` runs in one process; only {' and '.join(DISTRIBUTED_COMMANDS)} are shared over "
+              f"the processes of `accelerate launch`. Run `python -m neurontune {args.command} ...`.", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as exc:  # our errors carry what to do; no traceback for bad input
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        distributed.close()

@@ -6,8 +6,11 @@ preset never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
+import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +65,7 @@ class MetaConfig:
     seed: int = 0
     gate: bool = False  # also fit an input-conditional gate (neurontune/gating.py)
     gate_bias_shift: float = 0.0
+    refusal_eos: bool = True  # refusal targets end with end-of-turn, so the tuned model stops after refusing
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,9 @@ class RunConfig:
         updates = {}
         for key, value in sections.items():
             current = getattr(self, key)
-            updates[key] = dataclasses.replace(current, **value) if dataclasses.is_dataclass(current) and isinstance(value, dict) else value
+            if dataclasses.is_dataclass(current) and isinstance(value, dict):
+                value = dataclasses.replace(current, **_checked(type(current), value, key))
+            updates[key] = value
         return dataclasses.replace(self, **updates)
 
     @classmethod
@@ -94,9 +100,10 @@ class RunConfig:
             if key in sections:
                 kwargs[key] = _build(sections[key], value, key)
             elif key in {f.name for f in dataclasses.fields(cls)}:
-                kwargs[key] = value
+                kwargs[key] = _value("(top level)", next(f for f in dataclasses.fields(cls) if f.name == key), value)
             else:
-                raise ValueError(f"Unknown preset key '{key}'. Known: {[f.name for f in dataclasses.fields(cls)]}.")
+                raise ValueError(f"Unknown preset key '{key}'{_did_you_mean(key, [f.name for f in dataclasses.fields(cls)])}. "
+                                 f"Known: {[f.name for f in dataclasses.fields(cls)]}. Fix or remove it.")
         return cls(**kwargs)
 
     def save(self, path: str | Path) -> Path:
@@ -111,13 +118,63 @@ class RunConfig:
         return hashlib.sha256(json.dumps({s: d[s] for s in sections}, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _build(cls, value: dict, section: str):
+# Settings that make no sense below a floor (a negative neuron count, zero training steps); the upper
+# bound of a neuron count depends on the model and is checked by `selection.check_counts`.
+MINIMUM = {("selection", "k_safety"): 0, ("selection", "k_utility"): 0, ("selection", "protect_top"): 0,
+           ("selection", "per_layer_cap"): 1, ("meta", "steps"): 1, ("meta", "inner_steps"): 1, ("meta", "eval_every"): 1,
+           ("meta", "patience"): 1, ("meta", "batch_harmful"): 1, ("meta", "batch_benign"): 1, ("meta", "max_gain"): 1}
+
+
+def _did_you_mean(key: str, known) -> str:
+    near = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean '{near[0]}'?)" if near else ""
+
+
+def _value(section: str, f: dataclasses.Field, value):
+    """`value` checked against the field's annotated type and floor; lists become tuples. Raises ValueError."""
+    kind = str(f.type).replace(" ", "")
+    optional = kind.endswith("|None")
+    kind = kind.removesuffix("|None")
+    where = f"'{f.name}' in preset section '{section}'"
+    if value is None and optional:
+        return value
+    if kind == "int":
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"{where} must be a whole number{' or null' if optional else ''}, not {value!r}.")
+        value = int(value)
+    elif kind == "float":
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ValueError(f"{where} must be a finite number, not {value!r}.")
+    elif kind == "bool" and not isinstance(value, bool):
+        raise ValueError(f"{where} must be true or false, not {value!r}.")
+    elif kind == "str" and not isinstance(value, str):
+        raise ValueError(f"{where} must be a string{' or null' if optional else ''}, not {value!r}.")
+    elif kind.startswith("tuple[str"):
+        if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{where} must be a list of strings, not {value!r}.")
+        value = tuple(value)
+    floor = MINIMUM.get((section, f.name))
+    if floor is not None and value < floor:
+        what = "a number of neurons" if section == "selection" else "a setting"
+        raise ValueError(f"{where} must be at least {floor:g} ({what}), not {value!r}.")
+    return value
+
+
+def _checked(cls, value: dict, section: str) -> dict:
     names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(value) - set(names)
+    unknown = sorted(set(value) - set(names))
     if unknown:
-        raise ValueError(f"Unknown key(s) {sorted(unknown)} in preset section '{section}'. Known: {sorted(names)}.")
-    value = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
-    return cls(**value)
+        raise ValueError(f"Unknown key(s) {unknown} in preset section '{section}'{_did_you_mean(unknown[0], names)}. "
+                         f"Known: {sorted(names)}. Fix or remove them.")
+    return {k: _value(section, names[k], v) for k, v in value.items()}
+
+
+def _build(cls, value: dict, section: str):
+    if not isinstance(value, dict):
+        raise ValueError(f"Preset section '{section}' must be a JSON object of settings, not {value!r}.")
+    return cls(**_checked(cls, value, section))
 
 
 def list_presets() -> list[str]:
@@ -133,7 +190,9 @@ def load_preset(name_or_path: str) -> RunConfig:
         raise ValueError(f"No preset '{name_or_path}'. Built-in presets: {', '.join(list_presets())}; or give a .json path.")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"Preset {path} is not valid JSON: {exc}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"Preset {path} is not valid JSON: {exc}. Fix the file (compare with presets/balanced.json).") from exc
+    if not isinstance(raw, dict):
+        raise ValueError(f"Preset {path} must hold a JSON object (like presets/balanced.json), not {type(raw).__name__}.")
     raw.setdefault("name", path.stem)
     return RunConfig.from_dict(raw)

@@ -20,7 +20,8 @@ from typing import Callable, Sequence
 import pandas as pd
 import torch
 
-from . import data
+from . import cache_io, data
+from . import distributed as dist
 from .attribution import Cancelled
 from .data import Prompt, chat_prompt
 from .generation import generate
@@ -157,18 +158,17 @@ def _disk_cache(cache: dict, lm, cache_dir: str | Path | None, save: bool = Fals
         return
     path = Path(cache_dir) / "eval_base" / f"{lm.fingerprint}.json"
     if save:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{threading.get_ident()}")
-        tmp.write_text(json.dumps(cache), encoding="utf-8")
-        tmp.replace(path)
-    elif path.exists():
-        try:
-            stored = json.loads(path.read_text(encoding="utf-8"))
-            if stored.get("fingerprint") == lm.fingerprint and stored.get("version") == CACHE_VERSION:
-                for key in ("answers", "nll", "mc"):
-                    cache[key] = {**stored.get(key, {}), **cache[key]}
-        except (json.JSONDecodeError, OSError, AttributeError):
-            pass  # a bad cache file is ignored and overwritten
+        cache_io.write_json(path, cache)  # atomic, with a checksum sidecar
+        return
+    stored = cache_io.read_json(path, "eval_base cache entry")  # None when missing or bad (never trusted)
+    if stored is None:
+        return
+    if (not isinstance(stored, dict) or stored.get("fingerprint") != lm.fingerprint or stored.get("version") != CACHE_VERSION
+            or not all(isinstance(stored.get(key, {}), dict) for key in ("answers", "nll", "mc"))):
+        cache_io.warn_bad(path, "other model, version or layout", "eval_base cache entry")
+        return
+    for key in ("answers", "nll", "mc"):
+        cache[key] = {**stored.get(key, {}), **cache[key]}
 
 
 # -- generation ---------------------------------------------------------------------------------
@@ -184,22 +184,26 @@ def _generate_rows(lm, jobs: list[tuple[str, object]], intervention, cfg: EvalCo
     per_row = isinstance(intervention, Modulation)
     groups = [order] if per_row or intervention is None else [
         [i for i in order if jobs[i][1] is None], [i for i in order if jobs[i][1] is not None]]
-    for group in groups:
-        for start in range(0, len(group), cfg.batch_size):
-            _check(cancel)
-            idx = group[start:start + cfg.batch_size]
-            texts = [formatted[i] for i in idx]
-            kinds = [jobs[i][1] for i in idx]
-            if per_row:
-                gains = None if all(k is None for k in kinds) else intervention if all(k is not None for k in kinds) \
-                    else [None if k is None else intervention for k in kinds]
-                answers = generate(lm, texts, gains, max_new_tokens=cfg.max_new_tokens, batch_size=len(texts), formatted=True)
-            else:
-                with (contextlib.nullcontext() if kinds[0] is None else _scope(intervention, lm)):
-                    answers = generate(lm, texts, max_new_tokens=cfg.max_new_tokens, batch_size=len(texts), formatted=True)
-            for i, a in zip(idx, answers):
-                out[i] = a
-            tick(len(idx), "generate")
+    batches = [group[start:start + cfg.batch_size] for group in groups for start in range(0, len(group), cfg.batch_size)]
+    mine = dist.shard(batches)  # under `accelerate launch` the batches are shared over the processes (all with one)
+    for idx in mine:
+        _check(cancel)
+        texts = [formatted[i] for i in idx]
+        kinds = [jobs[i][1] for i in idx]
+        if per_row:
+            gains = None if all(k is None for k in kinds) else intervention if all(k is not None for k in kinds) \
+                else [None if k is None else intervention for k in kinds]
+            answers = generate(lm, texts, gains, max_new_tokens=cfg.max_new_tokens, batch_size=len(texts), formatted=True)
+        else:
+            with (contextlib.nullcontext() if kinds[0] is None else _scope(intervention, lm)):
+                answers = generate(lm, texts, max_new_tokens=cfg.max_new_tokens, batch_size=len(texts), formatted=True)
+        for i, a in zip(idx, answers):
+            out[i] = a
+        tick(len(idx), "generate")
+    if dist.launched():  # every process gets every answer (same batches as one process: same greedy answers)
+        for i, a in dist.gather([(i, out[i]) for idx in mine for i in idx]):
+            out[i] = a
+        tick(len(jobs) - sum(len(idx) for idx in mine), "generate")
     return out
 
 
@@ -359,7 +363,8 @@ def evaluate(lm, intervention, splits: Splits, cfg: EvalConfig = EvalConfig(), *
     base_preds = cache["mc"][mc_key]
     mod_preds = base_preds if intervention is None else _mc_predictions(lm, intervention, cfg, tick, cancel)
     timings["mc_s"] = time.perf_counter() - t
-    _disk_cache(cache, lm, cache_dir, save=True)
+    if dist.is_main():  # under `accelerate launch` only the main process writes
+        _disk_cache(cache, lm, cache_dir, save=True)
 
     for r, a in zip(rows, mod_answers):
         r["base_answer"] = cache["answers"][akey(r["prompt"])]

@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 import pandas as pd
 import torch
 
+from . import distributed as dist
 from .config import RunConfig
 from .evaluate import EvalConfig, compare, evaluate_many, proxy_metrics
 from .metalearn import train_gains
@@ -92,6 +93,8 @@ def evaluate_run(lm, run_dir: Path, cfg: RunConfig, *, baselines: Sequence[str] 
     results = evaluate_many(lm, interventions, splits, ecfg, progress=progress, cancel=cancel, cache_dir=cache_dir)
     table = compare(results)
     rows = [{"intervention": name, **{k: (None if v != v else v) for k, v in r.items()}} for name, r in table.to_dict(orient="index").items()]
+    if not dist.is_main():  # under `accelerate launch` (generation shared over processes) the main process writes
+        return table
     write_json(run_dir / "eval.json", {"table": rows, "eval_config": ecfg.__dict__, "heldout_families": list(splits.heldout_families),
                                        "seconds": time.perf_counter() - start})
     table.to_csv(run_dir / "eval_table.csv")

@@ -35,7 +35,7 @@ def slugify(name: str) -> str:
 
 def export_path(root: str | Path, name: str) -> Path:
     """The export folder for `name` under `root`; refuses traversal, separators and odd characters."""
-    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:
         raise ExportError(f"Export name {name!r} is not allowed: use 1-100 letters, digits, '.', '_' or '-', "
                           f"starting with a letter or digit (for example {slugify(str(name))!r}).")
     root = Path(root).resolve()
@@ -127,6 +127,25 @@ def _check_reload(lm, modulation: Modulation, folder: Path) -> float:
     return float((plain.float().cpu() - hooked.float().cpu())[mask].abs().max())
 
 
+def _move_into_place(tmp: Path, path: Path, overwrite: bool) -> None:
+    """Rename the finished folder into place. An export it replaces is set aside first and put back if the
+    move fails, so a failure never loses the previous export."""
+    if path.exists() and not overwrite:  # appeared while this one was being written
+        raise ExportError(f"An export named {path.name!r} appeared at {path} meanwhile; it was kept. Choose another name.")
+    old = path.with_name(f".{path.name}.replaced") if path.exists() else None
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+        path.replace(old)
+    try:
+        tmp.replace(path)
+    except BaseException:
+        if old is not None:
+            old.replace(path)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def export(lm, modulation: Modulation, root: str | Path, name: str, *, preset: dict | None = None,
            eval_rows: list[dict] | None = None, overwrite: bool = False, static_only: bool = False,
            tolerance: float | None = None, push_to_hub: str | None = None, token: str | None = None) -> dict:
@@ -136,6 +155,8 @@ def export(lm, modulation: Modulation, root: str | Path, name: str, *, preset: d
     path = export_path(root, name)
     if modulation.fingerprint and modulation.fingerprint != lm.fingerprint:
         raise ExportError(f"This modulation was made for model {modulation.fingerprint}, not the loaded {lm.fingerprint}.")
+    if tuple(modulation.shape) != tuple(lm.shape):
+        raise ExportError(f"This modulation holds gains for {tuple(modulation.shape)} neurons; the loaded model has {tuple(lm.shape)}.")
     if modulation.meta.get("gated") and not static_only:
         raise ExportError("This modulation is input-conditional (gated): a gate cannot be folded into weights. "
                           "Export the static gains only by passing static_only=True (CLI: --static-only).")
@@ -156,9 +177,7 @@ def export(lm, modulation: Modulation, root: str | Path, name: str, *, preset: d
         if not diff <= tol:
             raise ExportError(f"The reloaded export differs from the hooked model by {diff:.2e} (> {tol:.0e}); not saved.")
         (tmp / "export_check.json").write_text(json.dumps({"max_logit_diff": diff, "tolerance": tol}) + "\n")
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.replace(path)
+        _move_into_place(tmp, path, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

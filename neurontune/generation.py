@@ -6,6 +6,7 @@ Rows are left-padded by hand (the shared tokenizer is never mutated), each row m
 from __future__ import annotations
 
 import contextvars
+import logging
 import queue
 import threading
 from typing import Iterator, Sequence
@@ -16,12 +17,37 @@ from transformers.generation.streamers import BaseStreamer
 from .data import chat_prompt
 from .modulation import Modulation, modulate
 
+log = logging.getLogger(__name__)
+
 RowGains = Sequence[Modulation | None] | Modulation | None
+PROMPT_CAP = 1024  # prompt tokens kept by default, even when the model's context is longer
 
 
-def encode_left(tokenizer, texts: Sequence[str], max_length: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ids and mask for already formatted prompts (keeps each prompt's end if too long)."""
-    rows = [tokenizer(t, add_special_tokens=False)["input_ids"][-max_length:] for t in texts]
+def context_length(lm) -> int:
+    """How many positions the model can attend to: its config's limit, else its tokenizer's, else 2048."""
+    cfg = lm.model.config
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(lm.tokenizer, "model_max_length", None)
+    return value if isinstance(value, int) and 0 < value < 1_000_000 else 2048
+
+
+def fit_lengths(lm, max_new_tokens: int, cap: int = PROMPT_CAP) -> tuple[int, int]:
+    """(prompt tokens kept, new tokens) so that prompt + answer fit the model's context."""
+    ctx = context_length(lm)
+    new = max(1, min(int(max_new_tokens), ctx // 2))
+    return max(1, min(cap, ctx - new)), new
+
+
+def encode_left(tokenizer, texts: Sequence[str], max_length: int = PROMPT_CAP) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and mask for already formatted prompts (keeps each prompt's end if too long, and says so)."""
+    rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    cut = sum(len(r) > max_length for r in rows)
+    if cut:
+        log.warning("%d of %d prompts were longer than %d tokens: only their last %d tokens were kept.", cut, len(rows), max_length, max_length)
+    rows = [r[-max_length:] for r in rows]
     width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -61,11 +87,12 @@ def generate(lm, prompts: Sequence[str], gains: RowGains = None, *, max_new_toke
     """Answer each user prompt; `gains` is one modulation for all rows or one per row (None = base)."""
     texts = list(prompts) if formatted else [chat_prompt(lm.tokenizer, p) for p in prompts]
     per_row = not (gains is None or isinstance(gains, Modulation))
+    budget, max_new_tokens = fit_lengths(lm, max_new_tokens)
     out: list[str] = []
     for start in range(0, len(texts), batch_size):
         chunk = texts[start:start + batch_size]
         g = _row_gains(gains[start:start + batch_size] if per_row else gains, len(chunk))
-        ids, mask = encode_left(lm.tokenizer, chunk)
+        ids, mask = encode_left(lm.tokenizer, chunk, budget)
         device = lm.model.get_input_embeddings().weight.device
         with modulate(lm.model, g, lm.nmap):
             seqs = lm.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
@@ -101,11 +128,13 @@ class _RowStreamer(BaseStreamer):
 
 def stream_generate(lm, conversations: Sequence[Sequence[dict]], gains: RowGains = None, *, max_new_tokens: int = 128,
                     do_sample: bool = False, temperature: float = 0.7, top_p: float = 0.9,
-                    seed: int | None = None) -> Iterator[list[str]]:
+                    seed: int | None = None, max_prompt_tokens: int = PROMPT_CAP) -> Iterator[list[str]]:
     """Stream several conversations (each a list of chat messages ending with the user turn) in one
-    batched generate call; yields the list of every row's answer so far after each new token."""
+    batched generate call; yields the list of every row's answer so far after each new token.
+    A conversation longer than the context keeps its end (the studio's chat fits it first and says so)."""
     texts = [chat_prompt(lm.tokenizer, conv[-1]["content"], history=conv[:-1]) for conv in conversations]
-    ids, mask = encode_left(lm.tokenizer, texts)
+    budget, max_new_tokens = fit_lengths(lm, max_new_tokens, max_prompt_tokens)
+    ids, mask = encode_left(lm.tokenizer, texts, budget)
     streamer = _RowStreamer(lm.tokenizer, len(texts))
     g = _row_gains(gains, len(texts))
     device = lm.model.get_input_embeddings().weight.device

@@ -4,7 +4,8 @@ per job so a reopened page, a second session or a restarted process sees what fi
 
 `fn(progress, cancel)` does the work: call `progress(done, total, stage)` for steps (the engine's
 attribution `Progress` signature) or `progress(entry_dict)` for a log entry (a training step), and
-check `cancel.is_set()` often. Status files are written atomically (temp file + rename).
+check `cancel.is_set()` often. Status files are written atomically (temp file + rename) with a `checksum`
+field; a file that does not parse or match it is ignored with a warning, never trusted.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+from . import cache_io
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +54,12 @@ def _alive(pid: int, started: str | None) -> bool:
 def write_json_atomic(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}.{threading.get_ident()}")
-    tmp.write_text(json.dumps(obj, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(cache_io.with_checksum(obj) if isinstance(obj, dict) else obj, default=str), encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _jsonable(value: Any) -> Any:
@@ -318,9 +325,16 @@ class JobRunner:
 
     def _read(self, path: Path) -> Job | None:
         try:
-            return Job.from_dict(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, ValueError, KeyError, TypeError):
-            return None  # unreadable or half-written by a crash: ignored, never trusted
+            d = json.loads(path.read_text(encoding="utf-8"))
+            if not cache_io.check_record(d):
+                cache_io.warn_bad(path, "checksum mismatch", "job status file")
+                return None
+            return Job.from_dict(d)
+        except FileNotFoundError:
+            return None  # pruned or replaced meanwhile
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # half-written by a crash: ignored, never trusted
+            cache_io.warn_bad(path, f"unreadable: {type(exc).__name__}", "job status file")
+            return None
 
     def _recover(self) -> list[str]:
         """Mark jobs left 'queued'/'running' by a process that is gone as interrupted; prune old files."""
@@ -340,6 +354,10 @@ class JobRunner:
                              f"at stage '{job.stage}' step {job.step}/{job.total}. Run it again.")
                 write_json_atomic(path, job.to_dict())
                 recovered.append(job.id)
+        for tmp in self.dir.glob("*.json.tmp*"):  # temp files of writers that were killed: never read, removed
+            pid = tmp.name.rsplit(".tmp", 1)[1].split(".")[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid), None):
+                tmp.unlink(missing_ok=True)
         files.sort(key=lambda t: t[0])
         for _, path, job in files[: max(0, len(files) - self.keep)]:
             if not job.active:

@@ -27,7 +27,7 @@ from .data import Prompt, chat_prompt
 from .modulation import Modulation, modulate
 from .neuron_scores import cached_answers
 from .scoring import PairBatch, encode_pairs, forward, target_logprob
-from .selection import Selection
+from .selection import Selection, SelectionError
 from .splits import Splits, build_splits
 
 StepCallback = Callable[[dict], None]
@@ -144,7 +144,9 @@ class Objective:
             "benign": (benign, [r[(i + 3) % len(r)] for i in range(len(benign))]),
             "answers": ([p for p, _ in answers], [a for _, a in answers]),
         }
-        return {k: encode_pairs(self.lm.tokenizer, p, t, self.max_length) for k, (p, t) in roles.items() if p}
+        eos = {"harmful": self.cfg.meta.refusal_eos, "benign": self.cfg.meta.refusal_eos, "answers": False}
+        return {k: encode_pairs(self.lm.tokenizer, p, t, self.max_length, end_with_eos=eos[k])
+                for k, (p, t) in roles.items() if p}
 
     def __call__(self, gains: torch.Tensor, batches: dict[str, PairBatch]) -> tuple[torch.Tensor, dict]:
         model, nmap, m = self.lm.model, self.lm.nmap, self.cfg.meta
@@ -184,6 +186,9 @@ def train_gains(lm, selection: Selection, cfg: RunConfig = RunConfig(), *, split
     m = cfg.meta
     if m.mode not in ("fomaml", "reptile", "joint"):
         raise ValueError(f"Unknown meta-learning mode '{m.mode}'; use fomaml, reptile or joint.")
+    if not bool(selection.safety.any()) and not bool(selection.utility.any()):
+        raise SelectionError(f"The selection is empty (k_safety={selection.config.k_safety}, k_utility={selection.config.k_utility}, "
+                             "after the overlap and protection rules): there is nothing to train. Raise k_safety or k_utility.")
     splits = splits or build_splits(cfg.data)
     tasks = build_tasks(lm, cfg, splits, Path(cache_dir) if cache_dir else default_cache_dir())
     rng = random.Random(m.seed)
@@ -237,7 +242,9 @@ def train_gains(lm, selection: Selection, cfg: RunConfig = RunConfig(), *, split
         if not params.finite() or not math.isfinite(float(loss.detach())):
             params.load(previous)
             result.stopped = "non_finite"
-            result.log.append({"step": step, "task": family or "mixed", "loss": float(loss.detach()), "error": "non-finite gains or loss; kept the last good gains"})
+            result.log.append({"step": step, "task": family or "mixed", "loss": float(loss.detach()),
+                               "error": f"non-finite gains or loss at step {step}: training stopped and kept the last good gains. "
+                                        f"Lower meta.outer_lr (now {m.outer_lr:g}) or meta.inner_lr (now {m.inner_lr:g}) and train again."})
             break
         entry = {"step": step, "task": family or "mixed", "loss": float(loss.detach()), **terms,
                  "mean_safety_gain": float(params.safety.detach().mean()) if len(params.safety) else 1.0,

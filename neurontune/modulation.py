@@ -8,11 +8,12 @@ model after the block, also when it raises.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence, Union
+from typing import Callable, Iterator, Sequence, Union
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -21,7 +22,12 @@ from torch import nn
 from .hooks import scoped_pre_hooks
 from .neuron_map import NeuronMap, neuron_map
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # the "version" field of the file header; bump it (and add a migration) when the layout changes
+REGENERATE = ("Regenerate it with this NeuronTune: `python -m neurontune tune --out DIR` (or Train gains in the studio) "
+              "on the model it was made for.")
+# version -> function(header, tensors) returning them in the next version's layout. Version 1 is the first
+# versioned layout; a file without a version (0) predates it and is refused with REGENERATE.
+MIGRATIONS: dict[int, Callable[[dict, dict], tuple[dict, dict]]] = {}
 
 
 class ModulationFileError(ValueError):
@@ -94,6 +100,7 @@ class Modulation:
             "shape": json.dumps(list(self.shape)),
             "fingerprint": self.fingerprint or "",
             "meta": json.dumps(self.meta, default=str),
+            "checksum": _checksum(tensors),
         }
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata=header)
@@ -102,7 +109,8 @@ class Modulation:
 
     @classmethod
     def load(cls, path: str | Path, expected_fingerprint: str | None = None) -> "Modulation":
-        """Read a modulation file; refuse one made for another model when a fingerprint is given."""
+        """Read a modulation file; refuse one made for another model when a fingerprint is given, and one
+        that is truncated, corrupted (checksum, shapes, indices, non-finite gains) or of an unknown version."""
         path = Path(path)
         if path.is_dir():
             path = path / "modulation.safetensors"
@@ -117,23 +125,81 @@ class Modulation:
             raise ModulationFileError(f"{path} is not a readable modulation file ({exc}). Re-export it.") from exc
         if header.get("format") != "neurontune-modulation":
             raise ModulationFileError(f"{path} is a safetensors file but not a NeuronTune modulation.")
-        if int(header.get("version", "0")) > FORMAT_VERSION:
-            raise ModulationFileError(f"{path} has format version {header['version']}; this NeuronTune reads up to {FORMAT_VERSION}. Upgrade NeuronTune.")
+        version = _version(path, header)
+        while version < FORMAT_VERSION:  # only reached when every step has a migration
+            header, tensors = MIGRATIONS[version](header, tensors)
+            version += 1
         fingerprint = header.get("fingerprint") or None
         if expected_fingerprint and fingerprint and fingerprint != expected_fingerprint:
             raise ModulationFileError(
                 f"{path} was made for model {fingerprint}, not the loaded model {expected_fingerprint}. "
                 "Load the model it was tuned on, or tune this one.")
-        shape = tuple(json.loads(header["shape"]))
-        layers = {}
-        for key in tensors:
-            if key.endswith(".indices"):
-                layer = int(key.split(".")[1])
-                layers[layer] = (tensors[key], tensors[f"layer.{layer}.gains"])
-        return cls(shape, layers, fingerprint, json.loads(header.get("meta", "{}")))
+        if header.get("checksum") and header["checksum"] != _checksum(tensors):
+            raise ModulationFileError(f"{path} is corrupted (its gains do not match their checksum). {REGENERATE}")
+        try:
+            shape = tuple(json.loads(header["shape"]))
+            meta = json.loads(header.get("meta") or "{}")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModulationFileError(f"{path} is corrupted (unreadable header: {exc}). {REGENERATE}") from exc
+        return cls(shape, _check_layers(path, shape, tensors), fingerprint, meta if isinstance(meta, dict) else {})
 
 
 GainsLike = Union[Modulation, torch.Tensor, Sequence[Union[Modulation, None]], None]
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes (in name order): detects a flipped byte."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].contiguous()
+        h.update(f"{key}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _version(path: Path, header: dict) -> int:
+    """The file's format version; a newer one, and an older one that no migration converts, are refused."""
+    raw = header.get("version")
+    try:
+        version = int(raw) if raw is not None else 0
+    except ValueError:
+        raise ModulationFileError(f"{path} has an unreadable format version {raw!r}. {REGENERATE}") from None
+    if version > FORMAT_VERSION:
+        raise ModulationFileError(f"{path} has format version {version}, written by a newer NeuronTune; this one reads "
+                                  f"versions up to {FORMAT_VERSION}. Upgrade NeuronTune (pip install -U) to load it.")
+    if version < FORMAT_VERSION and version not in MIGRATIONS:
+        raise ModulationFileError(f"{path} has format version {version} (an older NeuronTune); this one reads version "
+                                  f"{FORMAT_VERSION} and cannot convert it. {REGENERATE}")
+    return version
+
+
+def _check_layers(path: Path, shape: tuple[int, int], tensors: dict[str, torch.Tensor]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer (indices, gains) after checking they fit `shape` and hold finite numbers."""
+    bad = lambda why: ModulationFileError(f"{path} is corrupted ({why}). {REGENERATE}")  # noqa: E731
+    if len(shape) != 2 or not all(isinstance(n, int) and n > 0 for n in shape):
+        raise bad(f"shape {shape}")
+    layers = {}
+    for key, tensor in tensors.items():
+        parts = key.split(".")
+        if len(parts) != 3 or parts[0] != "layer" or not parts[1].isdigit() or parts[2] not in ("indices", "gains"):
+            raise bad(f"unexpected tensor {key!r}")
+        if parts[2] == "gains":
+            continue
+        layer = int(parts[1])
+        gains = tensors.get(f"layer.{layer}.gains")
+        if gains is None:
+            raise bad(f"layer {layer} has indices but no gains")
+        if layer >= shape[0] or tensor.dim() != 1 or gains.shape != tensor.shape or tensor.dtype != torch.int64:
+            raise bad(f"layer {layer}: indices {tuple(tensor.shape)} / gains {tuple(gains.shape)} do not fit shape {shape}")
+        if len(tensor) and (int(tensor.min()) < 0 or int(tensor.max()) >= shape[1]):
+            raise bad(f"layer {layer}: a neuron index outside 0..{shape[1] - 1}")
+        if not bool(torch.isfinite(gains.float()).all()):
+            raise bad(f"layer {layer}: a gain that is not a finite number")
+        layers[layer] = (tensor, gains)
+    orphans = {k for k in tensors if k.endswith(".gains") and k.replace(".gains", ".indices") not in tensors}
+    if orphans:
+        raise bad(f"gains without indices: {sorted(orphans)[:3]}")
+    return layers
 
 
 def _dense_gains(gains: GainsLike, shape: tuple[int, int]) -> torch.Tensor | None:

@@ -71,19 +71,24 @@ class NeuronMap:
         return w if self.transposed else w.t()
 
 
-def neuron_map(model: nn.Module) -> NeuronMap:
-    """Build the neuron map of a loaded causal LM, or say clearly why it is not supported."""
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type in MOE_TYPES or getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None):
+def check_supported(model_type: str | None, n_experts: int | None = None) -> None:
+    """Refuse mixture-of-experts and unmapped architectures; works on a config alone, before any weight loads."""
+    if model_type in MOE_TYPES or n_experts:
         raise UnsupportedModelError(
             f"'{model_type}' is a mixture-of-experts model; NeuronTune supports dense MLPs only for now. "
-            f"Supported families: {', '.join(supported_types())}.")
+            f"Choose a dense model of a supported family: {', '.join(supported_types())}.")
     if model_type not in ARCHITECTURES:
         raise UnsupportedModelError(
             f"Model type '{model_type}' is not in the neuron map. Supported families: "
             f"{', '.join(supported_types())}. Add an entry to neurontune/neuron_map.py:ARCHITECTURES "
             "naming where its decoder layers and MLP output projection are.")
+
+
+def neuron_map(model: nn.Module) -> NeuronMap:
+    """Build the neuron map of a loaded causal LM, or say clearly why it is not supported."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    check_supported(model_type, getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None))
     layer_paths, proj_path = ARCHITECTURES[model_type]
     layers = None
     for path in layer_paths:

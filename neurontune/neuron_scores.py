@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,8 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import data
+from . import cache_io, data
+from . import distributed as dist
 from .attribution import AttributionConfig, GroupScores, Progress, attribute
 from .config import RunConfig
 from .data import chat_prompt
@@ -77,13 +77,10 @@ class NeuronScores:
         })
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}.{threading.get_ident()}")
-        save_file({k: v.contiguous() for k, v in self.scores.items()}, str(tmp),
-                  metadata={"counts": json.dumps(self.counts), "meta": json.dumps(self.meta, default=str)})
-        tmp.replace(path)  # atomic
-        return path
+        """Written atomically, with a `.sha256` sidecar that `cache_io` verifies on read."""
+        return cache_io.write_file(path, lambda tmp: save_file(
+            {k: v.contiguous() for k, v in self.scores.items()}, str(tmp),
+            metadata={"counts": json.dumps(self.counts), "meta": json.dumps(self.meta, default=str)}))
 
     @classmethod
     def load(cls, path: str | Path) -> "NeuronScores":
@@ -92,24 +89,30 @@ class NeuronScores:
             header = f.metadata() or {}
         return cls(load_file(str(path)), json.loads(header.get("counts", "{}")), json.loads(header.get("meta", "{}")))
 
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> "NeuronScores":
+        """From the bytes of a .safetensors file (a verified cache entry, read once)."""
+        from safetensors.torch import load
+        n = int.from_bytes(blob[:8], "little")
+        header = json.loads(blob[8:8 + n]).get("__metadata__") or {}
+        return cls(load(blob), json.loads(header.get("counts", "{}")), json.loads(header.get("meta", "{}")))
+
 
 def cached_answers(lm: LoadedModel, prompts: list[str], n_tokens: int, cache_dir: Path, progress=None) -> list[str]:
     """The model's own greedy answers to benign prompts (the targets of benign dependence and the KL term)."""
     key = hashlib.sha256(json.dumps([lm.fingerprint, n_tokens, prompts]).encode()).hexdigest()[:16]
     path = cache_dir / "answers" / f"{key}.json"
-    if path.exists():
-        try:
-            answers = json.loads(path.read_text(encoding="utf-8"))
-            if len(answers) == len(prompts):
-                return answers
-        except (json.JSONDecodeError, OSError):
-            pass  # a bad cache entry is recomputed, never trusted
-    answers = generate(lm, prompts, max_new_tokens=n_tokens, batch_size=16, progress=progress)
+    answers = cache_io.read_json(path, "answers cache entry")  # None when missing or bad (never trusted)
+    ok = isinstance(answers, list) and len(answers) == len(prompts) and all(isinstance(a, str) for a in answers)
+    if dist.all_true(ok):  # under `accelerate launch` every process takes the same branch
+        return answers
+    if answers is not None and not ok:
+        cache_io.warn_bad(path, "wrong shape", "answers cache entry")
+    answers = dist.map_batches(lambda chunk, prog: generate(lm, chunk, max_new_tokens=n_tokens, batch_size=16, progress=prog),
+                               prompts, 16, progress, "generate")  # batches shared over processes, if launched so
     answers = [a if a else "." for a in answers]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(answers), encoding="utf-8")
-    tmp.replace(path)
+    if dist.is_main():
+        cache_io.write_json(path, answers)
     return answers
 
 
@@ -145,24 +148,37 @@ def run_attribution(lm: LoadedModel, cfg: RunConfig = RunConfig(), *, cache_dir:
     key = hashlib.sha256(json.dumps([lm.fingerprint, acfg.method, acfg.ig_steps, acfg.max_length, groups],
                                     sort_keys=True).encode()).hexdigest()[:20]
     path = cache_dir / "attribution" / f"{key}.safetensors"
-    if use_cache and path.exists():
-        try:
-            cached = NeuronScores.load(path)
-            if cached.shape == lm.shape:
-                cached.meta["cache"] = str(path)
-                return cached
-        except Exception:
-            pass  # unreadable: recompute
-    total = sum(len(p) for p, _ in groups.values())
+    cached = None
+    if use_cache and (blob := cache_io.read_bytes(path, "attribution cache entry")) is not None:
+        try:  # verified against its checksum; a bad entry is recomputed, never trusted
+            cached = NeuronScores.from_bytes(blob)
+            if cached.shape != lm.shape:
+                cache_io.warn_bad(path, f"shape {cached.shape}, model has {lm.shape}", "attribution cache entry")
+                cached = None
+        except Exception as exc:  # noqa: BLE001
+            cache_io.warn_bad(path, f"unreadable: {exc}", "attribution cache entry")
+    if dist.all_true(cached is not None):  # under `accelerate launch`: all processes hit, or all recompute
+        cached.meta["cache"] = str(path)
+        return cached
+    # One job per batch, shared round robin over the processes of `accelerate launch` (all jobs with one
+    # process): each batch is the one a single process runs, and per-group sums and counts add up exactly.
+    bs = acfg.batch_size
+    jobs = dist.shard([(name, s) for name, (prompts, _) in groups.items() for s in range(0, len(prompts), bs)])
+    total = sum(len(groups[name][0][s:s + bs]) for name, s in jobs)
     done = 0
-    sums: dict[str, GroupScores] = {}
-    for name, (prompts, targets) in groups.items():
-        sums[name] = attribute(lm, prompts, targets, acfg, progress=progress, cancel=cancel, stage=name, offset=done, total=total)
-        done += len(prompts)
+    sums = {name: GroupScores.zeros(lm.shape) for name in groups}
+    for name, s in jobs:
+        prompts, targets = groups[name]
+        part = attribute(lm, prompts[s:s + bs], targets[s:s + bs], acfg, progress=progress, cancel=cancel,
+                         stage=name, offset=done, total=total)
+        sums[name].add(part)
+        done += part.n
+    sums = dist.sum_groups(sums)  # sums of sums and of counts over processes (no-op for one)
     result = combine(sums)
     result.meta.update(model=lm.name, fingerprint=lm.fingerprint, method=acfg.method, key=key,
                        truncated=sum(g.truncated for g in sums.values()))
-    result.save(path)
+    if dist.is_main():  # the key does not depend on the number of processes; only the main process writes
+        result.save(path)
     result.meta["cache"] = str(path)
     return result
 

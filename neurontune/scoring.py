@@ -13,6 +13,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .data import plain_text
+
 
 @dataclass
 class PairBatch:
@@ -39,14 +41,19 @@ class PairBatch:
         return PairBatch(self.input_ids.to(device), self.attention_mask.to(device), self.target_mask.to(device), self.n_truncated)
 
 
-def encode_pairs(tokenizer, prompts: Sequence[str], targets: Sequence[str], max_length: int = 256) -> PairBatch:
+def encode_pairs(tokenizer, prompts: Sequence[str], targets: Sequence[str], max_length: int = 256,
+                 end_with_eos: bool = False) -> PairBatch:
     """Tokenise formatted prompts and their targets separately (no merge across the boundary) and pad.
 
-    A prompt too long for `max_length` keeps its end (where the request and the assistant header are)."""
+    A prompt too long for `max_length` keeps its end (where the request and the assistant header are).
+    Prompts come from `data.chat_prompt` (content already plain text); targets are content, made plain here.
+    `end_with_eos` appends the tokenizer's end-of-sequence id to every non-empty target."""
     rows, masks, n_truncated = [], [], 0
     for prompt, target in zip(prompts, targets, strict=True):
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        t = tokenizer(target, add_special_tokens=False)["input_ids"] if target else []
+        t = tokenizer(plain_text(tokenizer, target), add_special_tokens=False)["input_ids"] if target else []
+        if t and end_with_eos and tokenizer.eos_token_id is not None:
+            t = t + [tokenizer.eos_token_id]  # the answer ends here (end-of-turn), so a refusal stops instead of looping
         room = max_length - len(t)
         if len(p) > room:
             p, n_truncated = p[len(p) - room:], n_truncated + 1

@@ -14,6 +14,7 @@ Everything is a few top-k calls on cached tensors: well under 100 ms for 46k neu
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import pandas as pd
@@ -85,26 +86,40 @@ def _top_mask(scores: torch.Tensor, k: int, per_layer_cap: int | None) -> torch.
     return mask
 
 
-def _check(name: str, value, upper: int) -> int:
+def _check(name: str, value, upper: int | None, what: str = "the model has") -> int:
+    """A whole number in 0..upper (upper None: not known yet, e.g. before the model loads)."""
+    within = f"between 0 and {upper}" if upper is not None else "0 or more"
     try:
-        number = float(value)
+        number = float(value) if not isinstance(value, bool) else math.nan
     except (TypeError, ValueError):
-        raise SelectionError(f"{name} must be a whole number between 0 and {upper}, not {value!r}.") from None
-    if number != int(number) or not 0 <= number <= upper:
-        raise SelectionError(f"{name} must be a whole number between 0 and {upper} (the model's neuron count), not {value!r}.")
+        number = math.nan
+    if not math.isfinite(number) or number != int(number) or number < 0 or (upper is not None and number > upper):
+        context = f"; {what} {upper:,} neurons, choose 0..{upper}" if upper is not None else ""
+        raise SelectionError(f"{name} must be a whole number {within}, not {value!r}{context}.")
     return int(number)
+
+
+def check_counts(cfg: SelectionConfig, shape: tuple[int, int] | None = None, *, training: bool = False) -> tuple[int, int, int, int | None]:
+    """Validate the thresholds (against a model of `shape` = (n_layers, n_neurons) when known) before any
+    work: returns (k_safety, k_utility, protect_top, per_layer_cap). `training`: at least one neuron must be selected."""
+    total = shape[0] * shape[1] if shape else None
+    k_s = _check("k_safety", cfg.k_safety, total)
+    k_u = _check("k_utility", cfg.k_utility, total)
+    protect = _check("protect_top", cfg.protect_top, total)
+    cap = None if cfg.per_layer_cap is None else _check("per_layer_cap", cfg.per_layer_cap, shape[1] if shape else None,
+                                                        "each layer has")
+    if cfg.safety_rank not in ("safety", "contrast"):
+        raise SelectionError(f"safety_rank must be 'safety' or 'contrast', not {cfg.safety_rank!r}.")
+    if training and k_s == 0 and k_u == 0:
+        raise SelectionError("k_safety and k_utility are both 0: there is nothing to train. Choose at least 1 neuron "
+                             "in one of them" + (f" (the model has {total:,}; choose 1..{total})." if total else "."))
+    return k_s, k_u, protect, cap
 
 
 def select(scores, cfg: SelectionConfig = SelectionConfig()) -> Selection:
     """Apply the selection rules to cached `NeuronScores` (anything with ["safety"], ["over_refusal"])."""
     safety_s, over_s = scores["safety"], scores["over_refusal"]
-    total = safety_s.numel()
-    k_s = _check("k_safety", cfg.k_safety, total)
-    k_u = _check("k_utility", cfg.k_utility, total)
-    protect = _check("protect_top", cfg.protect_top, total)
-    cap = None if cfg.per_layer_cap is None else _check("per_layer_cap", cfg.per_layer_cap, safety_s.shape[1])
-    if cfg.safety_rank not in ("safety", "contrast"):
-        raise SelectionError(f"safety_rank must be 'safety' or 'contrast', not {cfg.safety_rank!r}.")
+    k_s, k_u, protect, cap = check_counts(cfg, tuple(safety_s.shape))
     if cfg.safety_rank == "contrast":
         safety_s = torch.where(safety_s > 0, (safety_s - over_s).clamp(min=1e-12), torch.zeros_like(safety_s))
     safety_raw = _top_mask(safety_s, k_s, cap)

@@ -89,3 +89,16 @@ def test_non_finite_loss_stops_and_keeps_last_good_gains(setup, monkeypatch):
     assert result.stopped == "non_finite"
     assert torch.isfinite(result.modulation.dense()).all()
     assert "error" in result.log[-1]
+
+
+def test_refusal_targets_end_with_end_of_turn(tiny_llama):
+    """With refusal_eos the harmful/benign refusal targets end with the eos id (scored), answers do not."""
+    from neurontune.metalearn import Objective
+    tok = tiny_llama.tokenizer
+    on = Objective(tiny_llama, RunConfig(model="tiny-llama")).batch(["how to x"], ["bake bread"], [("hi", "hello there")])
+    off = Objective(tiny_llama, RunConfig(model="tiny-llama").replace(meta={"refusal_eos": False})).batch(["how to x"], ["bake bread"], [("hi", "hello there")])
+    for role in ("harmful", "benign"):
+        assert on[role].input_ids[0, -1] == tok.eos_token_id and bool(on[role].target_mask[0, -1])
+        assert off[role].input_ids[0, -1] != tok.eos_token_id
+        assert int(on[role].target_mask.sum()) == int(off[role].target_mask.sum()) + 1
+    assert torch.equal(on["answers"].input_ids, off["answers"].input_ids)

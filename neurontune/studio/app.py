@@ -3,9 +3,12 @@ callbacks in handlers / background / chat. `build_app(studio)` returns the Block
 from __future__ import annotations
 
 import inspect
+import tempfile
+from pathlib import Path
 from typing import Callable
 
 import gradio as gr
+from gradio.utils import get_upload_folder
 
 from ..selection import RULES
 from . import background, chat, handlers, plots
@@ -271,9 +274,21 @@ def on_load(studio: Studio, session: Session, kind="safety", layer=0, top=50) ->
             "chat_status": handlers.gains_text(session)}
 
 
+def private_folders(studio: Studio) -> list[str]:
+    """The folders the studio writes (exports, runs, caches), for `blocked_paths`; one that holds Gradio's
+    upload folder or the temp folder (where download copies go) is left out, or nothing could be served."""
+    served = [Path(get_upload_folder()).resolve(), Path(tempfile.gettempdir()).resolve()]
+    folders = [Path(p).resolve() for p in (studio.export_root, studio.runs_dir, studio.cache_dir)]
+    return [str(f) for f in folders if not any(s == f or f in s.parents for s in served)]
+
+
 def launch(studio: Studio, *, host: str = "127.0.0.1", port: int = 7860, **kwargs):
-    """Queue (heavy work waits visibly), then serve. Returns what `Blocks.launch` returns."""
+    """Queue (heavy work waits visibly), then serve. Returns what `Blocks.launch` returns.
+
+    No `allowed_paths`: the page serves only Gradio's own upload/cache folder (downloads are copies placed
+    there). The folders the studio writes to are blocked outright, in case one of them lies inside it."""
     demo = build_app(studio)
     demo.queue(default_concurrency_limit=1, max_size=64)
     theme = gr.themes.Soft(primary_hue="indigo", secondary_hue="rose")
+    kwargs["blocked_paths"] = [*private_folders(studio), *(kwargs.get("blocked_paths") or [])]
     return demo, demo.launch(server_name=host, server_port=port, theme=theme, css=CSS, show_error=True, **kwargs)

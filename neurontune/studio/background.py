@@ -12,7 +12,7 @@ from typing import Iterator
 import pandas as pd
 
 from ..jobs import Job
-from ..pipeline import attribute_step, select_step, train_step
+from ..pipeline import attribute_step, select_step, train_step, truncation_note
 from . import handlers, plots
 from .state import Session, Studio
 
@@ -80,7 +80,8 @@ def attribute(studio: Studio, session: Session, kind="safety", layer=0, top=50) 
     yield from watch(studio, job, "attr_status")
     if job.status == "done" and session.scores_key == key:
         handlers.reselect(studio, session)
-        yield {"attr_status": job_text(studio, job), **handlers.views(studio, session, kind, layer, top)}
+        note = truncation_note(job.result, cfg) if job.result is not None else None
+        yield {"attr_status": job_text(studio, job) + (f"\n\n⚠ {note}" if note else ""), **handlers.views(studio, session, kind, layer, top)}
 
 
 # -- training ------------------------------------------------------------------------------------

@@ -5,13 +5,38 @@ from __future__ import annotations
 from typing import Iterator
 
 from .. import data
-from ..generation import stream_generate
+from ..generation import fit_lengths, stream_generate
 from ..judge import refusal_phrase
 from ..splits import build_splits
 from .handlers import gains_text
 from .state import Session, Studio
 
 MAX_CHARS = 4000  # a longer message is cut (and the user told) instead of filling the context
+CHAT_PROMPT_TOKENS = 2048  # conversation tokens the models read at most (long prompts are slow on a CPU)
+
+
+def _n_tokens(tok, conv: list[dict]) -> int:
+    return len(tok(data.chat_prompt(tok, conv[-1]["content"], history=conv[:-1]), add_special_tokens=False)["input_ids"])
+
+
+def fit_message(tok, message: str, budget: int) -> str:
+    """The message cut (at a token boundary) so that a conversation of it alone fits `budget` tokens."""
+    ids = tok(message, add_special_tokens=False)["input_ids"]
+    keep = len(ids) - (_n_tokens(tok, [{"role": "user", "content": message}]) - budget)
+    while keep > 0:
+        cut = tok.decode(ids[:keep]).rstrip("\ufffd")  # never end inside a multi-byte character
+        over = _n_tokens(tok, [{"role": "user", "content": cut}]) - budget
+        if over <= 0:
+            return cut
+        keep -= max(1, over)
+    return ""
+
+
+def fit_history(tok, conv: list[dict], budget: int) -> list[dict]:
+    """What a pane's model reads: the oldest turns left out until the conversation fits `budget` tokens."""
+    while len(conv) > 1 and _n_tokens(tok, conv) > budget:
+        conv = conv[2:] if len(conv) > 2 else conv[-1:]
+    return conv
 
 
 def verdict(text: str) -> str:
@@ -56,15 +81,28 @@ def chat(studio: Studio, session: Session, message: str, strength: float = 1.0, 
     if len(message) > MAX_CHARS:
         message, note = message[:MAX_CHARS], f" Your message was cut to its first {MAX_CHARS:,} characters."
     lm = studio.model(session)
+    budget, new_tokens = fit_lengths(lm, int(max_new_tokens), CHAT_PROMPT_TOKENS)
+    if _n_tokens(lm.tokenizer, [{"role": "user", "content": message}]) > budget:
+        message = fit_message(lm.tokenizer, message, budget)
+        if not message.strip():
+            yield {"chat_status": f"✗ Even a short message leaves no room for {new_tokens} new tokens in this model's context: lower max new tokens."}
+            return
+        note = (f" Your message was cut to its first {len(message):,} characters to fit the model's context "
+                f"({budget:,} prompt tokens with {new_tokens} new ones).")
+    if new_tokens < int(max_new_tokens):
+        note += f" Answers are limited to {new_tokens} new tokens by the model's context."
     mod = session.modulation
     if mod is not None and mod.fingerprint and mod.fingerprint != lm.fingerprint:
         yield {"chat_status": "✗ The session's gains were made for another model; train or load gains for this one."}
         return
     gains = None if mod is None else (mod if float(strength) == 1.0 else mod.scaled(float(strength)))
-    convs = [c + [{"role": "user", "content": message}] for c in session.chat]
+    convs = [c + [{"role": "user", "content": message}] for c in session.chat]  # what the panes show
+    seen = [fit_history(lm.tokenizer, c, budget) for c in convs]  # what the models read
+    if any(len(a) < len(b) for a, b in zip(seen, convs)):
+        note += " The oldest turns were left out of what the models read, to fit the context (they stay on screen)."
     texts = ["", ""]
-    for texts in stream_generate(lm, convs, [None, gains], max_new_tokens=int(max_new_tokens), do_sample=bool(sample),
-                                 temperature=float(temperature), seed=0 if sample else None):
+    for texts in stream_generate(lm, seen, [None, gains], max_new_tokens=new_tokens, do_sample=bool(sample),
+                                 temperature=float(temperature), seed=0 if sample else None, max_prompt_tokens=budget):
         yield {"left": display(convs[0], texts[0]), "right": display(convs[1], texts[1]), "msg": ""}
     session.chat = [c + [{"role": "assistant", "content": t}] for c, t in zip(convs, texts)]
     same = "identical answers" if texts[0] == texts[1] else "the answers differ"

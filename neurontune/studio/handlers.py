@@ -2,6 +2,8 @@
 named updates (the layout maps names to components); per-session work lives in the `Session`."""
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import shutil
 import tempfile
@@ -13,7 +15,6 @@ import numpy as np
 import pandas as pd
 
 from .. import data
-from ..config import SelectionConfig
 from ..export import ExportError, export, slugify
 from ..models import ModelLoadError
 from ..modulation import Modulation, ModulationFileError
@@ -155,15 +156,17 @@ def load(studio: Studio, session: Session, model: str, trust_remote_code: bool, 
     try:
         lm = studio.models.get(model, bool(trust_remote_code))
         cfg = studio.config(preset, model, quick_mode=bool(quick_mode), n_neurons=lm.shape[0] * lm.shape[1])
-        files = {}
+        files, notes = {}, []
         for key, f in (("harmful_file", harmful_file), ("benign_file", benign_file), ("borderline_file", borderline_file)):
             if (path := _file_path(f)) is not None:
-                data.load_prompts(path, max_rows=5)  # a bad file is reported now, not in the middle of a job
+                data.load_prompts(path, notes=notes)  # a bad file is reported now, not in the middle of a job
                 files[key] = path
         cfg = cfg.replace(data=files) if files else cfg
     except (ModelLoadError, ValueError, OSError) as exc:
         kept = f" The previous model (**{session.model}**) is still loaded and usable." if session.fingerprint else ""
         return {"model_status": f"✗ {exc}{kept}"}
+    for note in notes:  # repairs made to the files (duplicates dropped, rows capped): shown, not fatal
+        gr.Warning(note)
     changed = lm.fingerprint != session.fingerprint
     session.model, session.fingerprint, session.cfg, session.preset = model, lm.fingerprint, cfg, preset
     if changed:
@@ -174,6 +177,9 @@ def load(studio: Studio, session: Session, model: str, trust_remote_code: bool, 
     if studio.scores(session.scores_key) is not None:
         reselect(studio, session)
         note = "Neuron scores for this model and data were computed before: loaded from the cache."
+    if trust_remote_code:
+        note += ("\n\n⚠ **trust_remote_code is on**: a model repository's own Python code may run on this machine. "
+                 "Leave it off unless you trust the repository.")
     out = {"model_status": model_text(session, lm, note), **slider_limits(lm, session), **views(studio, session, kind, layer, top)}
     if changed:
         out.update(left=[], right=[], active_gains=gains_text(session))
@@ -184,8 +190,9 @@ def load(studio: Studio, session: Session, model: str, trust_remote_code: bool, 
 def reselect(studio: Studio, session: Session, k_safety=None, k_utility=None, protect_top=None) -> float:
     """Apply the selection rules to the cached scores; returns milliseconds taken."""
     s = session.cfg.selection
-    cfg = SelectionConfig(int(k_safety if k_safety is not None else s.k_safety), int(k_utility if k_utility is not None else s.k_utility),
-                          s.per_layer_cap, int(protect_top if protect_top is not None else s.protect_top))
+    cfg = dataclasses.replace(s, k_safety=int(k_safety if k_safety is not None else s.k_safety),
+                              k_utility=int(k_utility if k_utility is not None else s.k_utility),
+                              protect_top=int(protect_top if protect_top is not None else s.protect_top))  # keeps safety_rank, per-layer cap
     start = time.perf_counter()
     session.selection = select(studio.scores(session.scores_key), cfg)
     session.cfg = session.cfg.replace(selection=cfg)
@@ -197,16 +204,18 @@ def on_select(studio: Studio, session: Session, k_safety, k_utility, protect_top
         return {"counts": "No neuron scores yet: score the neurons first (Explore tab or “Run the whole flow”)."}
     try:
         ms = reselect(studio, session, k_safety, k_utility, protect_top)
-    except SelectionError as exc:
-        return {"counts": f"✗ {exc}"}
+    except (SelectionError, ValueError, TypeError) as exc:  # also a non-numeric value sent through the API
+        return {"counts": f"✗ {exc}" if isinstance(exc, SelectionError) else f"✗ The thresholds must be whole numbers of neurons ({exc})."}
     out = views(studio, session, kind, layer, top)
     return {**out, "counts": out["counts"] + f" — selection updated in {ms:.1f} ms from cached scores"}
 
 
-def on_meta(studio: Studio, session: Session, mode, steps, lam_kl, mu_over_refusal, max_gain) -> dict:
-    session.cfg = session.cfg.replace(meta={"mode": mode, "steps": int(steps), "lam_kl": float(lam_kl),
-                                            "mu_over_refusal": float(mu_over_refusal), "max_gain": float(max_gain)})
-    return {}
+def on_meta(studio: Studio, session: Session, mode, steps, lam_kl, mu_over_refusal, max_gain) -> None:
+    try:
+        session.cfg = session.cfg.replace(meta={"mode": mode, "steps": int(steps), "lam_kl": float(lam_kl),
+                                                "mu_over_refusal": float(mu_over_refusal), "max_gain": float(max_gain)})
+    except (ValueError, TypeError) as exc:  # the previous settings stay
+        gr.Warning(f"Training settings not changed: {exc}")
 
 
 def gains_text(session: Session) -> str:
@@ -295,8 +304,11 @@ def do_export(studio: Studio, session: Session, name: str, overwrite: bool, repo
     try:
         result = export(lm, session.modulation, studio.export_root, safe, preset=session.cfg.to_dict(), eval_rows=session.eval_rows,
                         overwrite=bool(overwrite), push_to_hub=(repo or "").strip() or None, token=(token or "").strip() or None)
-    except ExportError as exc:
+    except (ExportError, ValueError) as exc:
         return {"export_status": f"✗ {exc}", "hub_token": ""}
+    except OSError as exc:  # disk full, no permission ...: export() left nothing half-written
+        return {"export_status": f"✗ Could not write the export ({exc}); nothing was left in {studio.export_root}. "
+                                 "Free some space or choose another export folder.", "hub_token": ""}
     path = Path(result["path"])
     download = Path(tempfile.mkdtemp(prefix="neurontune-download-"))  # served copies; the export root stays private
     files = [str(shutil.copy2(path / f, download / f)) for f in ("modulation.safetensors", "README.md")]

@@ -9,6 +9,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import cache_io
 from ..config import RunConfig, list_presets, load_preset
 from ..jobs import JobRunner
 from ..models import LoadedModel, ModelLoadError, default_cache_dir, load_model
@@ -165,10 +166,13 @@ class Studio:
         job = self.runner.latest("attribution", key=key)
         path = Path(job.info.get("scores", "")) if job is not None else None
         if path is not None and path.is_file():
+            blob = cache_io.read_bytes(path, "studio scores")  # checked against its sidecar checksum
+            if blob is None:
+                return None  # bad or half-written: recomputed (from the attribution cache), never trusted
             try:
-                scores = NeuronScores.load(path)
-            except Exception as exc:  # noqa: BLE001 - a bad file is recomputed, never trusted
-                log.warning("Ignoring unreadable scores %s: %s", path, exc)
+                scores = NeuronScores.from_bytes(blob)
+            except Exception as exc:  # noqa: BLE001
+                cache_io.warn_bad(path, f"unreadable: {exc}", "studio scores")
                 return None
             self.put_scores(key, scores)
             return scores

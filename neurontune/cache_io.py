@@ -1,0 +1,298 @@
+"""Crash-safe on-disk cache entries: written under a temp name and renamed into place, their SHA-256 and size
+stored alongside, verified on every read. A missing, truncated, corrupted or half-written entry is a miss
+(logged once), never trusted and never a crash; the caller recomputes it and writes it again.
+
+A file entry `NAME` has a sidecar `NAME.sha256` (`{"sha256": ..., "size": ...}`): the old sidecar is removed
+before the new data is renamed in and the new one renamed in last, so a crash at any point leaves either the
+old entry, or data with no sidecar (a miss). A folder entry holds a manifest `.complete.json` (every file's
+size and SHA-256), written inside the temp folder before the folder is renamed in. Temp names are hidden
+(`.NAME.tmp-PID-...`); those of dead processes are removed by the next write of the same entry.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+SIDECAR = ".sha256"
+MANIFEST = ".complete.json"
+_CHUNK = 1 << 20
+_warned: set[tuple] = set()
+_warned_lock = threading.Lock()
+
+
+def sidecar(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + SIDECAR)
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:6]}")
+
+
+def _stat_key(path: Path) -> tuple:
+    try:
+        st = path.stat()
+        return (str(path), st.st_mtime_ns, st.st_size)
+    except OSError:
+        return (str(path), None, None)
+
+
+def warn_bad(path: Path, why: str, what: str = "cache entry") -> None:
+    """Log that an entry is bad and will be recomputed, once per version of the file (a poll loop stays quiet)."""
+    key = _stat_key(path) + (why,)
+    with _warned_lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    log.warning("Ignoring bad %s %s (%s); it is recomputed, never trusted.", what, path, why)
+
+
+def file_digest(path: Path) -> tuple[str, int]:
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True
+    return True
+
+
+def clean_temps(path: str | Path) -> list[Path]:
+    """Remove temp files/folders of `path` (and its sidecar) left by processes that are gone."""
+    path = Path(path)
+    removed = []
+    pattern = re.compile(r"^\." + re.escape(path.name) + r"(" + re.escape(SIDECAR) + r")?\.tmp-(\d+)-")
+    if not path.parent.is_dir():
+        return removed
+    for p in path.parent.iterdir():
+        m = pattern.match(p.name)
+        if m is None or int(m.group(2)) == os.getpid() or _pid_alive(int(m.group(2))):
+            continue
+        try:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            removed.append(p)
+        except OSError:
+            pass
+    return removed
+
+
+# -- file entries ---------------------------------------------------------------------------------
+def write_file(path: str | Path, fill: Callable[[Path], Any]) -> Path:
+    """Write the entry `path` through `fill(temp_path)`, then publish it with its checksum sidecar."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean_temps(path)
+    tmp, side, side_tmp = _tmp(path), sidecar(path), _tmp(sidecar(path))
+    try:
+        fill(tmp)
+        _fsync(tmp)
+        sha, size = file_digest(tmp)
+        side_tmp.write_text(json.dumps({"sha256": sha, "size": size}), encoding="utf-8")
+        side.unlink(missing_ok=True)  # the old entry stops verifying before its data is replaced
+        os.replace(tmp, path)
+        os.replace(side_tmp, side)  # last: only now does the new entry verify
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        side_tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    return write_file(path, lambda tmp: tmp.write_bytes(data))
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    return write_bytes(path, json.dumps(obj).encode("utf-8"))
+
+
+def _expected(path: Path, what: str) -> tuple[str, int] | None:
+    try:
+        meta = json.loads(sidecar(path).read_text(encoding="utf-8"))
+        return str(meta["sha256"]), int(meta["size"])
+    except FileNotFoundError:
+        warn_bad(path, "no checksum: half-written, or written before checksums", what)
+    except (OSError, ValueError, KeyError, TypeError):
+        warn_bad(path, "unreadable checksum file", what)
+    return None
+
+
+def read_bytes(path: str | Path, what: str = "cache entry") -> bytes | None:
+    """The entry's content when it verifies; None when it is missing (silently) or bad (with a warning)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    expected = _expected(path, what)
+    if expected is None:
+        return None
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        warn_bad(path, f"unreadable: {exc}", what)
+        return None
+    if len(data) != expected[1]:
+        warn_bad(path, f"size {len(data)} bytes, expected {expected[1]}: truncated or overwritten", what)
+        return None
+    if hashlib.sha256(data).hexdigest() != expected[0]:
+        warn_bad(path, "checksum mismatch: corrupted", what)
+        return None
+    return data
+
+
+def read_json(path: str | Path, what: str = "cache entry") -> Any | None:
+    data = read_bytes(path, what)
+    if data is None:
+        return None
+    try:
+        return json.loads(data.decode("utf-8"))
+    except ValueError as exc:
+        warn_bad(Path(path), f"not JSON: {exc}", what)
+        return None
+
+
+def verify_file(path: str | Path, what: str = "cache entry") -> bool:
+    """True when the entry exists and matches its sidecar (streamed: fine for large files)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    expected = _expected(path, what)
+    if expected is None:
+        return False
+    try:
+        actual = file_digest(path)
+    except OSError as exc:
+        warn_bad(path, f"unreadable: {exc}", what)
+        return False
+    if actual[1] != expected[1]:
+        warn_bad(path, f"size {actual[1]} bytes, expected {expected[1]}: truncated or overwritten", what)
+        return False
+    if actual[0] != expected[0]:
+        warn_bad(path, "checksum mismatch: corrupted", what)
+        return False
+    return True
+
+
+# -- folder entries -------------------------------------------------------------------------------
+def _manifest(folder: Path) -> dict:
+    files = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            sha, size = file_digest(p)
+            files[p.relative_to(folder).as_posix()] = {"sha256": sha, "size": size}
+    return {"files": files}
+
+
+def write_folder(path: str | Path, fill: Callable[[Path], Any]) -> Path:
+    """Build the folder entry `path` in a temp folder through `fill(temp_folder)`, add its manifest, then
+    rename it into place (an older or bad entry is moved aside first and deleted after)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean_temps(path)
+    tmp, trash = _tmp(path), []
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(_manifest(tmp)), encoding="utf-8")
+        _fsync(tmp / MANIFEST)
+        for attempt in range(3):
+            if path.exists():
+                trash.append(_tmp(path))
+                try:
+                    os.rename(path, trash[-1])
+                except FileNotFoundError:
+                    pass  # another process moved it first
+            try:
+                os.rename(tmp, path)
+                break
+            except OSError:
+                if verify_folder(path):  # another process published a good entry meanwhile: keep it
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    break
+                if attempt == 2:
+                    raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        for t in trash:
+            shutil.rmtree(t, ignore_errors=True)
+    return path
+
+
+def verify_folder(path: str | Path, what: str = "cache folder") -> bool:
+    """True when the folder has a manifest and every file in it has the recorded size and SHA-256."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    try:
+        files = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["files"]
+        assert isinstance(files, dict) and files
+    except FileNotFoundError:
+        warn_bad(path, f"no {MANIFEST}: half-written, or written before manifests", what)
+        return False
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        warn_bad(path, f"unreadable {MANIFEST}", what)
+        return False
+    for rel, expected in files.items():
+        p = path / rel
+        try:
+            if p.stat().st_size != expected["size"]:
+                warn_bad(path, f"{rel}: size {p.stat().st_size} bytes, expected {expected['size']}", what)
+                return False
+            if file_digest(p)[0] != expected["sha256"]:
+                warn_bad(path, f"{rel}: checksum mismatch", what)
+                return False
+        except (OSError, KeyError, TypeError) as exc:
+            warn_bad(path, f"{rel}: {exc}", what)
+            return False
+    return True
+
+
+# -- JSON records with an embedded checksum (job status files) -------------------------------------
+def _json_checksum(obj: dict) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
+def with_checksum(obj: dict) -> dict:
+    """`obj` plus a `checksum` field over the rest (round-trips through JSON unchanged)."""
+    body = {k: v for k, v in obj.items() if k != "checksum"}
+    return {**body, "checksum": _json_checksum(json.loads(json.dumps(body, default=str)))}
+
+
+def check_record(obj: Any) -> bool:
+    """True for a dict whose `checksum` matches (or that has none: written before checksums)."""
+    if not isinstance(obj, dict):
+        return False
+    if "checksum" not in obj:
+        return True
+    return obj["checksum"] == _json_checksum({k: v for k, v in obj.items() if k != "checksum"})
