@@ -131,6 +131,6 @@ def sweep_run(lm, cfg: RunConfig, grid: Sequence[tuple[int, int]], out: Path, *,
     base = pd.DataFrame([{"name": "base", **proxy_metrics(lm, None, splits, n=48)}])
     frame.to_csv(out / "sweep.csv", index=False)
     base.to_csv(out / "sweep_baselines.csv", index=False)
-    tradeoff_figure(frame, base).write_html(out / "tradeoff.html", include_plotlyjs="cdn")
+    tradeoff_figure(frame, base).write_html(out / "tradeoff.html", include_plotlyjs=True)  # self-contained: opens offline
     log(frame.to_string(float_format=lambda v: f"{v:.3f}"))
     return frame

@@ -73,4 +73,8 @@ def tradeoff_figure(frame: pd.DataFrame, baselines: pd.DataFrame | None = None, 
                                      marker=dict(size=13, symbol=BASELINE_SYMBOLS[j % len(BASELINE_SYMBOLS)])))
     fig.update_layout(title=title, xaxis_title=f"{x} (lower is better)", yaxis_title=f"{y} (higher is better)",
                       template="plotly_white")
+    xs = pd.concat([frame[x], baselines[x]]) if baselines is not None and x in baselines else frame[x]
+    lo, hi = float(xs.min()), float(xs.max())
+    pad = 0.12 * (hi - lo) or 0.05
+    fig.update_xaxes(range=[lo - pad, hi + pad])  # room for the point labels at both ends
     return fig

@@ -16,6 +16,7 @@ import pandas as pd
 
 from .. import data
 from ..export import ExportError, export, slugify
+from ..gating import GateProbe
 from ..models import ModelLoadError
 from ..modulation import Modulation, ModulationFileError
 from ..selection import SelectionError, select
@@ -182,7 +183,7 @@ def load(studio: Studio, session: Session, model: str, trust_remote_code: bool, 
                  "Leave it off unless you trust the repository.")
     out = {"model_status": model_text(session, lm, note), **slider_limits(lm, session), **views(studio, session, kind, layer, top)}
     if changed:
-        out.update(left=[], right=[], active_gains=gains_text(session))
+        out.update(left=[], right=[], active_gains=gains_text(session), use_gate=gate_toggle(session))
     return out
 
 
@@ -223,12 +224,60 @@ def gains_text(session: Session) -> str:
         return ("No gains yet: both panes answer with the base model. Train gains or apply fixed gains in **Tune**, "
                 "or run the whole flow from **Model & data**.")
     s = session.modulation.summary()
-    return (f"Right pane uses **{session.gains_source}**: {s['n_amplified']:,} amplified, {s['n_suppressed']:,} suppressed, "
-            f"gains {s['min_gain']:.2f}–{s['max_gain']:.2f}, scaled by the strength slider.")
+    text = (f"Right pane uses **{session.gains_source}**: {s['n_amplified']:,} amplified, {s['n_suppressed']:,} suppressed, "
+            f"gains {s['min_gain']:.2f}–{s['max_gain']:.2f}, scaled by the strength slider")
+    gate = session.gate
+    if gate is None:
+        return text + " (static: no input gate)."
+    accuracy = f", training accuracy {gate.train_accuracy:.0%}" if gate.train_accuracy else ""
+    return (text + f" and by an **input gate** (a probe on {len(gate.layers):,} neurons{accuracy}): the right pane applies "
+            "strength × s, s from 0 (prompt looks benign) to 1 (looks harmful), as “neurontune-gated” in the evaluation.")
 
 
-def set_gains(session: Session, mod: Modulation, source: str, run_dir: str | None = None) -> None:
-    session.modulation, session.gains_source, session.run_dir, session.eval_rows = mod, source, run_dir, None
+def gate_props(session: Session) -> dict:
+    """The Compare tab's gate checkbox: on and usable when the session's gains have a gate, else off and disabled."""
+    if session.gate is None:
+        return dict(value=False, interactive=False, label="input gate (none for these gains)")
+    return dict(value=True, interactive=True, label="input gate: strength × s per prompt")
+
+
+def gate_toggle(session: Session):
+    return gr.update(**gate_props(session))
+
+
+def set_gains(session: Session, mod: Modulation, source: str, run_dir: str | None = None, gate: GateProbe | None = None) -> None:
+    """The session's gains (and their gate: None for fixed gains or gains without one)."""
+    session.modulation, session.gate, session.gains_source, session.run_dir, session.eval_rows = mod, gate, source, run_dir, None
+
+
+def load_gate(path: str | Path, lm) -> GateProbe:
+    """A gate file checked against the loaded model (its neurons and fingerprint); ValueError otherwise."""
+    return GateProbe.load(path, shape=tuple(lm.shape), expected_fingerprint=lm.fingerprint)
+
+
+def _file_format(path: str) -> str:
+    """The `format` field of a safetensors file's header ("" when unreadable)."""
+    try:
+        from safetensors import safe_open
+        with safe_open(path, "pt") as f:
+            return (f.metadata() or {}).get("format", "")
+    except Exception:  # noqa: BLE001 - reported when the file is loaded as a modulation
+        return ""
+
+
+def _gains_paths(upload) -> tuple[str | None, str | None]:
+    """(modulation, gate) from an upload: one file or folder, or several files (the gate told apart by its header).
+    A gate.safetensors beside a modulation file, or inside a run folder, comes along."""
+    paths = [p for p in (upload if isinstance(upload, (list, tuple)) else [upload]) if _file_path(p)]
+    paths = [_file_path(p) for p in paths]
+    gates = [p for p in paths if Path(p).is_file() and _file_format(p) == "neurontune-gate"]
+    mods = [p for p in paths if p not in gates]
+    mod = mods[0] if mods else None
+    gate = gates[0] if gates else None
+    if mod is not None and gate is None:
+        beside = Path(mod) / "gate.safetensors" if Path(mod).is_dir() else Path(mod).with_name("gate.safetensors")
+        gate = str(beside) if beside.is_file() else None
+    return mod, gate
 
 
 def fixed_gains(studio: Studio, session: Session, safety_gain: float, utility_gain: float, kind="safety", layer=0, top=50) -> dict:
@@ -237,13 +286,21 @@ def fixed_gains(studio: Studio, session: Session, safety_gain: float, utility_ga
     lm = studio.model(session)
     set_gains(session, session.selection.modulation(float(safety_gain), float(utility_gain), lm.fingerprint),
               f"fixed gains ×{float(safety_gain):g} / ×{float(utility_gain):g}")
-    return {**views(studio, session, kind, layer, top), "gains_status": "✓ " + gains_text(session), "active_gains": gains_text(session)}
+    return gains_views(studio, session, kind, layer, top)
+
+
+def gains_views(studio: Studio, session: Session, kind="safety", layer=0, top=50) -> dict:
+    """What changes on the page when the session's gains change."""
+    return {**views(studio, session, kind, layer, top), "gains_status": "✓ " + gains_text(session), "active_gains": gains_text(session),
+            "use_gate": gate_toggle(session)}
 
 
 def gains_file(studio: Studio, session: Session, upload, kind="safety", layer=0, top=50) -> dict:
-    path = _file_path(upload)
+    """Gains from a modulation file or run folder, with the gate.safetensors beside it or uploaded with it;
+    a file made for another model (gains or gate) is refused and the session keeps its gains."""
+    path, gate_path = _gains_paths(upload)
     if path is None:
-        return {"gains_status": "Choose a modulation.safetensors file first."}
+        return {"gains_status": "Choose a modulation.safetensors file first (and its gate.safetensors, if it has one)."}
     lm = studio.model(session)
     try:
         mod = Modulation.load(path, expected_fingerprint=lm.fingerprint)
@@ -251,8 +308,13 @@ def gains_file(studio: Studio, session: Session, upload, kind="safety", layer=0,
         return {"gains_status": f"✗ {exc}"}
     if tuple(mod.shape) != tuple(lm.shape):
         return {"gains_status": f"✗ This file holds gains for {mod.shape} neurons; the model has {lm.shape}."}
-    set_gains(session, mod, f"gains from file {Path(path).name}")
-    return {**views(studio, session, kind, layer, top), "gains_status": "✓ " + gains_text(session), "active_gains": gains_text(session)}
+    try:
+        gate = load_gate(gate_path, lm) if gate_path else None
+    except ValueError as exc:
+        return {"gains_status": f"✗ {exc} The gains were not loaded either; load the modulation file alone for static gains."}
+    name = Path(path).name if Path(path).is_file() else f"{Path(path).name}/modulation.safetensors"
+    set_gains(session, mod, f"gains from file {name}" + (" with its gate" if gate else ""), gate=gate)
+    return gains_views(studio, session, kind, layer, top)
 
 
 def recent_runs(studio: Studio, session: Session) -> dict:
@@ -262,7 +324,8 @@ def recent_runs(studio: Studio, session: Session) -> dict:
         info = job.info or {}
         if job.status in ("done", "cancelled") and info.get("fingerprint") == session.fingerprint and info.get("modulation"):
             when = time.strftime("%m-%d %H:%M", time.localtime(job.finished or job.created))
-            choices.append((f"{when} · k {info.get('k_safety')}/{info.get('k_utility')} · {info.get('steps_run')} steps · {job.status}", job.id))
+            gated = " · gated" if (Path(info.get("run_dir") or "") / "gate.safetensors").is_file() else ""
+            choices.append((f"{when} · k {info.get('k_safety')}/{info.get('k_utility')} · {info.get('steps_run')} steps{gated} · {job.status}", job.id))
     return {"recent_runs": gr.update(choices=choices, value=choices[0][1] if choices else None)}
 
 
@@ -282,12 +345,15 @@ def use_run(studio: Studio, session: Session, job_id: str, kind="safety", layer=
     job = studio.runner.get(job_id)
     if job is None or not job.info.get("modulation"):
         return {"gains_status": "Pick a finished training run first."}
+    lm = studio.model(session)
+    gate_path = Path(job.info.get("run_dir") or "") / "gate.safetensors"
     try:
-        mod = Modulation.load(job.info["modulation"], expected_fingerprint=studio.model(session).fingerprint)
-    except ModulationFileError as exc:
+        mod = Modulation.load(job.info["modulation"], expected_fingerprint=lm.fingerprint)
+        gate = load_gate(gate_path, lm) if job.info.get("run_dir") and gate_path.is_file() else None
+    except (ModulationFileError, ValueError) as exc:
         return {"gains_status": f"✗ {exc}"}
-    set_gains(session, mod, f"trained gains from run {Path(job.info['run_dir']).name}", job.info["run_dir"])
-    return {**views(studio, session, kind, layer, top), "gains_status": "✓ " + gains_text(session), "active_gains": gains_text(session)}
+    set_gains(session, mod, f"trained gains from run {Path(job.info['run_dir']).name}", job.info["run_dir"], gate=gate)
+    return gains_views(studio, session, kind, layer, top)
 
 
 # -- Export --------------------------------------------------------------------------------------
@@ -313,10 +379,13 @@ def do_export(studio: Studio, session: Session, name: str, overwrite: bool, repo
     download = Path(tempfile.mkdtemp(prefix="neurontune-download-"))  # served copies; the export root stays private
     files = [str(shutil.copy2(path / f, download / f)) for f in ("modulation.safetensors", "README.md")]
     renamed = f" (sanitised from “{name}”)" if name and safe != name else ""
+    gate = ("\n\n⚠ **The input gate is not in this export**: a gate cannot be folded into weights, so the checkpoint holds "
+            "the static gains only: what the Compare tab shows with *input gate* unticked (on the embedded model these "
+            "refuse far more benign prompts than the gated right pane; README “Results”).") if session.gate is not None else ""
     push = (f"\n\n⚠ {result['push_error']}" if result["push_error"] else
             f"\n\n↑ Pushed to the Hub: `{result['pushed']}`" if result["pushed"] else "")
     status = (f"✓ Exported to `{path}`{renamed}. The reloaded checkpoint matches the hooked model (max logit difference "
-              f"{result['max_logit_diff']:.1e}).{push}\n\nLoad it with plain `transformers`:\n```python\n"
+              f"{result['max_logit_diff']:.1e}).{gate}{push}\n\nLoad it with plain `transformers`:\n```python\n"
               f"from transformers import AutoModelForCausalLM, AutoTokenizer\nmodel = AutoModelForCausalLM.from_pretrained({str(path)!r})\n"
               f"tokenizer = AutoTokenizer.from_pretrained({str(path)!r})\n```")
     return {"export_status": status, "export_files": files, "export_name": safe, "hub_token": ""}
