@@ -6,6 +6,7 @@ borderline-safe = 0. Under `GatedModulation.apply(lm)`, the first forward of eac
 first runs the model once without gains to read those activations, sets each row's strength
 s = sigmoid(w . a + b), and then runs with gains 1 + s (g - 1); later decoding steps reuse s.
 A gate cannot be folded into weights; export takes its static gains only on request.
+`gate_strength(lm, probe, texts)` is the same s for formatted prompts, without generating (the studio's chat).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Sequence
 import torch
 
 from .data import chat_prompt
-from .generation import encode_left
+from .generation import PROMPT_CAP, encode_left
 from .hooks import scoped_pre_hooks
 from .modulation import Modulation
 
@@ -31,6 +32,7 @@ class GateProbe:
     weight: torch.Tensor  # [k]
     bias: float
     train_accuracy: float = 0.0
+    fingerprint: str | None = None  # the model it was fitted on (older gate files have none)
 
     def strength(self, acts: torch.Tensor) -> torch.Tensor:
         """acts: [B, k] raw activations -> [B] strength in (0, 1)."""
@@ -40,26 +42,56 @@ class GateProbe:
         from safetensors.torch import save_file
         tensors = {"layers": self.layers, "neurons": self.neurons, "mean": self.mean, "std": self.std, "weight": self.weight}
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
-                  metadata={"format": "neurontune-gate", "bias": repr(self.bias), "train_accuracy": repr(self.train_accuracy)})
+                  metadata={"format": "neurontune-gate", "bias": repr(self.bias), "train_accuracy": repr(self.train_accuracy),
+                            "fingerprint": self.fingerprint or ""})
 
     @classmethod
-    def load(cls, path) -> "GateProbe":
+    def load(cls, path, shape: tuple[int, int] | None = None, expected_fingerprint: str | None = None) -> "GateProbe":
+        """Read a gate file; with `shape` / `expected_fingerprint`, refuse one whose neurons do not fit the
+        model or that was fitted on another model (ValueError with a message for the user)."""
         from safetensors import safe_open
         from safetensors.torch import load_file
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+            t = load_file(str(path))
+        except Exception as exc:  # safetensors raises several types for truncated/corrupt files
+            raise ValueError(f"{path} is not a readable gate file ({exc}).") from exc
         if meta.get("format") != "neurontune-gate":
             raise ValueError(f"{path} is not a NeuronTune gate file.")
-        t = load_file(str(path))
-        return cls(t["layers"], t["neurons"], t["mean"], t["std"], t["weight"], float(meta["bias"]), float(meta.get("train_accuracy", 0)))
+        fingerprint = meta.get("fingerprint") or None
+        if expected_fingerprint and fingerprint and fingerprint != expected_fingerprint:
+            raise ValueError(f"{path} is a gate fitted on model {fingerprint}, not the loaded model {expected_fingerprint}.")
+        try:
+            probe = cls(t["layers"].long(), t["neurons"].long(), t["mean"].float(), t["std"].float(), t["weight"].float(),
+                        float(meta["bias"]), float(meta.get("train_accuracy", 0)), fingerprint)
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"{path} is a corrupted gate file (missing or unreadable {exc}).") from exc
+        k = len(probe.layers)
+        if k == 0 or any(v.dim() != 1 or len(v) != k for v in (probe.neurons, probe.mean, probe.std, probe.weight)):
+            raise ValueError(f"{path} is a corrupted gate file (its tensors do not have one entry per feature neuron).")
+        if not all(bool(torch.isfinite(v).all()) for v in (probe.mean, probe.std, probe.weight)) or probe.bias != probe.bias:
+            raise ValueError(f"{path} is a corrupted gate file (a value that is not a finite number).")
+        if shape is not None and (int(probe.layers.min()) < 0 or int(probe.layers.max()) >= shape[0]
+                                  or int(probe.neurons.min()) < 0 or int(probe.neurons.max()) >= shape[1]):
+            raise ValueError(f"{path} reads neurons outside this model's {tuple(shape)} (layers × neurons): it was fitted on another model.")
+        return probe
 
 
-def _last_token_acts(lm, texts: Sequence[str], layers: torch.Tensor, neurons: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+def gate_strength(lm, probe: GateProbe, texts: Sequence[str], max_length: int = PROMPT_CAP) -> torch.Tensor:
+    """[n] strength s of each formatted prompt: its unmodulated activations at the last token through the
+    probe, as `GatedModulation` sets s on a prompt's first forward (prompts longer than `max_length`
+    tokens keep their end, as generation does)."""
+    return probe.strength(_last_token_acts(lm, texts, probe.layers, probe.neurons, max_length=max_length))
+
+
+def _last_token_acts(lm, texts: Sequence[str], layers: torch.Tensor, neurons: torch.Tensor, batch_size: int = 16,
+                     max_length: int = PROMPT_CAP) -> torch.Tensor:
     """[n, k] activations of the given neurons at each formatted prompt's last token, unmodulated."""
     out = []
     needed = sorted(set(layers.tolist()))
     for start in range(0, len(texts), batch_size):
-        ids, mask = encode_left(lm.tokenizer, texts[start:start + batch_size])
+        ids, mask = encode_left(lm.tokenizer, texts[start:start + batch_size], max_length)
         out.append(_acts_for_ids(lm, ids, mask, needed, layers, neurons))
     return torch.cat(out)
 
@@ -119,7 +151,7 @@ def fit_gate(lm, modulation: Modulation, positive: Sequence[str], negative: Sequ
     opt.step(closure)
     with torch.no_grad():
         acc = float(((z @ w + b > 0).float() == y).float().mean())
-    return GateProbe(layers, neurons, mean, std, w.detach(), float(b.detach()), acc)
+    return GateProbe(layers, neurons, mean, std, w.detach(), float(b.detach()), acc, getattr(lm, "fingerprint", None))
 
 
 @dataclass

@@ -17,12 +17,12 @@ from .state import BUILTIN_MODELS, Session, Studio
 VIEW = ["heatmap", "kind", "drill", "table", "drill_layer", "dist_explore", "dist_tune", "counts"]
 META = ["steps", "mode", "lam_kl", "mu_over_refusal", "max_gain"]
 OUTPUTS = {  # api_name -> output names, in order (what gradio_client returns)
-    "load_model": ["model_status", "k_safety", "k_utility", "protect_top", *META, *VIEW, "left", "right", "active_gains"],
+    "load_model": ["model_status", "k_safety", "k_utility", "protect_top", *META, *VIEW, "left", "right", "active_gains", "use_gate"],
     "attribute": ["attr_status", *VIEW],
     "select": VIEW,
     "view": VIEW,
-    "train": ["train_status", "loss_plot", *VIEW, "active_gains", "gains_status", "recent_runs"],
-    "fixed_gains": [*VIEW, "gains_status", "active_gains"],
+    "train": ["train_status", "loss_plot", *VIEW, "active_gains", "gains_status", "recent_runs", "use_gate"],
+    "fixed_gains": [*VIEW, "gains_status", "active_gains", "use_gate"],
     "chat": ["left", "right", "msg", "chat_status"],
     "evaluate": ["eval_status", "eval_table", "eval_samples"],
     "sweep": ["eval_status", "tradeoff"],
@@ -46,11 +46,14 @@ HOW = {  # the "how to read this" line of each tab
     "tune": "Sliders re-select instantly from the cached scores. **Train gains** meta-learns one gain per selected neuron "
             "(amplify safety ≥ 1, suppress over-refusal ≤ 1); the validation loss is what early stopping watches.",
     "compare": "Left: the base model. Right: the same model with your gains. Both answer in one batched call with the same decoding; "
-               "the line under each answer is the refusal judge's verdict. Strength 0 makes the right pane the base model.",
+               "the line under each answer is the refusal judge's verdict. Strength 0 makes the right pane the base model. "
+               "Trained gains come with an **input gate**: for each conversation it measures s (0 = looks benign, 1 = looks harmful) "
+               "and the right pane applies strength × s, what the evaluation calls “neurontune-gated”; untick it for the static gains.",
     "evaluate": "Held-out harmful prompts and unseen attack families (refusal ↑ is better), benign and borderline prompts "
                 "(over-refusal ↓), perplexity ratio ≈ 1 and multiple choice accuracy (utility kept).",
     "export": "Folds the gains into the MLP weights: a standard checkpoint any `transformers` code loads, plus the small "
-              "modulation file and a model card. A Hub token is used for the push only and never stored.",
+              "modulation file and a model card. A Hub token is used for the push only and never stored. An input gate cannot be "
+              "folded: the checkpoint holds the static gains (Compare with *input gate* unticked).",
 }
 CSS = """
 #run-flow {font-size: 1.15rem; min-height: 3.2rem}
@@ -163,7 +166,8 @@ def build_app(studio: Studio) -> gr.Blocks:
                         utility_gain = gr.Slider(0, 1, 0.5, step=0.05, label="fixed over-refusal gain")
                         fixed_btn = gr.Button("Use fixed gains")
                     with gr.Row():
-                        gains_upload = gr.File(label="modulation.safetensors", file_types=[".safetensors"], type="filepath", height=90)
+                        gains_upload = gr.File(label="modulation.safetensors (+ its gate.safetensors, if any)", file_types=[".safetensors"],
+                                               file_count="multiple", type="filepath", height=90)
                         file_btn = gr.Button("Load gains file")
                     with gr.Row():
                         C["recent_runs"] = gr.Dropdown([], label="Finished trainings of this model (any session)", scale=3)
@@ -174,7 +178,10 @@ def build_app(studio: Studio) -> gr.Blocks:
                 gr.Markdown(HOW["compare"], elem_classes="how")
                 with gr.Row():
                     C["active_gains"] = gr.Markdown(handlers.gains_text(first))
-                    strength = gr.Slider(0, 3, 1.0, step=0.05, label="strength ×", info="what-if: 0 = base, 1 = as tuned, 2 = twice the change", scale=0, min_width=340)
+                    with gr.Column(scale=0, min_width=340):
+                        strength = gr.Slider(0, 3, 1.0, step=0.05, label="strength ×", info="what-if: 0 = base, 1 = as tuned, 2 = twice the change")
+                        C["use_gate"] = gr.Checkbox(**handlers.gate_props(first), elem_id="use-gate",
+                                                    info="on: the gains are scaled by the gate's s for each prompt; off: static gains (what export folds)")
                 with gr.Row(equal_height=True):
                     with gr.Column():
                         gr.Markdown("Base model", elem_classes="pane-title")
@@ -251,7 +258,7 @@ def build_app(studio: Studio) -> gr.Blocks:
         use_btn.click(**bind(handlers.use_run, "use_run", **quiet), inputs=[session, C["recent_runs"], *view_in])
         chat_kw = bind(chat.chat, "chat", concurrency_id="chat", concurrency_limit=studio.chat_limit, show_progress="minimal")
         chat_kw["fn"] = gpu(chat_kw["fn"])
-        chat_in = [session, C["msg"], strength, max_new, sample, temperature]
+        chat_in = [session, C["msg"], strength, max_new, sample, temperature, C["use_gate"]]
         send_btn.click(**chat_kw, inputs=chat_in)
         C["msg"].submit(**{**chat_kw, "api_name": None, "api_visibility": "private"}, inputs=chat_in)
         clear_btn.click(**bind(chat.clear, "clear_chat", **quiet), inputs=[session])

@@ -124,11 +124,16 @@ def train(studio: Studio, session: Session, kind="safety", layer=0, top=50) -> I
     result = job.result
     if result is not None and job.status in ("done", "cancelled"):
         stopped = {"done": "all steps", "early_stop": "early stop", "cancelled": "stopped by you", "non_finite": "stopped: non-finite loss"}
+        gate, note = None, ""
+        if (run / "gate.safetensors").is_file():  # train_step fits one when the preset asks (meta.gate) and it was not stopped
+            try:
+                gate = handlers.load_gate(run / "gate.safetensors", lm)
+            except ValueError as exc:
+                note = f"\n\n⚠ The run's gate could not be read ({exc}): the right pane uses the static gains."
         handlers.set_gains(session, result.modulation, f"trained gains ({len(result.log)} steps, {stopped.get(result.stopped, result.stopped)}, "
-                           f"best step {result.best_step})", str(run))
-        yield {**handlers.views(studio, session, kind, layer, top), "active_gains": handlers.gains_text(session),
-               "train_status": job_text(studio, job), "loss_plot": plots.losses(list(job.log)),
-               "gains_status": "✓ " + handlers.gains_text(session), **handlers.recent_runs(studio, session)}
+                           f"best step {result.best_step})", str(run), gate=gate)
+        yield {**handlers.gains_views(studio, session, kind, layer, top), "train_status": job_text(studio, job) + note,
+               "loss_plot": plots.losses(list(job.log)), **handlers.recent_runs(studio, session)}
 
 
 # -- evaluation and sweep ------------------------------------------------------------------------
@@ -142,6 +147,8 @@ def _run_with_gains(studio: Studio, session: Session) -> Path:
     run = Path(session.run_dir) if session.run_dir else _new_run_dir(studio, session)
     if not (run / "modulation.safetensors").exists() or session.run_dir is None:
         session.modulation.save(run / "modulation.safetensors")
+        if session.gate is not None:  # evaluated as "neurontune-gated" too
+            session.gate.save(run / "gate.safetensors")
     session.run_dir = str(run)
     return run
 

@@ -1,12 +1,16 @@
 """Side-by-side chat: the base model (left) and the session's modulated model (right) answer the same
-conversation in ONE batched, streamed generate call (per-row gains), each answer with the judge's verdict."""
+conversation in ONE batched, streamed generate call (per-row gains), each answer with the judge's verdict.
+When the gains have an input gate, the right row's gains are scaled by the gate's strength s for that
+conversation (one unmodulated forward of its prompt first): the evaluation's "neurontune-gated"."""
 from __future__ import annotations
 
 from typing import Iterator
 
 from .. import data
+from ..gating import gate_strength
 from ..generation import fit_lengths, stream_generate
 from ..judge import refusal_phrase
+from ..modulation import Modulation
 from ..splits import build_splits
 from .handlers import gains_text
 from .state import Session, Studio
@@ -44,11 +48,22 @@ def verdict(text: str) -> str:
     return f"**refuses** (“{phrase}”)" if phrase else ("empty answer" if not text.strip() else "**answers** (no refusal phrase)")
 
 
+def gate_reading(s: float) -> str:
+    """The gate strength in words: how much of the gains the right pane applied."""
+    if s < 0.2:
+        return f"gate {s:.2f}: looks benign, gains mostly off"
+    if s > 0.8:
+        return f"gate {s:.2f}: looks harmful, gains on"
+    return f"gate {s:.2f}: unsure, gains partly on"
+
+
 def display(conv: list[dict], partial: str | None = None) -> list[dict]:
-    """The chatbot's messages: each finished answer followed by the judge's verdict line."""
+    """The chatbot's messages: each finished answer followed by the judge's verdict line (and the gate's reading)."""
     out = []
     for m in conv:
         content = m["content"] if m["role"] == "user" else f"{m['content']}\n\n*judge:* {verdict(m['content'])}"
+        if m.get("gate") is not None:
+            content += f" · *{gate_reading(m['gate'])}*"
         out.append({"role": m["role"], "content": content})
     if partial is not None:
         out.append({"role": "assistant", "content": partial or "…"})
@@ -70,9 +85,23 @@ def examples(studio: Studio, session: Session) -> list[tuple[str, str]]:
     return picks + [("benign", benign), ("borderline-safe", border)]
 
 
+def right_gains(lm, session: Session, conv: list[dict], strength: float, use_gate: bool, budget: int) -> tuple[Modulation | None, float | None]:
+    """The right pane's gains for this conversation, and the gate strength s when the gate is used: the
+    gains scaled by strength × s (s from the conversation's prompt, unmodulated, as `GatedModulation` measures it)."""
+    mod, scale, s = session.modulation, float(strength), None
+    if mod is None:
+        return None, None
+    if session.gate is not None and use_gate:
+        prompt = data.chat_prompt(lm.tokenizer, conv[-1]["content"], history=conv[:-1])
+        s = float(gate_strength(lm, session.gate, [prompt], max_length=budget)[0])
+        scale *= s
+    return (mod if scale == 1.0 else mod.scaled(scale)), s
+
+
 def chat(studio: Studio, session: Session, message: str, strength: float = 1.0, max_new_tokens: int = 64,
-         sample: bool = False, temperature: float = 0.7) -> Iterator[dict]:
-    """Stream both panes. Strength scales the gains towards 1 (0 = both panes the base model)."""
+         sample: bool = False, temperature: float = 0.7, use_gate: bool = True) -> Iterator[dict]:
+    """Stream both panes. Strength scales the gains towards 1 (0 = both panes the base model); with the
+    session's gate on, the right pane's gains are scaled by strength × the gate's s for the conversation."""
     message = (message or "").strip()
     if not message:
         yield {"chat_status": "Type a message, or pick an example below."}
@@ -95,19 +124,27 @@ def chat(studio: Studio, session: Session, message: str, strength: float = 1.0, 
     if mod is not None and mod.fingerprint and mod.fingerprint != lm.fingerprint:
         yield {"chat_status": "✗ The session's gains were made for another model; train or load gains for this one."}
         return
-    gains = None if mod is None else (mod if float(strength) == 1.0 else mod.scaled(float(strength)))
     convs = [c + [{"role": "user", "content": message}] for c in session.chat]  # what the panes show
-    seen = [fit_history(lm.tokenizer, c, budget) for c in convs]  # what the models read
+    seen = [fit_history(lm.tokenizer, [{"role": m["role"], "content": m["content"]} for m in c], budget)
+            for c in convs]  # what the models read (without the gate readings kept for display)
     if any(len(a) < len(b) for a, b in zip(seen, convs)):
         note += " The oldest turns were left out of what the models read, to fit the context (they stay on screen)."
+    gains, s = right_gains(lm, session, seen[1], strength, bool(use_gate), budget)
     texts = ["", ""]
     for texts in stream_generate(lm, seen, [None, gains], max_new_tokens=new_tokens, do_sample=bool(sample),
                                  temperature=float(temperature), seed=0 if sample else None, max_prompt_tokens=budget):
         yield {"left": display(convs[0], texts[0]), "right": display(convs[1], texts[1]), "msg": ""}
-    session.chat = [c + [{"role": "assistant", "content": t}] for c, t in zip(convs, texts)]
+    session.chat = [convs[0] + [{"role": "assistant", "content": texts[0]}],
+                    convs[1] + [{"role": "assistant", "content": texts[1], **({"gate": s} if s is not None else {})}]]
     same = "identical answers" if texts[0] == texts[1] else "the answers differ"
+    if s is not None:
+        applied = f"Strength ×{float(strength):g} × {gate_reading(s)} (applied ×{float(strength) * s:.2f})"
+    elif session.gate is not None and mod is not None:
+        applied = f"Strength ×{float(strength):g}, input gate off (static gains)"
+    else:
+        applied = f"Strength ×{float(strength):g}"
     yield {"left": display(session.chat[0]), "right": display(session.chat[1]), "msg": "",
-           "chat_status": f"{gains_text(session)} Strength ×{float(strength):g}: {same}.{note}"}
+           "chat_status": f"{gains_text(session)} {applied}: {same}.{note}"}
 
 
 def clear(studio: Studio, session: Session) -> dict:

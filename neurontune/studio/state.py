@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .. import cache_io
 from ..config import RunConfig, list_presets, load_preset
+from ..gating import GateProbe
 from ..jobs import JobRunner
 from ..models import LoadedModel, ModelLoadError, default_cache_dir, load_model
 from ..modulation import Modulation
@@ -55,6 +56,7 @@ class Session:
     scores_key: str | None = None
     selection: Selection | None = None
     modulation: Modulation | None = None  # the gains the Compare and Export tabs use
+    gate: GateProbe | None = None  # the input gate trained with those gains (Compare applies strength × s), if any
     gains_source: str = ""
     run_dir: str | None = None
     jobs: dict = field(default_factory=dict)  # kind -> job id of this session's latest job
@@ -62,7 +64,7 @@ class Session:
     eval_rows: list | None = None
 
     def clear_gains(self) -> None:
-        self.modulation, self.gains_source, self.eval_rows = None, "", None
+        self.modulation, self.gate, self.gains_source, self.eval_rows = None, None, "", None
 
 
 class ModelPool:

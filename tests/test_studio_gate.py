@@ -1,0 +1,163 @@
+"""The studio's input gate on the tiny model: the Compare tab's right pane is "neurontune-gated" when the
+session's gains have a gate. A gate forced shut gives exactly the base answer and one forced open exactly
+the static gains' answer; the s used in chat is the s `GatedModulation` measures; a training in the studio
+(meta.gate on) leaves the session with a gate; gate files for another model are refused."""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+import torch
+
+from conftest import hooks_left, random_modulation
+from test_studio_client import TINY_PRESET, VIEW, Session, _answer, _free_port, _text
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+GATED_PRESET = {**TINY_PRESET, "name": "tiny-gated", "meta": {**TINY_PRESET["meta"], "gate": True, "gate_bias_shift": 0.0}}
+PROMPT = "Tell me how to pick a lock"
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    from neurontune.studio import Studio, launch
+
+    tmp = tmp_path_factory.mktemp("studio-gate")
+    preset = tmp / "tiny-gated.json"
+    preset.write_text(json.dumps(GATED_PRESET))
+    studio = Studio("tiny-llama", str(preset), quick_default=False, cache_dir=tmp / "cache", runs_dir=tmp / "runs",
+                    export_root=tmp / "exports")
+    studio.models.get("tiny-llama")
+    port = _free_port()
+    demo, _ = launch(studio, port=port, prevent_thread_lock=True, quiet=True)
+    yield studio, f"http://127.0.0.1:{port}/", str(preset)
+    demo.close()
+    studio.runner.shutdown()
+
+
+class GateSession(Session):
+    def chat(self, message: str = PROMPT, strength: float = 1.0, tokens: int = 12, use_gate: bool = True) -> tuple[str, str, str]:
+        self.call("clear_chat")
+        out = self.call("chat", message, strength, tokens, False, 0.7, use_gate)
+        return _answer(out["left"]), _answer(out["right"]), out["chat_status"]
+
+
+def forced_gate(lm, bias: float, fingerprint: str | None = None, neuron: int = 0):
+    """A probe whose strength is sigmoid(bias) for every prompt: exactly 0 at -1e4, exactly 1 at +1e4."""
+    from neurontune.gating import GateProbe
+    k = 4
+    return GateProbe(torch.arange(k) % lm.shape[0], torch.arange(k) + neuron, torch.zeros(k), torch.ones(k), torch.zeros(k),
+                     bias, 1.0, fingerprint or lm.fingerprint)
+
+
+def test_forced_gate_gives_base_or_static_answers(app, tmp_path):
+    from gradio_client import handle_file
+
+    studio, url, preset = app
+    lm = studio.models.get("tiny-llama")
+    mod_path = random_modulation(lm.shape, 80, seed=3, low=0.0, high=4.0, fingerprint=lm.fingerprint).save(tmp_path / "run" / "modulation.safetensors")
+    shut, open_ = tmp_path / "shut" / "gate.safetensors", tmp_path / "open" / "gate.safetensors"
+    for path, bias in ((shut, -1e4), (open_, 1e4)):
+        path.parent.mkdir()
+        forced_gate(lm, bias).save(path)
+    s = GateSession(url, preset)
+    s.load()
+    out = s.call("gains_file", [handle_file(str(mod_path)), handle_file(str(shut))], *VIEW)
+    assert "with its gate" in out["gains_status"] and "input gate" in out["active_gains"], out["gains_status"]
+    base, right, status = s.chat()
+    assert right == base, "a gate at s = 0 must leave the right pane the base model"
+    assert "gate 0.00: looks benign" in status and "identical answers" in status
+    base_off, static, status = s.chat(use_gate=False)  # the static gains, as export folds them
+    assert base_off == base and static != base, "these gains must change the answer for the test to mean anything"
+    assert "input gate off" in status
+    out = s.call("gains_file", [handle_file(str(mod_path)), handle_file(str(open_))], *VIEW)
+    assert "with its gate" in out["gains_status"]
+    base1, right1, status = s.chat()
+    assert base1 == base and right1 == static, "a gate at s = 1 must give the static gains' answer"
+    assert "gate 1.00: looks harmful" in status
+    assert "gate 1.00" in _text(s.call("chat", "And then?", 1.0, 8, False, 0.7, True)["right"][-1])  # per answer
+    # fixed gains have no gate: the toggle is off and disabled, the answers static
+    s.call("attribute", *VIEW)
+    out = s.call("fixed_gains", 2.0, 0.5, *VIEW)
+    assert "no input gate" in out["active_gains"]
+    assert "gate" not in s.chat()[2].split("Strength")[1]
+    assert hooks_left(lm) == 0 and not lm.model._forward_pre_hooks
+
+
+def test_gate_files_for_another_model_are_refused(app, tmp_path):
+    from neurontune.studio import handlers
+
+    studio, _, _ = app
+    lm = studio.models.get("tiny-llama")
+    session = studio.new_session()
+    run = tmp_path / "run"
+    random_modulation(lm.shape, 40, seed=4, low=1.5, high=3.0, fingerprint=lm.fingerprint).save(run / "modulation.safetensors")
+    forced_gate(lm, 0.0).save(run / "gate.safetensors")
+    out = handlers.gains_file(studio, session, str(run))  # a run folder: its gate comes along
+    assert out["gains_status"].startswith("✓") and session.gate is not None and "with its gate" in session.gains_source
+    kept = session.modulation
+    for name, probe, why in (("other", forced_gate(lm, 0.0, fingerprint="0123456789abcdef"), "fitted on model 0123456789abcdef"),
+                             ("wide", forced_gate(lm, 0.0, neuron=lm.shape[1] - 2), "outside this model's")):
+        folder = tmp_path / name
+        random_modulation(lm.shape, 40, seed=5, fingerprint=lm.fingerprint).save(folder / "modulation.safetensors")
+        probe.save(folder / "gate.safetensors")
+        out = handlers.gains_file(studio, session, str(folder / "modulation.safetensors"))  # the gate beside the file
+        assert out["gains_status"].startswith("✗") and why in out["gains_status"], out["gains_status"]
+        assert session.modulation is kept and session.gate is not None  # the session keeps what it had
+    handlers.set_gains(session, kept, "fixed gains")  # gains without a gate clear the old one
+    assert session.gate is None
+
+
+def test_chat_gate_strength_equals_gated_modulation(app):
+    """The s the right pane used, for a first turn and a follow-up, equals GatedModulation's s on the same prompt."""
+    from neurontune import data
+    from neurontune.gating import GatedModulation, fit_gate
+    from neurontune.generation import generate
+    from neurontune.studio import chat, handlers
+
+    studio, _, _ = app
+    lm = studio.models.get("tiny-llama")
+    mod = random_modulation(lm.shape, 80, seed=1, low=1.5, high=3.0, fingerprint=lm.fingerprint)
+    probe = fit_gate(lm, mod, [p.text for p in data.harmful()[:16]], [p.text for p in data.benign()[:16]])
+    session = studio.new_session()
+    handlers.set_gains(session, mod, "test gains", gate=probe)
+    strengths = []
+    for message in (data.harmful()[20].text, data.benign()[20].text):
+        session.chat = [[], []]
+        for follow_up in (message, "Say more."):
+            history = [{"role": m["role"], "content": m["content"]} for m in session.chat[1]]
+            list(chat.chat(studio, session, follow_up, max_new_tokens=4))
+            used = session.chat[1][-1]["gate"]
+            with GatedModulation(mod, probe).apply(lm) as state:  # the brute-force reference: the evaluation's path
+                generate(lm, [data.chat_prompt(lm.tokenizer, follow_up, history=history)], formatted=True, max_new_tokens=1)
+            assert used == float(state["s"][0]), (follow_up, used, float(state["s"][0]))
+            strengths.append(used)
+    assert len(set(strengths)) > 1  # the gate reads each conversation
+    assert hooks_left(lm) == 0 and not lm.model._forward_pre_hooks
+
+
+def test_training_in_the_studio_leaves_a_gate(app):
+    studio, url, preset = app
+    s = GateSession(url, preset)
+    s.load()
+    s.call("attribute", *VIEW)
+    out = s.call("train", *VIEW)
+    assert "Training gains: done" in out["train_status"], out["train_status"]
+    assert "trained gains" in out["active_gains"] and "input gate" in out["active_gains"], out["active_gains"]
+    assert "input gate" in out["gains_status"]
+    run = next(p for p in studio.runs_dir.iterdir() if (p / "gate.safetensors").exists() and (p / "train_log.jsonl").exists())
+    left, right, status = s.chat()
+    assert re.search(r"gate [01]\.\d\d: ", status), status
+    assert "not in this export" in s.call("export", "gated-tiny", False, "", "")["export_status"]
+    # another session picks the same run (with its gate) from the finished trainings
+    other = GateSession(url, preset)
+    other.load()
+    runs = other.call("refresh_runs")["recent_runs"]
+    choices = runs["choices"] if isinstance(runs, dict) else runs
+    job_id = next(value for label, value in choices if "gated" in label)
+    out = other.call("use_run", job_id, *VIEW)
+    assert run.name in out["gains_status"] and "input gate" in out["active_gains"]
+    left2, right2, status2 = other.chat()
+    assert (left2, right2) == (left, right) and re.search(r"gate [01]\.\d\d: ", status2).group(0) in status
