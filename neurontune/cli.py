@@ -100,11 +100,23 @@ def cmd_attribute(args) -> int:
     return 0
 
 
+def _baselines(text: str) -> tuple[str, ...]:
+    """--baselines: 'none', 'all' or a comma list (checked by evaluation_run against its known names)."""
+    from .evaluation_run import BASELINES, check_baselines
+    text = text.strip()
+    if text in ("none", ""):
+        return ()
+    names = BASELINES if text == "all" else tuple(b.strip() for b in text.split(",") if b.strip())
+    check_baselines(names)
+    return names
+
+
 def cmd_tune(args) -> int:
     from .pipeline import attribute_step, select_step, train_step
     from .selection import check_counts
     cfg = _config(args)
     check_counts(cfg.selection, training=True)  # bad thresholds are refused before any work...
+    baselines = _baselines(args.baselines)
     out = Path(args.out)
     lm = _load(args)
     check_counts(cfg.selection, lm.shape, training=True)  # ...and those too large for this model before attribution
@@ -128,7 +140,8 @@ def cmd_tune(args) -> int:
     if not args.no_eval:
         from .evaluation_run import evaluate_run
         bar, progress = _bar("evaluate")
-        evaluate_run(lm, out, cfg, baselines=(), quick=args.quick_eval, cache_dir=args.cache_dir, progress=progress, log=tqdm.write)
+        evaluate_run(lm, out, cfg, baselines=baselines, quick=args.quick_eval, cache_dir=args.cache_dir,
+                     progress=progress, log=tqdm.write)
         bar.close()
     print(f"Wrote {out}/ (modulation.safetensors, train_log.jsonl, preset.json, scores.safetensors ...)")
     return 0
@@ -140,7 +153,7 @@ def cmd_evaluate(args) -> int:
     cfg, _, _ = load_run(args.run)
     args.model = cfg.model if args.model == "embedded" else args.model
     lm = _load(args)
-    baselines = tuple(b for b in args.baselines.split(",") if b) if args.baselines != "none" else ()
+    baselines = _baselines(args.baselines)
     bar, progress = _bar("evaluate")
     from .distributed import is_main
     evaluate_run(lm, Path(args.run), cfg, baselines=baselines, quick=args.quick, cache_dir=args.cache_dir, progress=progress,
@@ -240,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
     p.add_argument("--quick-eval", action="store_true", help="a smaller evaluation (for a first look)")
+    p.add_argument("--baselines", default="none", help="also fit and evaluate baselines in the same run: comma list of "
+                   "direction,random,attribution_only, 'all', or 'none' (default)")
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("evaluate", help="evaluate a run's modulation against the base model and baselines")

@@ -54,6 +54,7 @@ def attribution_only(selection: Selection, tuned: Modulation, fingerprint: str) 
 def build_baselines(lm, cfg: RunConfig, scores: NeuronScores, tuned: Modulation, splits: Splits, names: Sequence[str],
                     *, cache_dir=None, progress=None, cancel=None, log: Callable[[str], None] = print) -> dict:
     """Named baseline interventions, fitted on the training split only."""
+    check_baselines(names)
     out = {}
     selection = select(scores, cfg.selection)
     if "attribution_only" in names:
@@ -68,10 +69,14 @@ def build_baselines(lm, cfg: RunConfig, scores: NeuronScores, tuned: Modulation,
             log(f"Fitting the layer-wise refusal direction ({kind})...")
             fit = fit_refusal_direction(lm, splits, kind, cancel=cancel)
             out[f"direction:{kind}"] = choose_layer_and_coef(lm, fit, splits, tuned, cancel=cancel)
+    return out
+
+
+def check_baselines(names: Sequence[str]) -> None:
+    """Refuse unknown baseline names before any work is done."""
     unknown = set(names) - set(BASELINES)
     if unknown:
-        raise ValueError(f"Unknown baselines {sorted(unknown)}; choose from {BASELINES}.")
-    return out
+        raise ValueError(f"Unknown baselines {sorted(unknown)}; choose from {', '.join(BASELINES)} (or 'all' / 'none').")
 
 
 def evaluate_run(lm, run_dir: Path, cfg: RunConfig, *, baselines: Sequence[str] = BASELINES, quick: bool = False,

@@ -105,3 +105,14 @@ def test_attribute_writes_scores_and_summary(tmp_path, tiny_preset, capsys):
     assert scores["safety"].shape == (3, 128) and scores.counts["safety/plain"] == 3
     import pandas as pd
     assert len(pd.read_csv(out / "layer_summary.csv")) == 3
+
+
+def test_tune_with_baselines_in_one_run_and_bad_names_refused_first(tmp_path, tiny_preset, capsys):
+    run_dir = tmp_path / "run"
+    assert run("tune", "--model", "tiny-llama", "--preset", tiny_preset, "--out", run_dir, "--baselines", "nope",
+               "--cache-dir", tmp_path / "c") == 2
+    assert "Unknown baselines ['nope']" in capsys.readouterr().err and not run_dir.exists()
+    assert run("tune", "--model", "tiny-llama", "--preset", tiny_preset, "--out", run_dir, "--quick-eval",
+               "--baselines", "attribution_only", "--cache-dir", tmp_path / "c") == 0
+    names = [r["intervention"] for r in json.loads((run_dir / "eval.json").read_text())["table"]]
+    assert names[:2] == ["base", "neurontune"] and "attribution-only" in names
