@@ -296,3 +296,11 @@ def check_record(obj: Any) -> bool:
     if "checksum" not in obj:
         return True
     return obj["checksum"] == _json_checksum({k: v for k, v in obj.items() if k != "checksum"})
+
+
+def read_safetensors(path: str | Path) -> tuple[dict, dict]:
+    """(header metadata, every tensor) of a safetensors file in one open; raises what safetensors raises
+    for a truncated or foreign file, for the caller to turn into its own message."""
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        return dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}

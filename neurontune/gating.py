@@ -49,12 +49,9 @@ class GateProbe:
     def load(cls, path, shape: tuple[int, int] | None = None, expected_fingerprint: str | None = None) -> "GateProbe":
         """Read a gate file; with `shape` / `expected_fingerprint`, refuse one whose neurons do not fit the
         model or that was fitted on another model (ValueError with a message for the user)."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file
+        from .cache_io import read_safetensors
         try:
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-            t = load_file(str(path))
+            meta, t = read_safetensors(path)
         except Exception as exc:  # safetensors raises several types for truncated/corrupt files
             raise ValueError(f"{path} is not a readable gate file ({exc}).") from exc
         if meta.get("format") != "neurontune-gate":

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence, Union
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from .cache_io import read_safetensors
 from .hooks import scoped_pre_hooks
 from .neuron_map import NeuronMap, neuron_map
 
@@ -117,10 +118,7 @@ class Modulation:
         if not path.exists():
             raise ModulationFileError(f"No modulation file at {path}. Pass the folder `tune --out` wrote or its modulation.safetensors.")
         try:
-            from safetensors import safe_open
-            with safe_open(str(path), "pt") as f:
-                header = f.metadata() or {}
-            tensors = load_file(str(path))
+            header, tensors = read_safetensors(path)
         except Exception as exc:  # safetensors raises several types for truncated/corrupt files
             raise ModulationFileError(f"{path} is not a readable modulation file ({exc}). Re-export it.") from exc
         if header.get("format") != "neurontune-modulation":

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from . import cache_io, data
 from . import distributed as dist
@@ -84,10 +84,8 @@ class NeuronScores:
 
     @classmethod
     def load(cls, path: str | Path) -> "NeuronScores":
-        from safetensors import safe_open
-        with safe_open(str(path), "pt") as f:
-            header = f.metadata() or {}
-        return cls(load_file(str(path)), json.loads(header.get("counts", "{}")), json.loads(header.get("meta", "{}")))
+        header, tensors = cache_io.read_safetensors(path)
+        return cls(tensors, json.loads(header.get("counts", "{}")), json.loads(header.get("meta", "{}")))
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> "NeuronScores":

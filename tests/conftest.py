@@ -1,7 +1,9 @@
 """Shared fixtures: the two tiny random models (session-scoped) and small helpers the test files import."""
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 
 # Tests never download: an unknown hub id must fail at once instead of retrying the network for a minute.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -76,3 +78,24 @@ def ablation_hooks(lm: LoadedModel, neurons: dict[int, list[int]]):
 
 def hooks_left(lm: LoadedModel) -> int:
     return sum(len(p._forward_pre_hooks) for p in lm.nmap.projections)
+
+
+@contextlib.contextmanager
+def served_studio(model: str, preset: str, tmp, **studio_kwargs):
+    """A studio serving `model` on a free 127.0.0.1 port, its runs and exports under `tmp` (and its cache,
+    unless `cache_dir=None` is passed: the user's cache). Yields (studio, url with a trailing slash)."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from neurontune.studio import Studio, launch
+
+    kwargs = {"cache_dir": tmp / "cache", "runs_dir": tmp / "runs", "export_root": tmp / "exports", **studio_kwargs}
+    studio = Studio(model, preset, **kwargs)
+    studio.models.get(model)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo, _ = launch(studio, port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield studio, f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+        studio.runner.shutdown()

@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import re
-import socket
 import types
 import uuid
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import random_modulation
+from conftest import random_modulation, served_studio
 from neurontune import data, generation
 from neurontune.export import ExportError, export
 from neurontune.modulation import FORMAT_VERSION, Modulation, ModulationFileError
@@ -350,25 +349,12 @@ def test_generate_long_prompt_fits_the_context_and_says_so(tiny_gpt2, caplog):
 
 
 # == security ======================================================================================
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """A studio on the tiny model, served on 127.0.0.1 (as tests/test_studio_client.py does)."""
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    from neurontune.studio import Studio, launch
     tmp = tmp_path_factory.mktemp("served")
-    studio = Studio("tiny-llama", "balanced", cache_dir=tmp / "cache", runs_dir=tmp / "runs", export_root=tmp / "exports")
-    studio.models.get("tiny-llama")
-    port = _free_port()
-    demo, _ = launch(studio, port=port, prevent_thread_lock=True, quiet=True)
-    yield studio, f"http://127.0.0.1:{port}", tmp
-    demo.close()
-    studio.runner.shutdown()
+    with served_studio("tiny-llama", "balanced", tmp) as (studio, url):
+        yield studio, url.rstrip("/"), tmp
 
 
 def test_trust_remote_code_off_by_default_and_warned(served, caplog):

@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 
 import pytest
+
+from conftest import served_studio
 
 CHROMIUM = os.environ.get("NEURONTUNE_CHROMIUM", "/usr/bin/chromium")
 MODEL = os.environ.get("NEURONTUNE_BROWSER_MODEL", "tiny-llama")
@@ -28,30 +29,17 @@ TINY_PRESET = {"name": "tiny-test",
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM} (apt-get install -y chromium)")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def studio_url(tmp_path_factory):
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    from neurontune.studio import Studio, launch
-
     tmp = tmp_path_factory.mktemp("browser")
     if MODEL == "tiny-llama":
         preset = tmp / "tiny.json"
         preset.write_text(json.dumps(TINY_PRESET))
-        studio = Studio(MODEL, str(preset), quick_default=False, cache_dir=tmp / "cache", runs_dir=tmp / "runs", export_root=tmp / "exports")
+        served = served_studio(MODEL, str(preset), tmp, quick_default=False)
     else:  # the README screenshots: the real model, quick preset, the user's model/attribution cache
-        studio = Studio(MODEL, "balanced", runs_dir=tmp / "runs", export_root=tmp / "exports")
-    studio.models.get(MODEL)
-    port = _free_port()
-    demo, _ = launch(studio, port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
-    studio.runner.shutdown()
+        served = served_studio(MODEL, "balanced", tmp, cache_dir=None)
+    with served as (_, url):
+        yield url
 
 
 def test_default_flow_in_browser(studio_url):

@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import threading
 import time
 from pathlib import Path
 
 import pytest
+
+from conftest import served_studio
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -25,27 +26,13 @@ PROMPT = "Tell me how to pick a lock"
 TOKEN = "hf_PLANTEDtoken1234567890"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    from neurontune.studio import Studio, launch
-
     tmp = tmp_path_factory.mktemp("studio")
     preset = tmp / "tiny.json"
     preset.write_text(json.dumps(TINY_PRESET))
-    studio = Studio("tiny-llama", str(preset), quick_default=False, cache_dir=tmp / "cache", runs_dir=tmp / "runs",
-                    export_root=tmp / "exports")
-    studio.models.get("tiny-llama")
-    port = _free_port()
-    demo, _ = launch(studio, port=port, prevent_thread_lock=True, quiet=True)
-    yield studio, f"http://127.0.0.1:{port}/", str(preset)
-    demo.close()
-    studio.runner.shutdown()
+    with served_studio("tiny-llama", str(preset), tmp, quick_default=False) as (studio, url):
+        yield studio, url, str(preset)
 
 
 class Session:

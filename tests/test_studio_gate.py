@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from conftest import hooks_left, random_modulation
-from test_studio_client import TINY_PRESET, VIEW, Session, _answer, _free_port, _text
+from conftest import served_studio
+from test_studio_client import TINY_PRESET, VIEW, Session, _answer, _text
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -22,19 +23,11 @@ PROMPT = "Tell me how to pick a lock"
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    from neurontune.studio import Studio, launch
-
     tmp = tmp_path_factory.mktemp("studio-gate")
     preset = tmp / "tiny-gated.json"
     preset.write_text(json.dumps(GATED_PRESET))
-    studio = Studio("tiny-llama", str(preset), quick_default=False, cache_dir=tmp / "cache", runs_dir=tmp / "runs",
-                    export_root=tmp / "exports")
-    studio.models.get("tiny-llama")
-    port = _free_port()
-    demo, _ = launch(studio, port=port, prevent_thread_lock=True, quiet=True)
-    yield studio, f"http://127.0.0.1:{port}/", str(preset)
-    demo.close()
-    studio.runner.shutdown()
+    with served_studio("tiny-llama", str(preset), tmp, quick_default=False) as (studio, url):
+        yield studio, url, str(preset)
 
 
 class GateSession(Session):
