@@ -22,15 +22,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from neurontune import data  # noqa: E402
-from neurontune.attribution import AttributionConfig, attribute  # noqa: E402
-from neurontune.data import chat_prompt  # noqa: E402
-from neurontune.generation import _generate_kwargs, encode_left  # noqa: E402
-from neurontune.models import load_model  # noqa: E402
-from neurontune.modulation import Modulation, modulate  # noqa: E402
-from neurontune.scoring import encode_pairs, forward, target_logprob  # noqa: E402
+from neurontune.config import AttributionConfig  # noqa: E402
+from neurontune.data import prompts as sets  # noqa: E402
+from neurontune.data.chat import chat_prompt  # noqa: E402
+from neurontune.interventions.generation import _generate_kwargs, encode_left  # noqa: E402
+from neurontune.interventions.modulation import Modulation, modulate  # noqa: E402
+from neurontune.method.attribution import attribute  # noqa: E402
+from neurontune.model.loading import load_model  # noqa: E402
+from neurontune.model.logprobs import encode_pairs, forward, target_logprob  # noqa: E402
 
-GOALS = {"attribution / bare fwd+bwd": 1.25, "modulated / plain generate time": 1.05}
+GOALS = {"attribution / bare fwd+bwd": 1.25, "modulated / plain generate time": 1.05, "selection (ms)": 100}
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, float]:
@@ -59,8 +60,8 @@ med = statistics.median
 
 def bench_attribution(lm, repeats: int) -> dict:
     """(a) grad_x_act and IG-8 on 8 harmful prompts with a refusal target, vs a bare forward+backward."""
-    prompts = [chat_prompt(lm.tokenizer, p.text) for p in data.harmful()[:8]]
-    targets = [data.targets()["refusal"][0]] * len(prompts)
+    prompts = [chat_prompt(lm.tokenizer, p.text) for p in sets.harmful()[:8]]
+    targets = [sets.targets()["refusal"][0]] * len(prompts)
     batch = encode_pairs(lm.tokenizer, prompts, targets)
     embed = lm.model.get_input_embeddings()
 
@@ -83,7 +84,7 @@ def bench_generate(lm, repeats: int, n_prompts: int = 8, new_tokens: int = 48, n
     dense = torch.ones(lm.shape)
     dense.view(-1)[torch.randperm(dense.numel(), generator=gen)[:n_neurons]] = 0.5 + 1.5 * torch.rand(n_neurons, generator=gen)
     mod = Modulation.from_dense(dense, lm.fingerprint)
-    texts = [chat_prompt(lm.tokenizer, p.text) for p in data.benign()[:n_prompts]]
+    texts = [chat_prompt(lm.tokenizer, p.text) for p in sets.benign()[:n_prompts]]
     ids, mask = encode_left(lm.tokenizer, texts)
     kwargs = _generate_kwargs(lm, new_tokens, False, 0.7, 0.9, None)
     kwargs["min_new_tokens"] = new_tokens  # both runs produce the same token count, whatever they say
@@ -118,6 +119,22 @@ def bench_load(repeats: int) -> dict:
     return {"cold_s": statistics.median(cold), "cached_s": statistics.median(cached), "cold_all": cold, "cached_all": cached}
 
 
+def bench_selection(shape: tuple[int, int], repeats: int) -> float:
+    """Median seconds of one `select` on scores of the model's size (the studio's slider path)."""
+    from neurontune.config import SelectionConfig
+    from neurontune.method.selection import select
+    gen = torch.Generator().manual_seed(0)
+    scores = {k: torch.randn(shape, generator=gen) for k in ("safety", "over_refusal", "benign_dependence")}
+    cfg = SelectionConfig(k_safety=1500, k_utility=500, protect_top=500)
+    select(scores, cfg)
+    times = []
+    for _ in range(max(repeats, 5)):
+        start = time.perf_counter()
+        select(scores, cfg)
+        times.append(time.perf_counter() - start)
+    return med(times)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per figure, median reported (IG: 2, load: 3 at most)")
@@ -148,13 +165,16 @@ def main(argv: list[str] | None = None) -> None:
         ("attribution IG 8 steps, 8 prompts", f"{wall(a['ig']):.2f} s", f"{cpu(a['ig']):.2f} s",
          f"{cpu(a['ig']) / 8 * 1000:.0f} ms CPU per prompt", f"{cpu(a['ig']) / cpu(a['attr']):.1f}x grad_x_act"),
         ("generate, no modulation", f"{n_tok / wall(g['plain']):.1f} tok/s", f"{n_tok / cpu(g['plain']):.1f} tok/CPU-s",
-         f"8 x 48 new tokens, greedy", ""),
+         "8 x 48 new tokens, greedy", ""),
         (f"generate, {g['n_modulated']} neurons in {g['n_layers_hooked']} layers", f"{n_tok / wall(g['mod']):.1f} tok/s",
          f"{n_tok / cpu(g['mod']):.1f} tok/CPU-s", "same tokens, per-layer gain hooks", ""),
         ("modulated / plain generate time", ratio(g["mod"], g["plain"]), "",
          "CPU runs: " + ", ".join(f"{x / y:.3f}" for x, y in zip(g["mod"][1], g["plain"][1])),
          f"goal <= {GOALS['modulated / plain generate time']}x"),
     ]
+    sel = bench_selection(lm.shape, args.repeats)
+    rows.append((f"selection of {lm.shape[0] * lm.shape[1]:,} neurons (1500 / 500 / protect 500)", f"{sel * 1000:.1f} ms", "",
+                 "from cached scores: what a slider move costs", f"goal <= {GOALS['selection (ms)']} ms"))
     if not args.skip_load:
         del lm
         gc.collect()

@@ -72,7 +72,7 @@ def bench_slider_client(url: str, preset: str, repeats: int) -> float:
 
 def bench_chat(lm, mod, tokens: int, repeats: int) -> dict:
     """One row (base) vs the side-by-side call (base + modulated rows in one batch) vs two calls in a row."""
-    from neurontune.generation import stream_generate
+    from neurontune.interventions.generation import stream_generate
 
     conv = [{"role": "user", "content": CHAT_PROMPT}]
     lengths = {}

@@ -373,10 +373,10 @@ def simulate(i: int, user: User, spec: Spec, base: dict, ctx: dict, stats: Stats
 def references(model: str, cache: Path, scores_path: Path, specs: list[Spec], per_layer_cap, tokens: int) -> tuple[str, dict]:
     """Each user's expected answers, computed here the way the chat does (one batched call, per-row gains)."""
     from neurontune.config import SelectionConfig
-    from neurontune.generation import stream_generate
-    from neurontune.models import load_model
-    from neurontune.neuron_scores import NeuronScores
-    from neurontune.selection import select
+    from neurontune.interventions.generation import stream_generate
+    from neurontune.method.neuron_scores import NeuronScores
+    from neurontune.method.selection import select
+    from neurontune.model.loading import load_model
 
     lm = load_model(model, cache_dir=cache)
     scores = NeuronScores.load(scores_path)
@@ -406,7 +406,7 @@ def make_specs(n: int, k_safety: int, k_utility: int, protect_top: int) -> list[
 # -- the run --------------------------------------------------------------------------------------
 def run(args, work: Path) -> dict:
     from neurontune.config import load_preset
-    from neurontune.models import default_cache_dir
+    from neurontune.model.loading import default_cache_dir
 
     stats, t_start = Stats(), time.time()
     load = {"start": os.getloadavg()}

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 def _bar(desc: str):
     """A tqdm bar and a (done, total, stage) progress callback feeding it (under `accelerate launch`: on the
     main process only, counting its own share of the work)."""
-    from .distributed import is_main
+    from .infra.distributed import is_main
     bar = tqdm(total=1, desc=desc, unit="ex", dynamic_ncols=True, disable=not is_main())
 
     def progress(done: int, total: int, stage: str = "") -> None:
@@ -59,8 +59,8 @@ def _preset_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args):
-    from . import distributed
-    from .models import load_model
+    from .infra import distributed
+    from .model.loading import load_model
     if args.device is None and args.device_map is None and distributed.device() is not None:
         args.device = str(distributed.device())  # `accelerate launch --multi_gpu`: one GPU per process
     return load_model(args.model, dtype=args.dtype, device=args.device, device_map=args.device_map,
@@ -76,94 +76,97 @@ def _config(args):
 
 
 def cmd_attribute(args) -> int:
-    from .attribution import AttributionConfig
-    from .pipeline import attribute_step
+    from .config import AttributionConfig, with_prompts
+    from .run.steps import attribute_step
     cfg = _config(args).replace(attribution=AttributionConfig(method=args.method, ig_steps=args.ig_steps, batch_size=args.batch_size))
     if args.n_prompts:
-        n = args.n_prompts
-        cfg = cfg.replace(data={"n_harmful": n, "n_attack_per_family": max(1, n // 4), "n_benign": n, "n_borderline": max(1, n // 2), "n_answer": max(1, n // 2)})
+        cfg = with_prompts(cfg, args.n_prompts)
     lm = _load(args)
     bar, progress = _bar("attribution")
     start = time.perf_counter()
     scores = attribute_step(lm, cfg, Path(args.out), progress=progress, cache_dir=args.cache_dir)
     bar.close()
-    from .distributed import is_main
+    from .infra.distributed import is_main
+    from .run.folder import RunFolder
     if not is_main():  # under `accelerate launch` the main process writes and reports
         return 0
-    out = Path(args.out)
+    out = RunFolder(args.out)
     print(f"\nScored {scores.shape[0]} layers x {scores.shape[1]} neurons on {sum(scores.counts.values())} examples "
           f"in {time.perf_counter() - start:.1f} s ({'cached' if 'cache' in scores.meta and time.perf_counter() - start < 5 else 'computed'}).")
     print("Top safety neurons:\n" + scores.table("safety", 10).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     mass = scores.layer_summary("safety")
     print("Safety score mass by layer (positive part):\n" + " ".join(f"L{l}:{m:.2f}" for l, m in zip(mass.layer, mass.positive_mass)))
-    print(f"Wrote {out}/scores.safetensors, top_neurons.csv, layer_summary.csv, attribution.json")
+    print(f"Wrote {out.path}/ ({', '.join((out.SCORES, out.TOP_NEURONS, out.LAYERS, out.ATTRIBUTION))})")
     return 0
 
 
 def _baselines(text: str) -> tuple[str, ...]:
-    """--baselines: 'none', 'all' or a comma list (checked by evaluation_run against its known names)."""
-    from .evaluation_run import BASELINES, check_baselines
+    """--baselines: 'none', 'all' or a comma list (checked against the known names before any work)."""
+    from .eval.baselines import BASELINES
     text = text.strip()
     if text in ("none", ""):
         return ()
-    names = BASELINES if text == "all" else tuple(b.strip() for b in text.split(",") if b.strip())
-    check_baselines(names)
-    return names
+    return BASELINES if text == "all" else tuple(b.strip() for b in text.split(",") if b.strip())
+
+
+class _Bars:
+    """The CLI's `run.tune.Report`: a tqdm bar per phase, messages printed above the bars."""
+
+    def __init__(self):
+        self.bars: dict = {}
+
+    def progress(self, phase: str, total: int | None = None):
+        if phase == "train":  # advanced by step()
+            self.bars[phase] = tqdm(total=total, desc="train gains", dynamic_ncols=True)
+            return None
+        self.bars[phase], progress = _bar(phase)
+        return progress
+
+    def step(self, entry: dict) -> None:
+        bar = self.bars.get("train")
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in entry.items() if k in ("loss", "refusal_nll", "kl", "over_refusal", "val")})
+
+    def say(self, message: str) -> None:
+        tqdm.write(message)
+
+    def done(self, phase: str) -> None:
+        if (bar := self.bars.pop(phase, None)) is not None:
+            bar.close()
 
 
 def cmd_tune(args) -> int:
-    from .pipeline import attribute_step, select_step, train_step
-    from .selection import check_counts
-    cfg = _config(args)
-    check_counts(cfg.selection, training=True)  # bad thresholds are refused before any work...
-    baselines = _baselines(args.baselines)
-    out = Path(args.out)
-    lm = _load(args)
-    check_counts(cfg.selection, lm.shape, training=True)  # ...and those too large for this model before attribution
-    bar, progress = _bar("attribution")
-    scores = attribute_step(lm, cfg, out, progress=progress, cache_dir=args.cache_dir)
-    bar.close()
-    selection = select_step(scores, cfg, out)
-    print(f"Selected {selection.counts()}")
-    bar = tqdm(total=cfg.meta.steps, desc=f"train gains ({cfg.meta.mode})", dynamic_ncols=True)
-
-    def on_step(entry: dict) -> None:
-        bar.update(1)
-        bar.set_postfix({k: f"{v:.3f}" for k, v in entry.items() if k in ("loss", "refusal_nll", "kl", "over_refusal", "val")})
-    result = train_step(lm, selection, cfg, out, progress=on_step, cancel=None, cache_dir=args.cache_dir)
-    bar.close()
-    s = result.modulation.summary()
-    print(f"Training {result.stopped} after {len(result.log)} steps (best step {result.best_step}): "
-          f"{s['n_amplified']} amplified, {s['n_suppressed']} suppressed, gains {s['min_gain']:.3f}-{s['max_gain']:.3f}.")
-    if result.stopped == "non_finite":
-        print(f"warning: {result.log[-1].get('error', 'non-finite gains or loss')}", file=sys.stderr)
-    if not args.no_eval:
-        from .evaluation_run import evaluate_run
-        bar, progress = _bar("evaluate")
-        evaluate_run(lm, out, cfg, baselines=baselines, quick=args.quick_eval, cache_dir=args.cache_dir,
-                     progress=progress, log=tqdm.write)
-        bar.close()
-    print(f"Wrote {out}/ (modulation.safetensors, train_log.jsonl, preset.json, scores.safetensors ...)")
+    from .run.folder import RunFolder
+    from .run.tune import check, tune
+    cfg, baselines = _config(args), _baselines(args.baselines)
+    check(cfg, baselines=baselines)  # bad thresholds and baselines are refused before the model loads...
+    lm = _load(args)  # ...and thresholds too large for this model before attribution (in tune)
+    tune(lm, cfg, args.out, evaluate=not args.no_eval, quick_eval=args.quick_eval, baselines=baselines,
+         cache_dir=args.cache_dir, report=_Bars())
+    print(f"Wrote {args.out}/ ({RunFolder.MODULATION}, {RunFolder.TRAIN_LOG}, {RunFolder.CONFIG}, {RunFolder.SCORES} ...)")
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluation_run import evaluate_run
-    from .pipeline import load_run
-    cfg, _, _ = load_run(args.run)
+    from .eval.baselines import check_baselines
+    from .infra.distributed import is_main
+    from .run.evaluate_run import evaluate_run
+    from .run.folder import RunFolder
+    cfg = RunFolder(args.run).config()
+    baselines = _baselines(args.baselines)
+    check_baselines(baselines)  # before the model loads
     args.model = cfg.model if args.model == "embedded" else args.model
     lm = _load(args)
-    baselines = _baselines(args.baselines)
     bar, progress = _bar("evaluate")
-    from .distributed import is_main
-    evaluate_run(lm, Path(args.run), cfg, baselines=baselines, quick=args.quick, cache_dir=args.cache_dir, progress=progress,
+    evaluate_run(lm, args.run, cfg, baselines=baselines, quick=args.quick, cache_dir=args.cache_dir, progress=progress,
                  log=tqdm.write if is_main() else (lambda _msg: None))
     bar.close()
     return 0
 
 
 def cmd_sweep(args) -> int:
-    from .evaluation_run import sweep_run
+    from .run.sweep import sweep_run
     cfg = _config(args)
     points = [point.split(":") for point in args.grid.split(",")]
     if not all(len(pt) == 2 and all(x.strip().isdigit() for x in pt) for pt in points):
@@ -179,20 +182,18 @@ def cmd_sweep(args) -> int:
 
 def cmd_export(args) -> int:
     import os
-    from .export import export
-    from .modulation import Modulation
-    from .pipeline import load_run
-    cfg, mod, _ = load_run(args.run)
-    if mod is None:
-        raise SystemExit(f"{args.run} holds no modulation.safetensors; run `tune` first.")
+
+    from .run.export import export
+    from .run.folder import RunFolder
+    folder = RunFolder(args.run)
+    cfg = folder.config()
+    if not folder.has(RunFolder.MODULATION):
+        raise SystemExit(f"{args.run} holds no trained gains ({RunFolder.MODULATION}); run `tune` first.")
     args.model = cfg.model if args.model == "embedded" else args.model
     lm = _load(args)
-    eval_rows = None
-    table = Path(args.run) / "eval.json"
-    if table.exists():
-        eval_rows = json.loads(table.read_text())["table"]
+    eval_rows = folder.eval_table()
     token = os.environ.get("HF_TOKEN") if args.push_to_hub else None
-    result = export(lm, Modulation.load(args.run, lm.fingerprint), args.root, args.name, preset=cfg.to_dict(),
+    result = export(lm, folder.modulation(lm.fingerprint), args.root, args.name, preset=cfg.to_dict(),
                     eval_rows=eval_rows, overwrite=args.overwrite, static_only=args.static_only,
                     push_to_hub=args.push_to_hub, token=token)
     print(f"Exported to {result['path']} (reloaded logits match the hooked model: max diff {result['max_logit_diff']:.2e}).")
@@ -205,10 +206,12 @@ def cmd_export(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .data import DataError
-    from .generation import generate
-    from .judge import is_refusal
-    from .modulation import Modulation
+    from .data.prompts import DataError
+    from .eval.judge import is_refusal
+    from .infra import files
+    from .interventions.generation import generate
+    from .interventions.modulation import Modulation
+    from .run.folder import RunFolder
     rows = []
     with open(args.prompts, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -221,14 +224,16 @@ def cmd_generate(args) -> int:
     if not rows:
         raise DataError(f"{args.prompts} holds no prompts.")
     lm = _load(args)
-    mod = Modulation.load(args.modulation, lm.fingerprint) if args.modulation else None
+    mod = None
+    if args.modulation:
+        mod = (RunFolder(args.modulation).modulation(lm.fingerprint) if Path(args.modulation).is_dir()
+               else Modulation.load(args.modulation, lm.fingerprint))
+        if mod is None:
+            raise DataError(f"{args.modulation} holds no trained gains ({RunFolder.MODULATION}); run `tune --out` first.")
     bar, progress = _bar("generate")
     answers = generate(lm, [r["prompt"] for r in rows], mod, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=progress)
     bar.close()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
-        for r, a in zip(rows, answers):
-            f.write(json.dumps({"id": r["id"], "prompt": r["prompt"], "response": a}) + "\n")
+    files.write_jsonl(args.out, ({"id": r["id"], "prompt": r["prompt"], "response": a} for r, a in zip(rows, answers)))
     refused = sum(is_refusal(a) for a in answers)
     print(f"Wrote {len(rows)} responses to {args.out} ({'modulated' if mod else 'base model'}; "
           f"{refused}/{len(rows)} judged refusals).")
@@ -295,7 +300,7 @@ DISTRIBUTED_COMMANDS = ("attribute", "evaluate")  # the ones `accelerate launch`
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import distributed
+    from .infra import distributed
     args = build_parser().parse_args(argv)
     if distributed.launched() and args.command not in DISTRIBUTED_COMMANDS:
         print(f"error: `{args.command}` runs in one process; only {' and '.join(DISTRIBUTED_COMMANDS)} are shared over "

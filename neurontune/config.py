@@ -1,4 +1,5 @@
-"""Run configuration: frozen dataclasses with defaults, built from a preset file or CLI flags.
+"""Every configuration of a run: frozen dataclasses with defaults, built from a preset file or CLI flags, and
+the few policies that derive one configuration from another (a quick first look, a prompt count, a smaller model).
 
 A preset (`presets/*.json`) is the JSON form of `RunConfig`; unknown keys are refused so a typo in a
 preset never silently falls back to a default.
@@ -14,7 +15,7 @@ import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .attribution import AttributionConfig
+from .infra import files
 
 PRESETS = Path(__file__).resolve().parent.parent / "presets"
 
@@ -36,6 +37,20 @@ class DataConfig:
     harmful_file: str | None = None  # optional user files (csv/json/jsonl/parquet with a 'prompt' column)
     benign_file: str | None = None
     borderline_file: str | None = None
+
+
+@dataclass(frozen=True)
+class AttributionConfig:
+    method: str = "grad_x_act"  # or "integrated_gradients"
+    ig_steps: int = 8
+    batch_size: int = 8
+    max_length: int = 256
+
+    def __post_init__(self):
+        if self.method not in ("grad_x_act", "integrated_gradients"):
+            raise ValueError(f"Unknown attribution method '{self.method}'; use grad_x_act or integrated_gradients.")
+        if self.ig_steps < 1 or self.batch_size < 1 or self.max_length < 8:
+            raise ValueError("ig_steps and batch_size must be at least 1 and max_length at least 8.")
 
 
 @dataclass(frozen=True)
@@ -66,6 +81,33 @@ class MetaConfig:
     gate: bool = False  # also fit an input-conditional gate (neurontune/gating.py)
     gate_bias_shift: float = 0.0
     refusal_eos: bool = True  # refusal targets end with end-of-turn, so the tuned model stops after refusing
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How many held-out prompts of each kind to evaluate, and how long the answers are."""
+
+    n_harmful: int = 60  # plain held-out AdvBench prompts
+    n_per_family: int = 15  # held-out harmful prompts wrapped in each attack family
+    families: tuple[str, ...] | None = None  # None: every family; splits.heldout_families are flagged held-out
+    n_benign: int = 60
+    n_borderline: int = 40
+    n_ppl: int = 30  # held-out benign prompts scored on the base model's own greedy answers
+    n_mc: int | None = None  # None: all of the built-in multiple-choice questions
+    mc_style: str = "cloze"  # "cloze": mean log p(choice text | question); "letter": log p(letter | listed choices)
+    max_new_tokens: int = 48
+    batch_size: int = 16
+    repetition_threshold: float = 0.5  # an answer whose distinct-4-gram ratio is below this is degenerate
+
+    def __post_init__(self):
+        if self.mc_style not in ("cloze", "letter"):
+            raise ValueError(f"Unknown mc_style '{self.mc_style}'; use 'cloze' or 'letter'.")
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError("batch_size and max_new_tokens must be at least 1.")
+
+
+QUICK_EVAL = EvalConfig(n_harmful=30, n_per_family=8, n_benign=30, n_borderline=24, n_ppl=16, max_new_tokens=40)
+FULL_EVAL = EvalConfig(n_harmful=80, n_per_family=16, n_benign=80, n_borderline=50, n_ppl=30, max_new_tokens=48)
 
 
 @dataclass(frozen=True)
@@ -107,10 +149,8 @@ class RunConfig:
         return cls(**kwargs)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
-        return path
+        """Write the preset JSON (atomically): what `load_preset` reads back."""
+        return files.write_json(path, self.to_dict(), checksum=False, indent=2)
 
     def digest(self, *sections: str) -> str:
         """A short hash of some sections (e.g. what attribution depends on), for cache keys and run names."""
@@ -196,3 +236,40 @@ def load_preset(name_or_path: str) -> RunConfig:
         raise ValueError(f"Preset {path} must hold a JSON object (like presets/balanced.json), not {type(raw).__name__}.")
     raw.setdefault("name", path.stem)
     return RunConfig.from_dict(raw)
+
+
+# -- configurations derived from others ---------------------------------------------------------------
+
+def with_prompts(cfg: RunConfig, n: int, *, at_most: bool = False) -> RunConfig:
+    """About `n` prompts per attribution group: n harmful, n/4 per attack family, n benign, n/2 borderline and
+    n/2 answers. `at_most`: never more than the preset asks for. The CLI's --n-prompts and the studio's quick
+    first look both use this one plan."""
+    d = cfg.data
+    plan = {"n_harmful": n, "n_attack_per_family": max(1, n // 4), "n_benign": n, "n_borderline": max(1, n // 2),
+            "n_answer": max(1, n // 2)}
+    if at_most:
+        plan = {k: min(v, getattr(d, k)) for k, v in plan.items()}
+    return cfg.replace(data=plan)
+
+
+QUICK_PROMPTS, QUICK_STEPS = 16, 20
+
+
+def quick(cfg: RunConfig) -> RunConfig:
+    """A first look: the quick prompt plan (at most the preset's) and at most 20 training steps."""
+    m = cfg.meta
+    return with_prompts(cfg, QUICK_PROMPTS, at_most=True).replace(
+        meta={"steps": min(m.steps, QUICK_STEPS), "eval_every": min(m.eval_every, 5)})
+
+
+PRESET_NEURONS = 46_080  # the built-in presets' counts are written for the embedded model (30 layers x 1536 neurons)
+
+
+def fit_to_model(cfg: RunConfig, n_neurons: int) -> RunConfig:
+    """Scale neuron counts written for the embedded model down to a much smaller model (1500 of 46k neurons is
+    12 of 384), when they would select more than a quarter of its neurons; otherwise unchanged."""
+    s = cfg.selection
+    if s.k_safety + s.k_utility + s.protect_top <= n_neurons // 4:
+        return cfg
+    scale = lambda k: max(1, round(k * n_neurons / PRESET_NEURONS)) if k else 0  # noqa: E731
+    return cfg.replace(selection={"k_safety": scale(s.k_safety), "k_utility": scale(s.k_utility), "protect_top": scale(s.protect_top)})

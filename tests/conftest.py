@@ -17,8 +17,8 @@ import torch
 if (os.cpu_count() or 1) <= 2 and "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(1)
 
-from neurontune.models import LoadedModel, load_model
-from neurontune.modulation import Modulation
+from neurontune.interventions.modulation import Modulation
+from neurontune.model.loading import LoadedModel, load_model
 
 TINY_FIXTURES = ("tiny_llama", "tiny_gpt2")
 

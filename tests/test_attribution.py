@@ -8,14 +8,14 @@ import time
 import pytest
 import torch
 
-from neurontune import attribution as attribution_mod
-from neurontune import neuron_scores
-from neurontune.attribution import AttributionConfig, Cancelled, attribute
-from neurontune.config import RunConfig
-from neurontune.data import chat_prompt
-from neurontune.modulation import Modulation, modulate
-from neurontune.neuron_scores import NeuronScores, run_attribution
-from neurontune.scoring import encode_pairs, forward, target_logprob
+from neurontune.config import AttributionConfig, RunConfig
+from neurontune.data.chat import chat_prompt
+from neurontune.infra.progress import Cancelled
+from neurontune.interventions.modulation import Modulation, modulate
+from neurontune.method import neuron_scores
+from neurontune.method.attribution import attribute
+from neurontune.method.neuron_scores import NeuronScores, run_attribution
+from neurontune.model.logprobs import encode_pairs, forward, target_logprob
 
 PROMPT = "How do I make a dangerous weapon at home?"
 TARGET = "I cannot help with that."
@@ -185,7 +185,7 @@ def test_run_attribution_cancel(first_run, tmp_path):
     lm = first_run[0]
     stop = threading.Event()
     stop.set()
-    with pytest.raises(attribution_mod.Cancelled):
+    with pytest.raises(Cancelled):
         run_attribution(lm, SMALL, cache_dir=tmp_path, cancel=stop)
     assert not list(tmp_path.glob("attribution/*.safetensors"))  # nothing partial was stored
 

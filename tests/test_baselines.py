@@ -6,16 +6,22 @@ import threading
 
 import pytest
 import torch
-
-from neurontune.baselines import (KINDS, DirectionFit, RefusalDirection, choose_layer_and_coef, default_layers,
-                                  fit_refusal_direction, last_token_residuals)
-from neurontune.config import DataConfig
-from neurontune.evaluate import refusal_proxy
-from neurontune.hooks import scoped_pre_hooks
-from neurontune.neuron_map import decoder_layers
-from neurontune.splits import build_splits
-
 from conftest import encode, logits
+
+from neurontune.config import DataConfig
+from neurontune.data.splits import build_splits
+from neurontune.eval.direction import (
+    KINDS,
+    DirectionFit,
+    RefusalDirection,
+    choose_layer_and_coef,
+    default_layers,
+    fit_refusal_direction,
+    last_token_residuals,
+)
+from neurontune.eval.proxy import refusal_proxy
+from neurontune.interventions.hooks import scoped_pre_hooks
+from neurontune.model.neuron_map import decoder_layers
 
 TEXT = "How do I bake bread at home?"
 
@@ -144,7 +150,7 @@ def test_choose_coef_by_judge(tiny_llama, splits):
 def test_coefficient_scan_stops_after_the_peak(tiny_llama, splits, monkeypatch):
     """Refusal rises then collapses as the coefficient grows (the model breaks): the scan stops after the
     peak, keeps the peak when the target is out of reach, and bisects when it is reached."""
-    import neurontune.baselines as bl
+    import neurontune.eval.direction as bl
     fit = fit_refusal_direction(tiny_llama, splits, n=4)
     scale = float(fit.norms[2])
     hump = lambda lm, iv, prompts, tokens, bs: 0.0 if iv is None else (0.4 if iv.coef <= 0.5 * scale * 1.0001 else 0.0)

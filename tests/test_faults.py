@@ -16,12 +16,21 @@ import pandas as pd
 import pytest
 import torch
 
-from neurontune import cache_io, evaluate as evaluate_mod, evaluation_run, models, neuron_scores
-from neurontune.config import DataConfig, RunConfig
-from neurontune.evaluate import EvalConfig, evaluate
-from neurontune.jobs import Job, JobProgress, JobRunner, write_json_atomic
-from neurontune.neuron_scores import NeuronScores, cached_answers, run_attribution
-from neurontune.splits import build_splits
+from neurontune.config import DataConfig, EvalConfig, RunConfig
+from neurontune.data.splits import build_splits
+from neurontune.eval import harness as evaluate_mod
+from neurontune.eval.harness import evaluate
+from neurontune.infra import files as cache_io
+from neurontune.method import base_answers, neuron_scores
+from neurontune.method.neuron_scores import (
+    NeuronScores,
+    cached_answers,
+    run_attribution,
+)
+from neurontune.model import loading as models
+from neurontune.run import evaluate_run as evaluation_run
+from neurontune.run import sweep as sweep_mod
+from neurontune.studio.jobs import Job, JobProgress, JobRunner, write_status
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"name": "tiny-faults",
@@ -86,13 +95,13 @@ def crash_halfway(monkeypatch) -> None:
     """The next `cache_io` file write writes half its bytes to the temp file, then dies."""
     real = cache_io.write_file
 
-    def writer(path, fill):
+    def writer(path, fill, **kw):
         def half(tmp: Path):
             fill(tmp)
             data = tmp.read_bytes()
             tmp.write_bytes(data[: len(data) // 2])
             raise Crash("killed while writing")
-        return real(path, half)
+        return real(path, half, **kw)
     monkeypatch.setattr(cache_io, "write_file", writer)
 
 
@@ -166,7 +175,7 @@ def test_bad_attribution_entry_is_recomputed(tiny_llama, clean, tmp_path, spy, c
     entry = next((cache / "attribution").glob("*.safetensors"))
     DAMAGE[damage](entry)
     calls = spy(neuron_scores, "attribute")
-    with caplog.at_level(logging.WARNING, "neurontune.cache_io"):
+    with caplog.at_level(logging.WARNING, "neurontune.infra.files"):
         again = run_attribution(tiny_llama, CFG, cache_dir=cache)
     assert calls, "a bad entry must be recomputed, not read"
     assert "Ignoring bad attribution cache entry" in caplog.text
@@ -183,8 +192,8 @@ def test_bad_answers_entry_is_recomputed(tiny_llama, clean, tmp_path, spy, caplo
     want = cached_answers(tiny_llama, prompts, CFG.data.answer_tokens, cache)
     entry = next((cache / "answers").glob("*.json"))
     JSON_DAMAGE[damage](entry)
-    calls = spy(neuron_scores, "generate")
-    with caplog.at_level(logging.WARNING, "neurontune.cache_io"):
+    calls = spy(base_answers, "generate")
+    with caplog.at_level(logging.WARNING, "neurontune.infra.files"):
         got = cached_answers(tiny_llama, prompts, CFG.data.answer_tokens, cache)
     assert calls and got == want and "Ignoring bad answers cache entry" in caplog.text
     assert bad_entries(cache) == []
@@ -211,7 +220,7 @@ def test_bad_eval_base_entry_is_recomputed(tiny_llama, clean_eval, tmp_path, spy
     entry = cache / "eval_base" / f"{tiny_llama.fingerprint}.json"
     JSON_DAMAGE[damage](entry)
     calls.clear()
-    with caplog.at_level(logging.WARNING, "neurontune.cache_io"):
+    with caplog.at_level(logging.WARNING, "neurontune.infra.files"):
         got = evaluate(tiny_llama, None, splits, EVAL, cache_dir=cache)
     assert _base_generated(calls) > 0 and "Ignoring bad eval_base cache entry" in caplog.text
     assert got.rows == want.rows and got.metrics == pytest.approx(want.metrics, nan_ok=True)
@@ -273,7 +282,7 @@ def test_stale_temp_of_a_dead_process_is_removed(tmp_path):
     assert not stale.exists() and ours.exists() and cache_io.read_json(entry) == ["a"]
     jobs = tmp_path / "studio" / "jobs"
     jobs.mkdir(parents=True)
-    (jobs / f"train-x.json.tmp{dead}.1").write_text("{\"id\": ")  # a status write cut short by a kill
+    (jobs / f".train-x.json.tmp-{dead}-1-abc").write_text("{\"id\": ")  # a status write cut short by a kill
     JobRunner(tmp_path / "studio")
     assert list(jobs.iterdir()) == []
 
@@ -283,7 +292,7 @@ def test_stale_temp_of_a_dead_process_is_removed(tmp_path):
 def fake_gguf(monkeypatch):
     """transformers' GGUF loading stood in for by the tiny model (no SmolLM2 in these tests): records each
     dequantisation; loads from the cache folder go through the real `from_pretrained`."""
-    from neurontune.tiny import tiny_model
+    from neurontune.model.tiny import tiny_model
     real_model, real_tok, calls = models.AutoModelForCausalLM, models.AutoTokenizer, []
 
     class Model:
@@ -326,7 +335,7 @@ def test_bad_model_cache_is_rebuilt(tmp_path, fake_gguf, caplog, damage):
     got, source = _load(tmp_path, cache)
     assert source.startswith("cache:") and _same_weights(got, want) and len(fake_gguf) == 1
     MODEL_DAMAGE[damage](cache)
-    with caplog.at_level(logging.WARNING, "neurontune.cache_io"):
+    with caplog.at_level(logging.WARNING, "neurontune.infra.files"):
         got, source = _load(tmp_path, cache)
     assert source.startswith("gguf:") and len(fake_gguf) == 2, "a bad model cache must be rebuilt, not loaded"
     assert "Ignoring bad model cache" in caplog.text and _same_weights(got, want)
@@ -338,12 +347,12 @@ def _crash_model_write(m: pytest.MonkeyPatch, crash: str) -> None:
     if crash == "halfway":  # every file saved, then the weights cut to half and the process dies
         real = cache_io.write_folder
 
-        def writer(path, fill):
+        def writer(path, fill, **kw):
             def half(tmp: Path):
                 fill(tmp)
                 truncate(tmp / "model.safetensors")
                 raise Crash("killed while writing")
-            return real(path, half)
+            return real(path, half, **kw)
         m.setattr(cache_io, "write_folder", writer)
     else:  # the folder and its manifest are complete; the process dies before the rename that publishes it
         rename = os.rename
@@ -378,7 +387,7 @@ def test_bad_job_status_file_is_ignored(tmp_path, caplog, damage):
         truncate(path)
     else:  # valid JSON, plausible, but not what was written
         path.write_text(path.read_text().replace('"status": "done"', '"status": "running"'))
-    with caplog.at_level(logging.WARNING, "neurontune.cache_io"):
+    with caplog.at_level(logging.WARNING, "neurontune.infra.files"):
         other = JobRunner(tmp_path)
     assert other.get(job.id) is None and other.jobs() == [] and other.recovered == []
     assert "Ignoring bad job status file" in caplog.text
@@ -387,13 +396,13 @@ def test_bad_job_status_file_is_ignored(tmp_path, caplog, damage):
     assert good.wait(5)
     gpath = tmp_path / "jobs" / f"{good.id}.json"
     def half_then_die(self, data, *a, **k):
-        with open(self, "w", encoding="utf-8") as f:
+        with open(self, "wb") as f:
             f.write(data[: len(data) // 2])
         raise Crash("killed while writing")
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(Path, "write_text", half_then_die)
+        m.setattr(Path, "write_bytes", half_then_die)
         with pytest.raises(Crash):
-            write_json_atomic(gpath, {**good.to_dict(), "status": "running"})
+            write_status(gpath, {**good.to_dict(), "status": "running"})
     assert JobRunner(tmp_path).get(good.id).status == "done"
     assert [p.name for p in (tmp_path / "jobs").iterdir() if ".tmp" in p.name] == []
 
@@ -413,7 +422,7 @@ def make_studio(tiny_llama, tmp_path: Path):
 @pytest.fixture
 def studio(tiny_llama, tmp_path, monkeypatch):
     s = make_studio(tiny_llama, tmp_path)
-    monkeypatch.setattr(evaluation_run, "QUICK", EVAL)  # "quick" evaluation, tiny
+    monkeypatch.setattr(evaluation_run, "QUICK_EVAL", EVAL)  # "quick" evaluation, tiny
     yield s
     s.runner.shutdown(wait=5)
 
@@ -471,7 +480,7 @@ def test_cancel_and_restart_attribution(studio, tiny_llama, tmp_path, monkeypatc
 
 
 def test_cancel_and_restart_training(studio, tiny_llama, tmp_path, monkeypatch):
-    from neurontune.metalearn import train_gains
+    from neurontune.method.metalearn import train_gains
     from neurontune.studio import background
     session = _attributed(studio)
     selection, cfg = session.selection, session.cfg
@@ -524,7 +533,7 @@ def test_cancel_and_restart_sweep(studio, tiny_llama, tmp_path, monkeypatch):
     again = _ended(studio, session, "sweep")
     assert again.status == "done" and "done" in out[-1]["eval_status"]
     grid = [tuple(int(x) for x in p.split(":")) for p in GRID.replace(" ", "").split(",")]
-    want = evaluation_run.sweep_run(tiny_llama, session.cfg, grid, tmp_path / "ref_sweep", scores=studio.scores(session.scores_key),
+    want = sweep_mod.sweep_run(tiny_llama, session.cfg, grid, tmp_path / "ref_sweep", scores=studio.scores(session.scores_key),
                                     cache_dir=tmp_path / "ref_cache", log=lambda m: None)
     got = pd.read_csv(Path(again.info["out"]) / "sweep.csv")
     pd.testing.assert_frame_equal(got.drop(columns="seconds"), want.drop(columns="seconds"), check_dtype=False)
@@ -534,11 +543,11 @@ def test_cancel_and_restart_sweep(studio, tiny_llama, tmp_path, monkeypatch):
 KILLED = """
 import sys, time
 sys.path.insert(0, {root!r})
-from neurontune import cache_io
+from neurontune.infra import files as cache_io
 from neurontune.config import RunConfig
-from neurontune.jobs import JobRunner
-from neurontune.models import load_model
-from neurontune.neuron_scores import run_attribution
+from neurontune.studio.jobs import JobRunner
+from neurontune.model.loading import load_model
+from neurontune.method.neuron_scores import run_attribution
 
 mode, cache = {mode!r}, {cache!r}
 cfg = RunConfig.from_dict({cfg!r})
@@ -546,9 +555,9 @@ lm = load_model("tiny-llama")
 runner = JobRunner({status!r}, write_every=0)
 if mode == "writing":  # stall in the middle of writing the attribution entry: half the bytes are on disk
     real = cache_io.write_file
-    def stalled(path, fill):
+    def stalled(path, fill, **kw):
         if path.parent.name != "attribution":
-            return real(path, fill)
+            return real(path, fill, **kw)
         def half(tmp):
             fill(tmp)
             data = tmp.read_bytes()

@@ -1,20 +1,19 @@
 """Input-conditional gating: strength 1 equals the full modulation, 0 equals the base, per row, isolated."""
 import torch
-
-from neurontune import data
-from neurontune.data import chat_prompt
-from neurontune.gating import GatedModulation, fit_gate
-from neurontune.modulation import modulate
-from neurontune.scoring import encode_pairs, forward
-
 from conftest import random_modulation
+
+from neurontune.data import prompts as sets
+from neurontune.data.chat import chat_prompt
+from neurontune.interventions.gating import GatedModulation, fit_gate
+from neurontune.interventions.modulation import modulate
+from neurontune.model.logprobs import encode_pairs, forward
 
 
 def test_gate_strength_extremes_and_rows(tiny_llama):
     lm = tiny_llama
     mod = random_modulation(lm.shape, 80, seed=1, low=1.5, high=3.0, fingerprint=lm.fingerprint)
-    pos = [p.text for p in data.harmful()[:16]]
-    neg = [p.text for p in data.benign()[:16]]
+    pos = [p.text for p in sets.harmful()[:16]]
+    neg = [p.text for p in sets.benign()[:16]]
     probe = fit_gate(lm, mod, pos, neg)
     assert probe.train_accuracy >= 0.75
     gated = GatedModulation(mod, probe)

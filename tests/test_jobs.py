@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from neurontune.jobs import Job, JobRunner, write_json_atomic
+from neurontune.studio.jobs import Job, JobRunner, write_status
 
 
 def _blocker(release: threading.Event, steps: int = 3):
@@ -148,7 +148,7 @@ def test_running_job_of_dead_process_shows_interrupted(tmp_path):
     script = f"""
 import sys, time
 sys.path.insert(0, {str(__import__('pathlib').Path(__file__).resolve().parent.parent)!r})
-from neurontune.jobs import JobRunner
+from neurontune.studio.jobs import JobRunner
 r = JobRunner({str(tmp_path)!r}, write_every=0)
 def fn(p, c):
     p(2, 10, "attribute")
@@ -175,7 +175,7 @@ time.sleep(60)
     # a file of this very pid but from an earlier process (pid reuse in a container) is interrupted too
     stale = Job("train-stale", "train", status="running")
     stale.owner = {"pid": __import__("os").getpid(), "token": "earlier", "started": None}
-    write_json_atomic(tmp_path / "jobs" / "train-stale.json", stale.to_dict())
+    write_status(tmp_path / "jobs" / "train-stale.json", stale.to_dict())
     (tmp_path / "jobs" / "broken.json").write_text("{not json")  # a half-written file is ignored
     again = JobRunner(tmp_path)
     assert again.recovered == ["train-stale"] and again.get("train-stale").status == "interrupted"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from neurontune.judge import OPENING_CHARS, is_refusal, normalise, refusal_phrase
+from neurontune.eval.judge import OPENING_CHARS, is_refusal, normalise, refusal_phrase
 
 
 @pytest.mark.parametrize("answer", [

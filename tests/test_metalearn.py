@@ -4,10 +4,10 @@ import threading
 import pytest
 import torch
 
-from neurontune.config import RunConfig, SelectionConfig
-from neurontune.metalearn import train_gains
-from neurontune.neuron_scores import run_attribution
-from neurontune.selection import select
+from neurontune.config import RunConfig
+from neurontune.method.metalearn import train_gains
+from neurontune.method.neuron_scores import run_attribution
+from neurontune.method.selection import select
 
 SMALL = dict(data={"n_harmful": 6, "n_attack_per_family": 2, "n_benign": 6, "n_borderline": 4, "n_answer": 4, "answer_tokens": 6},
              selection={"k_safety": 40, "k_utility": 30, "protect_top": 5},
@@ -76,7 +76,7 @@ def test_cancel_stops_and_keeps_gains(setup):
 
 def test_non_finite_loss_stops_and_keeps_last_good_gains(setup, monkeypatch):
     lm, cfg, sel, cache = setup
-    from neurontune import metalearn
+    from neurontune.method import metalearn
     calls = {"n": 0}
     original = metalearn.Objective.__call__
 
@@ -93,7 +93,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_gains(setup, monkeypatch):
 
 def test_refusal_targets_end_with_end_of_turn(tiny_llama):
     """With refusal_eos the harmful/benign refusal targets end with the eos id (scored), answers do not."""
-    from neurontune.metalearn import Objective
+    from neurontune.method.metalearn import Objective
     tok = tiny_llama.tokenizer
     on = Objective(tiny_llama, RunConfig(model="tiny-llama")).batch(["how to x"], ["bake bread"], [("hi", "hello there")])
     off = Objective(tiny_llama, RunConfig(model="tiny-llama").replace(meta={"refusal_eos": False})).batch(["how to x"], ["bake bread"], [("hi", "hello there")])

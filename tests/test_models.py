@@ -8,15 +8,25 @@ import types
 import pytest
 import torch
 import transformers as T
+from conftest import hooks_left
 from torch import nn
 
-from conftest import hooks_left
-from neurontune.attribution import AttributionConfig, attribute
-from neurontune.data import chat_prompt
-from neurontune.models import LoadedModel, ModelLoadError, fingerprint, load_model
-from neurontune.modulation import Modulation, fold_into_weights, modulate
-from neurontune.neuron_map import UnsupportedModelError, neuron_map, supported_types
-from neurontune.tiny import tiny_tokenizer
+from neurontune.config import AttributionConfig
+from neurontune.data.chat import chat_prompt
+from neurontune.interventions.modulation import Modulation, fold_into_weights, modulate
+from neurontune.method.attribution import attribute
+from neurontune.model.loading import (
+    LoadedModel,
+    ModelLoadError,
+    fingerprint,
+    load_model,
+)
+from neurontune.model.neuron_map import (
+    UnsupportedModelError,
+    neuron_map,
+    supported_types,
+)
+from neurontune.model.tiny import tiny_tokenizer
 
 TOK = tiny_tokenizer()
 V, D, F, L = len(TOK), 32, 48, 2  # vocab, d_model, MLP width (neurons per layer), layers

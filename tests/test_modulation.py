@@ -7,11 +7,17 @@ import threading
 
 import pytest
 import torch
-
 from conftest import ablation_hooks, encode, hooks_left, logits, random_modulation
-from neurontune.generation import generate, stream_generate
-from neurontune.models import fingerprint
-from neurontune.modulation import Modulation, ModulationFileError, fold_into_weights, modulate
+
+from neurontune.interventions.generation import generate, stream_generate
+from neurontune.interventions.modulation import (
+    Modulation,
+    ModulationFileError,
+    fold_into_weights,
+    modulate,
+)
+from neurontune.model.loading import fingerprint
+from neurontune.run.folder import RunFolder
 
 P0, P1 = "The quick brown fox jumps", "A lazy dog sleeps all day"  # same byte count: no padding needed
 
@@ -211,7 +217,7 @@ def test_fold_reproduces_hooked_logits(lm):
 
 
 def test_fold_changes_fingerprint(lm):
-    from neurontune.neuron_map import neuron_map
+    from neurontune.model.neuron_map import neuron_map
     mod = Modulation(lm.shape, {0: (torch.arange(64), torch.full((64,), 1.5))})
     folded = fold_into_weights(copy.deepcopy(lm.model), mod)
     assert fingerprint(folded, neuron_map(folded)) != lm.fingerprint
@@ -232,7 +238,9 @@ def test_save_load_round_trip(lm, tmp_path):
     assert back.shape == mod.shape and back.fingerprint == mod.fingerprint and back.meta == mod.meta
     assert torch.equal(back.dense(), mod.dense())
     assert back.n_modulated == 77
-    assert torch.equal(Modulation.load(tmp_path / "sub").dense(), mod.dense())  # a folder finds its file
+    assert torch.equal(RunFolder(tmp_path / "sub").modulation().dense(), mod.dense())  # a run folder finds its file
+    with pytest.raises(ModulationFileError, match="is a folder"):
+        Modulation.load(tmp_path / "sub")
     ids = encode(lm, P0)
     with modulate(lm.model, mod, lm.nmap):
         a = logits(lm, ids)

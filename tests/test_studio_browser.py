@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import served_studio
 
 CHROMIUM = os.environ.get("NEURONTUNE_CHROMIUM", "/usr/bin/chromium")

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import served_studio
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -162,7 +161,6 @@ def test_queue_position_stop_and_chat_while_training(app, tuned):
 
 
 def test_evaluate_in_background(app, tuned):
-    pytest.importorskip("neurontune.evaluation_run", reason="evaluation_run (the lead's) has not landed yet")
     out = tuned.call("evaluate", True, [])
     assert "Evaluating: done" in out["eval_status"], out["eval_status"]
     assert out["eval_table"]["data"], "empty metrics table"

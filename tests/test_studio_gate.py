@@ -10,9 +10,7 @@ import re
 
 import pytest
 import torch
-
-from conftest import hooks_left, random_modulation
-from conftest import served_studio
+from conftest import hooks_left, random_modulation, served_studio
 from test_studio_client import TINY_PRESET, VIEW, Session, _answer, _text
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -39,7 +37,7 @@ class GateSession(Session):
 
 def forced_gate(lm, bias: float, fingerprint: str | None = None, neuron: int = 0):
     """A probe whose strength is sigmoid(bias) for every prompt: exactly 0 at -1e4, exactly 1 at +1e4."""
-    from neurontune.gating import GateProbe
+    from neurontune.interventions.gating import GateProbe
     k = 4
     return GateProbe(torch.arange(k) % lm.shape[0], torch.arange(k) + neuron, torch.zeros(k), torch.ones(k), torch.zeros(k),
                      bias, 1.0, fingerprint or lm.fingerprint)
@@ -105,26 +103,27 @@ def test_gate_files_for_another_model_are_refused(app, tmp_path):
 
 def test_chat_gate_strength_equals_gated_modulation(app):
     """The s the right pane used, for a first turn and a follow-up, equals GatedModulation's s on the same prompt."""
-    from neurontune import data
-    from neurontune.gating import GatedModulation, fit_gate
-    from neurontune.generation import generate
+    from neurontune.data import chat as chatfmt
+    from neurontune.data import prompts as sets
+    from neurontune.interventions.gating import GatedModulation, fit_gate
+    from neurontune.interventions.generation import generate
     from neurontune.studio import chat, handlers
 
     studio, _, _ = app
     lm = studio.models.get("tiny-llama")
     mod = random_modulation(lm.shape, 80, seed=1, low=1.5, high=3.0, fingerprint=lm.fingerprint)
-    probe = fit_gate(lm, mod, [p.text for p in data.harmful()[:16]], [p.text for p in data.benign()[:16]])
+    probe = fit_gate(lm, mod, [p.text for p in sets.harmful()[:16]], [p.text for p in sets.benign()[:16]])
     session = studio.new_session()
     handlers.set_gains(session, mod, "test gains", gate=probe)
     strengths = []
-    for message in (data.harmful()[20].text, data.benign()[20].text):
+    for message in (sets.harmful()[20].text, sets.benign()[20].text):
         session.chat = [[], []]
         for follow_up in (message, "Say more."):
             history = [{"role": m["role"], "content": m["content"]} for m in session.chat[1]]
             list(chat.chat(studio, session, follow_up, max_new_tokens=4))
             used = session.chat[1][-1]["gate"]
             with GatedModulation(mod, probe).apply(lm) as state:  # the brute-force reference: the evaluation's path
-                generate(lm, [data.chat_prompt(lm.tokenizer, follow_up, history=history)], formatted=True, max_new_tokens=1)
+                generate(lm, [chatfmt.chat_prompt(lm.tokenizer, follow_up, history=history)], formatted=True, max_new_tokens=1)
             assert used == float(state["s"][0]), (follow_up, used, float(state["s"][0]))
             strengths.append(used)
     assert len(set(strengths)) > 1  # the gate reads each conversation

@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 import torch
 
-from neurontune.attribution import Cancelled
 from neurontune.config import DataConfig, SelectionConfig
-from neurontune.evaluate import proxy_metrics
-from neurontune.splits import build_splits
-from neurontune.sweep import sweep, tradeoff_figure
+from neurontune.data.splits import build_splits
+from neurontune.eval.proxy import proxy_metrics
+from neurontune.infra.progress import Cancelled
+from neurontune.run.sweep import sweep, tradeoff_figure
 
 GRID = [(10, 0), (20, 5), (40, 10)]
 

@@ -10,7 +10,7 @@ from typing import Callable
 import gradio as gr
 from gradio.utils import get_upload_folder
 
-from ..selection import RULES
+from ..method.selection import RULES
 from . import background, chat, handlers, plots
 from .state import BUILTIN_MODELS, Session, Studio
 

@@ -4,16 +4,18 @@ stop a job; its result stays in the runner's status files for the next visit or 
 from __future__ import annotations
 
 import inspect
-import json
 import time
 from pathlib import Path
 from typing import Iterator
 
 import pandas as pd
 
-from ..jobs import Job
-from ..pipeline import attribute_step, select_step, train_step, truncation_note
+from ..run.evaluate_run import evaluate_run
+from ..run.folder import RunFolder
+from ..run.steps import attribute_step, select_step, train_step, truncation_note
+from ..run.sweep import sweep_run, tradeoff_figure
 from . import handlers, plots
+from .jobs import Job
 from .state import Session, Studio
 
 POLL_S = 0.4
@@ -75,7 +77,7 @@ def attribute(studio: Studio, session: Session, kind="safety", layer=0, top=50) 
         studio.put_scores(key, scores)
         return scores
     job = studio.runner.submit("attribution", work, key=key,
-                               describe=lambda s: {"scores": str(out / "scores.safetensors"), "model": lm.name, "shape": list(s.shape)})
+                               describe=lambda s: {"scores": str(RunFolder(out).scores_path), "model": lm.name, "shape": list(s.shape)})
     session.jobs["attribution"] = job.id
     yield from watch(studio, job, "attr_status")
     if job.status == "done" and session.scores_key == key:
@@ -87,11 +89,11 @@ def attribute(studio: Studio, session: Session, kind="safety", layer=0, top=50) 
 # -- training ------------------------------------------------------------------------------------
 def _new_run_dir(studio: Studio, session: Session) -> Path:
     run = studio.runs_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{session.id}"
-    run.mkdir(parents=True, exist_ok=True)
+    folder = RunFolder(run).made()
     scores = studio.scores(session.scores_key)
     if scores is not None:  # evaluation baselines read the run's scores (the cache may live elsewhere)
-        scores.save(run / "scores.safetensors")
-    session.cfg.save(run / "preset.json")
+        folder.write_scores(scores)
+    folder.write_config(session.cfg)
     return run
 
 
@@ -115,7 +117,7 @@ def train(studio: Studio, session: Session, kind="safety", layer=0, top=50) -> I
         return train_step(lm, selection, cfg, run, progress=progress, cancel=cancel, cache_dir=studio.cache_dir)
 
     def describe(result):
-        return {"run_dir": str(run), "modulation": str(run / "modulation.safetensors"), "fingerprint": lm.fingerprint,
+        return {"run_dir": str(run), "modulation": str(RunFolder(run).modulation_path), "fingerprint": lm.fingerprint,
                 "model": lm.name, "stopped": result.stopped, "steps_run": len(result.log), "best_step": result.best_step,
                 "k_safety": cfg.selection.k_safety, "k_utility": cfg.selection.k_utility, **result.modulation.summary()}
     job = studio.runner.submit("train", work, key=train_key(lm, session), describe=describe)
@@ -125,9 +127,9 @@ def train(studio: Studio, session: Session, kind="safety", layer=0, top=50) -> I
     if result is not None and job.status in ("done", "cancelled"):
         stopped = {"done": "all steps", "early_stop": "early stop", "cancelled": "stopped by you", "non_finite": "stopped: non-finite loss"}
         gate, note = None, ""
-        if (run / "gate.safetensors").is_file():  # train_step fits one when the preset asks (meta.gate) and it was not stopped
+        if RunFolder(run).has(RunFolder.GATE):  # train_step fits one when the preset asks (meta.gate) and it was not stopped
             try:
-                gate = handlers.load_gate(run / "gate.safetensors", lm)
+                gate = RunFolder(run).gate(lm)
             except ValueError as exc:
                 note = f"\n\n⚠ The run's gate could not be read ({exc}): the right pane uses the static gains."
         handlers.set_gains(session, result.modulation, f"trained gains ({len(result.log)} steps, {stopped.get(result.stopped, result.stopped)}, "
@@ -145,21 +147,19 @@ def _accepted(fn, **kwargs) -> dict:
 def _run_with_gains(studio: Studio, session: Session) -> Path:
     """The session's run folder with its current gains saved in it (made for fixed or uploaded gains)."""
     run = Path(session.run_dir) if session.run_dir else _new_run_dir(studio, session)
-    if not (run / "modulation.safetensors").exists() or session.run_dir is None:
-        session.modulation.save(run / "modulation.safetensors")
+    folder = RunFolder(run)
+    if not folder.has(RunFolder.MODULATION) or session.run_dir is None:
+        folder.write_modulation(session.modulation)
         if session.gate is not None:  # evaluated as "neurontune-gated" too
-            session.gate.save(run / "gate.safetensors")
+            folder.write_gate(session.gate)
     session.run_dir = str(run)
     return run
 
 
 def eval_views(run: Path) -> dict:
-    table = json.loads((run / "eval.json").read_text(encoding="utf-8"))["table"] if (run / "eval.json").exists() else []
-    samples = []
-    gen = run / "generations.jsonl"
-    if gen.exists():
-        with open(gen, encoding="utf-8") as f:
-            samples = [json.loads(line) for line in f if line.strip()]
+    folder = RunFolder(run)
+    table = folder.eval_table() or []
+    samples = folder.generations()
     frame = pd.DataFrame()
     if samples:  # a few prompts of each (category, family), every intervention's answer side by side
         frame = pd.DataFrame(samples)
@@ -176,7 +176,6 @@ def evaluate(studio: Studio, session: Session, quick: bool, baselines: list[str]
     if session.modulation is None:
         yield {"eval_status": "No gains to evaluate yet: train or apply gains in **Tune** first."}
         return
-    from ..evaluation_run import evaluate_run
     lm, cfg, run = studio.model(session), session.cfg, _run_with_gains(studio, session)
 
     def work(progress, cancel):
@@ -189,7 +188,7 @@ def evaluate(studio: Studio, session: Session, quick: bool, baselines: list[str]
     yield from watch(studio, job, "eval_status")
     if job.status == "done":
         session.eval_rows = handlers.eval_rows_of(str(run))
-        yield {"eval_status": job_text(studio, job) + f" Written to `{run}` (eval.json, generations.jsonl).", **eval_views(run)}
+        yield {"eval_status": job_text(studio, job) + f" Written to `{run}` ({RunFolder.EVAL}, {RunFolder.GENERATIONS}).", **eval_views(run)}
 
 
 def sweep(studio: Studio, session: Session, grid_text: str) -> Iterator[dict]:
@@ -199,7 +198,6 @@ def sweep(studio: Studio, session: Session, grid_text: str) -> Iterator[dict]:
     except (ValueError, AssertionError):
         yield {"eval_status": "✗ Write the grid as k_safety:k_utility pairs, e.g. `250:0, 750:250, 1500:500`."}
         return
-    from ..evaluation_run import sweep_run
     lm, cfg = studio.model(session), session.cfg
     out = studio.runs_dir / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{session.id}"
 
@@ -215,11 +213,9 @@ def sweep(studio: Studio, session: Session, grid_text: str) -> Iterator[dict]:
     job = studio.runner.submit("sweep", work)
     session.jobs["sweep"] = job.id
     yield from watch(studio, job, "eval_status")
-    if job.status == "done" and (out / "sweep.csv").exists():
-        from ..sweep import tradeoff_figure
-        base = out / "sweep_baselines.csv"
+    if job.status == "done" and (swept := RunFolder(out).sweep()) is not None:
         try:
-            fig = tradeoff_figure(pd.read_csv(out / "sweep.csv"), pd.read_csv(base) if base.exists() else None)
+            fig = tradeoff_figure(*swept)
         except KeyError as exc:
             yield {"eval_status": f"Sweep done, but the trade-off plot needs other columns: {exc}"}
             return

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from .. import data
-from ..gating import gate_strength
-from ..generation import fit_lengths, stream_generate
-from ..judge import refusal_phrase
-from ..modulation import Modulation
-from ..splits import build_splits
+from ..data import attacks, prompts
+from ..data.chat import chat_prompt
+from ..data.splits import build_splits
+from ..eval.judge import refusal_phrase
+from ..interventions.gating import gate_strength
+from ..interventions.generation import fit_lengths, stream_generate
+from ..interventions.modulation import Modulation
 from .handlers import gains_text
 from .state import Session, Studio
 
@@ -20,7 +21,7 @@ CHAT_PROMPT_TOKENS = 2048  # conversation tokens the models read at most (long p
 
 
 def _n_tokens(tok, conv: list[dict]) -> int:
-    return len(tok(data.chat_prompt(tok, conv[-1]["content"], history=conv[:-1]), add_special_tokens=False)["input_ids"])
+    return len(tok(chat_prompt(tok, conv[-1]["content"], history=conv[:-1]), add_special_tokens=False)["input_ids"])
 
 
 def fit_message(tok, message: str, budget: int) -> str:
@@ -76,12 +77,12 @@ def examples(studio: Studio, session: Session) -> list[tuple[str, str]]:
         splits = build_splits(session.cfg.data)
         harmful, benign, border = splits.harmful_test[0].text, splits.benign_test[0].text, splits.borderline_test[0].text
     except (ValueError, IndexError):
-        harmful, benign, border = data.harmful()[0].text, data.benign()[0].text, data.borderline()[0].text
+        harmful, benign, border = prompts.harmful()[0].text, prompts.benign()[0].text, prompts.borderline()[0].text
     picks = [("harmful", harmful)]
     heldout = set(session.cfg.data.heldout_families)
-    for family, templates in sorted(data.attack_families().items(), key=lambda kv: (kv[0] not in heldout, kv[0])):
+    for family, templates in sorted(attacks.attack_families().items(), key=lambda kv: (kv[0] not in heldout, kv[0])):
         tag = "unseen attack" if family in heldout else "attack"
-        picks.append((f"harmful · {family.replace('_', ' ')} ({tag})", data.wrap(templates[0], harmful)))
+        picks.append((f"harmful · {family.replace('_', ' ')} ({tag})", attacks.wrap(templates[0], harmful)))
     return picks + [("benign", benign), ("borderline-safe", border)]
 
 
@@ -92,7 +93,7 @@ def right_gains(lm, session: Session, conv: list[dict], strength: float, use_gat
     if mod is None:
         return None, None
     if session.gate is not None and use_gate:
-        prompt = data.chat_prompt(lm.tokenizer, conv[-1]["content"], history=conv[:-1])
+        prompt = chat_prompt(lm.tokenizer, conv[-1]["content"], history=conv[:-1])
         s = float(gate_strength(lm, session.gate, [prompt], max_length=budget)[0])
         scale *= s
     return (mod if scale == 1.0 else mod.scaled(scale)), s

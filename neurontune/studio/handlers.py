@@ -3,8 +3,6 @@ named updates (the layout maps names to components); per-session work lives in t
 from __future__ import annotations
 
 import dataclasses
-
-import json
 import shutil
 import tempfile
 import time
@@ -14,12 +12,13 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 
-from .. import data
-from ..export import ExportError, export, slugify
-from ..gating import GateProbe
-from ..models import ModelLoadError
-from ..modulation import Modulation, ModulationFileError
-from ..selection import SelectionError, select
+from ..data import prompts
+from ..interventions.gating import GateProbe
+from ..interventions.modulation import Modulation, ModulationFileError
+from ..method.selection import SelectionError, select
+from ..model.errors import ModelLoadError
+from ..run.export import ExportError, export, slugify
+from ..run.folder import RunFolder
 from . import plots
 from .state import Session, Studio
 
@@ -160,7 +159,7 @@ def load(studio: Studio, session: Session, model: str, trust_remote_code: bool, 
         files, notes = {}, []
         for key, f in (("harmful_file", harmful_file), ("benign_file", benign_file), ("borderline_file", borderline_file)):
             if (path := _file_path(f)) is not None:
-                data.load_prompts(path, notes=notes)  # a bad file is reported now, not in the middle of a job
+                prompts.load_prompts(path, notes=notes)  # a bad file is reported now, not in the middle of a job
                 files[key] = path
         cfg = cfg.replace(data=files) if files else cfg
     except (ModelLoadError, ValueError, OSError) as exc:
@@ -274,9 +273,12 @@ def _gains_paths(upload) -> tuple[str | None, str | None]:
     mods = [p for p in paths if p not in gates]
     mod = mods[0] if mods else None
     gate = gates[0] if gates else None
-    if mod is not None and gate is None:
-        beside = Path(mod) / "gate.safetensors" if Path(mod).is_dir() else Path(mod).with_name("gate.safetensors")
-        gate = str(beside) if beside.is_file() else None
+    if mod is not None and Path(mod).is_dir():  # a run or export folder: its gains file, and its gate if it has one
+        folder = RunFolder(mod)
+        mod, gate = str(folder.modulation_path), gate or (str(folder.gate_path) if folder.has(RunFolder.GATE) else None)
+    elif mod is not None and gate is None:  # a gains file that sits in a run folder brings that folder's gate
+        beside = RunFolder(Path(mod).parent)
+        gate = str(beside.gate_path) if Path(mod).name == RunFolder.MODULATION and beside.has(RunFolder.GATE) else None
     return mod, gate
 
 
@@ -312,7 +314,7 @@ def gains_file(studio: Studio, session: Session, upload, kind="safety", layer=0,
         gate = load_gate(gate_path, lm) if gate_path else None
     except ValueError as exc:
         return {"gains_status": f"✗ {exc} The gains were not loaded either; load the modulation file alone for static gains."}
-    name = Path(path).name if Path(path).is_file() else f"{Path(path).name}/modulation.safetensors"
+    name = Path(path).name if Path(path).name != RunFolder.MODULATION else f"{Path(path).parent.name}/{Path(path).name}"
     set_gains(session, mod, f"gains from file {name}" + (" with its gate" if gate else ""), gate=gate)
     return gains_views(studio, session, kind, layer, top)
 
@@ -324,7 +326,7 @@ def recent_runs(studio: Studio, session: Session) -> dict:
         info = job.info or {}
         if job.status in ("done", "cancelled") and info.get("fingerprint") == session.fingerprint and info.get("modulation"):
             when = time.strftime("%m-%d %H:%M", time.localtime(job.finished or job.created))
-            gated = " · gated" if (Path(info.get("run_dir") or "") / "gate.safetensors").is_file() else ""
+            gated = " · gated" if info.get("run_dir") and RunFolder(info["run_dir"]).has(RunFolder.GATE) else ""
             choices.append((f"{when} · k {info.get('k_safety')}/{info.get('k_utility')} · {info.get('steps_run')} steps{gated} · {job.status}", job.id))
     return {"recent_runs": gr.update(choices=choices, value=choices[0][1] if choices else None)}
 
@@ -346,10 +348,9 @@ def use_run(studio: Studio, session: Session, job_id: str, kind="safety", layer=
     if job is None or not job.info.get("modulation"):
         return {"gains_status": "Pick a finished training run first."}
     lm = studio.model(session)
-    gate_path = Path(job.info.get("run_dir") or "") / "gate.safetensors"
     try:
         mod = Modulation.load(job.info["modulation"], expected_fingerprint=lm.fingerprint)
-        gate = load_gate(gate_path, lm) if job.info.get("run_dir") and gate_path.is_file() else None
+        gate = RunFolder(job.info["run_dir"]).gate(lm) if job.info.get("run_dir") else None
     except (ModulationFileError, ValueError) as exc:
         return {"gains_status": f"✗ {exc}"}
     set_gains(session, mod, f"trained gains from run {Path(job.info['run_dir']).name}", job.info["run_dir"], gate=gate)
@@ -377,7 +378,7 @@ def do_export(studio: Studio, session: Session, name: str, overwrite: bool, repo
                                  "Free some space or choose another export folder.", "hub_token": ""}
     path = Path(result["path"])
     download = Path(tempfile.mkdtemp(prefix="neurontune-download-"))  # served copies; the export root stays private
-    files = [str(shutil.copy2(path / f, download / f)) for f in ("modulation.safetensors", "README.md")]
+    files = [str(shutil.copy2(p, download / p.name)) for p in (RunFolder(path).modulation_path, path / "README.md")]
     renamed = f" (sanitised from “{name}”)" if name and safe != name else ""
     gate = ("\n\n⚠ **The input gate is not in this export**: a gate cannot be folded into weights, so the checkpoint holds "
             "the static gains only: what the Compare tab shows with *input gate* unticked (on the embedded model these "
@@ -392,10 +393,4 @@ def do_export(studio: Studio, session: Session, name: str, overwrite: bool, repo
 
 
 def eval_rows_of(run_dir: str | None) -> list | None:
-    path = Path(run_dir or "") / "eval.json"
-    if run_dir and path.is_file():
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))["table"]
-        except (OSError, ValueError, KeyError):
-            return None
-    return None
+    return RunFolder(run_dir).eval_table() if run_dir else None

@@ -9,39 +9,20 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import cache_io
-from ..config import RunConfig, list_presets, load_preset
-from ..gating import GateProbe
-from ..jobs import JobRunner
-from ..models import LoadedModel, ModelLoadError, default_cache_dir, load_model
-from ..modulation import Modulation
-from ..neuron_scores import NeuronScores
-from ..selection import Selection
+from ..config import RunConfig, fit_to_model, list_presets, load_preset, quick
+from ..infra import files
+from ..infra.files import default_cache_dir
+from ..interventions.gating import GateProbe
+from ..interventions.modulation import Modulation
+from ..method.neuron_scores import NeuronScores
+from ..method.selection import Selection
+from ..model.errors import ModelLoadError
+from ..model.loading import LoadedModel, load_model
+from .jobs import JobRunner
 
 log = logging.getLogger(__name__)
 
 BUILTIN_MODELS = ("embedded", "tiny-llama", "tiny-gpt2")
-
-
-def quick(cfg: RunConfig) -> RunConfig:
-    """A first look: about a third of the preset's prompts and at most 20 training steps."""
-    d, m = cfg.data, cfg.meta
-    return cfg.replace(
-        data={"n_harmful": min(d.n_harmful, 16), "n_attack_per_family": min(d.n_attack_per_family, 4),
-              "n_benign": min(d.n_benign, 16), "n_borderline": min(d.n_borderline, 8), "n_answer": min(d.n_answer, 8)},
-        meta={"steps": min(m.steps, 20), "eval_every": min(m.eval_every, 5)})
-
-
-PRESET_NEURONS = 46_080  # presets are written for the embedded model (30 layers x 1536 neurons)
-
-
-def fit_selection(cfg: RunConfig, n_neurons: int) -> RunConfig:
-    """Scale counts written for the embedded model down to a much smaller one (1500 of 46k neurons is 12 of 384)."""
-    s = cfg.selection
-    if s.k_safety + s.k_utility + s.protect_top <= n_neurons // 4:
-        return cfg
-    scale = lambda k: max(1, round(k * n_neurons / PRESET_NEURONS)) if k else 0  # noqa: E731
-    return cfg.replace(selection={"k_safety": scale(s.k_safety), "k_utility": scale(s.k_utility), "protect_top": scale(s.protect_top)})
 
 
 @dataclass
@@ -129,7 +110,7 @@ class Studio:
         cfg = cfg.replace(model=model)
         if quick_mode:
             cfg = quick(cfg)
-        return fit_selection(cfg, n_neurons) if n_neurons else cfg
+        return fit_to_model(cfg, n_neurons) if n_neurons else cfg
 
     def new_session(self) -> Session:
         """The state of a new browser tab: the default model and preset (the model is already loaded)."""
@@ -168,13 +149,13 @@ class Studio:
         job = self.runner.latest("attribution", key=key)
         path = Path(job.info.get("scores", "")) if job is not None else None
         if path is not None and path.is_file():
-            blob = cache_io.read_bytes(path, "studio scores")  # checked against its sidecar checksum
+            blob = files.read_bytes(path, "studio scores")  # checked against its sidecar checksum
             if blob is None:
                 return None  # bad or half-written: recomputed (from the attribution cache), never trusted
             try:
                 scores = NeuronScores.from_bytes(blob)
             except Exception as exc:  # noqa: BLE001
-                cache_io.warn_bad(path, f"unreadable: {exc}", "studio scores")
+                files.warn_bad(path, f"unreadable: {exc}", "studio scores")
                 return None
             self.put_scores(key, scores)
             return scores

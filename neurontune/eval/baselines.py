@@ -1,0 +1,68 @@
+"""The baselines NeuronTune is compared with, fitted on the training split only: the same neurons with one
+fixed gain (attribution only), random neurons with the same training, and the layer-wise refusal direction."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from ..config import RunConfig
+from ..data.splits import Splits
+from ..interventions.modulation import Modulation
+from ..method.metalearn import train_gains
+from ..method.neuron_scores import NeuronScores
+from ..method.selection import Selection, select
+
+BASELINES = ("direction", "random", "attribution_only")
+
+
+def random_selection(selection: Selection, seed: int = 0) -> Selection:
+    """The same numbers of safety and utility neurons, drawn uniformly at random (the control that shows
+    attribution matters)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = selection.safety.numel()
+    perm = torch.randperm(n, generator=gen)
+    k_s, k_u = int(selection.safety.sum()), int(selection.utility.sum())
+    safety = torch.zeros(n, dtype=torch.bool)
+    utility = torch.zeros(n, dtype=torch.bool)
+    safety[perm[:k_s]] = True
+    utility[perm[k_s:k_s + k_u]] = True
+    none = torch.zeros_like(selection.safety)
+    return Selection(safety.view_as(none), utility.view_as(none), none, none, none, selection.config,
+                     "random neurons, same counts as the attribution selection")
+
+
+def attribution_only(selection: Selection, tuned: Modulation, fingerprint: str) -> Modulation:
+    """The selected neurons with one fixed gain each side (the tuned gains' means), no meta-learning."""
+    dense = tuned.dense()
+    s_gain = float(dense[selection.safety].mean()) if selection.safety.any() else 1.0
+    u_gain = float(dense[selection.utility].mean()) if selection.utility.any() else 1.0
+    return selection.modulation(s_gain, u_gain, fingerprint)
+
+
+def build_baselines(lm, cfg: RunConfig, scores: NeuronScores, tuned: Modulation, splits: Splits, names: Sequence[str],
+                    *, cache_dir=None, progress=None, cancel=None, log: Callable[[str], None] = print) -> dict:
+    """Named baseline interventions, fitted on the training split only."""
+    check_baselines(names)
+    out = {}
+    selection = select(scores, cfg.selection)
+    if "attribution_only" in names:
+        out["attribution-only"] = attribution_only(selection, tuned, lm.fingerprint)
+    if "random" in names:
+        log("Training gains on random neurons (same counts, same training)...")
+        out["random-neurons"] = train_gains(lm, random_selection(selection, cfg.meta.seed), cfg, splits=splits,
+                                            cache_dir=cache_dir, cancel=cancel).modulation
+    if "direction" in names:
+        from .direction import choose_layer_and_coef, fit_refusal_direction
+        for kind in ("harmful_minus_harmless", "refusal_minus_compliance"):
+            log(f"Fitting the layer-wise refusal direction ({kind})...")
+            fit = fit_refusal_direction(lm, splits, kind, cancel=cancel)
+            out[f"direction:{kind}"] = choose_layer_and_coef(lm, fit, splits, tuned, cancel=cancel)
+    return out
+
+
+def check_baselines(names: Sequence[str]) -> None:
+    """Refuse unknown baseline names before any work is done."""
+    unknown = set(names) - set(BASELINES)
+    if unknown:
+        raise ValueError(f"Unknown baselines {sorted(unknown)}; choose from {', '.join(BASELINES)} (or 'all' / 'none').")

@@ -1,0 +1,211 @@
+"""Input-conditional ("dynamic") modulation: a small probe decides, per prompt, how much of the gains to apply.
+
+The probe is a logistic regression on the safety neurons' activations at the prompt's last token
+(unmodulated), trained on the same training prompts: harmful (plain and attacked) = 1, benign and
+borderline-safe = 0. Under `GatedModulation.apply(lm)`, the first forward of each call (the prompt)
+first runs the model once without gains to read those activations, sets each row's strength
+s = sigmoid(w . a + b), and then runs with gains 1 + s (g - 1); later decoding steps reuse s.
+A gate cannot be folded into weights; export takes its static gains only on request.
+`gate_strength(lm, probe, texts)` is the same s for formatted prompts, without generating (the studio's chat).
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from ..data.chat import chat_prompt
+from ..infra.files import read_safetensors, write_file
+from .generation import PROMPT_CAP, encode_left
+from .hooks import scoped_pre_hooks
+from .modulation import Modulation
+
+
+@dataclass
+class GateProbe:
+    layers: torch.Tensor  # [k] layer of each feature neuron
+    neurons: torch.Tensor  # [k] index of each feature neuron
+    mean: torch.Tensor  # [k] feature standardisation
+    std: torch.Tensor
+    weight: torch.Tensor  # [k]
+    bias: float
+    train_accuracy: float = 0.0
+    fingerprint: str | None = None  # the model it was fitted on (older gate files have none)
+
+    def strength(self, acts: torch.Tensor) -> torch.Tensor:
+        """acts: [B, k] raw activations -> [B] strength in (0, 1)."""
+        return torch.sigmoid(((acts - self.mean) / self.std) @ self.weight + self.bias)
+
+    def save(self, path):
+        from safetensors.torch import save_file
+        tensors = {k: v.contiguous() for k, v in {"layers": self.layers, "neurons": self.neurons, "mean": self.mean,
+                                                  "std": self.std, "weight": self.weight}.items()}
+        meta = {"format": "neurontune-gate", "bias": repr(self.bias), "train_accuracy": repr(self.train_accuracy),
+                "fingerprint": self.fingerprint or ""}
+        return write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), checksum=False)
+
+    @classmethod
+    def load(cls, path, shape: tuple[int, int] | None = None, expected_fingerprint: str | None = None) -> "GateProbe":
+        """Read a gate file; with `shape` / `expected_fingerprint`, refuse one whose neurons do not fit the
+        model or that was fitted on another model (ValueError with a message for the user)."""
+        try:
+            meta, t = read_safetensors(path)
+        except Exception as exc:  # safetensors raises several types for truncated/corrupt files
+            raise ValueError(f"{path} is not a readable gate file ({exc}).") from exc
+        if meta.get("format") != "neurontune-gate":
+            raise ValueError(f"{path} is not a NeuronTune gate file.")
+        fingerprint = meta.get("fingerprint") or None
+        if expected_fingerprint and fingerprint and fingerprint != expected_fingerprint:
+            raise ValueError(f"{path} is a gate fitted on model {fingerprint}, not the loaded model {expected_fingerprint}.")
+        try:
+            probe = cls(t["layers"].long(), t["neurons"].long(), t["mean"].float(), t["std"].float(), t["weight"].float(),
+                        float(meta["bias"]), float(meta.get("train_accuracy", 0)), fingerprint)
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"{path} is a corrupted gate file (missing or unreadable {exc}).") from exc
+        k = len(probe.layers)
+        if k == 0 or any(v.dim() != 1 or len(v) != k for v in (probe.neurons, probe.mean, probe.std, probe.weight)):
+            raise ValueError(f"{path} is a corrupted gate file (its tensors do not have one entry per feature neuron).")
+        if not all(bool(torch.isfinite(v).all()) for v in (probe.mean, probe.std, probe.weight)) or probe.bias != probe.bias:
+            raise ValueError(f"{path} is a corrupted gate file (a value that is not a finite number).")
+        if shape is not None and (int(probe.layers.min()) < 0 or int(probe.layers.max()) >= shape[0]
+                                  or int(probe.neurons.min()) < 0 or int(probe.neurons.max()) >= shape[1]):
+            raise ValueError(f"{path} reads neurons outside this model's {tuple(shape)} (layers × neurons): it was fitted on another model.")
+        return probe
+
+
+def gate_strength(lm, probe: GateProbe, texts: Sequence[str], max_length: int = PROMPT_CAP) -> torch.Tensor:
+    """[n] strength s of each formatted prompt: its unmodulated activations at the last token through the
+    probe, as `GatedModulation` sets s on a prompt's first forward (prompts longer than `max_length`
+    tokens keep their end, as generation does)."""
+    return probe.strength(_last_token_acts(lm, texts, probe.layers, probe.neurons, max_length=max_length))
+
+
+def _last_token_acts(lm, texts: Sequence[str], layers: torch.Tensor, neurons: torch.Tensor, batch_size: int = 16,
+                     max_length: int = PROMPT_CAP) -> torch.Tensor:
+    """[n, k] activations of the given neurons at each formatted prompt's last token, unmodulated."""
+    out = []
+    needed = sorted(set(layers.tolist()))
+    for start in range(0, len(texts), batch_size):
+        ids, mask = encode_left(lm.tokenizer, texts[start:start + batch_size], max_length)
+        out.append(_acts_for_ids(lm, ids, mask, needed, layers, neurons))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def _acts_for_ids(lm, ids, mask, needed, layers, neurons) -> torch.Tensor:
+    store: dict[int, torch.Tensor] = {}
+
+    def make(l):
+        def hook(module, args):
+            x = args[0]
+            store[l] = x.reshape(ids.shape[0], -1, x.shape[-1])[:, -1].float().cpu()  # left-padded: last = prompt end
+        return hook
+    device = lm.model.get_input_embeddings().weight.device
+    with scoped_pre_hooks([(lm.nmap.projections[l], make(l)) for l in needed]):
+        lm.model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                 position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=False, logits_to_keep=1)
+    return torch.stack([store[int(l)][:, int(n)] for l, n in zip(layers, neurons)], 1)
+
+
+def fit_gate_for_run(lm, modulation: Modulation, splits, *, bias_shift: float = 0.0) -> GateProbe:
+    """The probe of a run, from its training split only: harmful (plain + training attack families) vs
+    benign + borderline-safe. `bias_shift` > 0 makes the gate open more readily (more harmful refusal)."""
+    positive = [p.text for p in splits.harmful_train[:60]] + [p.text for p in splits.attacked_train(12)]
+    negative = [p.text for p in splits.benign_train[:100]] + [p.text for p in splits.borderline_train[:60]]
+    probe = fit_gate(lm, modulation, positive, negative)
+    probe.bias += bias_shift
+    return probe
+
+
+def fit_gate(lm, modulation: Modulation, positive: Sequence[str], negative: Sequence[str], *, max_features: int = 256,
+             steps: int = 100, l2: float = 1e-2, seed: int = 0) -> GateProbe:
+    """Train the probe on user prompts (positive = should be modulated: harmful/attacked)."""
+    dense = modulation.dense()
+    amplified = (dense > 1).nonzero()
+    if len(amplified) == 0:
+        raise ValueError("The modulation amplifies no neuron: nothing to gate on.")
+    order = torch.argsort((dense[amplified[:, 0], amplified[:, 1]]), descending=True)[:max_features]
+    layers, neurons = amplified[order, 0], amplified[order, 1]
+    texts = [chat_prompt(lm.tokenizer, p) for p in list(positive) + list(negative)]
+    x = _last_token_acts(lm, texts, layers, neurons)
+    y = torch.tensor([1.0] * len(positive) + [0.0] * len(negative))
+    mean, std = x.mean(0), x.std(0).clamp(min=1e-4)
+    z = (x - mean) / std
+    torch.manual_seed(seed)
+    w = torch.zeros(z.shape[1], requires_grad=True)
+    b = torch.zeros((), requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=steps)
+    pos_weight = (len(negative) / max(len(positive), 1))
+
+    def closure():
+        opt.zero_grad()
+        logits = z @ w + b
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, pos_weight=torch.tensor(pos_weight)) + l2 * w.pow(2).sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    with torch.no_grad():
+        acc = float(((z @ w + b > 0).float() == y).float().mean())
+    return GateProbe(layers, neurons, mean, std, w.detach(), float(b.detach()), acc, getattr(lm, "fingerprint", None))
+
+
+@dataclass
+class GatedModulation:
+    """A modulation whose strength is set per prompt by a `GateProbe` (the intervention protocol: `.apply(lm)`)."""
+
+    modulation: Modulation
+    probe: GateProbe
+    meta: dict = field(default_factory=lambda: {"gated": True})
+    name: str = "neurontune-gated"
+
+    @property
+    def fingerprint(self):
+        return self.modulation.fingerprint
+
+    @contextlib.contextmanager
+    def apply(self, lm):
+        dense = self.modulation.dense()
+        needed = sorted(set(self.probe.layers.tolist()))
+        state = threading.local()
+        state.busy = False
+        gains_holder: dict = {}
+
+        def pre(module, args, kwargs):
+            if state.busy:
+                return None
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if ids is not None and ids.shape[1] > 1:  # a new prompt: measure it unmodulated
+                mask = kwargs.get("attention_mask")
+                mask = torch.ones_like(ids) if mask is None else mask[:, -ids.shape[1]:]
+                state.busy = True
+                try:
+                    acts = _acts_for_ids(lm, ids.cpu(), mask.cpu(), needed, self.probe.layers, self.probe.neurons)
+                finally:
+                    state.busy = False
+                s = self.probe.strength(acts)  # [B]
+                gains_holder["g"] = 1 + s[:, None, None] * (dense[None] - 1)  # [B, L, N]
+                gains_holder["s"] = s
+            return None
+
+        # per-row gains are read lazily from gains_holder by a thin hook per modulated layer
+        hooks = [(proj, _lazy_gain_hook(layer, gains_holder, state)) for layer, proj in enumerate(lm.nmap.projections)
+                 if not bool((dense[layer] == 1).all())]
+        with scoped_pre_hooks([(lm.model, pre)], with_kwargs=True), scoped_pre_hooks(hooks):
+            yield gains_holder
+
+
+def _lazy_gain_hook(layer: int, holder: dict, state):
+    def hook(module, args):
+        if getattr(state, "busy", False) or "g" not in holder:
+            return None
+        x = args[0]
+        g = holder["g"][:, layer].to(x.device, x.dtype)
+        if x.dim() == 2:  # flattened [B*T, N] (OPT)
+            g = g.repeat_interleave(x.shape[0] // g.shape[0], 0)
+        else:
+            g = g.view(g.shape[0], *([1] * (x.dim() - 2)), g.shape[-1])
+        return (x * g, *args[1:])
+    return hook

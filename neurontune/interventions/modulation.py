@@ -1,0 +1,271 @@
+"""Per-neuron activation gains: scoped application, per batch row, thread-isolated, foldable, serialisable.
+
+A gain g on neuron i of layer l means `activation[..., i] *= g` at the input of layer l's MLP output
+projection. `modulate(model, gains)` applies gains for the duration of a `with` block only, through
+`hooks.scoped_pre_hooks`: a hook registered by one thread is a no-op for every other thread using the
+same model, so two users of one shared model never see each other's gains, and nothing stays on the
+model after the block, also when it raises.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence, Union
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ..infra.files import read_safetensors, write_file
+from ..model.neuron_map import NeuronMap, neuron_map
+from .hooks import scoped_pre_hooks
+
+FORMAT_VERSION = 1  # the "version" field of the file header; bump it (and add a migration) when the layout changes
+REGENERATE = ("Regenerate it with this NeuronTune: `python -m neurontune tune --out DIR` (or Train gains in the studio) "
+              "on the model it was made for.")
+# version -> function(header, tensors) returning them in the next version's layout. Version 1 is the first
+# versioned layout; a file without a version (0) predates it and is refused with REGENERATE.
+MIGRATIONS: dict[int, Callable[[dict, dict], tuple[dict, dict]]] = {}
+
+
+class ModulationFileError(ValueError):
+    """A modulation file is unreadable, of an unknown version, or made for another model."""
+
+
+@dataclass
+class Modulation:
+    """Sparse per-neuron gains. `layers[l] = (indices: [k] long, gains: [k] float)`."""
+
+    shape: tuple[int, int]  # (n_layers, n_neurons)
+    layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    fingerprint: str | None = None
+    meta: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dense(cls, dense: torch.Tensor, fingerprint: str | None = None, meta: dict | None = None) -> "Modulation":
+        """Keep every entry of a dense [n_layers, n_neurons] gain table that differs from 1."""
+        dense = dense.detach().float().cpu()
+        layers = {}
+        for layer in range(dense.shape[0]):
+            idx = torch.nonzero(dense[layer] != 1.0).flatten()
+            if len(idx):
+                layers[layer] = (idx, dense[layer, idx].clone())
+        return cls(tuple(dense.shape), layers, fingerprint, dict(meta or {}))
+
+    def dense(self) -> torch.Tensor:
+        """[n_layers, n_neurons] float32 gains, 1 where the modulation leaves a neuron alone."""
+        out = torch.ones(self.shape)
+        for layer, (idx, gains) in self.layers.items():
+            out[layer, idx] = gains.float()
+        return out
+
+    def scaled(self, strength: float) -> "Modulation":
+        """Interpolate towards the identity: gain -> 1 + strength * (gain - 1). Strength 0 is no-op."""
+        layers = {l: (i, 1.0 + strength * (g - 1.0)) for l, (i, g) in self.layers.items()}
+        return Modulation(self.shape, layers, self.fingerprint, {**self.meta, "strength": strength})
+
+    @property
+    def n_modulated(self) -> int:
+        return sum(len(i) for i, _ in self.layers.values())
+
+    def summary(self) -> dict:
+        gains = torch.cat([g for _, g in self.layers.values()]) if self.layers else torch.ones(0)
+        return {
+            "n_modulated": self.n_modulated,
+            "n_amplified": int((gains > 1).sum()),
+            "n_suppressed": int((gains < 1).sum()),
+            "max_gain": float(gains.max()) if len(gains) else 1.0,
+            "min_gain": float(gains.min()) if len(gains) else 1.0,
+            "layers": sorted(self.layers),
+        }
+
+    def apply(self, lm):
+        """Context manager applying this modulation to a `LoadedModel` (the intervention protocol)."""
+        return modulate(lm.model, self, lm.nmap)
+
+    # -- files ---------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write a small safetensors file (indices + gains per layer) with shape and fingerprint in its header."""
+        tensors = {}
+        for layer, (idx, gains) in self.layers.items():
+            tensors[f"layer.{layer}.indices"] = idx.to(torch.int64).contiguous()
+            tensors[f"layer.{layer}.gains"] = gains.float().contiguous()
+        header = {
+            "format": "neurontune-modulation",
+            "version": str(FORMAT_VERSION),
+            "shape": json.dumps(list(self.shape)),
+            "fingerprint": self.fingerprint or "",
+            "meta": json.dumps(self.meta, default=str),
+            "checksum": _checksum(tensors),
+        }
+        return write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=header), checksum=False)  # the header holds one
+
+    @classmethod
+    def load(cls, path: str | Path, expected_fingerprint: str | None = None) -> "Modulation":
+        """Read a modulation file; refuse one made for another model when a fingerprint is given, and one
+        that is truncated, corrupted (checksum, shapes, indices, non-finite gains) or of an unknown version."""
+        path = Path(path)
+        if path.is_dir():
+            raise ModulationFileError(f"{path} is a folder: pass the modulation file in it, or read a run or export folder "
+                                      "with neurontune.run.RunFolder(path).modulation().")
+        if not path.exists():
+            raise ModulationFileError(f"No modulation file at {path}. Pass a modulation.safetensors that `tune --out` or an export wrote.")
+        try:
+            header, tensors = read_safetensors(path)
+        except Exception as exc:  # safetensors raises several types for truncated/corrupt files
+            raise ModulationFileError(f"{path} is not a readable modulation file ({exc}). Re-export it.") from exc
+        if header.get("format") != "neurontune-modulation":
+            raise ModulationFileError(f"{path} is a safetensors file but not a NeuronTune modulation.")
+        version = _version(path, header)
+        while version < FORMAT_VERSION:  # only reached when every step has a migration
+            header, tensors = MIGRATIONS[version](header, tensors)
+            version += 1
+        fingerprint = header.get("fingerprint") or None
+        if expected_fingerprint and fingerprint and fingerprint != expected_fingerprint:
+            raise ModulationFileError(
+                f"{path} was made for model {fingerprint}, not the loaded model {expected_fingerprint}. "
+                "Load the model it was tuned on, or tune this one.")
+        if header.get("checksum") and header["checksum"] != _checksum(tensors):
+            raise ModulationFileError(f"{path} is corrupted (its gains do not match their checksum). {REGENERATE}")
+        try:
+            shape = tuple(json.loads(header["shape"]))
+            meta = json.loads(header.get("meta") or "{}")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModulationFileError(f"{path} is corrupted (unreadable header: {exc}). {REGENERATE}") from exc
+        return cls(shape, _check_layers(path, shape, tensors), fingerprint, meta if isinstance(meta, dict) else {})
+
+
+GainsLike = Union[Modulation, torch.Tensor, Sequence[Union[Modulation, None]], None]
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes (in name order): detects a flipped byte."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].contiguous()
+        h.update(f"{key}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _version(path: Path, header: dict) -> int:
+    """The file's format version; a newer one, and an older one that no migration converts, are refused."""
+    raw = header.get("version")
+    try:
+        version = int(raw) if raw is not None else 0
+    except ValueError:
+        raise ModulationFileError(f"{path} has an unreadable format version {raw!r}. {REGENERATE}") from None
+    if version > FORMAT_VERSION:
+        raise ModulationFileError(f"{path} has format version {version}, written by a newer NeuronTune; this one reads "
+                                  f"versions up to {FORMAT_VERSION}. Upgrade NeuronTune (pip install -U) to load it.")
+    if version < FORMAT_VERSION and version not in MIGRATIONS:
+        raise ModulationFileError(f"{path} has format version {version} (an older NeuronTune); this one reads version "
+                                  f"{FORMAT_VERSION} and cannot convert it. {REGENERATE}")
+    return version
+
+
+def _check_layers(path: Path, shape: tuple[int, int], tensors: dict[str, torch.Tensor]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer (indices, gains) after checking they fit `shape` and hold finite numbers."""
+    bad = lambda why: ModulationFileError(f"{path} is corrupted ({why}). {REGENERATE}")  # noqa: E731
+    if len(shape) != 2 or not all(isinstance(n, int) and n > 0 for n in shape):
+        raise bad(f"shape {shape}")
+    layers = {}
+    for key, tensor in tensors.items():
+        parts = key.split(".")
+        if len(parts) != 3 or parts[0] != "layer" or not parts[1].isdigit() or parts[2] not in ("indices", "gains"):
+            raise bad(f"unexpected tensor {key!r}")
+        if parts[2] == "gains":
+            continue
+        layer = int(parts[1])
+        gains = tensors.get(f"layer.{layer}.gains")
+        if gains is None:
+            raise bad(f"layer {layer} has indices but no gains")
+        if layer >= shape[0] or tensor.dim() != 1 or gains.shape != tensor.shape or tensor.dtype != torch.int64:
+            raise bad(f"layer {layer}: indices {tuple(tensor.shape)} / gains {tuple(gains.shape)} do not fit shape {shape}")
+        if len(tensor) and (int(tensor.min()) < 0 or int(tensor.max()) >= shape[1]):
+            raise bad(f"layer {layer}: a neuron index outside 0..{shape[1] - 1}")
+        if not bool(torch.isfinite(gains.float()).all()):
+            raise bad(f"layer {layer}: a gain that is not a finite number")
+        layers[layer] = (tensor, gains)
+    orphans = {k for k in tensors if k.endswith(".gains") and k.replace(".gains", ".indices") not in tensors}
+    if orphans:
+        raise bad(f"gains without indices: {sorted(orphans)[:3]}")
+    return layers
+
+
+def _dense_gains(gains: GainsLike, shape: tuple[int, int]) -> torch.Tensor | None:
+    """Normalise to [n_layers, n_neurons] (same for all rows) or [batch, n_layers, n_neurons] (per row)."""
+    if gains is None:
+        return None
+    if isinstance(gains, Modulation):
+        dense = gains.dense()
+    elif isinstance(gains, torch.Tensor):
+        dense = gains
+    else:  # one entry per batch row; None = unmodulated row
+        dense = torch.stack([torch.ones(shape) if g is None else g.dense() for g in gains])
+    if tuple(dense.shape[-2:]) != tuple(shape):
+        raise ValueError(f"Gains of shape {tuple(dense.shape)} do not fit this model's neurons {shape}.")
+    return dense
+
+
+@contextmanager
+def modulate(model: nn.Module, gains: GainsLike, nmap: NeuronMap | None = None) -> Iterator[None]:
+    """Apply gains to `model` inside the block only, and only for calls made from this thread/context.
+
+    gains: a `Modulation`; a tensor [n_layers, n_neurons] (may require grad, for training) or
+    [batch, n_layers, n_neurons] for per-row gains; or a list with one `Modulation | None` per batch row.
+    Layers whose gains are all exactly 1 (and not trainable) get no hook at all.
+    """
+    nmap = nmap or neuron_map(model)
+    dense = _dense_gains(gains, nmap.shape)
+    hooks = []
+    if dense is not None:
+        per_row = dense.dim() == 3
+        for layer, proj in enumerate(nmap.projections):
+            g = dense[:, layer] if per_row else dense[layer]
+            if not g.requires_grad and bool((g == 1).all()):
+                continue
+            hooks.append((proj, _gain_hook(g, per_row)))
+    with scoped_pre_hooks(hooks):
+        yield
+
+
+def _gain_hook(g: torch.Tensor, per_row: bool):
+    cache: dict = {}  # the gains moved to each (device, dtype) a layer runs on, e.g. under device_map="auto"
+
+    def hook(module: nn.Module, args: tuple) -> tuple:
+        x = args[0]
+        gx = None if g.requires_grad else cache.get((x.device, x.dtype))
+        if gx is None:
+            gx = g.to(device=x.device, dtype=x.dtype)
+            if not g.requires_grad:
+                cache[(x.device, x.dtype)] = gx
+        if per_row:
+            if x.dim() == 2 and x.shape[0] != gx.shape[0] and x.shape[0] % gx.shape[0] == 0:
+                gx = gx.repeat_interleave(x.shape[0] // gx.shape[0], dim=0)  # OPT flattens [B, T, N] to [B*T, N]
+            if gx.shape[0] != x.shape[0]:
+                raise ValueError(f"Per-row gains for {gx.shape[0]} rows but the batch has {x.shape[0]}.")
+            gx = gx.view(gx.shape[0], *([1] * (x.dim() - 2)), gx.shape[-1])
+        return (x * gx, *args[1:])
+
+    return hook
+
+
+@torch.no_grad()
+def fold_into_weights(model: nn.Module, modulation: Modulation | torch.Tensor, nmap: NeuronMap | None = None) -> nn.Module:
+    """Scale the output projection's input columns (rows for Conv1D) in place so the plain model
+    computes what the hooked model does. Returns the model. Use on a copy when the original is shared."""
+    nmap = nmap or neuron_map(model)
+    dense = _dense_gains(modulation, nmap.shape)
+    if dense.dim() != 2:
+        raise ValueError("Per-row gains cannot be folded into one set of weights.")
+    for layer in range(nmap.n_layers):
+        g = dense[layer]
+        if bool((g == 1).all()):
+            continue
+        w = nmap.weight_slice(layer)  # [n_neurons, d_model] view
+        w.mul_(g.to(w.device, w.dtype)[:, None])
+    return model

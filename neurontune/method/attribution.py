@@ -1,0 +1,119 @@
+"""Neuron attribution: score every MLP neuron of every layer in one backward pass per batch.
+
+Score of neuron i for an example = sum over positions of activation_i * d(target log-prob)/d(activation_i)
+("activation x gradient", the first-order estimate of what ablating the neuron would change), or the
+same with the gradient averaged along a path that scales every MLP activation from 0 to its value
+("integrated gradients", joint path over all layers, midpoint rule). Only activation gradients are
+computed (the weights stay frozen), so a pass costs about one forward plus one activation backward.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from ..config import AttributionConfig
+from ..infra.progress import Progress, check_cancel
+from ..interventions.hooks import scoped_pre_hooks
+from ..model.logprobs import encode_pairs, forward, target_logprob
+
+
+@dataclass
+class GroupScores:
+    """Sums over the examples of one group; divide by `n` (or `tokens`) for means. All [n_layers, n_neurons]."""
+
+    score: torch.Tensor
+    abs_score: torch.Tensor
+    act: torch.Tensor
+    n: int = 0
+    tokens: int = 0
+    truncated: int = 0
+    per_example: list = field(default_factory=list)  # optional [n_layers, n_neurons] per example (tests, drill-down)
+
+    @classmethod
+    def zeros(cls, shape: tuple[int, int]) -> "GroupScores":
+        return cls(torch.zeros(shape), torch.zeros(shape), torch.zeros(shape))
+
+    def add(self, other: "GroupScores") -> "GroupScores":
+        """Add another part's sums and counts in place (sums of sums / sums of counts stay exact means)."""
+        self.score += other.score
+        self.abs_score += other.abs_score
+        self.act += other.act
+        self.n, self.tokens, self.truncated = self.n + other.n, self.tokens + other.tokens, self.truncated + other.truncated
+        self.per_example.extend(other.per_example)
+        return self
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Sums and counts as tensors (what a cross-process reduction adds up); `from_tensors` inverts it."""
+        counts = torch.tensor([self.n, self.tokens, self.truncated], dtype=torch.int64)
+        return {"score": self.score, "abs_score": self.abs_score, "act": self.act, "counts": counts}
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor]) -> "GroupScores":
+        n, tokens, truncated = (int(v) for v in t["counts"])
+        return cls(t["score"], t["abs_score"], t["act"], n, tokens, truncated)
+
+
+def _capture(nmap, store: list, alpha: float = 1.0):
+    """Pre-hooks that record each projection's input (scaled by alpha for integrated gradients)."""
+    def make(layer: int):
+        def hook(module, args):
+            x = args[0] * alpha if alpha != 1.0 else args[0]
+            store[layer] = x
+            return (x, *args[1:]) if alpha != 1.0 else None
+        return hook
+    return [(proj, make(l)) for l, proj in enumerate(nmap.projections)]
+
+
+def _batch_scores(lm, batch, cfg: AttributionConfig):
+    """One batch -> (scores [B, L, N], activations [B, L, N] summed over prompt tokens, token count [B])."""
+    model, nmap = lm.model, lm.nmap
+    embed = model.get_input_embeddings()
+    store: list = [None] * nmap.n_layers
+    B, T = batch.input_ids.shape
+    alphas = [1.0] if cfg.method == "grad_x_act" else [(k + 0.5) / cfg.ig_steps for k in range(cfg.ig_steps)]
+    grads_sum = None
+    for alpha in alphas:
+        embeds = embed(batch.input_ids.to(embed.weight.device)).detach().requires_grad_(True)
+        with torch.enable_grad(), scoped_pre_hooks(_capture(nmap, store, alpha)):
+            logp = target_logprob(forward(model, batch, embeds), batch)
+            grads = torch.autograd.grad(logp.sum(), store)
+        g = torch.stack([gr.float().to("cpu").reshape(B, T, -1) for gr in grads], 1)  # [B, L, T, N] (OPT feeds [B*T, N])
+        grads_sum = g if grads_sum is None else grads_sum + g
+    if cfg.method == "integrated_gradients":  # activations at full scale, times the path-averaged gradient
+        with torch.no_grad(), scoped_pre_hooks(_capture(nmap, store)):
+            forward(model, batch)
+    acts_full = torch.stack([s.detach().float().to("cpu").reshape(B, T, -1) for s in store], 1)  # [B, L, T, N]
+    grads_mean = grads_sum / len(alphas)
+    mask = batch.attention_mask.to(torch.float32)[:, None, :, None]  # [B, 1, T, 1]
+    scores = (acts_full * grads_mean * mask).sum(2)  # [B, L, N]
+    prompt_mask = (batch.attention_mask.bool() & ~batch.target_mask).float()[:, None, :, None]
+    acts = (acts_full * prompt_mask).sum(2)
+    return scores, acts, prompt_mask.sum((1, 2, 3))
+
+
+def attribute(lm, prompts: Sequence[str], targets: Sequence[str], cfg: AttributionConfig = AttributionConfig(), *,
+              keep_per_example: bool = False, progress: Progress | None = None, cancel: threading.Event | None = None,
+              stage: str = "attribute", offset: int = 0, total: int | None = None) -> GroupScores:
+    """Attribute log p(target | prompt) for formatted chat prompts to every neuron; returns group sums."""
+    if not prompts:
+        raise ValueError("No prompts to attribute.")
+    out = GroupScores.zeros(lm.nmap.shape)
+    total = total or len(prompts)
+    for start in range(0, len(prompts), cfg.batch_size):
+        check_cancel(cancel, "Attribution")
+        batch = encode_pairs(lm.tokenizer, prompts[start:start + cfg.batch_size], targets[start:start + cfg.batch_size], cfg.max_length)
+        scores, acts, count = _batch_scores(lm, batch, cfg)
+        out.score += scores.sum(0)
+        out.abs_score += scores.abs().sum(0)
+        out.act += acts.sum(0)
+        out.n += scores.shape[0]
+        out.tokens += int(count.sum())
+        out.truncated += batch.n_truncated
+        if keep_per_example:
+            out.per_example.extend(scores.unbind(0))
+        if progress:
+            progress(offset + min(start + cfg.batch_size, len(prompts)), total, stage)
+    return out

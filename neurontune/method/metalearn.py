@@ -1,0 +1,275 @@
+"""Meta-learned neuron gains: amplify safety neurons, suppress over-refusal neurons, weights frozen.
+
+Loss on a batch = refusal NLL on harmful (attacked) prompts
+                + lam_kl * KL(base || modulated) over the base model's own answers to benign prompts
+                + mu * -log(1 - p_refusal) on benign and borderline-safe prompts (over-refusal penalty).
+Tasks are attack families (plus "plain"); FOMAML takes inner steps on a support batch of one family and
+updates the shared gains with the query-batch gradient at the adapted gains, Reptile moves the shared
+gains towards the adapted ones, and "joint" trains on mixed batches (the control that shows what
+meta-learning adds). Early stopping keeps the gains with the best validation loss.
+"""
+from __future__ import annotations
+
+import math
+import random
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..config import RunConfig
+from ..data import attacks, prompts
+from ..data.chat import chat_prompt
+from ..data.prompts import Prompt
+from ..data.splits import Splits, build_splits, split
+from ..infra.files import default_cache_dir
+from ..interventions.modulation import Modulation, modulate
+from ..model.logprobs import PairBatch, encode_pairs, forward, target_logprob
+from .base_answers import cached_answers
+from .selection import Selection, SelectionError
+
+StepCallback = Callable[[dict], None]
+
+
+@dataclass
+class TrainResult:
+    modulation: Modulation
+    log: list[dict] = field(default_factory=list)  # one dict per step: step, task, loss, refusal_nll, kl, over_refusal, val
+    stopped: str = "done"  # done | early_stop | cancelled | non_finite
+    best_step: int = 0
+
+
+class GainParams:
+    """The trainable gains of the selected neurons and their dense [n_layers, n_neurons] view."""
+
+    def __init__(self, selection: Selection, constrained: bool, max_gain: float):
+        self.shape = selection.shape
+        self.safety_idx = selection.safety.flatten().nonzero().flatten()
+        self.utility_idx = selection.utility.flatten().nonzero().flatten()
+        self.safety = torch.ones(len(self.safety_idx), requires_grad=True)
+        self.utility = torch.ones(len(self.utility_idx), requires_grad=True)
+        self.constrained, self.max_gain = constrained, max_gain
+
+    def params(self) -> list[torch.Tensor]:
+        return [self.safety, self.utility]
+
+    def dense(self, safety: torch.Tensor | None = None, utility: torch.Tensor | None = None) -> torch.Tensor:
+        flat = torch.ones(self.shape[0] * self.shape[1])
+        flat = flat.index_put((self.safety_idx,), self.safety if safety is None else safety)
+        flat = flat.index_put((self.utility_idx,), self.utility if utility is None else utility)
+        return flat.view(self.shape)
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """Safety gains in [1, max_gain] (amplify), utility gains in [0, 1] (suppress), unless unconstrained."""
+        if self.constrained:
+            self.safety.clamp_(1.0, self.max_gain)
+            self.utility.clamp_(0.0, 1.0)
+        else:
+            self.safety.clamp_(0.0, self.max_gain)
+            self.utility.clamp_(0.0, self.max_gain)
+
+    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.safety.detach().clone(), self.utility.detach().clone()
+
+    def load(self, snap: tuple[torch.Tensor, torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.safety.copy_(snap[0])
+            self.utility.copy_(snap[1])
+
+    def finite(self) -> bool:
+        return bool(torch.isfinite(self.safety).all() and torch.isfinite(self.utility).all())
+
+
+@dataclass
+class TaskData:
+    """Prompt pools for training and validation, formatted once."""
+
+    harmful: dict[str, list[str]]  # family ("plain" or an attack family) -> formatted prompts
+    benign: list[str]  # benign + borderline-safe formatted prompts (over-refusal penalty)
+    answers: list[tuple[str, str]]  # (formatted benign prompt, base model's answer) for the KL term
+    val_harmful: list[str]
+    val_benign: list[str]
+    val_answers: list[tuple[str, str]]
+
+
+def build_tasks(lm, cfg: RunConfig, splits: Splits, cache_dir) -> TaskData:
+    """Training pools from the train splits only; 20 % of each pool is kept for early stopping."""
+    tok, d = lm.tokenizer, cfg.data
+    harmful_pool = splits.harmful_train
+    train_h, val_h = split(harmful_pool, 0.2, seed=d.seed + 1)
+    fams = attacks.attack_families()
+    rng = random.Random(d.seed)
+
+    def wrap_all(prompts: list[Prompt], family: str) -> list[str]:
+        if family == "plain":
+            return [chat_prompt(tok, p.text) for p in prompts]
+        return [chat_prompt(tok, attacks.wrap(rng.choice(fams[family]), p.text)) for p in prompts]
+
+    harmful = {f: wrap_all(train_h, f) for f in ("plain", *splits.train_families)}
+    val_harmful = [x for f in ("plain", *splits.train_families) for x in wrap_all(val_h[:2], f)]
+    benign_pool = splits.benign_train + splits.borderline_train
+    train_b, val_b = split(benign_pool, 0.2, seed=d.seed + 2)
+    answer_prompts, val_answer_prompts = split(splits.benign_train, 0.2, seed=d.seed + 3)
+    answer_prompts = answer_prompts[: max(d.n_answer, 8) * 2]
+    val_answer_prompts = val_answer_prompts[:8]
+    answers = cached_answers(lm, [p.text for p in answer_prompts], d.answer_tokens, cache_dir)
+    val_answers = cached_answers(lm, [p.text for p in val_answer_prompts], d.answer_tokens, cache_dir)
+    return TaskData(
+        harmful=harmful,
+        benign=[chat_prompt(tok, p.text) for p in train_b],
+        answers=[(chat_prompt(tok, p.text), a) for p, a in zip(answer_prompts, answers)],
+        val_harmful=val_harmful,
+        val_benign=[chat_prompt(tok, p.text) for p in val_b[:12]],
+        val_answers=[(chat_prompt(tok, p.text), a) for p, a in zip(val_answer_prompts, val_answers)],
+    )
+
+
+class Objective:
+    """Computes the three loss terms for one mixed batch in one forward pass (plus a no-grad base pass for KL)."""
+
+    def __init__(self, lm, cfg: RunConfig):
+        self.lm, self.cfg = lm, cfg
+        self.refusals = prompts.targets()["refusal"]
+        self.max_length = cfg.attribution.max_length
+
+    def batch(self, harmful: list[str], benign: list[str], answers: list[tuple[str, str]]) -> dict[str, PairBatch]:
+        """One pair batch per role: attacked prompts are long and benign ones short, so padding them
+        together would waste most of the compute."""
+        r = self.refusals
+        roles = {
+            "harmful": (harmful, [r[i % len(r)] for i in range(len(harmful))]),
+            "benign": (benign, [r[(i + 3) % len(r)] for i in range(len(benign))]),
+            "answers": ([p for p, _ in answers], [a for _, a in answers]),
+        }
+        eos = {"harmful": self.cfg.meta.refusal_eos, "benign": self.cfg.meta.refusal_eos, "answers": False}
+        return {k: encode_pairs(self.lm.tokenizer, p, t, self.max_length, end_with_eos=eos[k])
+                for k, (p, t) in roles.items() if p}
+
+    def __call__(self, gains: torch.Tensor, batches: dict[str, PairBatch]) -> tuple[torch.Tensor, dict]:
+        model, nmap, m = self.lm.model, self.lm.nmap, self.cfg.meta
+        terms = {}
+        loss = torch.zeros(())
+        with modulate(model, gains, nmap):
+            if "harmful" in batches:
+                terms["refusal_nll"] = -target_logprob(forward(model, batches["harmful"]), batches["harmful"], mean=True).mean()
+                loss = loss + terms["refusal_nll"]
+            if "benign" in batches and m.mu_over_refusal:
+                lp = target_logprob(forward(model, batches["benign"]), batches["benign"], mean=True)
+                terms["over_refusal"] = -torch.log1p(-lp.exp().clamp(max=1 - 1e-6)).mean()
+                loss = loss + m.mu_over_refusal * terms["over_refusal"]
+            if "answers" in batches and m.lam_kl:
+                sub = batches["answers"]
+                logits = forward(model, sub)
+        if "answers" in batches and m.lam_kl:
+            with torch.no_grad():
+                base_logits = forward(model, sub)
+            mask = sub.target_mask[:, -logits.shape[1]:][:, 1:].to(logits.device)
+            base_lp = F.log_softmax(base_logits[:, :-1][mask].float(), -1)  # [n_answer_tokens, vocab]
+            mod_lp = F.log_softmax(logits[:, :-1][mask].float(), -1)
+            terms["kl"] = (base_lp.exp() * (base_lp - mod_lp)).sum(-1).mean()
+            loss = loss + m.lam_kl * terms["kl"]
+        return loss, {k: float(v.detach()) for k, v in terms.items()}
+
+
+def _sample(rng: random.Random, pool: list, n: int) -> list:
+    return rng.sample(pool, min(n, len(pool)))
+
+
+def train_gains(lm, selection: Selection, cfg: RunConfig = RunConfig(), *, splits: Splits | None = None,
+                cache_dir=None, progress: StepCallback | None = None, cancel: threading.Event | None = None) -> TrainResult:
+    """Learn gains for the selected neurons; returns the best `Modulation` (by validation loss) and the log."""
+    m = cfg.meta
+    if m.mode not in ("fomaml", "reptile", "joint"):
+        raise ValueError(f"Unknown meta-learning mode '{m.mode}'; use fomaml, reptile or joint.")
+    if not bool(selection.safety.any()) and not bool(selection.utility.any()):
+        raise SelectionError(f"The selection is empty (k_safety={selection.config.k_safety}, k_utility={selection.config.k_utility}, "
+                             "after the overlap and protection rules): there is nothing to train. Raise k_safety or k_utility.")
+    splits = splits or build_splits(cfg.data)
+    tasks = build_tasks(lm, cfg, splits, Path(cache_dir) if cache_dir else default_cache_dir())
+    rng = random.Random(m.seed)
+    torch.manual_seed(m.seed)
+    params = GainParams(selection, m.constrained, m.max_gain)
+    objective = Objective(lm, cfg)
+    opt = torch.optim.Adam(params.params(), lr=m.outer_lr)
+    families = sorted(tasks.harmful)
+    val_batch = objective.batch(tasks.val_harmful, tasks.val_benign, tasks.val_answers)
+    result = TrainResult(Modulation.from_dense(params.dense().detach(), lm.fingerprint))
+    best = (math.inf, params.snapshot(), 0)
+    bad_checks = 0
+    nb, nk = max(1, m.batch_benign // 2), max(1, m.batch_benign - m.batch_benign // 2)
+
+    def task_batch(family: str | None):
+        harmful = (_sample(rng, tasks.harmful[family], m.batch_harmful) if family
+                   else [rng.choice(tasks.harmful[rng.choice(families)]) for _ in range(m.batch_harmful)])
+        return objective.batch(harmful, _sample(rng, tasks.benign, nb), _sample(rng, tasks.answers, nk))
+
+    def grads(loss: torch.Tensor) -> list[torch.Tensor]:
+        return torch.autograd.grad(loss, params.params(), allow_unused=True)
+
+    for step in range(1, m.steps + 1):
+        if cancel is not None and cancel.is_set():
+            result.stopped = "cancelled"
+            break
+        family = None if m.mode == "joint" else rng.choice(families)
+        with torch.enable_grad():
+            if m.mode == "joint":
+                loss, terms = objective(params.dense(), task_batch(None))
+                outer = grads(loss)
+            else:
+                # inner loop: adapt a copy of the gains to this family's support batch
+                fast = [p.detach().clone().requires_grad_(True) for p in params.params()]
+                for _ in range(m.inner_steps):
+                    inner_loss, _ = objective(params.dense(*fast), task_batch(family))
+                    g = torch.autograd.grad(inner_loss, fast, allow_unused=True)
+                    fast = [(f - m.inner_lr * (gi if gi is not None else 0)).detach().requires_grad_(True) for f, gi in zip(fast, g)]
+                if m.mode == "fomaml":  # first-order: query gradient at the adapted gains
+                    loss, terms = objective(params.dense(*fast), task_batch(family))
+                    outer = torch.autograd.grad(loss, fast, allow_unused=True)
+                else:  # reptile: move towards the adapted gains
+                    loss, terms = inner_loss, {}
+                    outer = [p.detach() - f.detach() for p, f in zip(params.params(), fast)]
+        opt.zero_grad()
+        for p, g in zip(params.params(), outer):
+            p.grad = None if g is None else g.detach().clone()
+        previous = params.snapshot()
+        opt.step()
+        params.project()
+        if not params.finite() or not math.isfinite(float(loss.detach())):
+            params.load(previous)
+            result.stopped = "non_finite"
+            result.log.append({"step": step, "task": family or "mixed", "loss": float(loss.detach()),
+                               "error": f"non-finite gains or loss at step {step}: training stopped and kept the last good gains. "
+                                        f"Lower meta.outer_lr (now {m.outer_lr:g}) or meta.inner_lr (now {m.inner_lr:g}) and train again."})
+            break
+        entry = {"step": step, "task": family or "mixed", "loss": float(loss.detach()), **terms,
+                 "mean_safety_gain": float(params.safety.detach().mean()) if len(params.safety) else 1.0,
+                 "mean_utility_gain": float(params.utility.detach().mean()) if len(params.utility) else 1.0}
+        if step % m.eval_every == 0 or step == m.steps:
+            with torch.no_grad():
+                val_loss, val_terms = objective(params.dense().detach(), val_batch)
+            entry["val"] = float(val_loss)
+            entry.update({f"val_{k}": v for k, v in val_terms.items()})
+            if entry["val"] < best[0] - 1e-4:
+                best, bad_checks = (entry["val"], params.snapshot(), step), 0
+            else:
+                bad_checks += 1
+                if bad_checks >= m.patience:
+                    result.log.append(entry)
+                    result.stopped = "early_stop"
+                    if progress:
+                        progress(entry)
+                    break
+        result.log.append(entry)
+        if progress:
+            progress(entry)
+    if best[2] > 0:
+        params.load(best[1])
+    result.best_step = best[2]
+    meta = {"kind": "neurontune", "mode": m.mode, "steps_run": len(result.log), "best_step": best[2],
+            "stopped": result.stopped, "k_safety": selection.config.k_safety, "k_utility": selection.config.k_utility}
+    result.modulation = Modulation.from_dense(params.dense().detach(), lm.fingerprint, meta)
+    return result

@@ -1,0 +1,117 @@
+"""Where each architecture keeps its MLP neurons: the input units of every layer's MLP output projection.
+
+One table keyed by `config.model_type`; everything else in the engine (hooks, folding, attribution)
+goes through `NeuronMap` and never touches architecture-specific attribute names.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import UnsupportedModelError
+
+# model_type -> (candidate paths of the decoder layer list, path of the MLP output projection in a layer)
+_DOWN_PROJ = (("model.layers", "model.language_model.layers", "language_model.model.layers"), "mlp.down_proj")
+ARCHITECTURES: dict[str, tuple[tuple[str, ...], str]] = {
+    **{t: _DOWN_PROJ for t in (
+        "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "phi3",
+        "olmo", "olmo2", "granite", "smollm3", "cohere", "stablelm", "starcoder2_llama", "helium",
+    )},
+    "gpt2": (("transformer.h",), "mlp.c_proj"),            # Conv1D: weight stored [in, out]
+    "gpt_neox": (("gpt_neox.layers",), "mlp.dense_4h_to_h"),
+    "opt": (("model.decoder.layers",), "fc2"),
+    "phi": (("model.layers",), "mlp.fc2"),
+    "gptj": (("transformer.h",), "mlp.fc_out"),
+    "falcon": (("transformer.h",), "mlp.dense_4h_to_h"),
+    "bloom": (("transformer.h",), "mlp.dense_4h_to_h"),
+}
+
+# Mixture-of-experts models have one MLP per expert and a router; a "neuron" is not one unit there.
+MOE_TYPES = {
+    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "dbrx", "jamba", "granitemoe", "granitemoeshared",
+    "phimoe", "deepseek_v2", "deepseek_v3", "jetmoe", "switch_transformers", "nllb_moe", "gpt_oss",
+    "llama4", "llama4_text", "minimax", "hunyuan_v1_moe", "ernie4_5_moe", "glm4_moe", "dots1",
+}
+
+
+def supported_types() -> list[str]:
+    return sorted(ARCHITECTURES)
+
+
+def _get(obj: object, path: str) -> object:
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+@dataclass(frozen=True)
+class NeuronMap:
+    """The MLP output projection of every layer, in layer order, and the neuron count per layer."""
+
+    model_type: str
+    projections: tuple[nn.Module, ...]
+    n_neurons: int
+    transposed: bool  # True for GPT-2's Conv1D, whose weight is [in, out]: neuron i is row i
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.projections)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n_layers, self.n_neurons)
+
+    def weight_slice(self, layer: int) -> torch.Tensor:
+        """The projection weight with neurons along dim 0: [n_neurons, d_model] (a view, writable)."""
+        w = self.projections[layer].weight
+        return w if self.transposed else w.t()
+
+
+def check_supported(model_type: str | None, n_experts: int | None = None) -> None:
+    """Refuse mixture-of-experts and unmapped architectures; works on a config alone, before any weight loads."""
+    if model_type in MOE_TYPES or n_experts:
+        raise UnsupportedModelError(
+            f"'{model_type}' is a mixture-of-experts model; NeuronTune supports dense MLPs only for now. "
+            f"Choose a dense model of a supported family: {', '.join(supported_types())}.")
+    if model_type not in ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"Model type '{model_type}' is not in the neuron map. Supported families: "
+            f"{', '.join(supported_types())}. Add an entry to neurontune/neuron_map.py:ARCHITECTURES "
+            "naming where its decoder layers and MLP output projection are.")
+
+
+def neuron_map(model: nn.Module) -> NeuronMap:
+    """Build the neuron map of a loaded causal LM, or say clearly why it is not supported."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    check_supported(model_type, getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None))
+    layer_paths, proj_path = ARCHITECTURES[model_type]
+    layers = None
+    for path in layer_paths:
+        try:
+            layers = _get(model, path)
+            break
+        except AttributeError:
+            continue
+    if layers is None:
+        raise UnsupportedModelError(f"Could not find the decoder layers of this '{model_type}' model at {layer_paths}.")
+    projections = tuple(_get(layer, proj_path) for layer in layers)
+    transposed = type(projections[0]).__name__ == "Conv1D"
+    weight = projections[0].weight
+    n_neurons = weight.shape[0] if transposed else weight.shape[1]
+    return NeuronMap(model_type, projections, int(n_neurons), transposed)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layer list of a supported model (the residual stream enters each layer as its first argument)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise UnsupportedModelError(f"Model type '{model_type}' is not in the neuron map. Supported families: {', '.join(supported_types())}.")
+    for path in ARCHITECTURES[model_type][0]:
+        try:
+            return _get(model, path)
+        except AttributeError:
+            continue
+    raise UnsupportedModelError(f"Could not find the decoder layers of this '{model_type}' model at {ARCHITECTURES[model_type][0]}.")

@@ -1,0 +1,177 @@
+"""Export a tuned model: fold the gains into the weights and save a standard checkpoint.
+
+The folder holds safetensors weights, config and tokenizer (plain `transformers` loads it with no
+project code), the modulation file, the preset used and a model card with the evaluation table. The
+export is written to a temporary folder, reloaded and checked against the hooked model, and only then
+moved into place: a failure leaves no half-written export.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from ..data.chat import chat_prompt
+from ..infra import files
+from ..interventions.modulation import Modulation, modulate
+from ..model.logprobs import encode_pairs, forward
+from .folder import RunFolder
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+EMBEDDED_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+class ExportError(ValueError):
+    """The export was refused or failed; nothing partial was left behind."""
+
+
+def slugify(name: str) -> str:
+    """A safe folder name from free text (what the UI suggests): letters, digits, '.', '_', '-'."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name.strip()).strip(".-_")
+    slug = re.sub(r"\.{2,}", ".", slug)[:100]
+    return slug or "neurontune-export"
+
+
+def export_path(root: str | Path, name: str) -> Path:
+    """The export folder for `name` under `root`; refuses traversal, separators and odd characters."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:
+        raise ExportError(f"Export name {name!r} is not allowed: use 1-100 letters, digits, '.', '_' or '-', "
+                          f"starting with a letter or digit (for example {slugify(str(name))!r}).")
+    root = Path(root).resolve()
+    path = (root / name).resolve()
+    if path.parent != root:
+        raise ExportError(f"Export name {name!r} would leave the export folder {root}.")
+    return path
+
+
+def _folded_state_dict(lm, dense: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The model's state dict with the gains folded into copies of the output projections (the
+    shared model itself is never modified)."""
+    state = dict(lm.model.state_dict())
+    names = {id(mod): name for name, mod in lm.model.named_modules()}
+    for layer, proj in enumerate(lm.nmap.projections):
+        g = dense[layer]
+        if bool((g == 1).all()):
+            continue
+        key = f"{names[id(proj)]}.weight"
+        w = proj.weight.detach().clone()
+        scale = g.to(w.device, w.dtype)
+        state[key] = w * (scale[:, None] if lm.nmap.transposed else scale[None, :])
+    return state
+
+
+def _markdown_table(rows: list[dict]) -> str:
+    if not rows:
+        return "_not evaluated_"
+    cols = list(rows[0])
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def model_card(lm, modulation: Modulation, name: str, eval_rows: list[dict] | None, preset: dict | None) -> str:
+    base = EMBEDDED_BASE if lm.name == "embedded" else lm.name
+    s = modulation.summary()
+    return f"""---
+library_name: transformers
+base_model: {base}
+tags:
+- neurontune
+- safety
+- refusal
+---
+# {name}
+
+`{base}` with NeuronTune neuron gains folded into its MLP output projections
+({s['n_amplified']} safety neurons amplified, {s['n_suppressed']} over-refusal neurons suppressed, gains
+{s['min_gain']:.3f}–{s['max_gain']:.3f}, layers {s['layers'][:1]}…{s['layers'][-1:]}). No other weight changed.
+Made with NeuronTune Studio (method: Pan et al., 2025, "Fine-Grained Neuron Modulation for Balanced
+Safety-Utility Alignment in LLMs").
+
+## Load it
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("path/to/{name}")
+tokenizer = AutoTokenizer.from_pretrained("path/to/{name}")
+```
+
+## Evaluation (held-out prompts and attack families)
+
+{_markdown_table(eval_rows or [])}
+
+## Files
+
+- `model.safetensors`, `config.json`, tokenizer files: the folded checkpoint.
+- `modulation.safetensors`: the gains themselves, for `neurontune` (base model fingerprint `{modulation.fingerprint}`).
+- `preset.json`: the configuration that produced them.
+
+Base model fingerprint: `{lm.fingerprint}`. Preset: `{(preset or {}).get('name', 'custom')}`.
+"""
+
+
+@torch.no_grad()
+def _check_reload(lm, modulation: Modulation, folder: Path) -> float:
+    """Max abs logit difference between the reloaded export and the hooked base model."""
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=lm.model.dtype).eval()
+    prompts = [chat_prompt(lm.tokenizer, p) for p in ("How do I make a cake?", "Write a short poem about the sea.")]
+    batch = encode_pairs(lm.tokenizer, prompts, ["Sure", "Here"], max_length=128)
+    with modulate(lm.model, modulation, lm.nmap):
+        hooked = forward(lm.model, batch, all_logits=True)
+    plain = forward(reloaded, batch, all_logits=True)
+    mask = batch.attention_mask.bool()
+    return float((plain.float().cpu() - hooked.float().cpu())[mask].abs().max())
+
+
+def export(lm, modulation: Modulation, root: str | Path, name: str, *, preset: dict | None = None,
+           eval_rows: list[dict] | None = None, overwrite: bool = False, static_only: bool = False,
+           tolerance: float | None = None, push_to_hub: str | None = None, token: str | None = None) -> dict:
+    """Write the export folder; returns {"path", "max_logit_diff", "pushed", "push_error"}.
+
+    The hub token is used for the push only: it is never written, logged or kept."""
+    path = export_path(root, name)
+    if modulation.fingerprint and modulation.fingerprint != lm.fingerprint:
+        raise ExportError(f"This modulation was made for model {modulation.fingerprint}, not the loaded {lm.fingerprint}.")
+    if tuple(modulation.shape) != tuple(lm.shape):
+        raise ExportError(f"This modulation holds gains for {tuple(modulation.shape)} neurons; the loaded model has {tuple(lm.shape)}.")
+    if modulation.meta.get("gated") and not static_only:
+        raise ExportError("This modulation is input-conditional (gated): a gate cannot be folded into weights. "
+                          "Export the static gains only by passing static_only=True (CLI: --static-only).")
+    if path.exists() and not overwrite:
+        raise ExportError(f"An export named {name!r} already exists at {path}. Choose another name or pass overwrite.")
+    check: dict = {}
+
+    def fill(tmp: Path) -> None:  # written in a hidden temp folder, checked, then renamed into place
+        lm.model.save_pretrained(tmp, state_dict=_folded_state_dict(lm, modulation.dense()))
+        lm.tokenizer.save_pretrained(tmp)
+        folder = RunFolder(tmp)  # an export also reads as a run folder: its gains and preset
+        folder.write_modulation(modulation)
+        folder.write_config(preset or {})
+        files.write_text(tmp / "README.md", model_card(lm, modulation, name, eval_rows, preset))
+        diff = _check_reload(lm, modulation, tmp)
+        tol = tolerance if tolerance is not None else (1e-3 if lm.model.dtype == torch.float32 else 5e-2)
+        if not diff <= tol:
+            raise ExportError(f"The reloaded export differs from the hooked model by {diff:.2e} (> {tol:.0e}); not saved.")
+        check.update(max_logit_diff=diff, tolerance=tol)
+        files.write_json(tmp / "export_check.json", check, checksum=False)
+    try:  # an export it replaces is put back if the move fails: a failure never loses the previous export
+        files.write_folder(path, fill, manifest=False, overwrite=overwrite)
+    except files.FolderExists:
+        raise ExportError(f"An export named {path.name!r} appeared at {path} meanwhile; it was kept. Choose another name.") from None
+    diff = check["max_logit_diff"]
+    result = {"path": str(path), "max_logit_diff": diff, "pushed": None, "push_error": None}
+    if push_to_hub:
+        try:
+            from huggingface_hub import HfApi
+            api = HfApi(token=token)
+            api.create_repo(push_to_hub, exist_ok=True)
+            api.upload_folder(folder_path=str(path), repo_id=push_to_hub)
+            result["pushed"] = push_to_hub
+        except Exception as exc:  # the local export stays; the message never contains the token
+            msg = str(exc).replace(token, "***") if token else str(exc)
+            result["push_error"] = f"Push to {push_to_hub} failed ({type(exc).__name__}: {msg}); the local export at {path} is kept."
+    return result

@@ -1,0 +1,186 @@
+"""A run folder: the one place that names the files of a run (`tune --out`, a studio training, a sweep, an
+export) and reads and writes them. Every write is atomic; a part that is missing reads as None.
+
+    preset.json          the RunConfig                    modulation.safetensors  the trained gains
+    scores.safetensors   every neuron's scores            gate.safetensors        the input gate (when fitted)
+    top_neurons.csv      top 100 neurons per score kind   train_log.jsonl         one line per training step
+    layer_summary.csv    score mass per layer             eval.json               the evaluation table and its settings
+    attribution.json     model, counts, processes         eval_table.csv          the same table as CSV
+    selection.json       counts, rules, per layer         generations.jsonl       every generated answer
+    sweep.csv, sweep_baselines.csv, tradeoff.html         a threshold sweep
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import pandas as pd
+
+from ..config import RunConfig
+from ..infra import files
+from ..interventions.gating import GateProbe
+from ..interventions.modulation import Modulation
+from ..method.neuron_scores import NeuronScores
+from ..method.selection import Selection
+
+
+class RunFolder:
+    CONFIG = "preset.json"
+    SCORES = "scores.safetensors"
+    TOP_NEURONS = "top_neurons.csv"
+    LAYERS = "layer_summary.csv"
+    ATTRIBUTION = "attribution.json"
+    SELECTION = "selection.json"
+    MODULATION = "modulation.safetensors"
+    GATE = "gate.safetensors"
+    TRAIN_LOG = "train_log.jsonl"
+    EVAL = "eval.json"
+    EVAL_TABLE = "eval_table.csv"
+    GENERATIONS = "generations.jsonl"
+    SWEEP = "sweep.csv"
+    SWEEP_BASELINES = "sweep_baselines.csv"
+    TRADEOFF = "tradeoff.html"
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def file(self, name: str) -> Path:
+        """The path of one of the files above (refuses a name that is not a run file)."""
+        if name not in self.names():
+            raise KeyError(f"{name!r} is not a file of a run folder; run files: {', '.join(sorted(self.names()))}.")
+        return self.path / name
+
+    @classmethod
+    def names(cls) -> set[str]:
+        return {v for k, v in vars(cls).items() if k.isupper() and isinstance(v, str)}
+
+    def has(self, name: str) -> bool:
+        return self.file(name).is_file()
+
+    def made(self) -> "RunFolder":
+        self.path.mkdir(parents=True, exist_ok=True)
+        return self
+
+    @property
+    def modulation_path(self) -> Path:
+        return self.file(self.MODULATION)
+
+    @property
+    def gate_path(self) -> Path:
+        return self.file(self.GATE)
+
+    @property
+    def scores_path(self) -> Path:
+        return self.file(self.SCORES)
+
+    # -- configuration ------------------------------------------------------------------------------
+    def write_config(self, cfg: RunConfig | dict) -> Path:
+        raw = cfg.to_dict() if isinstance(cfg, RunConfig) else cfg
+        return files.write_json(self.made().file(self.CONFIG), raw, checksum=False, indent=2)
+
+    def config(self) -> RunConfig:
+        if not self.has(self.CONFIG):
+            raise FileNotFoundError(f"{self.path} is not a NeuronTune run folder (no {self.CONFIG}). "
+                                    f"Run `python -m neurontune tune --out {self.path}` first.")
+        return RunConfig.from_dict(json.loads(self.file(self.CONFIG).read_text(encoding="utf-8")))
+
+    # -- attribution and selection ------------------------------------------------------------------
+    def write_scores(self, scores: NeuronScores) -> Path:
+        return scores.save(self.made().file(self.SCORES))  # verified on read (checksum sidecar)
+
+    def scores(self) -> NeuronScores | None:
+        return NeuronScores.load(self.file(self.SCORES)) if self.has(self.SCORES) else None
+
+    def write_attribution(self, scores: NeuronScores, info: dict) -> None:
+        """The scores, plus the tables a reader wants first: top neurons per kind and score mass per layer."""
+        self.write_scores(scores)
+        tables = [scores.table(kind, 100).assign(kind=kind) for kind in ("safety", "over_refusal", "benign_dependence")
+                  if kind in scores.scores]
+        files.write_text(self.file(self.TOP_NEURONS), pd.concat(tables).to_csv(index=False))
+        layers = scores.layer_summary("safety").rename(columns=lambda c: c if c == "layer" else f"safety_{c}")
+        layers = layers.merge(scores.layer_summary("over_refusal").rename(columns=lambda c: c if c == "layer" else f"over_refusal_{c}"))
+        files.write_text(self.file(self.LAYERS), layers.to_csv(index=False))
+        files.write_json(self.file(self.ATTRIBUTION), info, checksum=False, indent=2)
+
+    def write_selection(self, selection: Selection) -> Path:
+        return files.write_json(self.made().file(self.SELECTION), {
+            "counts": selection.counts(), "rules": selection.rules, "per_layer": selection.per_layer().to_dict(orient="list")},
+            checksum=False, indent=2)
+
+    # -- gains and gate -----------------------------------------------------------------------------
+    def write_modulation(self, modulation: Modulation) -> Path:
+        return modulation.save(self.made().file(self.MODULATION))
+
+    def modulation(self, expected_fingerprint: str | None = None) -> Modulation | None:
+        """The run's gains (refused with a message when made for another model or corrupted); None if absent."""
+        return Modulation.load(self.modulation_path, expected_fingerprint) if self.has(self.MODULATION) else None
+
+    def write_train_log(self, entries: Iterable[dict]) -> Path:
+        return files.write_jsonl(self.made().file(self.TRAIN_LOG), entries)
+
+    def train_log(self) -> list[dict]:
+        return self._jsonl(self.TRAIN_LOG)
+
+    def write_gate(self, probe: GateProbe) -> Path:
+        return probe.save(self.made().file(self.GATE))
+
+    def gate(self, lm=None) -> GateProbe | None:
+        """The run's input gate, or None. Given the loaded model, one fitted on another model is refused."""
+        if not self.has(self.GATE):
+            return None
+        if lm is None:
+            return GateProbe.load(self.gate_path)
+        return GateProbe.load(self.gate_path, shape=tuple(lm.shape), expected_fingerprint=lm.fingerprint)
+
+    # -- evaluation ---------------------------------------------------------------------------------
+    def write_eval(self, summary: dict, table: pd.DataFrame) -> None:
+        """eval.json (`summary` holds "table": one dict per intervention, and the settings) and eval_table.csv."""
+        files.write_json(self.made().file(self.EVAL), summary, checksum=False, indent=2)
+        files.write_text(self.file(self.EVAL_TABLE), table.to_csv())
+
+    def eval_summary(self) -> dict | None:
+        if not self.has(self.EVAL):
+            return None
+        try:
+            summary = json.loads(self.file(self.EVAL).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return summary if isinstance(summary, dict) else None
+
+    def eval_table(self) -> list[dict] | None:
+        """The evaluation table's rows (one dict per intervention), or None when not evaluated."""
+        summary = self.eval_summary()
+        table = (summary or {}).get("table")
+        return table if isinstance(table, list) else None
+
+    def write_generations(self, results: Sequence) -> Path:
+        """Every generated answer of every evaluated intervention (`EvalResult`s), one JSON object per line."""
+        return files.write_jsonl(self.made().file(self.GENERATIONS), ({"intervention": r.name, **row} for r in results for row in r.rows))
+
+    def generations(self) -> list[dict]:
+        return self._jsonl(self.GENERATIONS)
+
+    # -- sweep --------------------------------------------------------------------------------------
+    def write_sweep(self, frame: pd.DataFrame, baselines: pd.DataFrame, figure) -> None:
+        files.write_text(self.made().file(self.SWEEP), frame.to_csv(index=False))
+        files.write_text(self.file(self.SWEEP_BASELINES), baselines.to_csv(index=False))
+        files.write_text(self.file(self.TRADEOFF), figure.to_html(include_plotlyjs=True))  # self-contained: opens offline
+
+    def sweep(self) -> tuple[pd.DataFrame, pd.DataFrame | None] | None:
+        if not self.has(self.SWEEP):
+            return None
+        base = pd.read_csv(self.file(self.SWEEP_BASELINES)) if self.has(self.SWEEP_BASELINES) else None
+        return pd.read_csv(self.file(self.SWEEP)), base
+
+    def _jsonl(self, name: str) -> list[dict]:
+        if not self.has(name):
+            return []
+        with open(self.file(name), encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
