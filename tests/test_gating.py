@@ -1,4 +1,5 @@
 """Input-conditional gating: strength 1 equals the full modulation, 0 equals the base, per row, isolated."""
+import pytest
 import torch
 from conftest import random_modulation
 
@@ -37,3 +38,18 @@ def test_gate_strength_extremes_and_rows(tiny_llama):
     assert not torch.equal(mixed, base) and not torch.equal(mixed, full)
     # hooks are gone after the block
     assert all(not p._forward_pre_hooks for p in lm.nmap.projections) and not lm.model._forward_pre_hooks
+
+
+def test_truncated_or_corrupted_gate_file_is_refused(tiny_llama, tmp_path):
+    from neurontune.interventions.gating import GateProbe
+    probe = GateProbe(torch.tensor([0, 1]), torch.tensor([3, 4]), torch.zeros(2), torch.ones(2), torch.ones(2), 0.5)
+    path = probe.save(tmp_path / "gate.safetensors")
+    data = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="not a readable gate file"):
+        GateProbe.load(tmp_path / "cut.safetensors")
+    bad = GateProbe(torch.tensor([0, 1]), torch.tensor([3, 4]), torch.zeros(2), torch.ones(2), torch.tensor([1.0, float("nan")]), 0.5)
+    with pytest.raises(ValueError, match="corrupted gate file"):
+        GateProbe.load(bad.save(tmp_path / "nan.safetensors"))
+    with pytest.raises(ValueError, match="outside this model"):
+        GateProbe.load(path, shape=(1, 2))

@@ -78,7 +78,7 @@ def check_supported(model_type: str | None, n_experts: int | None = None) -> Non
     if model_type not in ARCHITECTURES:
         raise UnsupportedModelError(
             f"Model type '{model_type}' is not in the neuron map. Supported families: "
-            f"{', '.join(supported_types())}. Add an entry to neurontune/neuron_map.py:ARCHITECTURES "
+            f"{', '.join(supported_types())}. Add an entry to neurontune/model/neuron_map.py:ARCHITECTURES "
             "naming where its decoder layers and MLP output projection are.")
 
 
