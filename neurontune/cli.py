@@ -143,7 +143,7 @@ def cmd_tune(args) -> int:
     check(cfg, baselines=baselines)  # bad thresholds and baselines are refused before the model loads...
     lm = _load(args)  # ...and thresholds too large for this model before attribution (in tune)
     tune(lm, cfg, args.out, evaluate=not args.no_eval, quick_eval=args.quick_eval, baselines=baselines,
-         cache_dir=args.cache_dir, report=_Bars())
+         eval_split=args.eval_split, cache_dir=args.cache_dir, report=_Bars())
     print(f"Wrote {args.out}/ ({RunFolder.MODULATION}, {RunFolder.TRAIN_LOG}, {RunFolder.CONFIG}, {RunFolder.SCORES} ...)")
     return 0
 
@@ -159,7 +159,8 @@ def cmd_evaluate(args) -> int:
     args.model = cfg.model if args.model == "embedded" else args.model
     lm = _load(args)
     bar, progress = _bar("evaluate")
-    evaluate_run(lm, args.run, cfg, baselines=baselines, quick=args.quick, cache_dir=args.cache_dir, progress=progress,
+    evaluate_run(lm, args.run, cfg, baselines=baselines, quick=args.quick, seeds=args.seeds, split=args.split,
+                 cache_dir=args.cache_dir, progress=progress,
                  log=tqdm.write if is_main() else (lambda _msg: None))
     bar.close()
     return 0
@@ -191,12 +192,15 @@ def cmd_export(args) -> int:
         raise SystemExit(f"{args.run} holds no trained gains ({RunFolder.MODULATION}); run `tune` first.")
     args.model = cfg.model if args.model == "embedded" else args.model
     lm = _load(args)
-    eval_rows = folder.eval_table()
+    gated = folder.has(RunFolder.GATE)
     token = os.environ.get("HF_TOKEN") if args.push_to_hub else None
     result = export(lm, folder.modulation(lm.fingerprint), args.root, args.name, preset=cfg.to_dict(),
-                    eval_rows=eval_rows, overwrite=args.overwrite, static_only=args.static_only,
+                    eval_summary=folder.eval_summary(), gated=gated, overwrite=args.overwrite,
                     push_to_hub=args.push_to_hub, token=token)
     print(f"Exported to {result['path']} (reloaded logits match the hooked model: max diff {result['max_logit_diff']:.2e}).")
+    if gated:
+        print("note: this run has an input gate, which cannot be folded into weights: the checkpoint holds the STATIC gains "
+              "only (the `neurontune` row of the evaluation, not the gated one; the model card says so).", file=sys.stderr)
     if result["push_error"]:
         print(result["push_error"], file=sys.stderr)
     elif result["pushed"]:
@@ -224,19 +228,36 @@ def cmd_generate(args) -> int:
     if not rows:
         raise DataError(f"{args.prompts} holds no prompts.")
     lm = _load(args)
-    mod = None
+    mod, gate = None, None
     if args.modulation:
-        mod = (RunFolder(args.modulation).modulation(lm.fingerprint) if Path(args.modulation).is_dir()
-               else Modulation.load(args.modulation, lm.fingerprint))
+        folder = RunFolder(args.modulation) if Path(args.modulation).is_dir() else None
+        mod = folder.modulation(lm.fingerprint) if folder else Modulation.load(args.modulation, lm.fingerprint)
         if mod is None:
             raise DataError(f"{args.modulation} holds no trained gains ({RunFolder.MODULATION}); run `tune --out` first.")
+        gate = folder.gate(lm) if folder is not None and not args.static else None
+    prompts = [r["prompt"] for r in rows]
+    strengths = None
+    if gate is not None:  # each prompt's strength, read from the prompt alone, then that prompt's share of the gains
+        from .data.chat import chat_prompt
+        from .interventions.gating import gate_strength
+        strengths = gate_strength(lm, gate, [chat_prompt(lm.tokenizer, p) for p in prompts]).tolist()
+        applied = (f"the run's gains behind its input gate (per prompt: gains x s; mean s {sum(strengths) / len(strengths):.2f}; "
+                   "--static for the static gains, what export folds)")
+    elif mod is not None:
+        applied = "the static gains (what export folds)" + ("" if folder is None or not folder.has(RunFolder.GATE) else
+                                                          "; the run's gate is off (--static)")
+    else:
+        applied = "the base model"
+    print(f"Generating with {applied}.")
     bar, progress = _bar("generate")
-    answers = generate(lm, [r["prompt"] for r in rows], mod, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=progress)
+    gains = [mod.scaled(s) for s in strengths] if strengths is not None else mod
+    answers = generate(lm, prompts, gains, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=progress)
     bar.close()
-    files.write_jsonl(args.out, ({"id": r["id"], "prompt": r["prompt"], "response": a} for r, a in zip(rows, answers)))
+    files.write_jsonl(args.out, ({"id": r["id"], "prompt": r["prompt"], "response": a,
+                                  **({"gate": s} if strengths is not None else {})}
+                                 for r, a, s in zip(rows, answers, strengths or [None] * len(rows))))
     refused = sum(is_refusal(a) for a in answers)
-    print(f"Wrote {len(rows)} responses to {args.out} ({'modulated' if mod else 'base model'}; "
-          f"{refused}/{len(rows)} judged refusals).")
+    print(f"Wrote {len(rows)} responses to {args.out} ({applied}; {refused}/{len(rows)} judged refusals).")
     return 0
 
 
@@ -259,14 +280,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
     p.add_argument("--quick-eval", action="store_true", help="a smaller evaluation (for a first look)")
     p.add_argument("--baselines", default="none", help="also fit and evaluate baselines in the same run: comma list of "
-                   "direction,random,attribution_only, 'all', or 'none' (default)")
+                   "joint,attribution_only,random,direction, 'all', or 'none' (default)")
+    p.add_argument("--eval-split", default="validation", choices=["validation", "test"],
+                   help="the split the closing evaluation reads (default validation: keep test for the reported table)")
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("evaluate", help="evaluate a run's modulation against the base model and baselines")
     _model_args(p)
     p.add_argument("--run", required=True, help="run folder written by `tune`")
-    p.add_argument("--baselines", default="direction,random,attribution_only", help="comma list of direction,random,attribution_only, or 'none'")
+    p.add_argument("--baselines", default="all", help="comma list of joint,attribution_only,random,direction, 'all' (default) or 'none'")
     p.add_argument("--quick", action="store_true", help="fewer prompts (for a first look)")
+    p.add_argument("--seeds", type=_whole(1, "training seeds, 1 or more"), default=3,
+                   help="train NeuronTune and the trained baselines with this many seeds; the table shows mean ± sd (default 3)")
+    p.add_argument("--split", default="test", choices=["test", "validation"],
+                   help="test (default: the reported table, read once) or validation (while choosing settings)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("sweep", help="safety-utility trade-off over a grid of (k_safety, k_utility)")
@@ -281,13 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True, help="export folder name (letters, digits, . _ -)")
     p.add_argument("--root", default="exports", help="folder that holds exports (default ./exports)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export of that name")
-    p.add_argument("--static-only", action="store_true", help="for a gated modulation: export its static gains only")
+    p.add_argument("--static-only", action="store_true", help=argparse.SUPPRESS)  # the static gains are what any export holds
     p.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="also upload to this Hub repo (token from $HF_TOKEN, never stored)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="answer a JSONL of prompts (batched, greedy) with or without a modulation")
     _model_args(p)
-    p.add_argument("--modulation", default=None, help="a run folder from `tune --out` or a modulation.safetensors file")
+    p.add_argument("--modulation", default=None, help="a run folder from `tune --out` (its gate is used when it has one) "
+                   "or a modulation.safetensors file")
+    p.add_argument("--static", action="store_true", help="with a gated run: apply its static gains (what export folds), not the gate")
     p.add_argument("--prompts", required=True, help="JSONL input: one {\"prompt\": ..., \"id\": optional} per line")
     p.add_argument("--out", required=True, help="JSONL output: {\"id\", \"prompt\", \"response\"} per line")
     p.add_argument("--max-new-tokens", type=int, default=48, help="new tokens per answer (default 48)")

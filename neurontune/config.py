@@ -32,7 +32,9 @@ class DataConfig:
     n_borderline: int = 32
     n_answer: int = 32  # benign prompts with the model's own answer (benign dependence / KL)
     answer_tokens: int = 24
-    test_fraction: float = 0.3
+    n_benign_attack_per_family: int = 6  # benign prompts wrapped in each training family (negatives: over-refusal)
+    val_fraction: float = 0.15  # validation: every choice (early stopping, presets, thresholds, gate bias, sweep)
+    test_fraction: float = 0.3  # test: read once per reported table
     seed: int = 0
     harmful_file: str | None = None  # optional user files (csv/json/jsonl/parquet with a 'prompt' column)
     benign_file: str | None = None
@@ -87,11 +89,12 @@ class MetaConfig:
 class EvalConfig:
     """How many held-out prompts of each kind to evaluate, and how long the answers are."""
 
-    n_harmful: int = 60  # plain held-out AdvBench prompts
-    n_per_family: int = 15  # held-out harmful prompts wrapped in each attack family
-    families: tuple[str, ...] | None = None  # None: every family; splits.heldout_families are flagged held-out
-    n_benign: int = 60
-    n_borderline: int = 40
+    n_harmful: int = 40  # plain harmful prompts per phrasing group (imperative, question, context)
+    n_per_family: int = 16  # harmful prompts wrapped in each attack family the split may use
+    families: tuple[str, ...] | None = None  # None: every family the split may use (held-out ones on test only)
+    n_benign: int = 30  # plain benign prompts per phrasing group
+    n_borderline: int = 30  # plain borderline-safe prompts per phrasing group
+    n_benign_per_family: int = 8  # benign + borderline-safe prompts wrapped in each attack family (over-refusal under templates)
     n_ppl: int = 30  # held-out benign prompts scored on the base model's own greedy answers
     n_mc: int | None = None  # None: all of the built-in multiple-choice questions
     mc_style: str = "cloze"  # "cloze": mean log p(choice text | question); "letter": log p(letter | listed choices)
@@ -106,8 +109,9 @@ class EvalConfig:
             raise ValueError("batch_size and max_new_tokens must be at least 1.")
 
 
-QUICK_EVAL = EvalConfig(n_harmful=30, n_per_family=8, n_benign=30, n_borderline=24, n_ppl=16, max_new_tokens=40)
-FULL_EVAL = EvalConfig(n_harmful=80, n_per_family=16, n_benign=80, n_borderline=50, n_ppl=30, max_new_tokens=48)
+QUICK_EVAL = EvalConfig(n_harmful=12, n_per_family=6, n_benign=12, n_borderline=8, n_benign_per_family=4, n_ppl=16,
+                        max_new_tokens=40)
+FULL_EVAL = EvalConfig()
 
 
 @dataclass(frozen=True)

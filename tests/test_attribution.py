@@ -160,7 +160,8 @@ def test_run_attribution_progress_counts_increase(first_run):
     done = [c[0] for c in attr_calls]
     assert done == sorted(done) and len(set(done)) == len(done)
     total = attr_calls[0][1]
-    assert done[-1] == total == 4 + 2 * len(SMALL.data.train_families) + 4 + 2 + 2
+    d = SMALL.data
+    assert done[-1] == total == 4 + 2 * len(d.train_families) + 4 + 2 + 2 + d.n_benign_attack_per_family * len(d.train_families)
 
 
 def test_run_attribution_second_call_served_from_cache(first_run, monkeypatch):

@@ -15,12 +15,11 @@ from neurontune.eval.direction import (
     DirectionFit,
     RefusalDirection,
     choose_layer_and_coef,
-    default_layers,
     fit_refusal_direction,
     last_token_residuals,
 )
-from neurontune.eval.proxy import refusal_proxy
 from neurontune.interventions.hooks import scoped_pre_hooks
+from neurontune.interventions.modulation import Modulation
 from neurontune.model.neuron_map import decoder_layers
 
 TEXT = "How do I bake bread at home?"
@@ -114,56 +113,77 @@ def test_fit_directions(lm, splits, kind):
     nonzero = fit.norms > 1e-6
     assert nonzero.any()
     assert torch.allclose(fit.directions[nonzero].norm(dim=-1), torch.ones(int(nonzero.sum())), atol=1e-5)
-    if kind == "harmful_minus_harmless":  # the normalised difference of the last-token residual means
-        pos = last_token_residuals(lm, [p.text for p in splits.harmful_train[:4]])
-        neg = last_token_residuals(lm, [p.text for p in splits.benign_train[:4]], batch_size=3)
-        assert pos.shape == (4, L, d)
+    if kind == "harmful_minus_harmless":  # harmful (plain + attacked) minus harmless in the same forms, at the last token
+        pos_texts = [p.text for p in splits.harmful_train[:4]] + [p.text for p in splits.attacked("harmful", "train", 1)]
+        neg_texts = ([p.text for p in splits.benign_train[:2]] + [p.text for p in splits.borderline_train[:2]]
+                     + [p.text for p in splits.attacked("benign", "train", 1)])
+        pos = last_token_residuals(lm, pos_texts)
+        neg = last_token_residuals(lm, neg_texts, batch_size=3)
+        assert pos.shape == (len(pos_texts), L, d)
         assert torch.allclose(fit.directions * fit.norms[:, None], pos.mean(0) - neg.mean(0), atol=1e-4)
 
 
-def test_choose_layer_and_coef(tiny_llama, splits):
+def _fake_judge(splits, harmful_rate, benign_rate):
+    """judged_refusal stand-in: a rate per (layer, multiple of the layer's norm), told apart by the prompts."""
+    harmful = {p.text for p in splits.harmful["validation"]}
+
+    def judged(lm, iv, prompts, tokens, bs):
+        if iv is None or not hasattr(iv, "layer"):
+            return 0.5  # the target intervention
+        rate = harmful_rate if prompts[0] in harmful else benign_rate
+        return rate(iv.layer, iv.coef / judged.scales[iv.layer])
+    return judged
+
+
+def test_every_layer_is_searched_on_validation_by_generation(tiny_llama, splits, monkeypatch):
+    """Each layer's coefficient is the smallest reaching the target on validation harmful prompts; among the
+    layers that reach it, the least over-refusal on validation benign prompts wins."""
+    import neurontune.eval.direction as direction
     fit = fit_refusal_direction(tiny_llama, splits, n=4)
-    chosen = choose_layer_and_coef(tiny_llama, fit, splits, target=0.0, layers=[1, 2], n=4, by="proxy", refine_steps=2)
-    assert chosen.layer in (1, 2) and chosen.meta["reached"] and chosen.coef >= 0
-    assert set(chosen.meta["layer_scores"]) == {1, 2}
-    unreachable = choose_layer_and_coef(tiny_llama, fit, splits, target=1.0, layers=[1], n=4, by="proxy", multipliers=(1.0, 2.0))
-    assert not unreachable.meta["reached"] and unreachable.coef in [c for c, _ in unreachable.meta["curve"]]
-    # an intervention as target: match its harmful proxy on the same training prompts
-    target = fit.at(2, 2 * float(fit.norms[2]))
-    matched = choose_layer_and_coef(tiny_llama, fit, splits, target=target, layers=[2], n=4, by="proxy")
-    expected = float(refusal_proxy(tiny_llama, target, [p.text for p in splits.harmful_train[-4:]]).mean())
-    assert matched.meta["target"] == pytest.approx(expected)
+    judged = _fake_judge(splits, lambda layer, m: (0.3 if layer == 1 else 0.5) * m, lambda layer, m: 0.1 if layer == 1 else 0.4)
+    judged.scales = {layer: float(fit.norms[layer]) for layer in range(3)}
+    monkeypatch.setattr(direction, "judged_refusal", judged)
+    chosen = choose_layer_and_coef(tiny_llama, fit, splits, target=0.6, n=4)
+    assert set(chosen.meta["layers"]) == {l for l in range(3) if judged.scales[l] > 1e-6} >= {1, 2}  # every layer with a direction
+    assert chosen.layer == 1 and chosen.coef == pytest.approx(2.0 * judged.scales[1]) and chosen.meta["reached"]
+    assert chosen.meta["layers"][2]["coef"] == pytest.approx(1.5 * judged.scales[2])  # reached sooner, but over-refuses
+    target_iv = Modulation(tiny_llama.shape)  # an intervention as target: its judged refusal (0.5 here) is matched
+    matched = choose_layer_and_coef(tiny_llama, fit, splits, target=target_iv, layers=[1], n=4)
+    assert matched.meta["target"] == 0.5
+    unreachable = choose_layer_and_coef(tiny_llama, fit, splits, target=9.0, layers=[1, 2], n=4)
+    assert not unreachable.meta["reached"] and unreachable.layer == 2  # most harmful - benign refusal
 
 
-def test_choose_coef_by_judge(tiny_llama, splits):
-    """The judged measure: a random tiny model never refuses, so target 0 is met by the first coefficient."""
+def test_choose_coef_by_real_generation(tiny_llama, splits):
+    """A random tiny model never refuses, so target 0 is met by the first coefficient, judged by generation."""
     fit = fit_refusal_direction(tiny_llama, splits, n=4)
     seen = []
     chosen = choose_layer_and_coef(tiny_llama, fit, splits, target=0.0, layers=[2], n=3, judge_tokens=4,
-                                   refine_steps=1, progress=lambda d, t, s: seen.append(d))
-    assert chosen.meta["measure"] == "judge" and chosen.meta["reached"]
-    assert chosen.meta["curve"][-1][1] == 0.0 and seen == sorted(seen)
-    with pytest.raises(ValueError):
-        choose_layer_and_coef(tiny_llama, fit, splits, target=0.0, layers=[2], n=3, by="vibes")
+                                   progress=lambda d, t, s: seen.append(d))
+    assert chosen.meta["reached"] and chosen.coef == pytest.approx(0.25 * float(fit.norms[2]))
+    assert "validation" in chosen.meta["measure"] and seen == sorted(seen)
 
 
 def test_coefficient_scan_stops_after_the_peak(tiny_llama, splits, monkeypatch):
     """Refusal rises then collapses as the coefficient grows (the model breaks): the scan stops after the
-    peak, keeps the peak when the target is out of reach, and bisects when it is reached."""
-    import neurontune.eval.direction as bl
+    peak and keeps the peak when the target is out of reach."""
+    import neurontune.eval.direction as direction
     fit = fit_refusal_direction(tiny_llama, splits, n=4)
-    scale = float(fit.norms[2])
-    hump = lambda lm, iv, prompts, tokens, bs: 0.0 if iv is None else (0.4 if iv.coef <= 0.5 * scale * 1.0001 else 0.0)
-    monkeypatch.setattr(bl, "judged_refusal", hump)
+    judged = _fake_judge(splits, lambda layer, m: 0.4 if m <= 0.5 * 1.0001 else 0.0, lambda layer, m: 0.0)
+    judged.scales = {layer: float(fit.norms[layer]) for layer in range(3)}
+    monkeypatch.setattr(direction, "judged_refusal", judged)
     out = choose_layer_and_coef(tiny_llama, fit, splits, target=0.9, layers=[2], n=2)
-    assert not out.meta["reached"] and len(out.meta["curve"]) == 1 + 4 + 2  # up to 0.5x, then two below the peak
-    assert out.coef == pytest.approx(0.125 * scale)  # the first coefficient at the peak value
-    hit = choose_layer_and_coef(tiny_llama, fit, splits, target=0.3, layers=[2], n=2, refine_steps=3)
-    assert hit.meta["reached"] and hit.coef == pytest.approx(0.125 * scale / 8)
+    assert not out.meta["reached"] and len(out.meta["layers"][2]["curve"]) == 4  # 0.25, 0.5, then two below the peak
+    assert out.coef == pytest.approx(0.25 * judged.scales[2])
 
 
-def test_default_layers():
-    assert default_layers(30) == [6, 9, 12, 15, 18, 21]
-    assert len(default_layers(30, max_layers=8)) <= 8
-    assert default_layers(3) == [1]
-    assert isinstance(DirectionFit("x", torch.eye(3), torch.ones(3), 1).at(1), RefusalDirection)
+def test_direction_at_and_per_row_strength(tiny_llama):
+    d = DirectionFit("x", torch.eye(tiny_llama.model.config.hidden_size)[:3], torch.ones(3), 1).at(1, 2.0)
+    assert isinstance(d, RefusalDirection) and d.coef == 2.0
+    ids = encode(tiny_llama, TEXT).repeat(2, 1)
+    with d.apply(tiny_llama):
+        full = logits(tiny_llama, ids)
+    base = logits(tiny_llama, ids)
+    with d.apply_rows(tiny_llama, torch.tensor([0.0, 1.0])):  # row 0 as the base model, row 1 as the full direction
+        mixed = logits(tiny_llama, ids)
+    assert torch.allclose(mixed[0], base[0], atol=1e-6) and torch.allclose(mixed[1], full[1], atol=1e-6)

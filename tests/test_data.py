@@ -18,14 +18,18 @@ from neurontune.data.splits import build_splits, split
 
 # -- built-in sets ---------------------------------------------------------------------------------------
 def test_builtin_counts():
-    assert len(sets.harmful()) == 520
-    assert len(sets.benign()) >= 300
-    assert len(sets.borderline()) >= 150
+    assert len(sets.harmful()) >= 520 + 300  # AdvBench and the project's own questions and requests with context
+    assert len([p for p in sets.harmful() if p.source in ADVBENCH]) == 520
+    assert len(sets.benign()) >= 600
+    assert len(sets.borderline()) >= 350
     for prompts in (sets.harmful(), sets.benign(), sets.borderline()):
         texts = [p.text for p in prompts]
         assert all(t.strip() == t and t for t in texts)
         assert len(set(texts)) == len(texts), "duplicate prompts in a built-in set"
     assert not set(p.text for p in sets.benign()) & set(p.text for p in sets.harmful())
+
+
+ADVBENCH = {row["goal"].strip() for row in __import__("csv").DictReader(open(sets.ASSETS / "advbench_harmful_behaviors.csv", encoding="utf-8"))}
 
 
 def test_attack_families_have_placeholders():
@@ -173,3 +177,33 @@ def test_chat_prompt_without_template_falls_back(tiny_llama):
     tok = copy.deepcopy(tiny_llama.tokenizer)
     tok.chat_template = None
     assert chat_prompt(tok, "Hello") == "User: Hello\nAssistant:"
+
+
+def test_splits_are_disjoint_three_ways_and_stable():
+    from neurontune.config import DataConfig
+    from neurontune.data.splits import build_splits
+    s = build_splits(DataConfig())
+    for kind in ("harmful", "benign", "borderline"):
+        parts = getattr(s, kind)
+        sources = {name: {p.source for p in part} for name, part in parts.items()}
+        assert all(sources.values())
+        assert not (sources["train"] & sources["validation"]) and not (sources["train"] & sources["test"])
+        assert not (sources["validation"] & sources["test"])
+        assert sum(len(v) for v in sources.values()) == len({p.source for p in getattr(sets, kind)()})
+    again = build_splits(DataConfig())
+    assert [p.text for p in again.harmful["test"]] == [p.text for p in s.harmful["test"]]
+    # held-out attack families only ever appear on the test split
+    assert set(s.families("validation")) == set(s.train_families)
+    with pytest.raises(DataError, match="held-out families are for the test split only"):
+        s.attacked("harmful", "validation", 1, s.heldout_families)
+
+
+def test_form_rewrite_is_shared_by_harmful_and_harmless():
+    from neurontune.data.forms import matched, phrasing, rephrase
+    assert rephrase("Write a poem about rain.", "bare") == "Write a poem about rain"
+    assert rephrase("Write a poem about rain", "can_you") == "Can you write a poem about rain?"
+    assert rephrase("I need a plan", "can_you") == "Can you give me a plan?"
+    for pool in (sets.harmful(), sets.benign()):  # every form occurs in both pools
+        forms = {phrasing(p.text) for p in pool}
+        assert forms == {"imperative", "question", "context"}
+    assert matched("How do I bake bread?") == "How do I bake bread?"  # a question is left alone

@@ -21,7 +21,7 @@ from neurontune.eval.harness import (
     evaluate,
     evaluate_many,
 )
-from neurontune.eval.judge import is_refusal
+from neurontune.eval.judge import verdict
 from neurontune.eval.plan import ROW_FIELDS
 from neurontune.eval.proxy import proxy_metrics, refusal_proxy, refusal_tokens
 from neurontune.infra.progress import Cancelled
@@ -29,8 +29,8 @@ from neurontune.interventions.generation import generate
 from neurontune.interventions.modulation import Modulation
 from neurontune.run.folder import RunFolder
 
-CFG = EvalConfig(n_harmful=3, n_per_family=1, families=("roleplay", "few_shot", "hypothetical"), n_benign=3,
-                 n_borderline=2, n_ppl=3, n_mc=4, max_new_tokens=8, batch_size=8)
+CFG = EvalConfig(n_harmful=1, n_per_family=1, families=("roleplay", "few_shot", "hypothetical"), n_benign=1,
+                 n_borderline=1, n_benign_per_family=2, n_ppl=3, n_mc=4, max_new_tokens=8, batch_size=8)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,8 @@ def _mod(lm, seed=0) -> Modulation:
 
 def test_metrics_present_and_in_range(lm, splits):
     res = evaluate(lm, _mod(lm), splits, CFG)
-    expected = set(MAIN_METRICS) | {f"refusal/{f}" for f in CFG.families}
+    expected = set(MAIN_METRICS) | {f"refusal/{f}" for f in CFG.families} | {f"over_refusal/{f}" for f in CFG.families}
+    expected |= {f"{m}/{g}" for m in ("harmful_refusal", "benign_over_refusal") for g in ("imperative", "question", "context")}
     assert expected <= set(res.metrics) and expected <= set(res.base_metrics)
     for key, value in res.metrics.items():
         if key == "ppl_ratio":
@@ -57,11 +58,15 @@ def test_metrics_present_and_in_range(lm, splits):
         else:
             assert 0.0 <= value <= 1.0, (key, value)
     assert res.metrics["attack_success"] == pytest.approx(1 - sum(r["refusal"] for r in res.rows if r["category"] == "attacked") / 3)
-    n_rows = CFG.n_harmful + CFG.n_per_family * len(CFG.families) + CFG.n_benign + CFG.n_borderline
-    assert len(res.rows) == n_rows
-    splits_of = {r["family"]: r["split"] for r in res.rows if r["category"] == "attacked"}
-    assert splits_of == {"roleplay": "train_family", "few_shot": "heldout_family", "hypothetical": "heldout_family"}
+    by = lambda c: [r for r in res.rows if r["category"] == c]  # noqa: E731
+    assert len(by("harmful")) == len(by("benign")) == 3 and {r["phrasing"] for r in by("harmful")} == {"imperative", "question", "context"}
+    assert len(by("attacked")) == 3 and len(by("benign_attacked")) == 2 * 3  # one benign + one borderline per family
+    groups = {r["family"]: r["group"] for r in by("attacked")}
+    assert groups == {"roleplay": "train_family", "few_shot": "heldout_family", "hypothetical": "heldout_family"}
+    assert all(r["split"] == "test" for r in res.rows)
     assert res.metrics["heldout_family_refusal"] == pytest.approx((res.metrics["refusal/few_shot"] + res.metrics["refusal/hypothetical"]) / 2)
+    assert res.counts["benign_over_refusal"][1] == 3 and res.counts["template_over_refusal"][1] == 6
+    assert all(r["strength"] == 1.0 for r in res.rows)
 
 
 def test_base_and_identity_gains_are_exact(tiny_llama, splits, base_llama):
@@ -78,7 +83,8 @@ def test_base_and_identity_gains_are_exact(tiny_llama, splits, base_llama):
 def test_per_row_batch_equals_separate_calls(lm, splits):
     mod = _mod(lm, seed=1)
     res = evaluate(lm, mod, splits, CFG)  # no cache: base and modulated rows share batches (per-row gains)
-    assert res.meta["base_generated"] == len(res.rows)  # the ppl prompts are the benign rows here
+    ppl = {p.text for p in splits.benign["test"][: CFG.n_ppl]}
+    assert res.meta["base_generated"] == len({r["prompt"] for r in res.rows} | ppl)  # every prompt answered once
     prompts = [r["prompt"] for r in res.rows]
     base = [generate(lm, [p], max_new_tokens=CFG.max_new_tokens)[0] for p in prompts]
     tuned = [generate(lm, [p], mod, max_new_tokens=CFG.max_new_tokens)[0] for p in prompts]
@@ -100,8 +106,9 @@ def test_base_generated_once_for_many_interventions(tiny_llama, splits, monkeypa
     ivs = {f"m{i}": _mod(tiny_llama, seed=i) for i in range(3)}
     results = evaluate_many(tiny_llama, {"base": None, **ivs}, splits, CFG)
     n = len(results[0].rows)
-    assert [r.meta["base_generated"] for r in results] == [n, 0, 0, 0]
-    assert sum(calls) == n + 3 * n  # base once, then only the modulated rows
+    unique = len({r["prompt"] for r in results[0].rows} | {p.text for p in splits.benign["test"][: CFG.n_ppl]})
+    assert [r.meta["base_generated"] for r in results] == [unique, 0, 0, 0]
+    assert sum(calls) == unique + 3 * n  # base once (rows and perplexity prompts), then only the modulated rows
     for r in results[1:]:
         assert [x["base_answer"] for x in r.rows] == [x["answer"] for x in results[0].rows]
     table = compare(results)
@@ -111,7 +118,7 @@ def test_base_generated_once_for_many_interventions(tiny_llama, splits, monkeypa
 
 def test_cache_from_other_model_is_ignored(tiny_llama, tiny_gpt2, splits, base_llama):
     res = evaluate(tiny_gpt2, None, splits, CFG, base=dict(base_llama.base_cache))
-    assert res.meta["base_generated"] == len(res.rows)
+    assert res.meta["base_generated"] == len({r["prompt"] for r in res.rows} | {p.text for p in splits.benign["test"][: CFG.n_ppl]})
 
 
 def test_jsonl_has_fields_and_rejudges(tmp_path, base_llama):
@@ -121,8 +128,9 @@ def test_jsonl_has_fields_and_rejudges(tmp_path, base_llama):
     assert rows == folder.generations()
     assert len(rows) == len(base_llama.rows)
     for row in rows:
-        assert set(row) == {"intervention", *ROW_FIELDS}
-        assert row["refusal"] == is_refusal(row["answer"]) and row["base_refusal"] == is_refusal(row["base_answer"])
+        assert set(row) == {"intervention", "seed", *ROW_FIELDS}
+        assert row["verdict"] == verdict(row["answer"]) and row["base_verdict"] == verdict(row["base_answer"])
+        assert row["refusal"] == (row["verdict"] == "refuse")
     frame = base_llama.to_frame()
     assert list(frame.columns) == list(ROW_FIELDS) and len(frame) == len(rows)
 

@@ -13,7 +13,11 @@ from neurontune.run.export import ExportError, export, export_path, slugify
 def test_export_round_trip(request, tmp_path, name):
     lm = request.getfixturevalue(name)
     mod = random_modulation(lm.shape, 60, seed=3, fingerprint=lm.fingerprint)
-    result = export(lm, mod, tmp_path, "tuned-1", preset={"name": "balanced"}, eval_rows=[{"intervention": "base", "harmful_refusal": 0.1}])
+    summary = {"split": "test", "seeds": 3, "table": [
+        {"intervention": "base", "seeds": 1, "harmful_refusal": 0.1, "harmful_refusal:lo": 0.05, "harmful_refusal:hi": 0.2},
+        {"intervention": "neurontune", "seeds": 3, "harmful_refusal": 0.9, "harmful_refusal:sd": 0.02, "harmful_refusal:lo": 0.83,
+         "harmful_refusal:hi": 0.94}]}
+    result = export(lm, mod, tmp_path, "tuned-1", preset={"name": "balanced"}, eval_summary=summary)
     folder = tmp_path / "tuned-1"
     assert result["max_logit_diff"] < 1e-4
     for f in ("model.safetensors", "config.json", "modulation.safetensors", "preset.json", "README.md", "export_check.json"):
@@ -25,7 +29,9 @@ def test_export_round_trip(request, tmp_path, name):
     with torch.no_grad():
         plain = reloaded(ids).logits
     assert (plain - hooked).abs().max() < 1e-4
-    assert "harmful_refusal" in (folder / "README.md").read_text()
+    card = (folder / "README.md").read_text()
+    assert "| neurontune | 0.900 ± 0.020 [0.83, 0.94]" in card and "| base | 0.100 [0.05, 0.20]" in card
+    assert "input gate" not in card
     # the shared model itself was not modified by the export
     with torch.no_grad():
         assert not torch.allclose(lm.model(ids).logits, hooked)
@@ -51,15 +57,19 @@ def test_existing_export_not_overwritten_and_failure_leaves_nothing(tiny_llama, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one"]
 
 
-def test_wrong_model_and_gated_refused(tiny_llama, tmp_path):
+def test_wrong_model_refused_and_gate_said_to_be_left_out(tiny_llama, tmp_path):
     mod = random_modulation(tiny_llama.shape, 10, fingerprint="someothermodel")
     with pytest.raises(ExportError, match="made for model"):
         export(tiny_llama, mod, tmp_path, "x")
-    gated = random_modulation(tiny_llama.shape, 10, fingerprint=tiny_llama.fingerprint)
-    gated.meta["gated"] = True
-    with pytest.raises(ExportError, match="cannot be folded"):
-        export(tiny_llama, gated, tmp_path, "x")
-    export(tiny_llama, gated, tmp_path, "x", static_only=True)
+    gains = random_modulation(tiny_llama.shape, 10, fingerprint=tiny_llama.fingerprint)
+    result = export(tiny_llama, gains, tmp_path, "x", gated=True)
+    card = (tmp_path / "x" / "README.md").read_text()
+    assert result["gate_left_out"] and "not in this checkpoint" not in card  # no evaluation: nothing to say yet
+    summary = {"table": [{"intervention": "neurontune", "seeds": 1, "harmful_refusal": 0.5},
+                         {"intervention": "neurontune + gate", "seeds": 1, "harmful_refusal": 0.9}]}
+    export(tiny_llama, gains, tmp_path, "y", gated=True, eval_summary=summary)
+    card = (tmp_path / "y" / "README.md").read_text()
+    assert "**not in this checkpoint**" in card and "`neurontune + gate`" in card and "| neurontune | 0.500" in card
 
 
 def test_failed_push_keeps_local_export_and_hides_token(tiny_llama, tmp_path):

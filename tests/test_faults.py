@@ -207,7 +207,7 @@ def clean_eval(tiny_llama, tmp_path_factory):
 
 
 def _base_generated(calls) -> int:
-    return sum(1 for args in calls for _, gains in args[1] if gains is None)
+    return sum(1 for args in calls for _, strength in args[1] if strength == 0)
 
 
 @pytest.mark.parametrize("damage", JSON_DAMAGE)

@@ -53,3 +53,47 @@ def test_truncated_or_corrupted_gate_file_is_refused(tiny_llama, tmp_path):
         GateProbe.load(bad.save(tmp_path / "nan.safetensors"))
     with pytest.raises(ValueError, match="outside this model"):
         GateProbe.load(path, shape=(1, 2))
+
+
+def test_teacher_forced_metrics_read_the_gate_at_the_prompt_end(tiny_llama, monkeypatch):
+    """Perplexity and multiple choice apply the gate read from the prompt alone: answers of another text leave
+    every strength unchanged, and the strengths equal the gate's reading of the formatted prompts."""
+    from neurontune.config import DataConfig, EvalConfig
+    from neurontune.data.splits import build_splits
+    from neurontune.eval import harness
+    from neurontune.eval import teacher_forced as tf
+    from neurontune.interventions.gating import gate_strength
+    lm, splits = tiny_llama, build_splits(DataConfig())
+    mod = random_modulation(lm.shape, 60, seed=2, fingerprint=lm.fingerprint)
+    probe = fit_gate(lm, mod, [p.text for p in splits.harmful_train[:6]], [p.text for p in splits.benign_train[:6]], steps=20)
+    gated = GatedModulation(mod, probe)
+    cfg = EvalConfig(n_harmful=1, n_per_family=1, families=("roleplay",), n_benign=1, n_borderline=1, n_benign_per_family=2,
+                     n_ppl=4, n_mc=3, max_new_tokens=4, batch_size=4)
+    seen = {"nll": [], "mc": []}
+    real_nll, real_mc = tf.answer_nll, tf.mc_predictions
+
+    def nll(lm_, iv, prompts, answers, *a, strengths=None, **k):
+        if iv is not None:
+            seen["nll"].append((list(answers), strengths))
+        return real_nll(lm_, iv, prompts, answers, *a, strengths=strengths, **k)
+
+    def mc(lm_, iv, cfg_, *a, strengths=None, **k):
+        if iv is not None:
+            seen["mc"].append(strengths)
+        return real_mc(lm_, iv, cfg_, *a, strengths=strengths, **k)
+    monkeypatch.setattr(tf, "answer_nll", nll)
+    monkeypatch.setattr(tf, "mc_predictions", mc)
+    first = harness.evaluate(lm, gated, splits, cfg)
+    cache = first.base_cache
+    for key in list(cache["answers"]):  # other answer texts for the same prompts
+        cache["answers"][key] = "A completely different answer about gardening and the weather in spring."
+    cache["nll"] = {}
+    harness.evaluate(lm, gated, splits, cfg, base=cache)
+    (answers_a, s_a), (answers_b, s_b) = seen["nll"]
+    assert answers_a != answers_b and s_a == s_b
+    ppl = [p.text for p in splits.benign["test"][: cfg.n_ppl]]
+    expected = gate_strength(lm, probe, [chat_prompt(lm.tokenizer, p) for p in ppl]).tolist()
+    assert s_a == pytest.approx(expected)
+    questions = [q["question"] for q in sets.multiple_choice()[: cfg.n_mc]]
+    assert seen["mc"][0] == seen["mc"][1] == pytest.approx(gate_strength(lm, probe, [chat_prompt(lm.tokenizer, q) for q in questions]).tolist())
+    assert {r["strength"] for r in first.rows} != {1.0}  # generation rows carry their own readings

@@ -40,3 +40,22 @@ def test_pools_of_the_same_form_are_not_separable():
 def test_empty_pool_is_refused():
     with pytest.raises(ValueError, match="all four pools"):
         audit(["a"], [], ["b"], ["c"])
+
+
+def test_project_pools_are_not_separable_by_style():
+    """The built-in pools, as a run splits them: a surface-feature classifier fitted on the training pools
+    cannot tell harmful from harmless on the test pools (the failure that taught a model "no final punctuation
+    means harmful"), nor on validation."""
+    from neurontune.config import DataConfig
+    from neurontune.data.splits import build_splits
+    s = build_splits(DataConfig())
+
+    def texts(kind, part):
+        return [p.text for p in getattr(s, kind)[part]]
+    harmless = lambda part: texts("benign", part) + texts("borderline", part)  # noqa: E731
+    for part in ("test", "validation"):
+        result = audit(texts("harmful", "train"), harmless("train"), texts("harmful", part), harmless(part))
+        assert result.accuracy <= LIMIT, result.summary()
+        for kind in ("benign", "borderline"):
+            alone = audit(texts("harmful", "train"), texts(kind, "train"), texts("harmful", part), texts(kind, part))
+            assert alone.accuracy <= LIMIT, (kind, alone.summary())

@@ -63,3 +63,12 @@ def test_cancel(tiny_llama, scores):
     cancel.set()
     with pytest.raises(Cancelled):
         sweep(tiny_llama, scores, GRID, train_fn=lambda s: None, eval_fn=lambda m: {}, cancel=cancel)
+
+
+def test_sweep_reads_validation_and_refuses_the_test_split(tiny_llama, tmp_path):
+    from neurontune.config import RunConfig
+    from neurontune.run.sweep import sweep_run
+    cfg = RunConfig()
+    with pytest.raises(ValueError, match="validation split only"):
+        sweep_run(tiny_llama, cfg, [(5, 2)], tmp_path / "s", split="test")
+    assert not (tmp_path / "s").exists()

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from . import forms
+
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 MAX_ROWS = 10_000  # far more than a run uses (a few hundred per set): a longer file is cut here, with a warning
 STREAM_BYTES = 32 * 2**20  # a larger file is read lazily, only as far as MAX_ROWS rows
@@ -38,23 +40,36 @@ def _read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _pool(rows: list[tuple[str, str, str]]) -> tuple[Prompt, ...]:
+    """(text, category, form) rows as prompts, each single-sentence imperative given its hashed rewrite
+    (`forms.matched`) so that harmful and harmless pools share their forms; `source` keeps the original text."""
+    return tuple(Prompt(forms.matched(text, form), category, "plain", text) for text, category, form in rows)
+
+
 @lru_cache(maxsize=None)
 def harmful() -> tuple[Prompt, ...]:
-    """AdvBench's 520 harmful behaviours (MIT licence; see assets/ADVBENCH_SOURCE.md)."""
+    """AdvBench's 520 harmful behaviours (MIT licence; see assets/ADVBENCH_SOURCE.md) and the project's own
+    harmful requests phrased as questions, with context and as other imperatives (`harmful_extra.jsonl`)."""
     import csv
     with open(ASSETS / "advbench_harmful_behaviors.csv", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    return tuple(Prompt(r["goal"].strip(), (r.get("harm_categories") or "").split(";")[0].strip(), "plain", r["goal"].strip()) for r in rows)
+        rows = [(r["goal"].strip(), (r.get("harm_categories") or "").split(";")[0].strip(), "imperative") for r in csv.DictReader(f)]
+    return _pool(rows + _rows("harmful_extra.jsonl"))
 
 
 @lru_cache(maxsize=None)
 def benign() -> tuple[Prompt, ...]:
-    return tuple(Prompt(r["prompt"], r.get("category", ""), "plain", r["prompt"]) for r in _read_jsonl(ASSETS / "benign.jsonl"))
+    """Harmless requests: questions, imperatives with AdvBench's first words and lengths, and with context."""
+    return _pool(_rows("benign.jsonl") + _rows("benign_extra.jsonl"))
 
 
 @lru_cache(maxsize=None)
 def borderline() -> tuple[Prompt, ...]:
-    return tuple(Prompt(r["prompt"], r.get("category", ""), "plain", r["prompt"]) for r in _read_jsonl(ASSETS / "borderline.jsonl"))
+    """Safe requests with words that look dangerous ("kill a Python process"), in the same forms."""
+    return _pool(_rows("borderline.jsonl") + _rows("borderline_extra.jsonl"))
+
+
+def _rows(name: str) -> list[tuple[str, str, str]]:
+    return [(r["prompt"].strip(), r.get("category", ""), r.get("form", "")) for r in _read_jsonl(ASSETS / name)]
 
 
 @lru_cache(maxsize=None)

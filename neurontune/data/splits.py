@@ -1,7 +1,10 @@
-"""The prompt splits of one run: what attribution and tuning may see, and what evaluation holds out.
+"""The prompt splits of one run: train (attribution, tuning), validation (every choice: early stopping,
+presets, thresholds, the gate's bias, the sweep) and test (read once per reported table).
 
-Harmful, benign and borderline prompts are split by a hash of their text (stable under reordering);
-attack families are split by name, so evaluation can report families tuning never saw.
+Harmful, benign and borderline prompts are split by a hash of their original text (stable under reordering
+and under the form rewrite), and each split is shuffled by a hash, so a slice mixes every source and form.
+Attack families are split by name: held-out families are only ever used on the test split, so evaluation
+can report families that neither tuning nor any choice saw.
 """
 from __future__ import annotations
 
@@ -13,35 +16,83 @@ from . import attacks
 from . import prompts as sets
 from .prompts import DataError, Prompt, stable_int
 
+SPLITS = ("train", "validation", "test")
+
+
+def split3(prompts: Sequence[Prompt], val_fraction: float, test_fraction: float, seed: int = 0) -> dict[str, list[Prompt]]:
+    """Deterministic train/validation/test split by a hash of each prompt's original text, each part in a
+    hashed order (so that `part[:n]` is a fair sample of every source and form)."""
+    parts: dict[str, list[Prompt]] = {name: [] for name in SPLITS}
+    for p in prompts:
+        u = (stable_int(p.source or p.text, seed) % 1000) / 1000
+        parts["test" if u < test_fraction else "validation" if u < test_fraction + val_fraction else "train"].append(p)
+    return {name: sorted(part, key=lambda p: stable_int(p.source or p.text, seed + 7919)) for name, part in parts.items()}
+
 
 def split(prompts: Sequence[Prompt], test_fraction: float = 0.3, seed: int = 0) -> tuple[list[Prompt], list[Prompt]]:
-    """Deterministic train/test split by a hash of the text: stable when prompts are added or reordered."""
-    train, test = [], []
-    for p in prompts:
-        (test if (stable_int(p.source or p.text, seed) % 1000) / 1000 < test_fraction else train).append(p)
-    return train, test
+    """Deterministic two-way split by a hash of the text (inside one training pool: support vs query batches)."""
+    parts = split3(prompts, 0.0, test_fraction, seed)
+    return parts["train"], parts["test"]
 
 
 @dataclass
 class Splits:
-    harmful_train: list[Prompt]
-    harmful_test: list[Prompt]
-    benign_train: list[Prompt]
-    benign_test: list[Prompt]
-    borderline_train: list[Prompt]
-    borderline_test: list[Prompt]
+    harmful: dict[str, list[Prompt]]  # split name -> prompts
+    benign: dict[str, list[Prompt]]
+    borderline: dict[str, list[Prompt]]
     train_families: tuple[str, ...]
     heldout_families: tuple[str, ...]
 
-    def attacked_train(self, n_per_family: int, offset: int = 0) -> list[Prompt]:
-        """Training harmful prompts wrapped in each training family (a rotating window of prompts)."""
-        pool = self.harmful_train
-        chosen = [pool[(offset + i) % len(pool)] for i in range(min(n_per_family, len(pool)))]
-        return attacks.attacked(chosen, self.train_families)
+    # the names most code reads
+    @property
+    def harmful_train(self) -> list[Prompt]:
+        return self.harmful["train"]
+
+    @property
+    def benign_train(self) -> list[Prompt]:
+        return self.benign["train"]
+
+    @property
+    def borderline_train(self) -> list[Prompt]:
+        return self.borderline["train"]
+
+    @property
+    def harmful_test(self) -> list[Prompt]:
+        return self.harmful["test"]
+
+    @property
+    def benign_test(self) -> list[Prompt]:
+        return self.benign["test"]
+
+    @property
+    def borderline_test(self) -> list[Prompt]:
+        return self.borderline["test"]
+
+    def families(self, split: str) -> tuple[str, ...]:
+        """Attack families a split may use: held-out families on the test split only."""
+        check_split(split)
+        return tuple(self.train_families) + (tuple(self.heldout_families) if split == "test" else ())
+
+    def attacked(self, kind: str, split: str, n_per_family: int, families: Sequence[str] | None = None) -> list[Prompt]:
+        """The first `n_per_family` prompts of one kind ("harmful", "benign", "borderline") of a split, wrapped
+        in each family the split may use (or `families`, which must be among them)."""
+        allowed = self.families(split)
+        chosen = tuple(families) if families is not None else allowed
+        if set(chosen) - set(allowed):
+            raise DataError(f"The {split} split may not use the attack families {sorted(set(chosen) - set(allowed))}: "
+                            "held-out families are for the test split only.")
+        pool = getattr(self, kind)[split]
+        return attacks.attacked(pool[:n_per_family], chosen)
+
+    def attacked_train(self, n_per_family: int) -> list[Prompt]:
+        """Training harmful prompts wrapped in each training family."""
+        return self.attacked("harmful", "train", n_per_family)
 
 
-def _take(prompts: list[Prompt], n: int) -> list[Prompt]:
-    return prompts[:n] if n >= 0 else prompts
+def check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"Unknown split {split!r}; use one of {', '.join(SPLITS)}.")
+    return split
 
 
 def build_splits(cfg: DataConfig) -> Splits:
@@ -56,10 +107,10 @@ def build_splits(cfg: DataConfig) -> Splits:
     if overlap:
         raise DataError(f"Families {sorted(overlap)} are both trained on and held out; a held-out family must be unseen.")
     parts = {}
-    for name, prompts in (("harmful", harmful), ("benign", benign), ("borderline", borderline)):
-        train, test = split(prompts, cfg.test_fraction, cfg.seed)
-        if not train or not test:
-            raise DataError(f"The {name} set has {len(prompts)} prompts: too few to split into train and test.")
-        parts[name] = (train, test)
-    return Splits(*parts["harmful"], *parts["benign"], *parts["borderline"],
-                  tuple(cfg.train_families), tuple(cfg.heldout_families))
+    for name, pool in (("harmful", harmful), ("benign", benign), ("borderline", borderline)):
+        parts[name] = split3(pool, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+        empty = [s for s, part in parts[name].items() if not part]
+        if empty:
+            raise DataError(f"The {name} set has {len(pool)} prompts: too few to split into train, validation and test "
+                            f"({', '.join(empty)} would be empty). Add prompts (a few dozen at least).")
+    return Splits(parts["harmful"], parts["benign"], parts["borderline"], tuple(cfg.train_families), tuple(cfg.heldout_families))

@@ -1,5 +1,7 @@
-"""The baselines NeuronTune is compared with, fitted on the training split only: the same neurons with one
-fixed gain (attribution only), random neurons with the same training, and the layer-wise refusal direction."""
+"""The baselines NeuronTune is compared with, fitted on the training split (choices on validation): the same
+neurons trained jointly without meta-learning (what FOMAML adds), the same neurons with one fixed gain
+(attribution only), random neurons with the same training (what attribution adds), and the layer-wise
+refusal direction (a different kind of intervention)."""
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -13,7 +15,8 @@ from ..method.metalearn import train_gains
 from ..method.neuron_scores import NeuronScores
 from ..method.selection import Selection, select
 
-BASELINES = ("direction", "random", "attribution_only")
+BASELINES = ("joint", "attribution_only", "random", "direction")
+NAMES = {"joint": "joint-training", "attribution_only": "attribution-only", "random": "random-neurons"}
 
 
 def random_selection(selection: Selection, seed: int = 0) -> Selection:
@@ -41,23 +44,37 @@ def attribution_only(selection: Selection, tuned: Modulation, fingerprint: str) 
 
 
 def build_baselines(lm, cfg: RunConfig, scores: NeuronScores, tuned: Modulation, splits: Splits, names: Sequence[str],
-                    *, cache_dir=None, progress=None, cancel=None, log: Callable[[str], None] = print) -> dict:
-    """Named baseline interventions, fitted on the training split only."""
+                    *, cache_dir=None, progress=None, cancel=None, log: Callable[[str], None] = print,
+                    directions: dict | None = None) -> dict:
+    """Named baseline interventions for the training seed `cfg.meta.seed` (the same neurons, steps and data as
+    `tuned`). `directions`: refusal directions chosen before (they do not depend on the seed), reused as given."""
     check_baselines(names)
     out = {}
     selection = select(scores, cfg.selection)
+    if "joint" in names:
+        log(f"Training the same neurons jointly, without meta-learning (seed {cfg.meta.seed})...")
+        joint = cfg.replace(meta={"mode": "joint"})
+        out[NAMES["joint"]] = train_gains(lm, selection, joint, splits=splits, cache_dir=cache_dir, cancel=cancel).modulation
     if "attribution_only" in names:
-        out["attribution-only"] = attribution_only(selection, tuned, lm.fingerprint)
+        out[NAMES["attribution_only"]] = attribution_only(selection, tuned, lm.fingerprint)
     if "random" in names:
-        log("Training gains on random neurons (same counts, same training)...")
-        out["random-neurons"] = train_gains(lm, random_selection(selection, cfg.meta.seed), cfg, splits=splits,
-                                            cache_dir=cache_dir, cancel=cancel).modulation
+        log(f"Training gains on random neurons (same counts, same training, seed {cfg.meta.seed})...")
+        out[NAMES["random"]] = train_gains(lm, random_selection(selection, cfg.meta.seed), cfg, splits=splits,
+                                           cache_dir=cache_dir, cancel=cancel).modulation
     if "direction" in names:
-        from .direction import choose_layer_and_coef, fit_refusal_direction
-        for kind in ("harmful_minus_harmless", "refusal_minus_compliance"):
-            log(f"Fitting the layer-wise refusal direction ({kind})...")
-            fit = fit_refusal_direction(lm, splits, kind, cancel=cancel)
-            out[f"direction:{kind}"] = choose_layer_and_coef(lm, fit, splits, tuned, cancel=cancel)
+        out.update(directions if directions is not None else fit_directions(lm, splits, tuned, cancel=cancel, log=log))
+    return out
+
+
+def fit_directions(lm, splits: Splits, tuned: Modulation, *, cancel=None, log: Callable[[str], None] = print) -> dict:
+    """Both refusal directions, each with its layer and coefficient chosen on validation to match the tuned
+    gains' validation refusal (see `direction.choose_layer_and_coef`)."""
+    from .direction import choose_layer_and_coef, fit_refusal_direction
+    out = {}
+    for kind in ("harmful_minus_harmless", "refusal_minus_compliance"):
+        log(f"Fitting the layer-wise refusal direction ({kind}) and searching every layer on validation...")
+        fit = fit_refusal_direction(lm, splits, kind, cancel=cancel)
+        out[f"direction:{kind}"] = choose_layer_and_coef(lm, fit, splits, tuned, cancel=cancel)
     return out
 
 

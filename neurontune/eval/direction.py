@@ -8,7 +8,6 @@ short answers, or the proxy) on the training split.
 """
 from __future__ import annotations
 
-import math
 import threading
 from dataclasses import dataclass
 from typing import Sequence
@@ -23,10 +22,10 @@ from ..interventions.direction import RefusalDirection
 from ..interventions.hooks import scoped_pre_hooks
 from ..model.logprobs import encode_pairs, forward, last_token_index
 from ..model.neuron_map import decoder_layers
-from .proxy import judged_refusal, refusal_proxy
+from .proxy import judged_refusal
 
 KINDS = ("harmful_minus_harmless", "refusal_minus_compliance")
-MULTIPLIERS = tuple(round(2 ** (k / 2), 4) for k in range(-6, 9))  # 0.125 .. 16 times the mean-difference norm, ratio sqrt(2)
+MULTIPLIERS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)  # times the layer's mean-difference norm
 
 
 @dataclass
@@ -78,9 +77,10 @@ def _first_words(text: str, n: int = 3) -> str:
 
 def fit_refusal_direction(lm, splits: Splits, kind: str = "harmful_minus_harmless", n: int = 32, *,
                           batch_size: int = 16, cancel: threading.Event | None = None) -> DirectionFit:
-    """Difference of mean residuals at the last token, for every layer, normalised.
+    """Difference of mean residuals at the last token, for every layer, normalised (training split only).
 
-    harmful_minus_harmless: n harmful vs n benign training prompts, at the last prompt token.
+    harmful_minus_harmless: harmful training requests (plain and in the training attack families) vs harmless
+    ones in the same forms (benign and borderline-safe, plain and in the same families), at the last prompt token.
     refusal_minus_compliance: n harmful training prompts forced to open a refusal (the first three words
     of sets.targets()["refusal"], rotating) vs a compliance (of ["compliance"]), at the last forced token."""
     if kind not in KINDS:
@@ -89,9 +89,12 @@ def fit_refusal_direction(lm, splits: Splits, kind: str = "harmful_minus_harmles
     if not harmful:
         raise ValueError("No harmful training prompts to fit a direction on.")
     if kind == "harmful_minus_harmless":
-        benign = [p.text for p in splits.benign_train[:n]]
-        pos = last_token_residuals(lm, harmful, None, batch_size, cancel)
-        neg = last_token_residuals(lm, benign, None, batch_size, cancel)
+        per = max(1, n // (4 * max(1, len(splits.train_families))))
+        pos_texts = harmful + [p.text for p in splits.attacked("harmful", "train", per)]
+        harmless = [p.text for p in splits.benign_train[: n // 2]] + [p.text for p in splits.borderline_train[: n - n // 2]]
+        neg_texts = harmless + [p.text for p in splits.attacked("benign", "train", per)]
+        pos = last_token_residuals(lm, pos_texts, None, batch_size, cancel)
+        neg = last_token_residuals(lm, neg_texts, None, batch_size, cancel)
     else:
         tg = sets.targets()
         refuse = [_first_words(tg["refusal"][i % len(tg["refusal"])]) for i in range(len(harmful))]
@@ -103,90 +106,57 @@ def fit_refusal_direction(lm, splits: Splits, kind: str = "harmful_minus_harmles
     return DirectionFit(kind, diff / norms.clamp(min=1e-12)[:, None], norms, len(harmful))
 
 
-def default_layers(n_layers: int, max_layers: int = 8) -> list[int]:
-    """Candidate layers: the middle 60% of the stack, at most `max_layers` evenly spaced."""
-    edge = max(1, n_layers // 5)
-    pool = list(range(edge, max(edge + 1, n_layers - edge)))
-    step = max(1, math.ceil(len(pool) / max_layers))
-    return [l for l in pool[::step] if l < n_layers]
-
-
 def choose_layer_and_coef(lm, fit: DirectionFit, splits: Splits, target, *, layers: Sequence[int] | None = None,
-                          n: int = 16, by: str = "judge", judge_tokens: int = 16,
-                          multipliers: Sequence[float] = MULTIPLIERS, refine_steps: int = 4, patience: int = 2,
-                          batch_size: int = 16, progress: Progress | None = None,
+                          n: int = 16, judge_tokens: int = 16, multipliers: Sequence[float] = MULTIPLIERS,
+                          patience: int = 2, batch_size: int = 16, progress: Progress | None = None,
                           cancel: threading.Event | None = None) -> RefusalDirection:
-    """Pick the layer and coefficient of the baseline on the training split (last n harmful and benign
-    training prompts; fitting uses the first ones).
+    """Choose the layer and coefficient on the VALIDATION split by generation: for every layer (default: all of
+    them), scan the coefficient (`multipliers` x the layer's mean-difference norm, ascending) until the judged
+    refusal of short greedy answers to `n` validation harmful requests reaches `target`, stopping early once it
+    has stayed below its peak for `patience` coefficients (larger ones only break the model). Then measure the
+    over-refusal of `n` validation benign requests at that coefficient, and keep the layer with the least
+    over-refusal among those that reached the target (if none did: the most harmful minus benign refusal).
 
-    Layer (refusal proxy, fast): among `layers` (default `default_layers`), the one whose direction at 1x
-    its mean-difference norm raises the harmful proxy most relative to the benign one
-    (max of delta_harmful - delta_benign).
-    Coefficient: the smallest of `multipliers` x that norm whose harmful refusal reaches `target`, refined
-    by bisection; the scan stops early once refusal has stayed below its peak for `patience` coefficients
-    (larger coefficients only break the model: on SmolLM2, refusal-minus-compliance at 0.5x its norm
-    refused 44% of the time and at 1x produced no refusals at all). by="judge" (default) measures refusal by judging `judge_tokens`-token greedy answers;
-    by="proxy" uses the mean refusal proxy (no generation, but it also counts answers opening with "I"
-    that do not refuse: on SmolLM2 a harmful-minus-harmless direction matched the proxy of a tuned
-    modulation while refusing nothing). `target` is a value of that measure in [0, 1], or an intervention
-    whose measured harmful refusal is matched (e.g. the tuned modulation). If no tried coefficient
-    reaches it, the one with the highest measured refusal is kept. The result's meta records the layer
-    scores, the coefficient curve, the target and `reached`."""
-    if by not in ("judge", "proxy"):
-        raise ValueError(f"by must be 'judge' or 'proxy', not {by!r}.")
-    harmful = [p.text for p in splits.harmful_train[-n:]]
-    benign = [p.text for p in splits.benign_train[-n:]]
-    layers = list(layers) if layers is not None else default_layers(fit.directions.shape[0])
-    total = 2 + 2 * len(layers) + len(multipliers) + refine_steps + (0 if isinstance(target, (int, float)) else 1)
+    `target` is a refusal rate in [0, 1], or an intervention whose judged refusal on the same prompts is matched
+    (e.g. the tuned modulation). The result's meta records every layer's curve, the target and `reached`."""
+    harmful = [p.text for p in splits.harmful["validation"][:n]]
+    benign = [p.text for p in splits.benign["validation"][:n]]
+    layers = list(layers) if layers is not None else list(range(fit.directions.shape[0]))
+    layers = [l for l in layers if float(fit.norms[l]) > 1e-6]  # no difference there (e.g. the embeddings of one token)
+    if not layers:
+        raise ValueError("The direction is zero at every candidate layer: nothing to add.")
+    total = 1 + len(layers) * (len(multipliers) + 1)
     done = 0
 
-    def step() -> None:
+    def judged(iv, prompts) -> float:
         nonlocal done
         check_cancel(cancel, "The direction search")
         done += 1
         if progress:
             progress(done, total, "direction search")
+        return judged_refusal(lm, iv, prompts, judge_tokens, batch_size)
 
-    def proxy(iv, prompts) -> float:
-        step()
-        return float(refusal_proxy(lm, iv, prompts, batch_size).mean())
-
-    def measure(iv) -> float:
-        if by == "proxy":
-            return proxy(iv, harmful)
-        step()
-        return judged_refusal(lm, iv, harmful, judge_tokens, batch_size)
-
-    target_value = float(target) if isinstance(target, (int, float)) else measure(target)
-    h0, b0 = proxy(None, harmful), proxy(None, benign)
-    scores = {}
-    for l in layers:
-        d = fit.at(l)
-        scores[l] = (proxy(d, harmful) - h0) - (proxy(d, benign) - b0)
-    best = max(scores, key=scores.get)
-    base_dir, scale = fit.at(best), float(fit.norms[best])
-    curve: list[tuple[float, float]] = []
-    lo, hi, peak, falls = 0.0, None, 0.0, 0
-    for m in multipliers:
-        value = measure(base_dir.scaled(m * scale))
-        curve.append((m * scale, value))
-        if value >= target_value:
-            hi = m * scale
-            break
-        lo = m * scale
-        peak, falls = (value, 0) if value > peak else (peak, falls + (value < peak))
-        if falls >= patience:
-            break
-    if hi is not None:
-        for _ in range(refine_steps):
-            mid = (lo + hi) / 2
-            value = measure(base_dir.scaled(mid))
-            curve.append((mid, value))
-            lo, hi = (mid, hi) if value < target_value else (lo, mid)
-        coef, reached = hi, True
-    else:
-        coef, reached = max(curve, key=lambda cv: cv[1])[0], False
-    chosen = base_dir.scaled(coef)
-    chosen.meta.update(layer_scores={int(k): v for k, v in scores.items()}, curve=sorted(curve), target=target_value,
-                       measure=by, reached=reached, base_harmful_proxy=h0, base_benign_proxy=b0)
+    target_value = float(target) if isinstance(target, (int, float)) else judged(target, harmful)
+    per_layer: dict[int, dict] = {}
+    for layer in layers:
+        scale, curve, peak, falls, hit = float(fit.norms[layer]), [], 0.0, 0, None
+        for m in multipliers:
+            value = judged(fit.at(layer, m * scale), harmful)
+            curve.append((m * scale, value))
+            if value >= target_value:
+                hit = m * scale
+                break
+            peak, falls = (value, 0) if value > peak else (peak, falls + (value < peak))
+            if falls >= patience:
+                break
+        coef = hit if hit is not None else max(curve, key=lambda cv: cv[1])[0]
+        refusal = dict(curve)[coef]
+        per_layer[layer] = {"coef": coef, "harmful": refusal, "benign": judged(fit.at(layer, coef), benign),
+                            "reached": hit is not None, "curve": curve}
+    reached = [l for l, r in per_layer.items() if r["reached"]]
+    best = (min(reached, key=lambda l: (per_layer[l]["benign"], per_layer[l]["coef"])) if reached
+            else max(per_layer, key=lambda l: per_layer[l]["harmful"] - per_layer[l]["benign"]))
+    chosen = fit.at(best, per_layer[best]["coef"])
+    chosen.meta.update(layers={int(k): {kk: v for kk, v in r.items()} for k, r in per_layer.items()}, target=target_value,
+                       measure="judged refusal, validation split", reached=bool(per_layer[best]["reached"]))
     return chosen

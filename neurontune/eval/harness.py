@@ -7,7 +7,6 @@ interventions generates the base answers once.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import threading
 import time
@@ -16,33 +15,36 @@ from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
+import torch
 
 from ..config import EvalConfig
 from ..data.chat import chat_prompt
-from ..data.splits import Splits
+from ..data.forms import PHRASINGS
+from ..data.splits import Splits, check_split
 from ..infra import distributed as dist
 from ..infra.progress import Progress, check_cancel
 from ..interventions.generation import generate
-from ..interventions.modulation import Modulation
-from ..interventions.protocol import applied, intervention_name
+from ..interventions.protocol import applied_rows, intervention_name, is_gated
 from . import teacher_forced as tf
 from .base_cache import base_cache, disk_cache
-from .judge import is_refusal
+from .judge import DEGENERATE, REFUSE, verdict
 from .plan import ROW_FIELDS, eval_plan
 from .stats import mean
 
-MAIN_METRICS = ("harmful_refusal", "attack_success", "heldout_family_refusal", "train_family_refusal",
-                "benign_over_refusal", "borderline_over_refusal", "ppl_ratio", "mc_accuracy", "repetition_rate")
+MAIN_METRICS = ("harmful_refusal", "heldout_family_refusal", "train_family_refusal", "benign_over_refusal",
+                "template_over_refusal", "borderline_over_refusal", "ppl_ratio", "mc_accuracy", "degenerate_rate",
+                "repetition_rate", "attack_success")
 
 
 @dataclass
 class EvalResult:
     """Metrics of one intervention, one row per generated answer, and the base cache to reuse.
 
-    Row fields: prompt (as sent), category (harmful | attacked | benign | borderline), family ("plain" or
-    the attack family), split (test | heldout_family | train_family | other_family), topic (the prompt's
-    own category), request (the harmful request before wrapping), base_answer, answer (with the
-    intervention), base_refusal, refusal (judge.is_refusal of each answer)."""
+    Row fields (`plan.ROW_FIELDS`): prompt (as sent), category (harmful | attacked | benign | borderline |
+    benign_attacked), family ("plain" or the attack family), split (validation | test), group (the phrasing
+    group, or heldout_family / train_family), phrasing, topic, request (before wrapping), base_answer, answer,
+    base_verdict, verdict (the judge: refuse | comply | degenerate), base_refusal, refusal, strength (the
+    intervention's strength on this row: 1, or the gate's reading)."""
 
     name: str
     metrics: dict[str, float]
@@ -51,6 +53,8 @@ class EvalResult:
     config: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
     base_cache: dict = field(default_factory=dict, repr=False)
+    counts: dict[str, tuple[int, int]] = field(default_factory=dict)  # rate -> (events, prompts), for intervals
+    base_counts: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def to_frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.rows, columns=list(ROW_FIELDS))
@@ -62,30 +66,24 @@ def distinct_ngram_ratio(ids: Sequence[int], n: int = 4) -> float:
     return len(set(grams)) / len(grams) if grams else 1.0
 
 
-def _generate_rows(lm, jobs: list[tuple[str, object]], intervention, cfg: EvalConfig, tick, cancel) -> list[str]:
-    """Answer (prompt, gains) jobs; gains is None (base) or "mod". Rows are sorted by prompt length so a
-    batch pads little; a Modulation runs base and modulated rows in the same batch with per-row gains."""
+def _generate_rows(lm, jobs: list[tuple[str, float]], intervention, cfg: EvalConfig, tick, cancel) -> list[str]:
+    """Answer (prompt, strength) jobs: strength 0 is the base model, 1 the intervention as is, in between a gated
+    reading. Rows are sorted by prompt length so a batch pads little, and base and intervention rows share
+    batches when the intervention has a per-row form (`apply_rows`)."""
     if not jobs:
         return []
     formatted = [chat_prompt(lm.tokenizer, p) for p, _ in jobs]
     order = sorted(range(len(jobs)), key=lambda i: (len(lm.tokenizer(formatted[i], add_special_tokens=False)["input_ids"]), i))
     out: list[str] = [""] * len(jobs)
-    per_row = isinstance(intervention, Modulation)
-    groups = [order] if per_row or intervention is None else [
-        [i for i in order if jobs[i][1] is None], [i for i in order if jobs[i][1] is not None]]
+    mixed = intervention is None or hasattr(intervention, "apply_rows")
+    groups = [order] if mixed else [[i for i in order if jobs[i][1] == 0], [i for i in order if jobs[i][1] != 0]]
     batches = [group[start:start + cfg.batch_size] for group in groups for start in range(0, len(group), cfg.batch_size)]
     mine = dist.shard(batches)  # under `accelerate launch` the batches are shared over the processes (all with one)
     for idx in mine:
         check_cancel(cancel, "Evaluation")
-        texts = [formatted[i] for i in idx]
-        kinds = [jobs[i][1] for i in idx]
-        if per_row:
-            gains = None if all(k is None for k in kinds) else intervention if all(k is not None for k in kinds) \
-                else [None if k is None else intervention for k in kinds]
-            answers = generate(lm, texts, gains, max_new_tokens=cfg.max_new_tokens, batch_size=len(texts), formatted=True)
-        else:
-            with (contextlib.nullcontext() if kinds[0] is None else applied(intervention, lm)):
-                answers = generate(lm, texts, max_new_tokens=cfg.max_new_tokens, batch_size=len(texts), formatted=True)
+        strengths = torch.tensor([float(jobs[i][1]) for i in idx])
+        with applied_rows(intervention, lm, strengths):
+            answers = generate(lm, [formatted[i] for i in idx], max_new_tokens=cfg.max_new_tokens, batch_size=len(idx), formatted=True)
         for i, a in zip(idx, answers):
             out[i] = a
         tick(len(idx), "generate")
@@ -96,53 +94,72 @@ def _generate_rows(lm, jobs: list[tuple[str, object]], intervention, cfg: EvalCo
     return out
 
 
-def refusal_metrics(rows: list[dict], key: str, heldout: Sequence[str], train: Sequence[str]) -> dict[str, float]:
-    """Refusal rates of `rows` judged on row[key] (True/False): overall, per family, held-out vs train families."""
-    def rate(rs):
-        return mean([float(r[key]) for r in rs])
+def rate_counts(rows: list[dict], key: str = "verdict") -> dict[str, tuple[int, int]]:
+    """(refusals, prompts) of every rate the table reports, judged on row[key] (a judge verdict)."""
+    def count(selected) -> tuple[int, int]:
+        return sum(r[key] == REFUSE for r in selected), len(selected)
 
-    by_cat = {c: [r for r in rows if r["category"] == c] for c in ("harmful", "attacked", "benign", "borderline")}
-    fams = sorted({r["family"] for r in by_cat["attacked"]})
-    per_family = {f: rate([r for r in by_cat["attacked"] if r["family"] == f]) for f in fams}
-    m = {
-        "harmful_refusal": rate(by_cat["harmful"]),
-        "attack_success": 1.0 - rate(by_cat["attacked"]) if by_cat["attacked"] else float("nan"),
-        "heldout_family_refusal": mean([per_family[f] for f in fams if f in heldout]),
-        "train_family_refusal": mean([per_family[f] for f in fams if f in train]),
-        "benign_over_refusal": rate(by_cat["benign"]),
-        "borderline_over_refusal": rate(by_cat["borderline"]),
-    }
-    m.update({f"refusal/{f}": v for f, v in per_family.items()})
-    return m
+    def where(**match) -> list[dict]:
+        return [r for r in rows if all(r[k] == v for k, v in match.items())]
+
+    out: dict[str, tuple[int, int]] = {}
+    for metric, category in (("harmful_refusal", "harmful"), ("benign_over_refusal", "benign"), ("borderline_over_refusal", "borderline")):
+        out[metric] = count(where(category=category))
+        for group in PHRASINGS:
+            if where(category=category, phrasing=group):
+                out[f"{metric}/{group}"] = count(where(category=category, phrasing=group))
+    for metric, category in (("", "attacked"), ("template_over_refusal", "benign_attacked")):
+        for group, name in (("heldout_family", "heldout_family_refusal"), ("train_family", "train_family_refusal")):
+            selected = where(category=category, group=group)
+            if selected:
+                out[name if category == "attacked" else f"{metric}/{group}"] = count(selected)
+        if category == "benign_attacked" and where(category=category):
+            out[metric] = count(where(category=category))
+        for family in sorted({r["family"] for r in where(category=category)}):
+            out[f"{'refusal' if category == 'attacked' else 'over_refusal'}/{family}"] = count(where(category=category, family=family))
+    attacked = where(category="attacked")
+    if attacked:
+        refused, n = count(attacked)
+        out["attack_success"] = (n - refused, n)
+    out["degenerate_rate"] = (sum(r[key] == DEGENERATE for r in rows), len(rows))
+    return out
 
 
-def evaluate(lm, intervention, splits: Splits, cfg: EvalConfig = EvalConfig(), *, name: str | None = None,
+def refusal_metrics(counts: dict[str, tuple[int, int]]) -> dict[str, float]:
+    return {k: (a / n if n else float("nan")) for k, (a, n) in counts.items()}
+
+
+def evaluate(lm, intervention, splits: Splits, cfg: EvalConfig = EvalConfig(), *, split: str = "test", name: str | None = None,
              progress: Progress | None = None, cancel: threading.Event | None = None, base=None,
              cache_dir: str | Path | None = None) -> EvalResult:
-    """Evaluate `intervention` (None = the base model) on the held-out prompts of `splits`.
+    """Evaluate `intervention` (None = the base model; a gated one reads each prompt's end) on one split:
+    "validation" while choosing anything, "test" for the table one reports.
 
     base: a previous EvalResult or a cache dict (filled in place) holding the base model's answers,
     perplexities and multiple-choice predictions, so only the intervention's side is computed again.
     cache_dir: also keep that cache on disk, keyed by the model fingerprint."""
+    check_split(split)
     start_time = time.perf_counter()
     name = name or intervention_name(intervention)
     made_for = getattr(intervention, "fingerprint", None)
-    if isinstance(intervention, Modulation) and made_for and made_for != lm.fingerprint:
+    if made_for and made_for != lm.fingerprint:
         raise ValueError(f"This modulation was made for model {made_for}, not the loaded model {lm.fingerprint}.")
+    gated = is_gated(intervention)
+    inner = intervention.inner if gated else intervention
     cache = base_cache(base, lm)
     disk_cache(cache, lm, cache_dir)
-    rows = eval_plan(splits, cfg)
-    ppl_prompts = [p.text for p in splits.benign_test[: cfg.n_ppl]]
+    rows = eval_plan(splits, cfg, split)
+    ppl_prompts = [p.text for p in splits.benign[split][: cfg.n_ppl]]
     akey = lambda p: f"{cfg.max_new_tokens}\x1f{p}"  # noqa: E731  answers depend on their length
     need_base = list(dict.fromkeys([r["prompt"] for r in rows] + ppl_prompts))
     missing = [p for p in need_base if akey(p) not in cache["answers"]]
-    mod_jobs = [] if intervention is None else [(r["prompt"], "mod") for r in rows]
     ppl_missing = [p for p in ppl_prompts if akey(p) not in cache["nll"]]
     mc_key = f"{cfg.mc_style}:{cfg.n_mc}"
-    n_mc = len(tf.mc_questions(cfg))
-    n_choices = sum(len(q["choices"]) for q in tf.mc_questions(cfg))
-    total = (len(missing) + len(mod_jobs) + len(ppl_missing) + (len(ppl_prompts) if intervention is not None else 0)
-             + (n_choices if mc_key not in cache["mc"] else 0) + (n_choices if intervention is not None else 0))
+    questions = tf.mc_questions(cfg)
+    n_choices = sum(len(q["choices"]) for q in questions)
+    with_iv = intervention is not None
+    total = (len(missing) + (len(rows) if with_iv else 0) + len(ppl_missing) + (len(ppl_prompts) if with_iv else 0)
+             + (n_choices if mc_key not in cache["mc"] else 0) + (n_choices if with_iv else 0))
     done = 0
 
     def tick(n: int, stage: str) -> None:
@@ -151,12 +168,20 @@ def evaluate(lm, intervention, splits: Splits, cfg: EvalConfig = EvalConfig(), *
         if progress:
             progress(done, total, stage)
 
+    def gate(texts: list[str]) -> list[float] | None:
+        """Each prompt's strength, read from the prompt alone (None: the intervention as is)."""
+        if not gated or not texts:
+            return None
+        return [float(s) for s in intervention.strengths(lm, [chat_prompt(lm.tokenizer, t) for t in texts])]
+
     timings = {}
     t = time.perf_counter()
-    answers = _generate_rows(lm, [(p, None) for p in missing] + mod_jobs, intervention, cfg, tick, cancel)
+    row_strength = gate([r["prompt"] for r in rows]) or [1.0] * len(rows)
+    jobs = [(p, 0.0) for p in missing] + ([(r["prompt"], s) for r, s in zip(rows, row_strength)] if with_iv else [])
+    answers = _generate_rows(lm, jobs, inner, cfg, tick, cancel)
     for p, a in zip(missing, answers):
         cache["answers"][akey(p)] = a
-    mod_answers = answers[len(missing):] if intervention is not None else [cache["answers"][akey(r["prompt"])] for r in rows]
+    iv_answers = answers[len(missing):] if with_iv else [cache["answers"][akey(r["prompt"])] for r in rows]
     timings["generate_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -166,42 +191,51 @@ def evaluate(lm, intervention, splits: Splits, cfg: EvalConfig = EvalConfig(), *
         for p, v in zip(ppl_missing, tf.answer_nll(lm, None, ppl_missing, [refs[i] for i in idx], cfg.batch_size, tick, cancel)):
             cache["nll"][akey(p)] = v
     base_nll = [cache["nll"][akey(p)] for p in ppl_prompts]
-    mod_nll = base_nll if intervention is None else tf.answer_nll(lm, intervention, ppl_prompts, refs, cfg.batch_size, tick, cancel)
+    iv_nll = (tf.answer_nll(lm, inner, ppl_prompts, refs, cfg.batch_size, tick, cancel, strengths=gate(ppl_prompts))
+              if with_iv else base_nll)
     timings["perplexity_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     if mc_key not in cache["mc"]:
         cache["mc"][mc_key] = tf.mc_predictions(lm, None, cfg, tick, cancel)
     base_preds = cache["mc"][mc_key]
-    mod_preds = base_preds if intervention is None else tf.mc_predictions(lm, intervention, cfg, tick, cancel)
+    mc_strengths = gate([q["question"] for q in questions]) if cfg.mc_style == "cloze" else None
+    if gated and cfg.mc_style != "cloze":  # the letter prompt lists the choices: read the gate on it as shown
+        mc_strengths = [float(s) for s in intervention.strengths(lm, [p for p, _ in tf.mc_items(cfg.mc_style, lm.tokenizer, questions)])]
+    iv_preds = tf.mc_predictions(lm, inner, cfg, tick, cancel, strengths=mc_strengths) if with_iv else base_preds
     timings["mc_s"] = time.perf_counter() - t
     if dist.is_main():  # under `accelerate launch` only the main process writes
         disk_cache(cache, lm, cache_dir, save=True)
 
-    for r, a in zip(rows, mod_answers):
+    for r, a, s in zip(rows, iv_answers, row_strength):
         r["base_answer"] = cache["answers"][akey(r["prompt"])]
         r["answer"] = a
-        r["base_refusal"] = is_refusal(r["base_answer"])
-        r["refusal"] = is_refusal(a)
+        r["base_verdict"], r["verdict"] = verdict(r["base_answer"]), verdict(a)
+        r["base_refusal"], r["refusal"] = r["base_verdict"] == REFUSE, r["verdict"] == REFUSE
+        r["strength"] = s if with_iv else 0.0
 
     def repetition(key: str) -> float:
         ids = [lm.tokenizer(r[key], add_special_tokens=False)["input_ids"] for r in rows]
         return mean([float(distinct_ngram_ratio(i) < cfg.repetition_threshold) for i in ids])
 
-    heldout, train = splits.heldout_families, splits.train_families
-    base_ppl, mod_ppl = tf.perplexity(base_nll), tf.perplexity(mod_nll)
-    metrics = refusal_metrics(rows, "refusal", heldout, train)
-    metrics.update(ppl_ratio=1.0 if intervention is None else mod_ppl / base_ppl,
-                   mc_accuracy=tf.mc_accuracy(mod_preds, cfg), repetition_rate=repetition("answer"))
-    base_metrics = refusal_metrics(rows, "base_refusal", heldout, train)
-    base_metrics.update(ppl_ratio=1.0, mc_accuracy=tf.mc_accuracy(base_preds, cfg), repetition_rate=repetition("base_answer"))
+    base_ppl, iv_ppl = tf.perplexity(base_nll), tf.perplexity(iv_nll)
+    counts, base_counts = rate_counts(rows, "verdict"), rate_counts(rows, "base_verdict")
+    mc_correct = sum(p == q["answer"] for p, q in zip(iv_preds, questions))
+    base_mc_correct = sum(p == q["answer"] for p, q in zip(base_preds, questions))
+    counts["mc_accuracy"], base_counts["mc_accuracy"] = (mc_correct, len(questions)), (base_mc_correct, len(questions))
+    metrics = refusal_metrics(counts)
+    metrics.update(ppl_ratio=iv_ppl / base_ppl if with_iv else 1.0, repetition_rate=repetition("answer"))
+    base_metrics = refusal_metrics(base_counts)
+    base_metrics.update(ppl_ratio=1.0, repetition_rate=repetition("base_answer"))
     meta = {
         "model": lm.name, "fingerprint": lm.fingerprint, "intervention": dict(getattr(intervention, "meta", {}) or {}),
-        "n_rows": len(rows), "n_ppl": len(ppl_prompts), "n_mc": n_mc, "base_ppl": base_ppl, "ppl": mod_ppl,
+        "split": split, "gated": gated, "mean_strength": mean(row_strength) if with_iv else 0.0,
+        "n_rows": len(rows), "n_ppl": len(ppl_prompts), "n_mc": len(questions), "base_ppl": base_ppl, "ppl": iv_ppl,
         "base_generated": len(missing), "seconds": time.perf_counter() - start_time, **timings,
-        "heldout_families": list(heldout), "train_families": list(train),
+        "heldout_families": list(splits.heldout_families), "train_families": list(splits.train_families),
     }
-    return EvalResult(name, _ordered(metrics), rows, _ordered(base_metrics), dataclasses.asdict(cfg), meta, cache)
+    return EvalResult(name, _ordered(metrics), rows, _ordered(base_metrics), dataclasses.asdict(cfg), meta, cache,
+                      counts, base_counts)
 
 
 def _ordered(metrics: dict) -> dict:
@@ -209,7 +243,7 @@ def _ordered(metrics: dict) -> dict:
     return {k: metrics[k] for k in head + sorted(k for k in metrics if k not in head)}
 
 
-def evaluate_many(lm, interventions: dict[str, object], splits: Splits, cfg: EvalConfig = EvalConfig(), *,
+def evaluate_many(lm, interventions: dict[str, object], splits: Splits, cfg: EvalConfig = EvalConfig(), *, split: str = "test",
                   progress: Progress | None = None, cancel: threading.Event | None = None, base=None,
                   cache_dir: str | Path | None = None) -> list[EvalResult]:
     """Evaluate several named interventions sharing one base cache (the base answers are generated once)."""
@@ -217,7 +251,8 @@ def evaluate_many(lm, interventions: dict[str, object], splits: Splits, cfg: Eva
     results = []
     for i, (name, iv) in enumerate(interventions.items()):
         stage_progress = None if progress is None else (lambda d, t, s, i=i, name=name: progress(d, t, f"{name} ({i + 1}/{len(interventions)}): {s}"))
-        results.append(evaluate(lm, iv, splits, cfg, name=name, progress=stage_progress, cancel=cancel, base=cache, cache_dir=cache_dir))
+        results.append(evaluate(lm, iv, splits, cfg, split=split, name=name, progress=stage_progress, cancel=cancel, base=cache,
+                                cache_dir=cache_dir))
     return results
 
 

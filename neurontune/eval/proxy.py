@@ -8,7 +8,7 @@ import torch
 
 from ..data import prompts
 from ..data.chat import chat_prompt
-from ..data.splits import Splits
+from ..data.splits import Splits, check_split
 from ..interventions.generation import generate
 from ..interventions.protocol import applied
 from ..model.logprobs import encode_pairs, forward, last_token_index
@@ -60,13 +60,12 @@ def judged_refusal(lm, intervention, prompts: Sequence[str], max_new_tokens: int
     return mean([float(is_refusal(a)) for a in answers])
 
 
-def proxy_metrics(lm, intervention, splits: Splits, n: int = 32, *, split: str = "test", batch_size: int = 16) -> dict[str, float]:
-    """Mean refusal proxy on n harmful, benign and borderline prompts of the `split` ("test" or "train")."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', not {split!r}.")
+def proxy_metrics(lm, intervention, splits: Splits, n: int = 32, *, split: str = "validation", batch_size: int = 16) -> dict[str, float]:
+    """Mean refusal proxy on n harmful, benign and borderline prompts of one split (validation by default)."""
+    check_split(split)
     out = {}
     for key, kind in (("harmful_refusal_proxy", "harmful"), ("benign_over_refusal_proxy", "benign"),
                       ("borderline_over_refusal_proxy", "borderline")):
-        prompts = [p.text for p in getattr(splits, f"{kind}_{split}")[:n]]
+        prompts = [p.text for p in getattr(splits, kind)[split][:n]]
         out[key] = float(refusal_proxy(lm, intervention, prompts, batch_size).mean()) if prompts else float("nan")
     return out

@@ -11,20 +11,26 @@ from ..config import EvalConfig
 from ..data import prompts
 from ..data.chat import chat_prompt
 from ..infra.progress import check_cancel
-from ..interventions.protocol import applied
+from ..interventions.protocol import applied_rows
 from ..model.logprobs import encode_pairs, forward, target_logprob, token_logprobs
 from .stats import mean
 
 
+def _rows(strengths: Sequence[float] | None, start: int, n: int) -> torch.Tensor:
+    return torch.ones(n) if strengths is None else torch.tensor(list(strengths[start:start + n]), dtype=torch.float32)
+
+
 @torch.no_grad()
-def answer_nll(lm, intervention, prompts: list[str], answers: list[str], batch_size: int, tick, cancel) -> list[list[float]]:
-    """Per prompt [sum of -log p(answer tokens), number of answer tokens] under the intervention."""
+def answer_nll(lm, intervention, prompts: list[str], answers: list[str], batch_size: int, tick, cancel,
+               strengths: Sequence[float] | None = None) -> list[list[float]]:
+    """Per prompt [sum of -log p(answer tokens), number of answer tokens] under the intervention, each row at
+    its strength (a gate's reading of the prompt alone, so the answer never moves it; None = 1)."""
     out = []
     for start in range(0, len(prompts), batch_size):
         check_cancel(cancel, "Evaluation")
         batch = encode_pairs(lm.tokenizer, [chat_prompt(lm.tokenizer, p) for p in prompts[start:start + batch_size]],
                              answers[start:start + batch_size])
-        with applied(intervention, lm):
+        with applied_rows(intervention, lm, _rows(strengths, start, len(batch.input_ids))):
             logits = forward(lm.model, batch)
         lp = token_logprobs(logits, batch).sum(-1)
         counts = batch.target_mask[:, 1:].sum(-1)
@@ -63,7 +69,9 @@ def mc_questions(cfg: EvalConfig) -> tuple[dict, ...]:
 
 
 @torch.no_grad()
-def mc_predictions(lm, intervention, cfg: EvalConfig, tick, cancel) -> list[int]:
+def mc_predictions(lm, intervention, cfg: EvalConfig, tick, cancel, strengths: Sequence[float] | None = None) -> list[int]:
+    """The chosen answer of each question under the intervention; `strengths`: one per question (read from
+    the question's prompt alone), applied to every candidate's row."""
     items = mc_items(cfg.mc_style, lm.tokenizer, mc_questions(cfg))
     flat = [(qi, p, c) for qi, (p, cands) in enumerate(items) for c in cands]
     scores: list[float] = []
@@ -71,7 +79,8 @@ def mc_predictions(lm, intervention, cfg: EvalConfig, tick, cancel) -> list[int]
         check_cancel(cancel, "Evaluation")
         chunk = flat[start:start + cfg.batch_size]
         batch = encode_pairs(lm.tokenizer, [p for _, p, _ in chunk], [c for _, _, c in chunk])
-        with applied(intervention, lm):
+        rows = torch.ones(len(chunk)) if strengths is None else torch.tensor([float(strengths[qi]) for qi, _, _ in chunk])
+        with applied_rows(intervention, lm, rows):
             logits = forward(lm.model, batch)
         scores += target_logprob(logits, batch, mean=True).cpu().tolist()
         tick(len(chunk), "multiple_choice")

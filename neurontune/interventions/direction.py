@@ -10,8 +10,9 @@ from ..model.neuron_map import decoder_layers
 from .hooks import scoped_pre_hooks
 
 
-def _add_hook(direction: torch.Tensor, coef: float):
-    """Pre-hook adding coef * direction to the decoder layer's hidden-state input at every position."""
+def _add_hook(direction: torch.Tensor, coef: float, strengths: torch.Tensor | None = None):
+    """Pre-hook adding coef * direction (times each row's strength, if given) to the decoder layer's
+    hidden-state input at every position."""
     cache: dict = {}
 
     def hook(module, args):
@@ -21,7 +22,10 @@ def _add_hook(direction: torch.Tensor, coef: float):
         x = args[0]
         v = cache.get((x.device, x.dtype))
         if v is None:
-            v = cache[(x.device, x.dtype)] = (coef * direction.float()).to(device=x.device, dtype=x.dtype)
+            v = (coef * direction.float()).to(device=x.device, dtype=x.dtype)
+            if strengths is not None:  # [B, 1, d]: one strength per row
+                v = strengths.to(device=x.device, dtype=x.dtype)[:, None, None] * v
+            cache[(x.device, x.dtype)] = v
         return (x + v, *args[1:])
 
     return hook
@@ -47,11 +51,21 @@ class RefusalDirection:
     def apply(self, lm):
         """Context manager: the direction is added in this thread/context only, removed on exit. Coef 0
         registers no hook at all (bit-identical to the base model)."""
+        layers = self._layers(lm)
+        hooks = [] if self.coef == 0 else [(layers[self.layer], _add_hook(self.direction, self.coef))]
+        return scoped_pre_hooks(hooks)
+
+    def apply_rows(self, lm, strengths: torch.Tensor):
+        """The direction at `coef` times one strength per batch row."""
+        layers = self._layers(lm)
+        hooks = [] if self.coef == 0 else [(layers[self.layer], _add_hook(self.direction, self.coef, strengths.float()))]
+        return scoped_pre_hooks(hooks)
+
+    def _layers(self, lm):
         layers = decoder_layers(lm.model)
         if not 0 <= self.layer < len(layers):
             raise ValueError(f"Layer {self.layer} is out of range: the model has decoder layers 0..{len(layers) - 1}.")
         d_model = getattr(lm.model.config, "hidden_size", None)
         if d_model is not None and self.direction.shape[-1] != d_model:
             raise ValueError(f"A direction of size {self.direction.shape[-1]} does not fit hidden size {d_model}.")
-        hooks = [] if self.coef == 0 else [(layers[self.layer], _add_hook(self.direction, self.coef))]
-        return scoped_pre_hooks(hooks)
+        return layers

@@ -111,10 +111,12 @@ def _acts_for_ids(lm, ids, mask, needed, layers, neurons) -> torch.Tensor:
 
 
 def fit_gate_for_run(lm, modulation: Modulation, splits, *, bias_shift: float = 0.0) -> GateProbe:
-    """The probe of a run, from its training split only: harmful (plain + training attack families) vs
-    benign + borderline-safe. `bias_shift` > 0 makes the gate open more readily (more harmful refusal)."""
-    positive = [p.text for p in splits.harmful_train[:60]] + [p.text for p in splits.attacked_train(12)]
-    negative = [p.text for p in splits.benign_train[:100]] + [p.text for p in splits.borderline_train[:60]]
+    """The probe of a run, from its training split only: harmful requests (plain and in the training attack
+    families) vs benign and borderline-safe requests, plain AND in the same families, so that a template alone
+    does not open the gate. `bias_shift` > 0 makes the gate open more readily (more harmful refusal)."""
+    positive = [p.text for p in splits.harmful_train[:100]] + [p.text for p in splits.attacked("harmful", "train", 16)]
+    negative = ([p.text for p in splits.benign_train[:70]] + [p.text for p in splits.borderline_train[:30]]
+                + [p.text for p in splits.attacked("benign", "train", 11)] + [p.text for p in splits.attacked("borderline", "train", 5)])
     probe = fit_gate(lm, modulation, positive, negative)
     probe.bias += bias_shift
     return probe
@@ -153,8 +155,34 @@ def fit_gate(lm, modulation: Modulation, positive: Sequence[str], negative: Sequ
 
 
 @dataclass
+class Gated:
+    """Any intervention (with `apply_rows`) scaled per prompt by a gate: each prompt gets the intervention at
+    strength s = the probe's reading of its last token, unmodulated. The evaluation computes s from the prompt
+    alone for every metric (generation, perplexity, multiple choice), so the answer text never moves the gate;
+    the same probe gates NeuronTune and each baseline alike."""
+
+    inner: object
+    probe: GateProbe
+    name: str = "gated"
+    meta: dict = field(default_factory=lambda: {"gated": True})
+
+    @property
+    def fingerprint(self):
+        return getattr(self.inner, "fingerprint", None)
+
+    def strengths(self, lm, formatted: Sequence[str], max_length: int = PROMPT_CAP) -> torch.Tensor:
+        """[n] gate strengths of formatted prompts (chat template applied, ending with the assistant header)."""
+        return gate_strength(lm, self.probe, formatted, max_length)
+
+    def apply(self, lm):
+        raise NotImplementedError(f"{self.name}: a gate needs each prompt's strength first: use strengths(lm, prompts) "
+                                  "and inner.apply_rows(lm, strengths) (as the evaluation does).")
+
+
+@dataclass
 class GatedModulation:
-    """A modulation whose strength is set per prompt by a `GateProbe` (the intervention protocol: `.apply(lm)`)."""
+    """A modulation whose strength is set per prompt by a `GateProbe`. `.apply(lm)` measures each new prompt
+    on its first forward (for free-form generation); `.strengths` + `.inner.apply_rows` is the explicit form."""
 
     modulation: Modulation
     probe: GateProbe
@@ -164,6 +192,13 @@ class GatedModulation:
     @property
     def fingerprint(self):
         return self.modulation.fingerprint
+
+    @property
+    def inner(self) -> Modulation:
+        return self.modulation
+
+    def strengths(self, lm, formatted: Sequence[str], max_length: int = PROMPT_CAP) -> torch.Tensor:
+        return gate_strength(lm, self.probe, formatted, max_length)
 
     @contextlib.contextmanager
     def apply(self, lm):

@@ -63,8 +63,11 @@ class Modulation:
         return out
 
     def scaled(self, strength: float) -> "Modulation":
-        """Interpolate towards the identity: gain -> 1 + strength * (gain - 1). Strength 0 is no-op."""
-        layers = {l: (i, 1.0 + strength * (g - 1.0)) for l, (i, g) in self.layers.items()}
+        """Interpolate towards the identity: gain -> 1 + strength * (gain - 1); exactly the gains at 1, none at 0."""
+        strength = float(strength)
+        layers = {l: (i, g.clone() if strength == 1 else 1.0 + strength * (g - 1.0)) for l, (i, g) in self.layers.items()}
+        if strength == 0:
+            layers = {}
         return Modulation(self.shape, layers, self.fingerprint, {**self.meta, "strength": strength})
 
     @property
@@ -85,6 +88,16 @@ class Modulation:
     def apply(self, lm):
         """Context manager applying this modulation to a `LoadedModel` (the intervention protocol)."""
         return modulate(lm.model, self, lm.nmap)
+
+    def row_gains(self, strengths: torch.Tensor) -> torch.Tensor:
+        """[B, n_layers, n_neurons] gains 1 + s (g - 1) for per-row strengths s; exactly g at s = 1 and 1 at s = 0."""
+        dense = self.dense()[None]
+        s = strengths.detach().float().cpu()[:, None, None]
+        return torch.where(s == 1, dense, torch.where(s == 0, torch.ones_like(dense), 1 + s * (dense - 1)))
+
+    def apply_rows(self, lm, strengths: torch.Tensor):
+        """This modulation at one strength per batch row (the protocol's per-row form: gates, mixed batches)."""
+        return modulate(lm.model, self.row_gains(strengths), lm.nmap)
 
     # -- files ---------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

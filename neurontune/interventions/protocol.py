@@ -1,14 +1,32 @@
 """The intervention protocol every evaluated thing follows: None (the base model) or an object whose
-`.apply(lm)` returns a context manager that changes the model inside the block only, named by `.name` or
-`.meta["kind"]` (a `Modulation`, a `GatedModulation`, a `RefusalDirection`...)."""
+`.apply(lm)` returns a context manager that changes the model inside the block only, and whose
+`.apply_rows(lm, strengths)` applies it at a strength per batch row (0 = off, 1 = as is), named by `.name`
+or `.meta["kind"]` (a `Modulation`, a `RefusalDirection`...). A gated intervention (`gating.Gated`) has an
+`.inner` intervention and a `.strengths(lm, formatted_prompts)` read from each prompt's end."""
 from __future__ import annotations
 
 import contextlib
+
+import torch
 
 
 def applied(intervention, lm):
     """The context manager of `intervention` on `lm` (a no-op for None, the base model)."""
     return contextlib.nullcontext() if intervention is None else intervention.apply(lm)
+
+
+def applied_rows(intervention, lm, strengths: torch.Tensor):
+    """`intervention` at one strength per batch row: rows at 0 are the base model, rows at 1 exactly the
+    intervention (bit-identical to `applied`), others in between."""
+    if intervention is None or not bool(strengths.ne(0).any()):
+        return contextlib.nullcontext()
+    if bool(strengths.eq(1).all()):
+        return intervention.apply(lm)
+    return intervention.apply_rows(lm, strengths)
+
+
+def is_gated(intervention) -> bool:
+    return intervention is not None and hasattr(intervention, "strengths") and hasattr(intervention, "inner")
 
 
 def intervention_name(intervention) -> str:

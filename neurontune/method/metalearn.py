@@ -24,7 +24,7 @@ from ..config import RunConfig
 from ..data import attacks, prompts
 from ..data.chat import chat_prompt
 from ..data.prompts import Prompt
-from ..data.splits import Splits, build_splits, split
+from ..data.splits import Splits, build_splits
 from ..infra.files import default_cache_dir
 from ..interventions.modulation import Modulation, modulate
 from ..model.logprobs import PairBatch, encode_pairs, forward, target_logprob
@@ -86,10 +86,14 @@ class GainParams:
 
 @dataclass
 class TaskData:
-    """Prompt pools for training and validation, formatted once."""
+    """Prompt pools of training (train split) and early stopping (validation split), formatted once.
 
-    harmful: dict[str, list[str]]  # family ("plain" or an attack family) -> formatted prompts
-    benign: list[str]  # benign + borderline-safe formatted prompts (over-refusal penalty)
+    A task is a form of request: "plain" or an attack family. Its harmful prompts are the training harmful
+    requests in that form, and its benign prompts the training benign and borderline-safe requests in the
+    SAME form: a template alone must not earn a refusal, only harm inside it."""
+
+    harmful: dict[str, list[str]]  # family ("plain" or an attack family) -> formatted harmful prompts
+    benign: dict[str, list[str]]  # family -> formatted benign + borderline-safe prompts (over-refusal penalty)
     answers: list[tuple[str, str]]  # (formatted benign prompt, base model's answer) for the KL term
     val_harmful: list[str]
     val_benign: list[str]
@@ -97,35 +101,46 @@ class TaskData:
 
 
 def build_tasks(lm, cfg: RunConfig, splits: Splits, cache_dir) -> TaskData:
-    """Training pools from the train splits only; 20 % of each pool is kept for early stopping."""
+    """Training pools from the train split; the early-stopping batch from the validation split."""
     tok, d = lm.tokenizer, cfg.data
-    harmful_pool = splits.harmful_train
-    train_h, val_h = split(harmful_pool, 0.2, seed=d.seed + 1)
     fams = attacks.attack_families()
     rng = random.Random(d.seed)
+    families = ("plain", *splits.train_families)
 
-    def wrap_all(prompts: list[Prompt], family: str) -> list[str]:
+    def in_form(prompts: list[Prompt], family: str) -> list[str]:
         if family == "plain":
             return [chat_prompt(tok, p.text) for p in prompts]
         return [chat_prompt(tok, attacks.wrap(rng.choice(fams[family]), p.text)) for p in prompts]
 
-    harmful = {f: wrap_all(train_h, f) for f in ("plain", *splits.train_families)}
-    val_harmful = [x for f in ("plain", *splits.train_families) for x in wrap_all(val_h[:2], f)]
-    benign_pool = splits.benign_train + splits.borderline_train
-    train_b, val_b = split(benign_pool, 0.2, seed=d.seed + 2)
-    answer_prompts, val_answer_prompts = split(splits.benign_train, 0.2, seed=d.seed + 3)
-    answer_prompts = answer_prompts[: max(d.n_answer, 8) * 2]
-    val_answer_prompts = val_answer_prompts[:8]
+    harmless_train = _interleave(splits.benign["train"], splits.borderline["train"])
+    harmless_val = _interleave(splits.benign["validation"], splits.borderline["validation"])
+    harmful = {f: in_form(splits.harmful["train"], f) for f in families}
+    benign = {f: in_form(harmless_train, f) for f in families}
+    val_harmful, val_benign = in_form(splits.harmful["validation"][:16], "plain"), in_form(harmless_val[:16], "plain")
+    for i, f in enumerate(splits.train_families):  # and a few in each training form
+        val_harmful += in_form(splits.harmful["validation"][16 + 2 * i:18 + 2 * i], f)
+        val_benign += in_form(harmless_val[16 + i:17 + i], f)
+    answer_prompts = splits.benign["train"][: max(d.n_answer, 8) * 2]
+    val_answer_prompts = splits.benign["validation"][-8:]
     answers = cached_answers(lm, [p.text for p in answer_prompts], d.answer_tokens, cache_dir)
     val_answers = cached_answers(lm, [p.text for p in val_answer_prompts], d.answer_tokens, cache_dir)
     return TaskData(
-        harmful=harmful,
-        benign=[chat_prompt(tok, p.text) for p in train_b],
+        harmful=harmful, benign=benign,
         answers=[(chat_prompt(tok, p.text), a) for p, a in zip(answer_prompts, answers)],
-        val_harmful=val_harmful,
-        val_benign=[chat_prompt(tok, p.text) for p in val_b[:12]],
+        val_harmful=val_harmful, val_benign=val_benign,
         val_answers=[(chat_prompt(tok, p.text), a) for p, a in zip(val_answer_prompts, val_answers)],
     )
+
+
+def _interleave(a: list, b: list) -> list:
+    """a and b merged in proportion (so a prefix holds both kinds)."""
+    out, i, j = [], 0, 0
+    while i < len(a) or j < len(b):
+        if j >= len(b) or (i < len(a) and i * len(b) <= j * len(a)):
+            out.append(a[i]); i += 1
+        else:
+            out.append(b[j]); j += 1
+    return out
 
 
 class Objective:
@@ -203,9 +218,15 @@ def train_gains(lm, selection: Selection, cfg: RunConfig = RunConfig(), *, split
     nb, nk = max(1, m.batch_benign // 2), max(1, m.batch_benign - m.batch_benign // 2)
 
     def task_batch(family: str | None):
-        harmful = (_sample(rng, tasks.harmful[family], m.batch_harmful) if family
-                   else [rng.choice(tasks.harmful[rng.choice(families)]) for _ in range(m.batch_harmful)])
-        return objective.batch(harmful, _sample(rng, tasks.benign, nb), _sample(rng, tasks.answers, nk))
+        """A task's batch: harmful and benign prompts in the task's form (half of the benign ones plain);
+        for joint training, every row's form drawn at random."""
+        if family:
+            harmful = _sample(rng, tasks.harmful[family], m.batch_harmful)
+            benign = _sample(rng, tasks.benign[family], nb - nb // 2) + _sample(rng, tasks.benign["plain"], nb // 2)
+        else:
+            harmful = [rng.choice(tasks.harmful[rng.choice(families)]) for _ in range(m.batch_harmful)]
+            benign = [rng.choice(tasks.benign[rng.choice(families)]) for _ in range(nb)]
+        return objective.batch(harmful, benign, _sample(rng, tasks.answers, nk))
 
     def grads(loss: torch.Tensor) -> list[torch.Tensor]:
         return torch.autograd.grad(loss, params.params(), allow_unused=True)

@@ -4,7 +4,8 @@ Score kinds, each [n_layers, n_neurons], mean over examples:
 - `safety`: attribution to the log-prob of a refusal on harmful prompts, plain and attacked ("attack-aware");
   `safety/plain` and `safety/<family>` per attack family;
 - `over_refusal`: attribution to a refusal on benign and borderline-safe prompts (`over_refusal/benign`,
-  `over_refusal/borderline`): neurons that push the model to refuse what it should answer;
+  `over_refusal/borderline`, and both wrapped in the training attack templates: `over_refusal/attacked`):
+  neurons that push the model to refuse what it should answer;
 - `benign_dependence`: mean |attribution| to the model's own answers to benign prompts;
 - `act_harmful`, `act_benign`: mean activation over prompt tokens.
 """
@@ -115,6 +116,10 @@ def attribution_plan(lm: LoadedModel, cfg: RunConfig, cache_dir: Path, progress:
         groups[f"safety/{family}"] = refusal_group([p for p in attacked if p.family == family])
     groups["over_refusal/benign"] = refusal_group(splits.benign_train[: d.n_benign])
     groups["over_refusal/borderline"] = refusal_group(splits.borderline_train[: d.n_borderline])
+    if d.n_benign_attack_per_family:  # harmless requests inside the same templates: a template alone is no reason to refuse
+        half = max(1, d.n_benign_attack_per_family // 2)
+        groups["over_refusal/attacked"] = refusal_group(splits.attacked("benign", "train", d.n_benign_attack_per_family - half)
+                                                        + splits.attacked("borderline", "train", half))
     answer_prompts = [p.text for p in splits.benign_train[: d.n_answer]]
     answers = cached_answers(lm, answer_prompts, d.answer_tokens, cache_dir, progress)
     groups["benign_dependence"] = ([chat_prompt(tok, p) for p in answer_prompts], answers)

@@ -1,5 +1,6 @@
-"""Evaluate a run folder: the base model, the tuned modulation (static and gated) and the baselines in one
-harness, written back to the folder (the evaluation table and every generation). Used by the CLI and the studio."""
+"""Evaluate a run folder: the base model, NeuronTune and every baseline in one harness, each with its static
+gains and behind the same input gate, over several training seeds, on one split (test for the reported
+table, validation while choosing), with the style audit of the pools. Written back to the folder."""
 from __future__ import annotations
 
 import threading
@@ -10,45 +11,101 @@ from typing import Callable, Sequence
 import pandas as pd
 
 from ..config import FULL_EVAL, QUICK_EVAL, RunConfig
-from ..data.splits import build_splits
+from ..data.splits import Splits, build_splits, check_split
+from ..data.style_audit import StyleAudit, audit
 from ..eval.baselines import BASELINES, build_baselines
-from ..eval.harness import compare, evaluate_many
+from ..eval.harness import EvalResult, evaluate_many
+from ..eval.report import markdown, summarise
 from ..infra import distributed as dist
-from ..interventions.gating import GatedModulation
+from ..interventions.gating import Gated, GatedModulation, fit_gate_for_run
+from ..method.metalearn import train_gains
+from ..method.selection import select
 from .folder import RunFolder
+
+GATED = " + gate"  # suffix of a gated row: the same intervention scaled per prompt by NeuronTune's gate
+
+
+def style_audit(splits: Splits, split: str) -> StyleAudit:
+    """Can the training pools' form predict harmful vs harmless on the evaluated split? (plain requests)"""
+    def texts(kind: str, part: str) -> list[str]:
+        return [p.text for p in getattr(splits, kind)[part]]
+    return audit(texts("harmful", "train"), texts("benign", "train") + texts("borderline", "train"),
+                 texts("harmful", split), texts("benign", split) + texts("borderline", split))
 
 
 def evaluate_run(lm, run: str | Path | RunFolder, cfg: RunConfig | None = None, *, baselines: Sequence[str] = BASELINES,
-                 quick: bool = False, cache_dir=None, progress=None, cancel: threading.Event | None = None,
-                 log: Callable[[str], None] = print) -> pd.DataFrame:
-    """Evaluate base, NeuronTune (static, and gated when the run has a gate) and baselines on held-out prompts;
-    write the table and every generation into the run folder."""
+                 quick: bool = False, seeds: int = 1, split: str = "test", cache_dir=None, progress=None,
+                 cancel: threading.Event | None = None, log: Callable[[str], None] = print) -> pd.DataFrame:
+    """Evaluate the run's gains (and gate) against the base model and `baselines` on `split`; with `seeds` > 1,
+    train NeuronTune and the trained baselines again with seeds meta.seed+1, ... and report mean ± sd over seeds.
+    Returns the summary table (one row per intervention); writes eval.json, eval_table.csv, generations.jsonl."""
+    check_split(split)
     start = time.perf_counter()
     folder = RunFolder(run)
     cfg = cfg or folder.config()
     tuned = folder.modulation(lm.fingerprint)
     if tuned is None:
         raise FileNotFoundError(f"{folder.path} holds no trained gains ({RunFolder.MODULATION}); run `tune` first.")
+    scores = folder.scores()
+    if scores is None and (baselines or seeds > 1):
+        raise FileNotFoundError(f"{folder.path} holds no neuron scores ({RunFolder.SCORES}): the baselines and other seeds "
+                                "re-select from them. Run `tune` (or `attribute --out` into this folder) first.")
     splits = build_splits(cfg.data)
-    interventions: dict = {"base": None, "neurontune": tuned}
-    if (gate := folder.gate(lm)) is not None:
-        interventions["neurontune-gated"] = GatedModulation(tuned, gate)
-    if baselines:
-        scores = folder.scores()
-        if scores is None:
-            raise FileNotFoundError(f"{folder.path} holds no neuron scores ({RunFolder.SCORES}); the baselines re-select from them.")
-        interventions.update(build_baselines(lm, cfg, scores, tuned, splits, baselines, cache_dir=cache_dir, cancel=cancel, log=log))
     ecfg = QUICK_EVAL if quick else FULL_EVAL
-    results = evaluate_many(lm, interventions, splits, ecfg, progress=progress, cancel=cancel, cache_dir=cache_dir)
-    table = compare(results)
-    rows = [{"intervention": name, **{k: (None if v != v else v) for k, v in r.items()}} for name, r in table.to_dict(orient="index").items()]
+    audit_result = style_audit(splits, split)
+    log(audit_result.summary())
+    groups: dict[str, list[EvalResult]] = {}
+    results: list[EvalResult] = []
+    cache: dict = {}
+    directions = None
+    for k in range(max(1, seeds)):
+        seed = cfg.meta.seed + k
+        scfg = cfg.replace(meta={"seed": seed})
+        if k == 0:
+            mod, gate = tuned, folder.gate(lm)
+        else:
+            log(f"Training NeuronTune again with seed {seed}...")
+            mod = train_gains(lm, select(scores, cfg.selection), scfg, splits=splits, cache_dir=cache_dir, cancel=cancel).modulation
+            gate = fit_gate_for_run(lm, mod, splits, bias_shift=cfg.meta.gate_bias_shift) if cfg.meta.gate else None
+        static: dict = {"neurontune": mod}
+        if baselines:
+            built = build_baselines(lm, scfg, scores, mod, splits, baselines, cache_dir=cache_dir, cancel=cancel, log=log,
+                                    directions=directions)
+            fresh = {n: iv for n, iv in built.items() if not (directions and n in directions)}
+            directions = directions or {n: iv for n, iv in built.items() if n.startswith("direction:")}
+            static.update(fresh)  # a direction does not depend on the seed: its static row is evaluated once
+        interventions: dict = {"base": None} if k == 0 else {}
+        interventions.update(static)
+        if gate is not None:  # the same gate, read from each prompt, in front of every method: gates with gates
+            interventions["neurontune" + GATED] = GatedModulation(mod, gate, name="neurontune" + GATED)
+            for name, iv in {**static, **(directions or {})}.items():
+                if name != "neurontune":
+                    interventions[name + GATED] = Gated(iv, gate, name=name + GATED)
+        log(f"Evaluating {len(interventions)} interventions on the {split} split (seed {seed})...")
+        done = evaluate_many(lm, interventions, splits, ecfg, split=split, progress=progress, cancel=cancel, base=cache,
+                             cache_dir=cache_dir)
+        for r in done:
+            r.meta["seed"] = seed
+            groups.setdefault(r.name, []).append(r)
+        results += done
+    table = summarise(groups)
+    blocks = table_blocks(list(table.index))
     if not dist.is_main():  # under `accelerate launch` (generation shared over processes) the main process writes
         return table
-    folder.write_eval({"table": rows, "eval_config": ecfg.__dict__, "heldout_families": list(splits.heldout_families),
+    rows = [{"intervention": name, **{k: (None if v != v else v) for k, v in row.items()}} for name, row in table.to_dict(orient="index").items()]
+    folder.write_eval({"split": split, "seeds": max(1, seeds), "table": rows, "blocks": blocks, "eval_config": ecfg.__dict__,
+                       "style_audit": {"accuracy": audit_result.accuracy, "n_train": audit_result.n_train,
+                                       "n_eval": audit_result.n_eval, "top_features": audit_result.top_features},
+                       "heldout_families": list(splits.heldout_families), "train_families": list(splits.train_families),
                        "seconds": time.perf_counter() - start}, table)
     folder.write_generations(results)
-    main = [c for c in ("harmful_refusal", "heldout_family_refusal", "train_family_refusal", "benign_over_refusal",
-                        "borderline_over_refusal", "ppl_ratio", "mc_accuracy", "repetition_rate") if c in table.columns]
-    log(table[main].to_string(float_format=lambda v: f"{v:.3f}"))
+    log(markdown(table, blocks))
+    log(f"{split} split, {max(1, seeds)} seed(s); {audit_result.summary()}")
     log(f"Evaluation took {time.perf_counter() - start:.0f} s; wrote {folder.file(RunFolder.EVAL)} and {RunFolder.GENERATIONS}")
     return table
+
+
+def table_blocks(names: Sequence[str]) -> dict[str, list[str]]:
+    """Rows grouped so that like is compared with like: static (exportable) gains, then everything behind the gate."""
+    return {"static (what export folds)": [n for n in names if not n.endswith(GATED)],
+            "gated (the same input gate in front of each)": [n for n in names if n.endswith(GATED)]}

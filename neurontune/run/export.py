@@ -10,9 +10,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from ..data.chat import chat_prompt
+from ..eval.report import markdown
 from ..infra import files
 from ..interventions.modulation import Modulation, modulate
 from ..model.logprobs import encode_pairs, forward
@@ -61,17 +63,30 @@ def _folded_state_dict(lm, dense: torch.Tensor) -> dict[str, torch.Tensor]:
     return state
 
 
-def _markdown_table(rows: list[dict]) -> str:
-    if not rows:
-        return "_not evaluated_"
-    cols = list(rows[0])
-    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
+def _evaluation(summary: dict | None, gated: bool) -> str:
+    """The model card's evaluation section: the static gains' row (what this checkpoint computes) beside the base
+    model, with intervals, from the run's evaluation; what the gate did is said but not claimed."""
+    rows = (summary or {}).get("table") or []
+    frame = pd.DataFrame(rows).set_index("intervention") if rows and "intervention" in rows[0] else None
+    if frame is None or "neurontune" not in frame.index or "seeds" not in frame.columns:
+        return "_Not evaluated: run `python -m neurontune evaluate --run DIR` before exporting to have the figures here._"
+    split, seeds = summary.get("split", "test"), summary.get("seeds", 1)
+    text = (f"Held-out {split} prompts (attack families never seen in tuning included), {seeds} training seed(s): mean"
+            f"{' ± sd' if seeds > 1 else ''} [Wilson 95 % interval]. The `neurontune` row is what this checkpoint computes.\n\n"
+            + markdown(frame, {"": [n for n in ("base", "neurontune") if n in frame.index]}))
+    if gated:
+        gated_row = next((n for n in frame.index if n.startswith("neurontune") and n != "neurontune"), None)
+        text += ("\n\nThe run also has an **input gate** (a probe that scales the gains per prompt). A gate cannot be folded "
+                 "into weights, so it is **not in this checkpoint**" + (f"; its figures (row `{gated_row}` of the run's "
+                 "evaluation) do not describe this model." if gated_row else "."))
+    audit = (summary or {}).get("style_audit")
+    if audit:
+        text += (f"\n\nStyle audit of the evaluation pools: a classifier of surface features alone tells harmful from harmless "
+                 f"with balanced accuracy {audit['accuracy']:.3f} (0.5 is chance).")
+    return text
 
 
-def model_card(lm, modulation: Modulation, name: str, eval_rows: list[dict] | None, preset: dict | None) -> str:
+def model_card(lm, modulation: Modulation, name: str, eval_summary: dict | None, preset: dict | None, gated: bool = False) -> str:
     base = EMBEDDED_BASE if lm.name == "embedded" else lm.name
     s = modulation.summary()
     return f"""---
@@ -98,9 +113,9 @@ model = AutoModelForCausalLM.from_pretrained("path/to/{name}")
 tokenizer = AutoTokenizer.from_pretrained("path/to/{name}")
 ```
 
-## Evaluation (held-out prompts and attack families)
+## Evaluation
 
-{_markdown_table(eval_rows or [])}
+{_evaluation(eval_summary, gated)}
 
 ## Files
 
@@ -128,19 +143,18 @@ def _check_reload(lm, modulation: Modulation, folder: Path) -> float:
 
 
 def export(lm, modulation: Modulation, root: str | Path, name: str, *, preset: dict | None = None,
-           eval_rows: list[dict] | None = None, overwrite: bool = False, static_only: bool = False,
+           eval_summary: dict | None = None, gated: bool = False, overwrite: bool = False,
            tolerance: float | None = None, push_to_hub: str | None = None, token: str | None = None) -> dict:
-    """Write the export folder; returns {"path", "max_logit_diff", "pushed", "push_error"}.
+    """Write the export folder; returns {"path", "max_logit_diff", "pushed", "push_error", "gate_left_out"}.
 
+    `eval_summary`: the run's eval.json (the model card shows its static row with intervals). `gated`: the gains
+    came with an input gate, which cannot be folded: the checkpoint holds the static gains, and the card says so.
     The hub token is used for the push only: it is never written, logged or kept."""
     path = export_path(root, name)
     if modulation.fingerprint and modulation.fingerprint != lm.fingerprint:
         raise ExportError(f"This modulation was made for model {modulation.fingerprint}, not the loaded {lm.fingerprint}.")
     if tuple(modulation.shape) != tuple(lm.shape):
         raise ExportError(f"This modulation holds gains for {tuple(modulation.shape)} neurons; the loaded model has {tuple(lm.shape)}.")
-    if modulation.meta.get("gated") and not static_only:
-        raise ExportError("This modulation is input-conditional (gated): a gate cannot be folded into weights. "
-                          "Export the static gains only by passing static_only=True (CLI: --static-only).")
     if path.exists() and not overwrite:
         raise ExportError(f"An export named {name!r} already exists at {path}. Choose another name or pass overwrite.")
     check: dict = {}
@@ -151,7 +165,7 @@ def export(lm, modulation: Modulation, root: str | Path, name: str, *, preset: d
         folder = RunFolder(tmp)  # an export also reads as a run folder: its gains and preset
         folder.write_modulation(modulation)
         folder.write_config(preset or {})
-        files.write_text(tmp / "README.md", model_card(lm, modulation, name, eval_rows, preset))
+        files.write_text(tmp / "README.md", model_card(lm, modulation, name, eval_summary, preset, gated))
         diff = _check_reload(lm, modulation, tmp)
         tol = tolerance if tolerance is not None else (1e-3 if lm.model.dtype == torch.float32 else 5e-2)
         if not diff <= tol:
@@ -163,7 +177,7 @@ def export(lm, modulation: Modulation, root: str | Path, name: str, *, preset: d
     except files.FolderExists:
         raise ExportError(f"An export named {path.name!r} appeared at {path} meanwhile; it was kept. Choose another name.") from None
     diff = check["max_logit_diff"]
-    result = {"path": str(path), "max_logit_diff": diff, "pushed": None, "push_error": None}
+    result = {"path": str(path), "max_logit_diff": diff, "pushed": None, "push_error": None, "gate_left_out": gated}
     if push_to_hub:
         try:
             from huggingface_hub import HfApi

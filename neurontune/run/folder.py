@@ -162,7 +162,8 @@ class RunFolder:
 
     def write_generations(self, results: Sequence) -> Path:
         """Every generated answer of every evaluated intervention (`EvalResult`s), one JSON object per line."""
-        return files.write_jsonl(self.made().file(self.GENERATIONS), ({"intervention": r.name, **row} for r in results for row in r.rows))
+        return files.write_jsonl(self.made().file(self.GENERATIONS), ({"intervention": r.name, "seed": r.meta.get("seed"), **row}
+                                                                     for r in results for row in r.rows))
 
     def generations(self) -> list[dict]:
         return self._jsonl(self.GENERATIONS)

@@ -86,9 +86,13 @@ def tradeoff_figure(frame: pd.DataFrame, baselines: pd.DataFrame | None = None, 
 
 
 def sweep_run(lm, cfg: RunConfig, grid: Sequence[tuple[int, int]], out: str | Path | RunFolder, *, scores: NeuronScores | None = None,
-              cache_dir=None, progress=None, cancel=None, log: Callable[[str], None] = print) -> pd.DataFrame:
-    """Select + train + proxy-evaluate each grid point (fast: no generation), with the base model and the
-    attribution-only setting on the same axes; writes sweep.csv and tradeoff.html."""
+              split: str = "validation", cache_dir=None, progress=None, cancel=None, log: Callable[[str], None] = print) -> pd.DataFrame:
+    """Select + train + proxy-evaluate each grid point (fast: no generation), with the base model on the same
+    axes; writes sweep.csv and tradeoff.html. A sweep is for choosing thresholds, so it reads the validation
+    split; the test split is refused (it is read once, for the reported table)."""
+    if split == "test":
+        raise ValueError("The sweep chooses thresholds, so it reads the validation split only; the test split is read "
+                         "once, for the table you report (`python -m neurontune evaluate --run DIR`).")
     scores = scores or run_attribution(lm, cfg, cache_dir=cache_dir)
     splits = build_splits(cfg.data)
 
@@ -96,10 +100,11 @@ def sweep_run(lm, cfg: RunConfig, grid: Sequence[tuple[int, int]], out: str | Pa
         return train_gains(lm, selection, cfg, splits=splits, cache_dir=cache_dir, cancel=cancel).modulation
 
     def eval_fn(intervention) -> dict:
-        return proxy_metrics(lm, intervention, splits, n=48)
+        return proxy_metrics(lm, intervention, splits, n=48, split=split)
 
     frame = sweep(lm, scores, grid, train_fn, eval_fn, progress=progress, cancel=cancel, selection=cfg.selection)
-    base = pd.DataFrame([{"name": "base", **proxy_metrics(lm, None, splits, n=48)}])
+    frame["split"] = split
+    base = pd.DataFrame([{"name": "base", **proxy_metrics(lm, None, splits, n=48, split=split), "split": split}])
     RunFolder(out).write_sweep(frame, base, tradeoff_figure(frame, base))
     log(frame.to_string(float_format=lambda v: f"{v:.3f}"))
     return frame

@@ -52,8 +52,10 @@ def check(cfg: RunConfig, shape: tuple[int, int] | None = None, baselines: Seque
 
 
 def tune(lm, cfg: RunConfig, out: str | Path | RunFolder, *, evaluate: bool = True, quick_eval: bool = False,
-         baselines: Sequence[str] = (), cache_dir=None, report: Report | None = None) -> TuneResult:
-    """Attribution -> selection -> gains (+ gate) -> evaluation, all written to the run folder `out`."""
+         baselines: Sequence[str] = (), eval_split: str = "validation", cache_dir=None, report: Report | None = None) -> TuneResult:
+    """Attribution -> selection -> gains (+ gate) -> evaluation, all written to the run folder `out`. The
+    evaluation reads the validation split by default: a tune is a step of development, and the test split is
+    kept for the reported table (`evaluate_run` with split="test")."""
     report = report or Report()
     check(cfg, tuple(lm.shape), baselines)
     folder = RunFolder(out)
@@ -71,7 +73,7 @@ def tune(lm, cfg: RunConfig, out: str | Path | RunFolder, *, evaluate: bool = Tr
         report.say(f"warning: {training.log[-1].get('error', 'non-finite gains or loss')}")
     table = None
     if evaluate:
-        table = evaluate_run(lm, folder, cfg, baselines=baselines, quick=quick_eval, cache_dir=cache_dir,
+        table = evaluate_run(lm, folder, cfg, baselines=baselines, quick=quick_eval, split=eval_split, cache_dir=cache_dir,
                              progress=report.progress("evaluate"), log=report.say)
         report.done("evaluate")
     return TuneResult(folder, scores, selection, training, table)

@@ -369,7 +369,9 @@ def do_export(studio: Studio, session: Session, name: str, overwrite: bool, repo
     safe = slugify(name or suggest_name(session))
     lm = studio.model(session)
     try:
-        result = export(lm, session.modulation, studio.export_root, safe, preset=session.cfg.to_dict(), eval_rows=session.eval_rows,
+        summary = RunFolder(session.run_dir).eval_summary() if session.run_dir and session.eval_rows is not None else None
+        result = export(lm, session.modulation, studio.export_root, safe, preset=session.cfg.to_dict(), eval_summary=summary,
+                        gated=session.gate is not None,
                         overwrite=bool(overwrite), push_to_hub=(repo or "").strip() or None, token=(token or "").strip() or None)
     except (ExportError, ValueError) as exc:
         return {"export_status": f"✗ {exc}", "hub_token": ""}
