@@ -128,3 +128,14 @@ def test_attribute_sums_match_the_reference_over_batches(tiny_gpt2):
     ref = sum(reference_scores(lm, encode_pairs(lm.tokenizer, [chat_prompt(lm.tokenizer, p)], [t]), cfg)[0].sum(0)
               for p, t in zip(PROMPTS, TARGETS))
     torch.testing.assert_close(out.score, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_results_reach_the_host_in_order():
+    """`cat_to_host` / `stack_to_host` equal torch.cat / torch.stack (order kept), on the CPU."""
+    from neurontune.infra.devices import cat_to_host, stack_to_host
+    parts = [torch.randn(2, k) for k in (3, 1, 4)]
+    assert torch.equal(cat_to_host(parts, 1), torch.cat(parts, 1))
+    same = [torch.randn(2, 3) for _ in range(4)]
+    assert torch.equal(stack_to_host(same, 1), torch.stack(same, 1)) and stack_to_host(same).device.type == "cpu"
+    with pytest.raises(ValueError):
+        cat_to_host([])
