@@ -110,6 +110,7 @@ def _batch_scores(lm, batch, cfg: AttributionConfig) -> tuple[torch.Tensor, torc
         acts_full = [s.detach() for s in store]
     scores: list = [None] * nmap.n_layers  # [B, N] float32 per layer, on its device
     for alpha in alphas:
+        store[:] = [None] * nmap.n_layers  # drop the previous step's scaled activations before the next forward
         embeds = embed(batch.input_ids.to(embed.weight.device)).detach().requires_grad_(True)
         with torch.enable_grad(), scoped_pre_hooks(_capture(nmap, store, alpha)):
             logp = target_logprob(forward(model, batch, embeds), batch)
