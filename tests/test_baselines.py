@@ -17,6 +17,7 @@ from neurontune.eval.direction import (
     choose_layer_and_coef,
     fit_refusal_direction,
     last_token_residuals,
+    mean_last_token_residual,
 )
 from neurontune.interventions.hooks import scoped_pre_hooks
 from neurontune.interventions.modulation import Modulation
@@ -121,6 +122,18 @@ def test_fit_directions(lm, splits, kind):
         neg = last_token_residuals(lm, neg_texts, batch_size=3)
         assert pos.shape == (len(pos_texts), L, d)
         assert torch.allclose(fit.directions * fit.norms[:, None], pos.mean(0) - neg.mean(0), atol=1e-4)
+
+
+def test_mean_residual_is_the_mean_of_the_per_prompt_residuals(lm, splits):
+    """Summed on the device batch by batch (sizes 3 + 2), the mean equals the per-prompt residuals' mean, and
+    each per-prompt residual equals the one of that prompt run alone (padding changes nothing)."""
+    prompts = [p.text for p in splits.harmful_train[:5]]
+    each = last_token_residuals(lm, prompts, ["Sure", "", "No", "I", ""], batch_size=3)
+    mean = mean_last_token_residual(lm, prompts, ["Sure", "", "No", "I", ""], batch_size=3)
+    assert mean.device.type == "cpu" and mean.shape == each.shape[1:]
+    torch.testing.assert_close(mean, each.mean(0), rtol=1e-6, atol=1e-6 * float(each.abs().max()))
+    alone = last_token_residuals(lm, prompts[1:2], [""])
+    torch.testing.assert_close(each[1:2], alone, rtol=1e-4, atol=1e-4)
 
 
 def _fake_judge(splits, harmful_rate, benign_rate):

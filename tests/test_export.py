@@ -82,3 +82,64 @@ def test_failed_push_keeps_local_export_and_hides_token(tiny_llama, tmp_path):
     for f in (tmp_path / "pushed").iterdir():
         if f.suffix in (".json", ".md", ".txt", ".jinja"):
             assert token not in f.read_text(errors="ignore")
+
+
+# -- low precision -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module", params=["tiny-llama", "tiny-gpt2"])
+def bf16(request):
+    from neurontune.model.loading import load_model
+    return load_model(request.param, dtype="bfloat16")
+
+
+def test_load_model_honours_dtype_for_tiny_models(tiny_llama):
+    from neurontune.model.loading import load_model
+    for dtype, torch_dtype in (("bfloat16", torch.bfloat16), ("float16", torch.float16)):
+        lm = load_model("tiny-llama", dtype=dtype)
+        assert lm.model.dtype == torch_dtype and all(p.dtype == torch_dtype for p in lm.model.parameters())
+        ref = tiny_llama.model.get_input_embeddings().weight.to(torch_dtype)  # the float32 model, cast
+        assert torch.equal(lm.model.get_input_embeddings().weight, ref)
+    assert load_model("tiny-llama", dtype="bfloat16").fingerprint == tiny_llama.fingerprint
+
+
+def _modulation(lm):
+    """Gains 0.5-2 on 5 % of the neurons (at least 60), the setting in which bf16 folds were refused before."""
+    return random_modulation(lm.shape, max(60, lm.shape[0] * lm.shape[1] // 20), seed=5, low=0.5, high=2.0,
+                             fingerprint=lm.fingerprint)
+
+
+def test_bf16_export_reloads_within_its_rounding(bf16, tmp_path):
+    """A bfloat16 model exports: the fold is made in float32 and rounded once, the reloaded checkpoint is
+    bfloat16 and its logits are within 3x the bf16 rounding of the hooked logits (measured against float32)."""
+    import json
+    mod = _modulation(bf16)
+    result = export(bf16, mod, tmp_path, "half")
+    check = json.loads((tmp_path / "half" / "export_check.json").read_text())
+    assert check["dtype"] == "bfloat16" and check["rounding"] > 0
+    assert check["tolerance"] == pytest.approx(max(3 * check["rounding"], 1e-3))
+    assert result["max_logit_diff"] == check["max_logit_diff"] <= check["tolerance"]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "half").eval()
+    assert reloaded.dtype == torch.bfloat16
+    ids = bf16.tokenizer(["a quick test of the export"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        with modulate(bf16.model, mod):
+            hooked = bf16.model(ids).logits.float()
+        assert (reloaded(ids).logits.float() - hooked).abs().max() <= check["tolerance"]
+        assert (bf16.model(ids).logits.float() - hooked).abs().max() > check["tolerance"]  # the gains matter
+
+
+def test_wrong_bf16_fold_is_caught(bf16, tmp_path, monkeypatch):
+    """Gains folded twice (gain squared) differ from the hooked model far beyond the bf16 rounding: refused,
+    nothing written."""
+    from neurontune.run import export as export_mod
+    right = export_mod._folded_state_dict
+    monkeypatch.setattr(export_mod, "_folded_state_dict", lambda lm, dense: right(lm, dense * dense))
+    with pytest.raises(ExportError, match=r"differs from the hooked model .*3 x the bfloat16 rounding"):
+        export(bf16, _modulation(bf16), tmp_path, "twice")
+    assert not (tmp_path / "twice").exists()
+
+
+def test_float16_export(tmp_path):
+    from neurontune.model.loading import load_model
+    lm = load_model("tiny-llama", dtype="float16")
+    result = export(lm, _modulation(lm), tmp_path, "fp16")
+    assert 0 < result["rounding"] and result["max_logit_diff"] <= result["tolerance"]

@@ -97,3 +97,45 @@ def test_teacher_forced_metrics_read_the_gate_at_the_prompt_end(tiny_llama, monk
     questions = [q["question"] for q in sets.multiple_choice()[: cfg.n_mc]]
     assert seen["mc"][0] == seen["mc"][1] == pytest.approx(gate_strength(lm, probe, [chat_prompt(lm.tokenizer, q) for q in questions]).tolist())
     assert {r["strength"] for r in first.rows} != {1.0}  # generation rows carry their own readings
+
+
+def test_gate_features_equal_the_full_activations_at_the_last_token(lm):
+    """The hooks keep only the feature neurons at the last position (on the layer's device); the values equal
+    picking them out of every layer's full activations afterwards, exactly, in the probe's feature order."""
+    from neurontune.interventions.gating import _last_token_acts
+    gen = torch.Generator().manual_seed(0)
+    layers = torch.tensor([2, 0, 2, 1, 0, 2])
+    neurons = torch.randint(0, lm.shape[1], (len(layers),), generator=gen)
+    texts = [chat_prompt(lm.tokenizer, p) for p in ("Hi", "How do I pick a lock?", "A longer request about bread")]
+    got = _last_token_acts(lm, texts, layers, neurons, batch_size=2)
+    full: dict[int, torch.Tensor] = {}
+    handles = [p.register_forward_pre_hook(lambda m, a, l=l: full.__setitem__(l, a[0].reshape(1, -1, a[0].shape[-1])))
+               for l, p in enumerate(lm.nmap.projections)]
+    try:
+        want = []
+        for text in texts:  # one prompt at a time: no padding at all
+            ids = lm.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            with torch.no_grad():
+                lm.model(input_ids=ids, use_cache=False)
+            want.append(torch.stack([full[int(l)][0, -1, int(n)] for l, n in zip(layers, neurons)]))
+    finally:
+        for h in handles:
+            h.remove()
+    assert got.shape == (3, len(layers)) and got.dtype == torch.float32
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-6)
+
+
+def test_gated_generation_makes_each_layers_gains_once_per_prompt(tiny_llama):
+    """A gate forced open generates exactly what the static gains generate; the per-row gains of each layer are
+    built once for the prompt (one entry per modulated layer) and reused at every decoding step."""
+    from neurontune.interventions.gating import GateProbe
+    from neurontune.interventions.generation import generate
+    lm = tiny_llama
+    mod = random_modulation(lm.shape, 60, seed=2, low=0.2, high=3.0, fingerprint=lm.fingerprint)
+    probe = GateProbe(torch.tensor([0]), torch.tensor([0]), torch.zeros(1), torch.ones(1), torch.zeros(1), 60.0)
+    prompts = ["Tell me about bread", "Hi"]
+    with GatedModulation(mod, probe).apply(lm) as state:
+        gated = generate(lm, prompts, max_new_tokens=8)
+    assert gated == generate(lm, prompts, mod, max_new_tokens=8)
+    assert gated != generate(lm, prompts, max_new_tokens=8)
+    assert len(state["on"]) == len(mod.layers)  # (layer, device, dtype, rank): one per modulated layer

@@ -294,3 +294,49 @@ def test_from_dense_round_trip_and_summary(lm):
     s = mod.summary()
     assert s["n_modulated"] == 40 == s["n_amplified"] + s["n_suppressed"]
     assert 0.0 <= s["min_gain"] <= s["max_gain"] <= 2.0
+
+
+# -- cost per decoding step ------------------------------------------------------------------------------
+class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    """Names of the operators run inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("per_row", [False, True], ids=["shared", "per_row"])
+def test_gain_hook_is_one_multiply_per_step(per_row):
+    """After its first call on a (device, dtype), the hook runs exactly one operator per call, the multiply:
+    no copy, cast, reshape or repeat of the gains per decoding step. The result equals x * gains."""
+    from neurontune.interventions.modulation import _gain_hook
+    g = torch.linspace(0.5, 1.5, 16)
+    gains = torch.stack([g, 2 * g, torch.ones(16)]) if per_row else g
+    hook = _gain_hook(gains, per_row)
+    x = torch.randn(3, 1, 16, dtype=torch.bfloat16)  # a decoding step: one new position per row
+    hook(None, (x,))  # the first call prepares the gains for this device and dtype
+    with _Ops() as ops:
+        outs = [hook(None, (x,))[0] for _ in range(5)]
+    assert ops.names == ["aten.mul.Tensor"] * 5, ops.names
+    want = x * (gains.to(torch.bfloat16)[:, None, :] if per_row else gains.to(torch.bfloat16))
+    assert all(torch.equal(o, want) for o in outs)
+
+
+def test_fold_rounds_once_in_the_weight_dtype(lm):
+    """In bfloat16 the folded weight is the float32 product of the original weight and the gains, rounded
+    once; rounding the gains to bfloat16 first (a second rounding) gives different weights."""
+    from neurontune.interventions.modulation import folded_weight
+    half = copy.deepcopy(lm.model).to(torch.bfloat16)
+    mod = random_modulation(lm.shape, 300, seed=12, low=0.3, high=2.7)
+    folded = fold_into_weights(half, mod)
+    w0 = lm.nmap.weight_slice(1).detach().to(torch.bfloat16)  # the bf16 original of layer 1
+    from neurontune.model.neuron_map import neuron_map
+    w1 = neuron_map(folded).weight_slice(1)
+    g = mod.dense()[1]
+    assert torch.equal(w1, (w0.float() * g[:, None]).to(torch.bfloat16))
+    assert torch.equal(w1, folded_weight(w0, g))
+    assert not torch.equal(w1, w0 * g.to(torch.bfloat16)[:, None])  # the double rounding the fold avoids

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
 from ..data import prompts as sets
 from ..data.chat import chat_prompt
 from ..data.splits import Splits
+from ..infra.devices import stack_to_host
 from ..infra.progress import Progress, check_cancel
 from ..interventions.direction import RefusalDirection
 from ..interventions.hooks import scoped_pre_hooks
@@ -45,13 +46,12 @@ class DirectionFit:
 
 
 @torch.no_grad()
-def last_token_residuals(lm, prompts: Sequence[str], targets: Sequence[str] | None = None, batch_size: int = 16,
-                         cancel: threading.Event | None = None) -> torch.Tensor:
-    """[n, n_layers, d_model] residual stream entering each decoder layer at the last token of
-    chat_prompt(prompt) + target (target "" = the last prompt token, i.e. the assistant header)."""
+def _residual_batches(lm, prompts: Sequence[str], targets: Sequence[str] | None, batch_size: int,
+                      cancel: threading.Event | None) -> Iterator[list[torch.Tensor]]:
+    """Per batch, one [B, d_model] float32 tensor per decoder layer: the residual stream entering it at each
+    row's last token, picked out by the hook and left on the layer's device."""
     layers = decoder_layers(lm.model)
     targets = list(targets) if targets is not None else [""] * len(prompts)
-    out = []
     for start in range(0, len(prompts), batch_size):
         check_cancel(cancel, "Direction fitting")
         chunk = [chat_prompt(lm.tokenizer, p) for p in prompts[start:start + batch_size]]
@@ -62,13 +62,32 @@ def last_token_residuals(lm, prompts: Sequence[str], targets: Sequence[str] | No
         def make(l: int):
             def hook(module, args):
                 x = args[0]
-                store[l] = x[torch.arange(x.shape[0], device=x.device), last.to(x.device)].float().cpu()
+                store[l] = x[torch.arange(x.shape[0], device=x.device), last.to(x.device)].float()
             return hook
 
         with scoped_pre_hooks([(layer, make(l)) for l, layer in enumerate(layers)]):
             forward(lm.model, batch)
-        out.append(torch.stack(store, 1))
-    return torch.cat(out)
+        yield store
+
+
+def last_token_residuals(lm, prompts: Sequence[str], targets: Sequence[str] | None = None, batch_size: int = 16,
+                         cancel: threading.Event | None = None) -> torch.Tensor:
+    """[n, n_layers, d_model] residual stream entering each decoder layer at the last token of
+    chat_prompt(prompt) + target (target "" = the last prompt token, i.e. the assistant header)."""
+    return torch.cat([stack_to_host(store, 1) for store in _residual_batches(lm, prompts, targets, batch_size, cancel)])
+
+
+def mean_last_token_residual(lm, prompts: Sequence[str], targets: Sequence[str] | None = None, batch_size: int = 16,
+                             cancel: threading.Event | None = None) -> torch.Tensor:
+    """[n_layers, d_model] mean of `last_token_residuals` over the prompts, summed on each layer's device
+    in float32; only the mean reaches the host."""
+    if not prompts:
+        raise ValueError("No prompts to average residuals over.")
+    sums: list = []
+    for store in _residual_batches(lm, prompts, targets, batch_size, cancel):
+        parts = [x.sum(0) for x in store]
+        sums = parts if not sums else [s + p for s, p in zip(sums, parts)]
+    return stack_to_host(sums, 0) / len(prompts)
 
 
 def _first_words(text: str, n: int = 3) -> str:
@@ -93,15 +112,15 @@ def fit_refusal_direction(lm, splits: Splits, kind: str = "harmful_minus_harmles
         pos_texts = harmful + [p.text for p in splits.attacked("harmful", "train", per)]
         harmless = [p.text for p in splits.benign_train[: n // 2]] + [p.text for p in splits.borderline_train[: n - n // 2]]
         neg_texts = harmless + [p.text for p in splits.attacked("benign", "train", per)]
-        pos = last_token_residuals(lm, pos_texts, None, batch_size, cancel)
-        neg = last_token_residuals(lm, neg_texts, None, batch_size, cancel)
+        pos = mean_last_token_residual(lm, pos_texts, None, batch_size, cancel)
+        neg = mean_last_token_residual(lm, neg_texts, None, batch_size, cancel)
     else:
         tg = sets.targets()
         refuse = [_first_words(tg["refusal"][i % len(tg["refusal"])]) for i in range(len(harmful))]
         comply = [_first_words(tg["compliance"][i % len(tg["compliance"])]) for i in range(len(harmful))]
-        pos = last_token_residuals(lm, harmful, refuse, batch_size, cancel)
-        neg = last_token_residuals(lm, harmful, comply, batch_size, cancel)
-    diff = pos.mean(0) - neg.mean(0)  # [n_layers, d_model]
+        pos = mean_last_token_residual(lm, harmful, refuse, batch_size, cancel)
+        neg = mean_last_token_residual(lm, harmful, comply, batch_size, cancel)
+    diff = pos - neg  # [n_layers, d_model]
     norms = diff.norm(dim=-1)
     return DirectionFit(kind, diff / norms.clamp(min=1e-12)[:, None], norms, len(harmful))
 

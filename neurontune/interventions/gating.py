@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 
 from ..data.chat import chat_prompt
+from ..infra.devices import cat_to_host
 from ..infra.files import read_safetensors, write_file
 from .generation import PROMPT_CAP, encode_left
 from .hooks import scoped_pre_hooks
@@ -96,18 +97,28 @@ def _last_token_acts(lm, texts: Sequence[str], layers: torch.Tensor, neurons: to
 
 @torch.no_grad()
 def _acts_for_ids(lm, ids, mask, needed, layers, neurons) -> torch.Tensor:
+    """[B, k] float32 activations of the feature neurons (layers[i], neurons[i]) at each row's last position.
+    Each hook keeps only its layer's feature neurons at the last position, on the layer's device; the
+    [B, k_layer] pieces are copied to the host together, once per device."""
     store: dict[int, torch.Tensor] = {}
+    picks = {l: (layers == l).nonzero().flatten() for l in needed}  # layer -> positions in the feature vector
+    index: dict = {}  # (layer, device) -> that layer's neuron indices on the device
 
     def make(l):
         def hook(module, args):
             x = args[0]
-            store[l] = x.reshape(ids.shape[0], -1, x.shape[-1])[:, -1].float().cpu()  # left-padded: last = prompt end
+            if (l, x.device) not in index:
+                index[l, x.device] = neurons[picks[l]].to(x.device)
+            last = x.reshape(ids.shape[0], -1, x.shape[-1])[:, -1]  # left-padded: last = prompt end
+            store[l] = last.index_select(-1, index[l, x.device]).float()
         return hook
     device = lm.model.get_input_embeddings().weight.device
     with scoped_pre_hooks([(lm.nmap.projections[l], make(l)) for l in needed]):
         lm.model(input_ids=ids.to(device), attention_mask=mask.to(device),
                  position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=False, logits_to_keep=1)
-    return torch.stack([store[int(l)][:, int(n)] for l, n in zip(layers, neurons)], 1)
+    out = torch.empty(ids.shape[0], len(layers))
+    out[:, torch.cat([picks[l] for l in needed])] = cat_to_host([store[l] for l in needed], 1)
+    return out
 
 
 def fit_gate_for_run(lm, modulation: Modulation, splits, *, bias_shift: float = 0.0) -> GateProbe:
@@ -217,11 +228,12 @@ class GatedModulation:
                 mask = torch.ones_like(ids) if mask is None else mask[:, -ids.shape[1]:]
                 state.busy = True
                 try:
-                    acts = _acts_for_ids(lm, ids.cpu(), mask.cpu(), needed, self.probe.layers, self.probe.neurons)
+                    acts = _acts_for_ids(lm, ids, mask, needed, self.probe.layers, self.probe.neurons)
                 finally:
                     state.busy = False
                 s = self.probe.strength(acts)  # [B]
-                gains_holder["g"] = 1 + s[:, None, None] * (dense[None] - 1)  # [B, L, N]
+                gains_holder["g"] = 1 + s[:, None, None] * (dense[None] - 1)  # [B, L, N] on the host
+                gains_holder["on"] = {}  # this prompt's gains per (layer, device, dtype, rank), made once
                 gains_holder["s"] = s
             return None
 
@@ -233,14 +245,18 @@ class GatedModulation:
 
 
 def _lazy_gain_hook(layer: int, holder: dict, state):
+    """Multiplies by the current prompt's per-row gains of `layer`: moved to the activation's device and
+    dtype and shaped to broadcast ([B, 1, N]) once per prompt, then one multiply per decoding step."""
     def hook(module, args):
         if getattr(state, "busy", False) or "g" not in holder:
             return None
         x = args[0]
-        g = holder["g"][:, layer].to(x.device, x.dtype)
-        if x.dim() == 2:  # flattened [B*T, N] (OPT)
+        on, key = holder["on"], (layer, x.device, x.dtype, x.dim())
+        g = on.get(key)
+        if g is None:
+            g = holder["g"][:, layer].to(x.device, x.dtype)
+            g = on[key] = g if x.dim() == 2 else g.view(g.shape[0], *([1] * (x.dim() - 2)), g.shape[-1])
+        if x.dim() == 2 and x.shape[0] != g.shape[0]:  # OPT flattens [B, T, N] to [B*T, N] (prompt pass)
             g = g.repeat_interleave(x.shape[0] // g.shape[0], 0)
-        else:
-            g = g.view(g.shape[0], *([1] * (x.dim() - 2)), g.shape[-1])
         return (x * g, *args[1:])
     return hook

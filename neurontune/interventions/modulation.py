@@ -246,22 +246,43 @@ def modulate(model: nn.Module, gains: GainsLike, nmap: NeuronMap | None = None) 
         yield
 
 
+def _broadcast(g: torch.Tensor, x: torch.Tensor, per_row: bool) -> torch.Tensor:
+    """Gains shaped to multiply x: [N] for shared gains; [B, 1, ..., N] per row ([B, N] for a flattened x)."""
+    if not per_row or x.dim() == 2:
+        return g
+    return g.view(g.shape[0], *([1] * (x.dim() - 2)), g.shape[-1])
+
+
+def _rows(gx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-row gains for a batch whose row count differs from theirs: OPT flattens [B, T, N] to [B*T, N]."""
+    if x.dim() == 2 and x.shape[0] % gx.shape[0] == 0:
+        return gx.repeat_interleave(x.shape[0] // gx.shape[0], dim=0)
+    raise ValueError(f"Per-row gains for {gx.shape[0]} rows but the batch has {x.shape[0]}.")
+
+
 def _gain_hook(g: torch.Tensor, per_row: bool):
-    cache: dict = {}  # the gains moved to each (device, dtype) a layer runs on, e.g. under device_map="auto"
+    """Pre-hook multiplying a projection's input by its gains.
+
+    Fixed gains are moved to each (device, dtype) the layer runs on and shaped to broadcast once, on the
+    first call there (e.g. each shard under device_map="auto"); every later call, i.e. every decoding step,
+    is one lookup and one multiply. Trainable gains are moved on every call so gradients reach them."""
+    if g.requires_grad:
+        def trainable(module: nn.Module, args: tuple) -> tuple:
+            x = args[0]
+            gx = _broadcast(g.to(device=x.device, dtype=x.dtype), x, per_row)
+            if per_row and gx.shape[0] != x.shape[0]:
+                gx = _rows(gx, x)
+            return (x * gx, *args[1:])
+        return trainable
+    ready: dict = {}  # (device, dtype, rank) -> gains on that device, in that dtype, shaped to broadcast
 
     def hook(module: nn.Module, args: tuple) -> tuple:
         x = args[0]
-        gx = None if g.requires_grad else cache.get((x.device, x.dtype))
+        gx = ready.get((x.device, x.dtype, x.dim()))
         if gx is None:
-            gx = g.to(device=x.device, dtype=x.dtype)
-            if not g.requires_grad:
-                cache[(x.device, x.dtype)] = gx
-        if per_row:
-            if x.dim() == 2 and x.shape[0] != gx.shape[0] and x.shape[0] % gx.shape[0] == 0:
-                gx = gx.repeat_interleave(x.shape[0] // gx.shape[0], dim=0)  # OPT flattens [B, T, N] to [B*T, N]
-            if gx.shape[0] != x.shape[0]:
-                raise ValueError(f"Per-row gains for {gx.shape[0]} rows but the batch has {x.shape[0]}.")
-            gx = gx.view(gx.shape[0], *([1] * (x.dim() - 2)), gx.shape[-1])
+            gx = ready[x.device, x.dtype, x.dim()] = _broadcast(g.to(device=x.device, dtype=x.dtype), x, per_row)
+        if per_row and gx.shape[0] != x.shape[0]:
+            gx = _rows(gx, x)
         return (x * gx, *args[1:])
 
     return hook
@@ -270,7 +291,8 @@ def _gain_hook(g: torch.Tensor, per_row: bool):
 @torch.no_grad()
 def fold_into_weights(model: nn.Module, modulation: Modulation | torch.Tensor, nmap: NeuronMap | None = None) -> nn.Module:
     """Scale the output projection's input columns (rows for Conv1D) in place so the plain model
-    computes what the hooked model does. Returns the model. Use on a copy when the original is shared."""
+    computes what the hooked model does. Returns the model. Use on a copy when the original is shared.
+    The product is taken in float32 and rounded once to the weight's dtype (see `folded_weight`)."""
     nmap = nmap or neuron_map(model)
     dense = _dense_gains(modulation, nmap.shape)
     if dense.dim() != 2:
@@ -280,5 +302,12 @@ def fold_into_weights(model: nn.Module, modulation: Modulation | torch.Tensor, n
         if bool((g == 1).all()):
             continue
         w = nmap.weight_slice(layer)  # [n_neurons, d_model] view
-        w.mul_(g.to(w.device, w.dtype)[:, None])
+        w.copy_(folded_weight(w, g))
     return model
+
+
+def folded_weight(w: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
+    """w [n_neurons, d_model] (neurons along dim 0) times gains [n_neurons], computed in float32 from the
+    original weights and rounded once to w's dtype: in bfloat16, rounding the gains to bf16 first and the
+    product again would add a second rounding error on every modulated neuron."""
+    return (w.float() * gains.to(w.device, torch.float32)[:, None]).to(w.dtype)

@@ -5,6 +5,8 @@ Score of neuron i for an example = sum over positions of activation_i * d(target
 same with the gradient averaged along a path that scales every MLP activation from 0 to its value
 ("integrated gradients", joint path over all layers, midpoint rule). Only activation gradients are
 computed (the weights stay frozen), so a pass costs about one forward plus one activation backward.
+Activations x gradients are summed over tokens on the device each layer runs on; only per-neuron totals
+([batch, n_neurons] per layer) reach the host, so host memory is O(layers x neurons) per batch.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Sequence
 import torch
 
 from ..config import AttributionConfig
+from ..infra.devices import stack_to_host
 from ..infra.progress import Progress, check_cancel
 from ..interventions.hooks import scoped_pre_hooks
 from ..model.logprobs import encode_pairs, forward, target_logprob
@@ -67,31 +70,62 @@ def _capture(nmap, store: list, alpha: float = 1.0):
     return [(proj, make(l)) for l, proj in enumerate(nmap.projections)]
 
 
-def _batch_scores(lm, batch, cfg: AttributionConfig):
-    """One batch -> (scores [B, L, N], activations [B, L, N] summed over prompt tokens, token count [B])."""
+def _token_sum(x: torch.Tensor, weights: torch.Tensor, grad: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, N] float32 sum over positions of x (* grad) * weights, computed on x's device.
+
+    x, grad: [B, T, N] (or OPT's flattened [B*T, N]) in the model's dtype; weights: [B, T] float32 on x's
+    device. The product is taken in float32 (exact upcast of the model's values), as is the sum."""
+    B, T = weights.shape
+    prod = x.reshape(B, T, -1).float()
+    if grad is not None:
+        prod = prod * grad.reshape(B, T, -1).float()
+    return (prod * weights[:, :, None]).sum(1)
+
+
+def _batch_scores(lm, batch, cfg: AttributionConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One batch -> (scores [B, L, N], activations [B, L, N] summed over prompt tokens, token count [B]).
+
+    Every reduction over tokens runs on the device of the layer it reads (activations x gradients are
+    summed per layer as the gradients come back, and the integrated-gradients path is accumulated there);
+    only the per-neuron totals, [B, N] per layer, are copied to the host, once per device."""
     model, nmap = lm.model, lm.nmap
     embed = model.get_input_embeddings()
     store: list = [None] * nmap.n_layers
-    B, T = batch.input_ids.shape
-    alphas = [1.0] if cfg.method == "grad_x_act" else [(k + 0.5) / cfg.ig_steps for k in range(cfg.ig_steps)]
-    grads_sum = None
+    mask = batch.attention_mask.to(torch.float32)  # [B, T]
+    prompt_mask = (batch.attention_mask.bool() & ~batch.target_mask).to(torch.float32)
+    weights: dict = {}  # (kind, device) -> the [B, T] mask on that device, moved once per batch
+
+    def on(kind: str, m: torch.Tensor, device: torch.device) -> torch.Tensor:
+        if (kind, device) not in weights:
+            weights[kind, device] = m.to(device)
+        return weights[kind, device]
+
+    acts_full: list = []  # [B, T, N] per layer, on its device, in the model's dtype
+    if cfg.method == "grad_x_act":
+        alphas = [1.0]
+    else:  # activations at full scale first; the path gradients are then reduced against them step by step
+        alphas = [(k + 0.5) / cfg.ig_steps for k in range(cfg.ig_steps)]
+        with torch.no_grad(), scoped_pre_hooks(_capture(nmap, store)):
+            forward(model, batch)
+        acts_full = [s.detach() for s in store]
+    scores: list = [None] * nmap.n_layers  # [B, N] float32 per layer, on its device
     for alpha in alphas:
+        store[:] = [None] * nmap.n_layers  # drop the previous step's scaled activations before the next forward
         embeds = embed(batch.input_ids.to(embed.weight.device)).detach().requires_grad_(True)
         with torch.enable_grad(), scoped_pre_hooks(_capture(nmap, store, alpha)):
             logp = target_logprob(forward(model, batch, embeds), batch)
-            grads = torch.autograd.grad(logp.sum(), store)
-        g = torch.stack([gr.float().to("cpu").reshape(B, T, -1) for gr in grads], 1)  # [B, L, T, N] (OPT feeds [B*T, N])
-        grads_sum = g if grads_sum is None else grads_sum + g
-    if cfg.method == "integrated_gradients":  # activations at full scale, times the path-averaged gradient
-        with torch.no_grad(), scoped_pre_hooks(_capture(nmap, store)):
-            forward(model, batch)
-    acts_full = torch.stack([s.detach().float().to("cpu").reshape(B, T, -1) for s in store], 1)  # [B, L, T, N]
-    grads_mean = grads_sum / len(alphas)
-    mask = batch.attention_mask.to(torch.float32)[:, None, :, None]  # [B, 1, T, 1]
-    scores = (acts_full * grads_mean * mask).sum(2)  # [B, L, N]
-    prompt_mask = (batch.attention_mask.bool() & ~batch.target_mask).float()[:, None, :, None]
-    acts = (acts_full * prompt_mask).sum(2)
-    return scores, acts, prompt_mask.sum((1, 2, 3))
+            grads = list(torch.autograd.grad(logp.sum(), store))
+        if cfg.method == "grad_x_act":
+            acts_full = [s.detach() for s in store]
+        for layer, grad in enumerate(grads):
+            part = _token_sum(acts_full[layer], on("all", mask, grad.device), grad)
+            scores[layer] = part if scores[layer] is None else scores[layer] + part
+            grads[layer] = None  # free each layer's gradient as soon as it is reduced
+        del logp, embeds
+    if len(alphas) > 1:
+        scores = [s / len(alphas) for s in scores]
+    acts = [_token_sum(a, on("prompt", prompt_mask, a.device)) for a in acts_full]
+    return stack_to_host(scores, 1), stack_to_host(acts, 1), prompt_mask.sum(1)
 
 
 def attribute(lm, prompts: Sequence[str], targets: Sequence[str], cfg: AttributionConfig = AttributionConfig(), *,

@@ -123,6 +123,8 @@ def load_model(
     """Load a model for neuron work (eval mode, weights frozen).
 
     name: "embedded" | "tiny-llama" | "tiny-gpt2" | a hub id | a local directory | a local .gguf file.
+    dtype is honoured by every source (a tiny model is built in float32 from its seed, then cast), so the
+    bfloat16 / float16 paths run on the tiny models too; "auto" keeps a checkpoint's own dtype.
     device_map="auto" shards a large model over the available GPUs through accelerate.
     Before reading weights, the config is checked (architecture, custom code) and the weights' size is
     compared with the free memory of the target device (`preflight`); `memory_limit` (or
@@ -137,6 +139,7 @@ def load_model(
         if name in TINY:
             from .tiny import tiny_model
             model, tok = tiny_model(name.split("-", 1)[1])
+            model = model.to(torch_dtype) if torch_dtype is not None else model  # built in float32, then cast
             source = "random init (tests/demos)"
         elif name == "embedded":
             directory = embedded_dir()

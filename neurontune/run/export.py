@@ -16,8 +16,9 @@ import torch
 from ..data.chat import chat_prompt
 from ..eval.report import markdown
 from ..infra import files
-from ..interventions.modulation import Modulation, modulate
+from ..interventions.modulation import Modulation, folded_weight, modulate
 from ..model.logprobs import encode_pairs, forward
+from ..model.neuron_map import neuron_map
 from .folder import RunFolder
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -49,17 +50,15 @@ def export_path(root: str | Path, name: str) -> Path:
 
 def _folded_state_dict(lm, dense: torch.Tensor) -> dict[str, torch.Tensor]:
     """The model's state dict with the gains folded into copies of the output projections (the
-    shared model itself is never modified)."""
+    shared model itself is never modified), each computed in float32 and rounded once to its dtype."""
     state = dict(lm.model.state_dict())
     names = {id(mod): name for name, mod in lm.model.named_modules()}
     for layer, proj in enumerate(lm.nmap.projections):
         g = dense[layer]
         if bool((g == 1).all()):
             continue
-        key = f"{names[id(proj)]}.weight"
-        w = proj.weight.detach().clone()
-        scale = g.to(w.device, w.dtype)
-        state[key] = w * (scale[:, None] if lm.nmap.transposed else scale[None, :])
+        w = folded_weight(lm.nmap.weight_slice(layer).detach(), g)  # [n_neurons, d_model]
+        state[f"{names[id(proj)]}.weight"] = w if lm.nmap.transposed else w.t().contiguous()
     return state
 
 
@@ -127,25 +126,50 @@ Base model fingerprint: `{lm.fingerprint}`. Preset: `{(preset or {}).get('name',
 """
 
 
+FLOAT32_TOLERANCE = 1e-3  # max |logit| difference allowed for a float32 export
+ROUNDING_FACTOR = 3.0  # low precision: allowed difference = this x the dtype's own rounding of the hooked logits
+
+
 @torch.no_grad()
-def _check_reload(lm, modulation: Modulation, folder: Path) -> float:
-    """Max abs logit difference between the reloaded export and the hooked base model."""
+def _check_reload(lm, modulation: Modulation, folder: Path, tolerance: float | None = None) -> dict:
+    """Reload the export with plain transformers and compare its logits with the hooked base model's.
+
+    Returns {"max_logit_diff", "tolerance", "rounding", "dtype"}. Unless `tolerance` is given, a float32 model
+    is held to FLOAT32_TOLERANCE. A bfloat16 / float16 model is held to ROUNDING_FACTOR x `rounding`, the
+    largest difference between the hooked logits computed in that dtype and the same hooked computation in
+    float32 (the reloaded model upcast, with the original projection weights put back): the noise the dtype
+    itself puts on these logits. Measured on random LLaMA / GPT-2 models of 3-8 layers, bf16 and fp16, 16
+    modulations each: a correct fold differs from the hooked model by 0.3-1.1x that noise, gains folded
+    twice (gain squared on 5-20 % of the neurons) by 6.6-225x; 3x sits between the two."""
     from transformers import AutoModelForCausalLM
 
-    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=lm.model.dtype).eval()
+    dtype = lm.model.dtype
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
     prompts = [chat_prompt(lm.tokenizer, p) for p in ("How do I make a cake?", "Write a short poem about the sea.")]
     batch = encode_pairs(lm.tokenizer, prompts, ["Sure", "Here"], max_length=128)
-    with modulate(lm.model, modulation, lm.nmap):
-        hooked = forward(lm.model, batch, all_logits=True)
-    plain = forward(reloaded, batch, all_logits=True)
     mask = batch.attention_mask.bool()
-    return float((plain.float().cpu() - hooked.float().cpu())[mask].abs().max())
+    with modulate(lm.model, modulation, lm.nmap):
+        hooked = forward(lm.model, batch, all_logits=True).float().cpu()
+    plain = forward(reloaded, batch, all_logits=True).float().cpu()
+    diff = float((plain - hooked)[mask].abs().max())
+    rounding = None
+    if dtype != torch.float32:
+        reference = reloaded.float()  # the reloaded copy is ours: upcast it instead of copying the shared model
+        for mine, original in zip(neuron_map(reference).projections, lm.nmap.projections):
+            mine.weight.copy_(original.weight)
+        with modulate(reference, modulation):
+            exact = forward(reference, batch, all_logits=True).float().cpu()
+        rounding = float((hooked - exact)[mask].abs().max())
+    if tolerance is None:
+        tolerance = FLOAT32_TOLERANCE if rounding is None else max(ROUNDING_FACTOR * rounding, FLOAT32_TOLERANCE)
+    return {"max_logit_diff": diff, "tolerance": tolerance, "rounding": rounding, "dtype": str(dtype).removeprefix("torch.")}
 
 
 def export(lm, modulation: Modulation, root: str | Path, name: str, *, preset: dict | None = None,
            eval_summary: dict | None = None, gated: bool = False, overwrite: bool = False,
            tolerance: float | None = None, push_to_hub: str | None = None, token: str | None = None) -> dict:
-    """Write the export folder; returns {"path", "max_logit_diff", "pushed", "push_error", "gate_left_out"}.
+    """Write the export folder; returns {"path", "max_logit_diff", "tolerance", "rounding", "pushed", "push_error",
+    "gate_left_out"} (the reload check's figures: see `_check_reload` for how the tolerance follows the model's dtype).
 
     `eval_summary`: the run's eval.json (the model card shows its static row with intervals). `gated`: the gains
     came with an input gate, which cannot be folded: the checkpoint holds the static gains, and the card says so.
@@ -166,18 +190,20 @@ def export(lm, modulation: Modulation, root: str | Path, name: str, *, preset: d
         folder.write_modulation(modulation)
         folder.write_config(preset or {})
         files.write_text(tmp / "README.md", model_card(lm, modulation, name, eval_summary, preset, gated))
-        diff = _check_reload(lm, modulation, tmp)
-        tol = tolerance if tolerance is not None else (1e-3 if lm.model.dtype == torch.float32 else 5e-2)
+        result = _check_reload(lm, modulation, tmp, tolerance)
+        diff, tol = result["max_logit_diff"], result["tolerance"]
         if not diff <= tol:
-            raise ExportError(f"The reloaded export differs from the hooked model by {diff:.2e} (> {tol:.0e}); not saved.")
-        check.update(max_logit_diff=diff, tolerance=tol)
+            why = "" if result["rounding"] is None else (f": {ROUNDING_FACTOR:g} x the {result['dtype']} rounding of the hooked "
+                                                         f"logits, {result['rounding']:.2e}")
+            raise ExportError(f"The reloaded export differs from the hooked model by {diff:.2e} (> {tol:.2e}{why}); not saved.")
+        check.update(result)
         files.write_json(tmp / "export_check.json", check, checksum=False)
     try:  # an export it replaces is put back if the move fails: a failure never loses the previous export
         files.write_folder(path, fill, manifest=False, overwrite=overwrite)
     except files.FolderExists:
         raise ExportError(f"An export named {path.name!r} appeared at {path} meanwhile; it was kept. Choose another name.") from None
-    diff = check["max_logit_diff"]
-    result = {"path": str(path), "max_logit_diff": diff, "pushed": None, "push_error": None, "gate_left_out": gated}
+    result = {"path": str(path), "max_logit_diff": check["max_logit_diff"], "tolerance": check["tolerance"],
+              "rounding": check["rounding"], "pushed": None, "push_error": None, "gate_left_out": gated}
     if push_to_hub:
         try:
             from huggingface_hub import HfApi
