@@ -210,7 +210,7 @@ def evaluate(lm, intervention, splits: Splits, cfg: EvalConfig = EvalConfig(), *
     for r, a, s in zip(rows, iv_answers, row_strength):
         r["base_answer"] = cache["answers"][akey(r["prompt"])]
         r["answer"] = a
-        r["base_verdict"], r["verdict"] = verdict(r["base_answer"]), verdict(a)
+        r["base_verdict"], r["verdict"] = verdict(r["base_answer"], r["prompt"]), verdict(a, r["prompt"])
         r["base_refusal"], r["refusal"] = r["base_verdict"] == REFUSE, r["verdict"] == REFUSE
         r["strength"] = s if with_iv else 0.0
 
