@@ -256,7 +256,7 @@ def cmd_generate(args) -> int:
     files.write_jsonl(args.out, ({"id": r["id"], "prompt": r["prompt"], "response": a,
                                   **({"gate": s} if strengths is not None else {})}
                                  for r, a, s in zip(rows, answers, strengths or [None] * len(rows))))
-    refused = sum(is_refusal(a) for a in answers)
+    refused = sum(is_refusal(a, p) for a, p in zip(answers, prompts))
     print(f"Wrote {len(rows)} responses to {args.out} ({applied}; {refused}/{len(rows)} judged refusals).")
     return 0
 

@@ -57,7 +57,7 @@ def judged_refusal(lm, intervention, prompts: Sequence[str], max_new_tokens: int
         return float("nan")
     with applied(intervention, lm):
         answers = generate(lm, list(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size)
-    return mean([float(is_refusal(a)) for a in answers])
+    return mean([float(is_refusal(a, p)) for a, p in zip(answers, prompts)])
 
 
 def proxy_metrics(lm, intervention, splits: Splits, n: int = 32, *, split: str = "validation", batch_size: int = 16) -> dict[str, float]:
