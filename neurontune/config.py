@@ -62,6 +62,7 @@ class SelectionConfig:
     per_layer_cap: int | None = None
     protect_top: int = 500  # the neurons benign answers depend on most are never amplified
     safety_rank: str = "safety"  # "safety" or "contrast" (safety - over_refusal: harmful-specific neurons)
+    utility_rank: str = "over_refusal"  # "over_refusal" or "contrast" (over_refusal - safety: refusal of harmless prompts only)
 
 
 @dataclass(frozen=True)

@@ -56,3 +56,19 @@ def test_fixed_gain_modulation():
 def test_out_of_range_thresholds_are_refused_with_the_range(bad):
     with pytest.raises(SelectionError, match="between 0 and"):
         select(scores(shape=(4, 8)), SelectionConfig(k_safety=bad))
+
+
+def test_contrast_ranks_against_brute_force():
+    """contrast: safety neurons by safety - over_refusal (both > 0), utility neurons by over_refusal - safety."""
+    gen = torch.Generator().manual_seed(5)
+    sc = {"safety": torch.randn(4, 50, generator=gen), "over_refusal": torch.randn(4, 50, generator=gen)}
+    cfg = SelectionConfig(k_safety=12, k_utility=9, protect_top=0, safety_rank="contrast", utility_rank="contrast")
+    sel = select(sc, cfg)
+    s, o = sc["safety"].flatten().tolist(), sc["over_refusal"].flatten().tolist()
+    safety = sorted((i for i in range(200) if s[i] > 0 and s[i] - o[i] > 0), key=lambda i: -(s[i] - o[i]))[:12]
+    utility = sorted((i for i in range(200) if o[i] > 0 and o[i] - s[i] > 0), key=lambda i: -(o[i] - s[i]))[:9]
+    assert set(sel.safety.flatten().nonzero().flatten().tolist()) == set(safety)
+    assert set(sel.utility.flatten().nonzero().flatten().tolist()) == set(utility)
+    assert not sel.overlap.any()  # a neuron cannot lean both ways
+    with pytest.raises(SelectionError, match="utility_rank"):
+        select(sc, SelectionConfig(k_safety=1, k_utility=1, protect_top=0, utility_rank="vibes"))

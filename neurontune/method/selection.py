@@ -5,7 +5,9 @@ Rules (shown to the user by `Selection.rules`):
    with `safety_rank="contrast"`, the highest `safety - over_refusal` among neurons with positive
    safety: neurons that push harmful prompts towards refusal more than benign ones.
 2. Utility neurons: the `k_utility` highest `over_refusal` scores (positive only: they push benign and
-   borderline prompts towards refusal).
+   borderline prompts towards refusal); with `utility_rank="contrast"`, the highest `over_refusal - safety`
+   among neurons with positive over-refusal: neurons that push harmless prompts towards refusal more than
+   harmful ones.
 3. Protected: the `protect_top` neurons benign answers depend on most are never amplified.
 4. Overlap: a neuron in both sets drives refusal of harmful *and* benign prompts; amplifying it raises
    over-refusal, so it is left untouched (neither amplified nor suppressed).
@@ -110,6 +112,8 @@ def check_counts(cfg: SelectionConfig, shape: tuple[int, int] | None = None, *, 
                                                         "each layer has")
     if cfg.safety_rank not in ("safety", "contrast"):
         raise SelectionError(f"safety_rank must be 'safety' or 'contrast', not {cfg.safety_rank!r}.")
+    if cfg.utility_rank not in ("over_refusal", "contrast"):
+        raise SelectionError(f"utility_rank must be 'over_refusal' or 'contrast', not {cfg.utility_rank!r}.")
     if training and k_s == 0 and k_u == 0:
         raise SelectionError("k_safety and k_utility are both 0: there is nothing to train. Choose at least 1 neuron "
                              "in one of them" + (f" (the model has {total:,}; choose 1..{total})." if total else "."))
@@ -120,8 +124,11 @@ def select(scores, cfg: SelectionConfig = SelectionConfig()) -> Selection:
     """Apply the selection rules to cached `NeuronScores` (anything with ["safety"], ["over_refusal"])."""
     safety_s, over_s = scores["safety"], scores["over_refusal"]
     k_s, k_u, protect, cap = check_counts(cfg, tuple(safety_s.shape))
+    raw_safety = safety_s
     if cfg.safety_rank == "contrast":
-        safety_s = torch.where(safety_s > 0, (safety_s - over_s).clamp(min=1e-12), torch.zeros_like(safety_s))
+        safety_s = torch.where(safety_s > 0, (safety_s - over_s).clamp(min=0), torch.zeros_like(safety_s))
+    if cfg.utility_rank == "contrast":
+        over_s = torch.where(over_s > 0, (over_s - raw_safety).clamp(min=0), torch.zeros_like(over_s))
     safety_raw = _top_mask(safety_s, k_s, cap)
     utility_raw = _top_mask(over_s, k_u, cap)
     protected = torch.zeros_like(safety_raw)
