@@ -29,7 +29,7 @@ OUTPUTS = {  # api_name -> output names, in order (what gradio_client returns)
     "sweep": ["eval_status", "tradeoff", "points"],
     "card": ["card_status", "card_scores", "card_acts", "card_prompts", "card_effect", "card_layer", "card_index"],
     "pick_point": [*VIEW, "k_safety", "k_utility", "tradeoff", "points", "pick_status", "gains_status", "active_gains", "use_gate",
-                   "export_name"],
+                   "export_name", "chat_status"],
     "bulk": ["bulk_status", "bulk_table", "bulk_file"],
     "export": ["export_status", "export_files", "export_name", "hub_token"],
 }

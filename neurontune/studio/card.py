@@ -4,6 +4,8 @@ memoised); this only draws the card: scores with ranks, activations on the run's
 the refusal effect of the neuron alone at gain 0, 1 and its tuned gain."""
 from __future__ import annotations
 
+import html
+
 import pandas as pd
 import plotly.graph_objects as go
 
@@ -47,8 +49,7 @@ def header(card: NeuronCard) -> str:
     gain = f" · tuned gain **×{card.gain:.3f}**" if card.gain is not None else " · no gains in this session"
     safety = card.score("safety")
     rank = f" · safety rank **{safety.rank:,}** of {safety.of:,}" if safety else ""
-    promoted = ", ".join(f"`{t!r}`" for t, _ in card.promoted[:8])
-    suppressed = ", ".join(f"`{t!r}`" for t, _ in card.suppressed[:8])
+    promoted, suppressed = (" ".join(f"<code>{html.escape(repr(t))}</code>" for t, _ in tokens[:8]) for tokens in (card.promoted, card.suppressed))
     took = card.seconds.get("total", 0.0)
     return (f"### Neuron {card.layer}:{card.index} — {role}{gain}{rank}\n\n"
             f"**Writes towards** {promoted}  \n**Writes away from** {suppressed}  \n"
@@ -61,8 +62,10 @@ def scores_frame(card: NeuronCard) -> pd.DataFrame:
 
 
 def effect_frame(card: NeuronCard) -> pd.DataFrame:
-    rows = [{"prompt": r.prompt, "set": r.label, **{f"gain {g}": round(r.refusal[g], 4) for g in card.gains}} for r in card.effect]
-    rows.append({"prompt": "mean", "set": "", **{f"gain {g}": round(card.mean_refusal(g), 4) for g in card.gains}})
+    """One row per held-out prompt (and their mean): the refusal probability at each gain, then the prompt."""
+    short = lambda text: text if len(text) <= 70 else text[:69] + "…"  # noqa: E731
+    rows = [{"set": r.label, **{f"gain {g}": round(r.refusal[g], 4) for g in card.gains}, "prompt": short(r.prompt)} for r in card.effect]
+    rows.append({"set": "mean", **{f"gain {g}": round(card.mean_refusal(g), 4) for g in card.gains}, "prompt": ""})
     return pd.DataFrame(rows)
 
 

@@ -38,7 +38,8 @@ def sweep_views(session: Session) -> dict:
         fig = tradeoff_figure(frame, base, current=session.operating_point)
     except KeyError as exc:
         return {"tradeoff": plots.empty(f"The trade-off plot needs other columns: {exc}", 360), "points": points_table(frame)}
-    fig.update_layout(height=420, clickmode="event")
+    fig.update_layout(height=440, clickmode="event", legend=dict(orientation="h", y=-0.28, x=0, yanchor="top"),
+                      margin=dict(l=60, r=20, t=50, b=90))
     return {"tradeoff": fig, "points": points_table(frame)}
 
 
@@ -72,7 +73,7 @@ def pick_point(studio: Studio, session: Session, index, kind="safety", layer=0, 
               f"{row.get('benign_over_refusal_proxy', float('nan')):.3f}) is now this session's gains. "
               "**→ Compare** chats with it; **→ Export** folds it into a checkpoint.")
     return {**handlers.gains_views(studio, session, kind, layer, top), **sweep_views(session),
-            "k_safety": ks, "k_utility": ku, "pick_status": status,
+            "k_safety": ks, "k_utility": ku, "pick_status": status, "chat_status": handlers.gains_text(session),
             "export_name": slugify(f"{session.model}-neurontune-ks{ks}-ku{ku}")}
 
 
