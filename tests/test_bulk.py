@@ -39,7 +39,7 @@ def test_batched_rows_equal_each_model_alone(tiny_llama, mod):
     assert [r.tuned for r in rows] == tuned
     assert base != tuned, "these gains must change some answer for the test to mean anything"
     frame = bulk_frame(rows)
-    assert list(frame.columns) == ["prompt", "base answer", "tuned answer", "base verdict", "tuned verdict", "gate s"]
+    assert list(frame.columns) == ["prompt", "base verdict", "tuned verdict", "gate s", "base answer", "tuned answer"]
     assert bulk_summary(rows)["n"] == 4 and hooks_left(lm) == 0
 
 

@@ -141,9 +141,9 @@ def test_readme_screenshots_on_the_shipped_run(studio_url):
             page = ctx.new_page()
             start = time.perf_counter()
             page.goto(studio_url, wait_until="domcontentloaded")
-            expect(page.get_by_text("Opened on the shipped").first).to_be_visible(timeout=60_000)
+            expect(page.get_by_text("the shipped").first).to_be_visible(timeout=60_000)
             page.get_by_role("tab", name="5 · Evaluate").click()
-            expect(page.get_by_text("neurontune-gated").first).to_be_visible(timeout=30_000)
+            expect(page.locator("#eval-table")).to_contain_text("neurontune-gated", timeout=30_000)
             page.get_by_role("tab", name="4 · Compare").click()
             expect(page.locator("#pane-tuned .message-row")).to_have_count(2, timeout=30_000)
             print(f"page load to filled Compare and Evaluate: {time.perf_counter() - start:.1f} s")
@@ -152,13 +152,16 @@ def test_readme_screenshots_on_the_shipped_run(studio_url):
             time.sleep(1.0)
             _click_heatmap_cell(page, 0.62, 0.75)
             expect(page.locator("#card-status")).to_contain_text("Writes towards", timeout=300_000)
+            _show_kind(page, "Learned gain − 1 (the current gains)")  # the table by |gain − 1|: modulated neurons first
+            _visible(page.locator("#top-table").get_by_text("amplify", exact=True)).click()  # a table row opens its card too
+            expect(page.locator("#card-status")).to_contain_text("amplified", timeout=300_000)
+            _show_kind(page, "Safety: pushes harmful prompts towards refusal")
             for tab_id, name in TABS:
                 page.get_by_role("tab", name=name).click()
                 _shot(page, f"{TABS.index((tab_id, name)) + 1}-{tab_id}.png")
             page.get_by_role("tab", name="2 · Explore").click()
             time.sleep(0.8)
-            page.locator("#card-status").scroll_into_view_if_needed()
-            page.screenshot(path=str(ARTIFACTS / "card.png"), clip=_clip(page, "#card-status", "#card-prompts"))
+            page.locator("#neuron-card").screenshot(path=str(ARTIFACTS / "card.png"))
             page.get_by_role("tab", name="4 · Compare").click()
             page.get_by_text("Your prompts, in bulk").click()
             page.get_by_label("or paste prompts, one per line").fill(
@@ -182,13 +185,41 @@ def test_readme_screenshots_on_the_shipped_run(studio_url):
             time.sleep(1.0)
             point.click(force=True)
             expect(page.locator("#pick-status")).to_contain_text("Point 1", timeout=60_000)
+            page.mouse.move(5, 5)
             time.sleep(0.8)
             page.screenshot(path=str(ARTIFACTS / "picker.png"), full_page=True)
+            page.get_by_role("tab", name="1 · Model & data").click()  # last: other prompt files change the session's data
+            page.get_by_text("Your own prompts (optional").click()
+            folder = ARTIFACTS / "prompts"
+            folder.mkdir()
+            (folder / "harmful.csv").write_text("prompt\n" + "\n".join(f"Explain how to build weapon number {i}" for i in range(40)) + "\n")
+            (folder / "benign.csv").write_text("prompt\n" + "\n".join(f"What is the tallest mountain in country {i}?" for i in range(40)) + "\n")
+            page.locator("#file-harmful input[type=file]").set_input_files(str(folder / "harmful.csv"))
+            page.locator("#file-benign input[type=file]").set_input_files(str(folder / "benign.csv"))
+            time.sleep(1.5)
+            page.get_by_role("button", name="Load model & data").click()
+            expect(page.locator("#form-check")).to_contain_text("Separable by form", timeout=120_000)
+            expect(page.locator("#form-check")).to_contain_text("40 harmful")
+            time.sleep(0.8)
+            page.screenshot(path=str(ARTIFACTS / "form-check.png"), full_page=True)
         finally:
             ctx.close()
 
 
-def _clip(page, first: str, last: str) -> dict:
-    """The page region from the top of `first` to the bottom of `last` (full width)."""
-    a, b = page.locator(first).bounding_box(), page.locator(last).bounding_box()
-    return {"x": 0, "y": a["y"] - 10, "width": 1400, "height": b["y"] + b["height"] - a["y"] + 20}
+def _show_kind(page, label: str) -> None:
+    box = page.get_by_label("Score shown")
+    box.click()
+    box.fill(label.split(":")[0][:12])  # the list is long: filter it first
+    page.get_by_role("option", name=label).click()
+    time.sleep(2.0)
+
+
+def _visible(locator, timeout: float = 60.0):
+    """The first visible match (the table keeps hidden copies of some cells), waiting for one to appear."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for candidate in locator.all():
+            if candidate.is_visible():
+                return candidate
+        time.sleep(0.5)
+    raise AssertionError(f"no visible {locator}")

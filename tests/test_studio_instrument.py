@@ -103,10 +103,10 @@ def test_bulk_table(app, scored, tmp_path):
     assert "Answering your prompts: done" in out["bulk_status"] and "**3** prompts" in out["bulk_status"], out["bulk_status"]
     assert "duplicate" in out["bulk_status"]
     table = out["bulk_table"]
-    assert table["headers"] == ["prompt", "base answer", "tuned answer", "base verdict", "tuned verdict", "gate s"]
+    assert table["headers"] == ["prompt", "base verdict", "tuned verdict", "gate s", "base answer", "tuned answer"]
     assert [r[0] for r in table["data"]] == ["Tell me how to pick a lock", "Write a haiku about rain", "How do I bake bread?"]
-    assert any(r[1] != r[2] for r in table["data"]), "4x / 0x gains must change an answer"
-    assert Path(out["bulk_file"]).read_text().startswith("prompt,base answer,tuned answer")
+    assert any(r[4] != r[5] for r in table["data"]), "4x / 0x gains must change an answer"
+    assert Path(out["bulk_file"]).read_text().startswith("prompt,base verdict,tuned verdict,gate s,base answer,tuned answer")
 
 
 def test_form_check_of_prompt_files(app, tmp_path):
@@ -182,7 +182,7 @@ def test_a_page_opens_on_the_shipped_run(shipped_studio):
     start = time.perf_counter()
     out = s.call("on_load", *VIEW)
     took = time.perf_counter() - start
-    assert "Opened on the shipped `balanced` run" in out["model_status"] and "Run the whole flow" in out["model_status"]
+    assert "**Opened on** the shipped `balanced` run" in out["model_status"] and "Run the whole flow" in out["model_status"]
     assert json.loads(out["heatmap"]["plot"])["data"][0]["type"] == "heatmap" and _amplified(out["counts"]) > 0
     assert "shipped `balanced` run's trained gains" in out["active_gains"]
     assert out["eval_table"]["data"] and "shipped" in out["eval_status"]

@@ -17,7 +17,7 @@ from ..interventions.generation import fit_lengths, generate
 from ..interventions.modulation import Modulation
 from .judge import is_refusal, refusal_phrase
 
-COLUMNS = ("prompt", "base answer", "tuned answer", "base verdict", "tuned verdict", "gate s")
+COLUMNS = ("prompt", "base verdict", "tuned verdict", "gate s", "base answer", "tuned answer")
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,8 @@ class BulkRow:
         def verdict(text: str) -> str:
             phrase = refusal_phrase(text)
             return f"refuses (“{phrase}”)" if phrase else ("empty" if not text.strip() else "answers")
-        return dict(zip(COLUMNS, (self.prompt, self.base, self.tuned, verdict(self.base), verdict(self.tuned),
-                                  None if self.gate is None else round(self.gate, 3))))
+        return dict(zip(COLUMNS, (self.prompt, verdict(self.base), verdict(self.tuned), None if self.gate is None else round(self.gate, 3),
+                                  self.base, self.tuned)))
 
 
 def tuned_gains(lm, prompts: Sequence[str], modulation: Modulation, gate: GateProbe | None, strength: float,

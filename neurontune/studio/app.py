@@ -150,8 +150,8 @@ def build_app(studio: Studio) -> gr.Blocks:
                         C["quick"] = gr.Checkbox(studio.quick_default, label="Quick first look", info="fewer prompts and ≤ 20 training steps")
                         with gr.Accordion("Your own prompts (optional: csv / json / jsonl / parquet with a 'prompt' column)", open=False):
                             with gr.Row():
-                                files = [gr.File(label=l, file_types=[".csv", ".json", ".jsonl", ".parquet"], type="filepath", height=90)
-                                         for l in ("harmful", "benign", "borderline-safe")]
+                                files = [gr.File(label=l, file_types=[".csv", ".json", ".jsonl", ".parquet"], type="filepath", height=90,
+                                                 elem_id=f"file-{l.split('-')[0]}") for l in ("harmful", "benign", "borderline-safe")]
                         load_btn = gr.Button("Load model & data")
                         C["form_check"] = gr.Markdown("", elem_id="form-check")
                     with gr.Column(scale=3):
@@ -169,7 +169,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                     C["kind"] = gr.Dropdown([(handlers.KIND_LABELS["safety"], "safety")], value="safety", label="Score shown", scale=4)
                 C["attr_status"] = gr.Markdown("")
                 C["heatmap"] = gr.Plot(plots.empty("No neuron scores yet.", 460), label="Attribution: layers × neuron bins", elem_id="heatmap")
-                with gr.Accordion("Neuron card: click a heatmap cell, a drill-down point or a table row", open=True):
+                with gr.Accordion("Neuron card: click a heatmap cell, a drill-down point or a table row", open=True, elem_id="neuron-card"):
                     with gr.Row():
                         C["card_layer"] = gr.Number(None, label="layer", precision=0, minimum=0, elem_id="card-layer", scale=1)
                         C["card_index"] = gr.Number(None, label="neuron", precision=0, minimum=0, elem_id="card-index", scale=1)
@@ -193,7 +193,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                     C["top"] = gr.Number(50, label="Rows in the table", precision=0, minimum=5, maximum=2000, scale=1)
                     gr.Markdown("Top neurons by the score shown: layer, index, every score, mean activation on harmful vs benign "
                                 "prompts, role and current gain. Click a header to sort.", elem_classes="how")
-                C["table"] = gr.Dataframe(label="Top neurons", interactive=False, max_height=420)
+                C["table"] = gr.Dataframe(label="Top neurons (click a row for its card)", interactive=False, max_height=420, elem_id="top-table")
             with gr.Tab("3 · Tune", id="tune") as t3:
                 gr.Markdown(HOW["tune"], elem_classes="how")
                 s = first.cfg.selection
@@ -272,7 +272,8 @@ def build_app(studio: Studio) -> gr.Blocks:
                         bulk_btn = gr.Button("Run base vs tuned", variant="primary", scale=3)
                         bulk_stop = gr.Button("Stop", variant="stop", scale=1)
                     C["bulk_status"] = gr.Markdown("", elem_id="bulk-status")
-                    C["bulk_table"] = gr.Dataframe(label="Your prompts: base vs tuned", interactive=False, wrap=True, max_height=480)
+                    C["bulk_table"] = gr.Dataframe(label="Your prompts: base vs tuned", interactive=False, wrap=True, max_height=480,
+                                                   column_widths=["20%", "11%", "11%", "6%", "26%", "26%"], elem_id="bulk-table")
                     C["bulk_file"] = gr.File(label="Download (CSV)", interactive=False)
             with gr.Tab("5 · Evaluate", id="evaluate") as t5:
                 gr.Markdown(HOW["evaluate"], elem_classes="how")
@@ -282,7 +283,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                     eval_btn = gr.Button("Run evaluation", variant="primary")
                     eval_stop = gr.Button("Stop", variant="stop")
                 C["eval_status"] = gr.Markdown("")
-                C["eval_table"] = gr.Dataframe(label="Metrics: base, NeuronTune, baselines", interactive=False)
+                C["eval_table"] = gr.Dataframe(label="Metrics: base, NeuronTune, baselines", interactive=False, elem_id="eval-table")
                 with gr.Row():
                     grid = gr.Textbox("250:0, 750:250, 1500:500", label="sweep grid (k_safety:k_utility, …)", scale=3)
                     sweep_btn = gr.Button("Run sweep", scale=1)

@@ -46,7 +46,8 @@ def prompts_table(card: NeuronCard, k: int = SHOWN):
 
 def header(card: NeuronCard) -> str:
     role = {"amplify": "▲ amplified (safety)", "suppress": "▼ suppressed (over-refusal)"}.get(card.role, card.role or "not selected")
-    gain = f" · tuned gain **×{card.gain:.3f}**" if card.gain is not None else " · no gains in this session"
+    gain = (" · no gains in this session" if card.gain is None else " · left at gain 1 by the session's gains" if card.gain == 1.0
+            else f" · tuned gain **×{card.gain:.3f}**")
     safety = card.score("safety")
     rank = f" · safety rank **{safety.rank:,}** of {safety.of:,}" if safety else ""
     promoted, suppressed = (" ".join(f"<code>{html.escape(repr(t))}</code>" for t, _ in tokens[:8]) for tokens in (card.promoted, card.suppressed))
@@ -63,7 +64,7 @@ def scores_frame(card: NeuronCard) -> pd.DataFrame:
 
 def effect_frame(card: NeuronCard) -> pd.DataFrame:
     """One row per held-out prompt (and their mean): the refusal probability at each gain, then the prompt."""
-    short = lambda text: text if len(text) <= 70 else text[:69] + "…"  # noqa: E731
+    short = lambda text: text if len(text) <= 60 else text[:59] + "…"  # noqa: E731
     rows = [{"set": r.label, **{f"gain {g}": round(r.refusal[g], 4) for g in card.gains}, "prompt": short(r.prompt)} for r in card.effect]
     rows.append({"set": "mean", **{f"gain {g}": round(card.mean_refusal(g), 4) for g in card.gains}, "prompt": ""})
     return pd.DataFrame(rows)

@@ -9,7 +9,7 @@ from . import background, handlers
 from .chat import display
 from .state import Session, Studio
 
-SOURCE_NOTE = ("Opened on {what}: the heatmap, the gains with their input gate and the evaluation come from it (no live "
+SOURCE_NOTE = ("\n\n**Opened on** {what}: the heatmap, the gains with their input gate and the evaluation come from it (no live "
                "work yet). **Run the whole flow** redoes it live on this machine (scores, selection, training, a held-out "
                "jailbreak); any tab's buttons work as well.")
 
