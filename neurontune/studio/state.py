@@ -152,8 +152,8 @@ class Studio:
         folder = self.snapshot_dir
         if folder is not None and folder.is_dir() and lm.name == self.default_model:
             try:
-                manifest_preset = (RunFolder(folder).snapshot() or {}).get("preset")
-                if manifest_preset == self.default_preset:
+                manifest = RunFolder(folder).snapshot() or {}
+                if manifest.get("preset") == self.default_preset and manifest.get("model") == lm.name:  # else not meant for this page
                     snap = load_snapshot(folder, lm)
             except (SnapshotError, OSError, ValueError) as exc:
                 log.warning("Not opening on the shipped run: %s", exc)
