@@ -1,4 +1,4 @@
-"""Command line: `python -m neurontune {attribute,tune,evaluate,sweep,export,generate} --help`.
+"""Command line: `python -m neurontune {attribute,tune,evaluate,sweep,neuron,snapshot,export,generate} --help`.
 
 Every command drives the same engine as the studio, shows a progress bar and ends with a summary.
 """
@@ -261,6 +261,54 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_neuron(args) -> int:
+    from .data.splits import build_splits
+    from .eval.neuron_card import CardEngine, role_of
+    from .method.selection import select
+    from .run.folder import RunFolder
+    folder = RunFolder(args.run)
+    cfg = folder.config()
+    scores = folder.scores()
+    if scores is None:
+        raise FileNotFoundError(f"{args.run} holds no neuron scores ({RunFolder.SCORES}); run `attribute --out {args.run}` or `tune` first.")
+    args.model = cfg.model if args.model == "embedded" else args.model
+    lm = _load(args)
+    n_layers, n_neurons = lm.shape
+    if args.layer >= n_layers or args.index >= n_neurons:
+        raise ValueError(f"No neuron {args.layer}:{args.index}: {lm.name} has layers 0–{n_layers - 1} and neurons 0–{n_neurons - 1} per layer.")
+    mod = folder.modulation(lm.fingerprint)
+    gain = float(mod.dense()[args.layer, args.index]) if mod is not None else None
+    engine = CardEngine(lm, scores, build_splits(cfg.data), cache_dir=args.cache_dir)
+    card = engine.card(args.layer, args.index, gain=gain, role=role_of(select(scores, cfg.selection), args.layer, args.index))
+    print(card.to_text(args.k))
+    print(f"\n({card.seconds['total']:.2f} s: activations {card.seconds['activations']:.2f}, tokens {card.seconds['tokens']:.2f}, "
+          f"refusal effect {card.seconds['effect']:.2f})")
+    return 0
+
+
+def cmd_snapshot(args) -> int:
+    from .config import load_preset
+    from .run.snapshot import SHIPPED_DIR, check_snapshot, snapshot_run
+    from .run.tune import check, tune
+    lm, out = None, args.out or SHIPPED_DIR
+    run = args.run
+    if run is None:  # the one command: tune the preset (quick evaluation), then snapshot it
+        cfg = load_preset(args.preset).replace(model=args.model)
+        check(cfg)
+        lm = _load(args)
+        run = args.work or f"runs/snapshot-{cfg.name}"
+        tune(lm, cfg, run, quick_eval=True, cache_dir=args.cache_dir, report=_Bars())
+    manifest = snapshot_run(run, out, command="python -m neurontune " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["snapshot"]
+                            else "python -m neurontune snapshot")
+    problems = check_snapshot(out, lm)
+    print(f"Wrote {out}/ from {run}: {manifest['bytes'] / 1e6:.2f} MB in {len(manifest['files'])} files, scores as "
+          f"{manifest['scores_dtype']} (selection unchanged: {manifest['selection_unchanged']}, largest relative change "
+          f"{manifest['max_relative_change']:.1e}).")
+    if problems:
+        print("warning: " + "; ".join(problems), file=sys.stderr)
+    return 1 if problems else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m neurontune", description="NeuronTune: find, tune and export the neurons behind refusal.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -301,6 +349,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", default="250:0,750:250,1500:500,3000:1000", help="comma list of k_safety:k_utility")
     p.add_argument("--out", required=True, help="folder for sweep.csv and tradeoff.html")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("neuron", help="one neuron's card: scores and ranks, the prompts that make it fire, the tokens it promotes, its refusal effect")
+    _model_args(p)
+    p.add_argument("--run", required=True, help="run folder with scores (from `tune` or `attribute`)")
+    p.add_argument("--layer", required=True, type=_whole(0, "a layer number"), help="layer of the neuron")
+    p.add_argument("--index", required=True, type=_whole(0, "a neuron index"), help="index of the neuron in its layer")
+    p.add_argument("--k", type=_whole(1, "rows"), default=5, help="prompts shown at each end of the activation ranking (default 5)")
+    p.set_defaults(func=cmd_neuron)
+
+    p = sub.add_parser("snapshot", help="make the run the studio ships and opens on: tune the preset (quick evaluation) "
+                       "and copy its small files (no weights) into assets/default_run")
+    _model_args(p)
+    p.add_argument("--preset", default="balanced", help="preset to tune (default balanced)")
+    p.add_argument("--run", default=None, help="snapshot this existing run folder instead of tuning a new one")
+    p.add_argument("--work", default=None, help="run folder the tuning writes (default runs/snapshot-PRESET)")
+    p.add_argument("--out", default=None, help="snapshot folder (default assets/default_run, what the studio opens)")
+    p.set_defaults(func=cmd_snapshot)
 
     p = sub.add_parser("export", help="fold a run's gains into the weights and save a standard checkpoint")
     _model_args(p)

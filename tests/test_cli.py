@@ -25,7 +25,7 @@ def tiny_preset(tmp_path_factory):
 
 def test_help_explains_every_command():
     out = subprocess.run([sys.executable, "-m", "neurontune", "--help"], capture_output=True, text=True, check=True).stdout
-    for cmd in ("attribute", "tune", "evaluate", "sweep", "export", "generate"):
+    for cmd in ("attribute", "tune", "evaluate", "sweep", "neuron", "snapshot", "export", "generate"):
         assert cmd in out
     out = subprocess.run([sys.executable, "-m", "neurontune", "tune", "--help"], capture_output=True, text=True, check=True).stdout
     assert "--k-safety" in out and "--preset" in out
@@ -37,6 +37,16 @@ def test_tune_export_generate_on_tiny(tmp_path, tiny_preset, capsys):
     assert run("tune", "--model", "tiny-llama", "--preset", tiny_preset, "--out", run_dir, "--no-eval", "--cache-dir", cache) == 0
     for f in ("scores.safetensors", "top_neurons.csv", "layer_summary.csv", "selection.json", "modulation.safetensors", "train_log.jsonl", "preset.json"):
         assert (run_dir / f).exists(), f
+    capsys.readouterr()
+    assert run("neuron", "--model", "tiny-llama", "--run", run_dir, "--layer", 1, "--index", 5, "--cache-dir", cache) == 0
+    card = capsys.readouterr().out
+    for part in ("Neuron 1:5", "Scores (rank among all neurons", "Highest activations", "Tokens its output column promotes",
+                 "First-token refusal probability", "0 (silenced)", "1 (base)"):
+        assert part in card, part
+    assert run("neuron", "--model", "tiny-llama", "--run", run_dir, "--layer", 9, "--index", 5, "--cache-dir", cache) == 2
+    assert "No neuron 9:5" in capsys.readouterr().err
+    assert run("snapshot", "--model", "tiny-llama", "--run", run_dir, "--out", tmp_path / "snap") == 2  # no evaluation
+    assert "lacks eval.json" in capsys.readouterr().err and not (tmp_path / "snap").exists()
     assert run("export", "--model", "tiny-llama", "--run", run_dir, "--name", "tiny-export", "--root", tmp_path / "exports", "--cache-dir", cache) == 0
     assert (tmp_path / "exports" / "tiny-export" / "model.safetensors").exists()
     assert run("export", "--model", "tiny-llama", "--run", run_dir, "--name", "../evil", "--root", tmp_path / "exports") == 2
@@ -84,11 +94,18 @@ def test_evaluate_with_baselines_and_sweep_on_tiny(tmp_path, tiny_preset):
     cache = tmp_path / "cache"
     run_dir = tmp_path / "run"
     assert run("tune", "--model", "tiny-llama", "--preset", tiny_preset, "--out", run_dir, "--no-eval", "--cache-dir", cache) == 0
-    assert run("evaluate", "--model", "tiny-llama", "--run", run_dir, "--quick", "--cache-dir", cache) == 0
-    table = json.loads((run_dir / "eval.json").read_text())["table"]
+    assert run("evaluate", "--model", "tiny-llama", "--run", run_dir, "--quick", "--seeds", "2", "--cache-dir", cache) == 0
+    summary = json.loads((run_dir / "eval.json").read_text())
+    table = summary["table"]
     names = [r["intervention"] for r in table]
-    assert names[:2] == ["base", "neurontune"]
-    assert {"attribution-only", "random-neurons"} <= set(names) and any(n.startswith("direction:") for n in names)
+    assert names[:2] == ["base", "neurontune"] and summary["split"] == "test" and summary["seeds"] == 2
+    assert {"joint-training", "attribution-only", "random-neurons"} <= set(names) and any(n.startswith("direction:") for n in names)
+    gated = {n for n in names if n.endswith(" + gate")}  # the same gate in front of every method
+    assert {"neurontune + gate", "joint-training + gate", "random-neurons + gate"} <= gated
+    by = {r["intervention"]: r for r in table}
+    assert by["neurontune"]["seeds"] == 2 and by["base"]["seeds"] == 1
+    assert 0 <= by["neurontune"]["harmful_refusal:lo"] <= by["neurontune"]["harmful_refusal"] <= by["neurontune"]["harmful_refusal:hi"] <= 1
+    assert 0 <= summary["style_audit"]["accuracy"] <= 1
     base = table[0]
     assert base["ppl_ratio"] == 1.0 and 0 <= base["harmful_refusal"] <= 1
     rows = [json.loads(l) for l in (run_dir / "generations.jsonl").read_text().splitlines()]
@@ -98,6 +115,12 @@ def test_evaluate_with_baselines_and_sweep_on_tiny(tmp_path, tiny_preset):
     import pandas as pd
     frame = pd.read_csv(out / "sweep.csv")
     assert list(frame.k_safety) == [10, 30] and (out / "tradeoff.html").exists()
+    assert set(frame["split"]) == {"validation"}  # the split the sweep measured
+    from neurontune.run.folder import RunFolder
+    for ks, ku in ((10, 0), (30, 10)):  # every point keeps its gains, as a run folder
+        point = RunFolder(out).point(ks, ku)
+        assert point.modulation() is not None and point.config().selection.k_safety == ks
+        assert json.loads(point.file(RunFolder.SELECTION).read_text())["counts"]["safety"] <= ks
 
 
 def test_attribute_writes_scores_and_summary(tmp_path, tiny_preset, capsys):

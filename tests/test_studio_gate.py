@@ -102,7 +102,8 @@ def test_gate_files_for_another_model_are_refused(app, tmp_path):
 
 
 def test_chat_gate_strength_equals_gated_modulation(app):
-    """The s the right pane used, for a first turn and a follow-up, equals GatedModulation's s on the same prompt."""
+    """The s the right pane used, for a first turn and a follow-up, equals GatedModulation's s on the last user
+    message alone (the evaluation's single prompt): the gate reads the message, not the whole conversation."""
     from neurontune.data import chat as chatfmt
     from neurontune.data import prompts as sets
     from neurontune.interventions.gating import GatedModulation, fit_gate
@@ -119,15 +120,36 @@ def test_chat_gate_strength_equals_gated_modulation(app):
     for message in (sets.harmful()[20].text, sets.benign()[20].text):
         session.chat = [[], []]
         for follow_up in (message, "Say more."):
-            history = [{"role": m["role"], "content": m["content"]} for m in session.chat[1]]
             list(chat.chat(studio, session, follow_up, max_new_tokens=4))
             used = session.chat[1][-1]["gate"]
             with GatedModulation(mod, probe).apply(lm) as state:  # the brute-force reference: the evaluation's path
-                generate(lm, [chatfmt.chat_prompt(lm.tokenizer, follow_up, history=history)], formatted=True, max_new_tokens=1)
+                generate(lm, [chatfmt.chat_prompt(lm.tokenizer, follow_up)], formatted=True, max_new_tokens=1)
             assert used == float(state["s"][0]), (follow_up, used, float(state["s"][0]))
             strengths.append(used)
-    assert len(set(strengths)) > 1  # the gate reads each conversation
+    assert len(set(strengths)) > 1  # the gate reads each message
     assert hooks_left(lm) == 0 and not lm.model._forward_pre_hooks
+
+
+def test_a_previous_harmful_turn_does_not_open_the_gate_for_the_next(app):
+    """Multi-turn: a benign follow-up after a harmful turn gets the s it gets as a first message."""
+    from neurontune.data import prompts as sets
+    from neurontune.interventions.gating import fit_gate
+    from neurontune.studio import chat, handlers
+
+    studio, _, _ = app
+    lm = studio.models.get("tiny-llama")
+    mod = random_modulation(lm.shape, 80, seed=2, low=1.5, high=3.0, fingerprint=lm.fingerprint)
+    probe = fit_gate(lm, mod, [p.text for p in sets.harmful()[:16]], [p.text for p in sets.benign()[:16]])
+    session = studio.new_session()
+    handlers.set_gains(session, mod, "test gains", gate=probe)
+    benign, harmful = sets.benign()[30].text, sets.harmful()[30].text
+    list(chat.chat(studio, session, benign, max_new_tokens=4))
+    alone = session.chat[1][-1]["gate"]
+    session.chat = [[], []]
+    list(chat.chat(studio, session, harmful, max_new_tokens=4))
+    after_harmful = session.chat[1][-1]["gate"]
+    list(chat.chat(studio, session, benign, max_new_tokens=4))
+    assert session.chat[1][-1]["gate"] == alone != after_harmful
 
 
 def test_training_in_the_studio_leaves_a_gate(app):

@@ -72,3 +72,16 @@ def test_sweep_reads_validation_and_refuses_the_test_split(tiny_llama, tmp_path)
     with pytest.raises(ValueError, match="validation split only"):
         sweep_run(tiny_llama, cfg, [(5, 2)], tmp_path / "s", split="test")
     assert not (tmp_path / "s").exists()
+
+
+def test_figure_names_the_split_and_rings_the_operating_point(frame):
+    with_split = frame.assign(split="validation")
+    fig = tradeoff_figure(with_split)
+    assert "validation split" in fig.layout.title.text and "validation split" in fig.layout.xaxis.title.text
+    assert "validation split" in fig.layout.yaxis.title.text
+    assert list(fig.data[0].customdata) == [0, 1, 2]  # the row a click picks
+    ringed = tradeoff_figure(with_split, current=(20, 5))
+    assert [t.name for t in ringed.data] == ["NeuronTune sweep (click a point)", "current operating point"]
+    assert (ringed.data[1].x[0], ringed.data[1].y[0]) == (with_split["benign_over_refusal_proxy"][1], with_split["harmful_refusal_proxy"][1])
+    assert len(tradeoff_figure(with_split, current=(999, 0)).data) == 1  # not a sweep point: nothing to ring
+    assert "split" not in tradeoff_figure(frame).layout.title.text  # an old sweep that did not say

@@ -115,3 +115,21 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
         except AttributeError:
             continue
     raise UnsupportedModelError(f"Could not find the decoder layers of this '{model_type}' model at {ARCHITECTURES[model_type][0]}.")
+
+
+# The norm applied to the residual stream right before the unembedding (what a logit lens must go through).
+FINAL_NORMS = ("model.norm", "model.language_model.norm", "language_model.model.norm", "transformer.ln_f",
+               "gpt_neox.final_layer_norm", "model.decoder.final_layer_norm", "model.final_layernorm")
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The final norm before the LM head (identity for a model without one, e.g. OPT-350m's post-norm)."""
+    for path in FINAL_NORMS:
+        try:
+            norm = _get(model, path)
+        except AttributeError:
+            continue
+        return nn.Identity() if norm is None else norm
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    raise UnsupportedModelError(f"Could not find the final norm of this '{model_type}' model at {FINAL_NORMS}; add its path "
+                                "to neurontune/model/neuron_map.py:FINAL_NORMS.")

@@ -8,6 +8,8 @@ export) and reads and writes them. Every write is atomic; a part that is missing
     attribution.json     model, counts, processes         eval_table.csv          the same table as CSV
     selection.json       counts, rules, per layer         generations.jsonl       every generated answer
     sweep.csv, sweep_baselines.csv, tradeoff.html         a threshold sweep
+    points/ks<k_safety>-ku<k_utility>/                    each sweep point: itself a run folder (preset, selection, gains)
+    snapshot.json        what a shipped snapshot of a run claims (format, model, preset digest; `run.snapshot`)
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ from ..interventions.gating import GateProbe
 from ..interventions.modulation import Modulation
 from ..method.neuron_scores import NeuronScores
 from ..method.selection import Selection
+
+POINTS = "points"  # the sub-folder of a sweep holding one run folder per (k_safety, k_utility) point
 
 
 class RunFolder:
@@ -41,6 +45,7 @@ class RunFolder:
     SWEEP = "sweep.csv"
     SWEEP_BASELINES = "sweep_baselines.csv"
     TRADEOFF = "tradeoff.html"
+    SNAPSHOT = "snapshot.json"
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -179,6 +184,24 @@ class RunFolder:
             return None
         base = pd.read_csv(self.file(self.SWEEP_BASELINES)) if self.has(self.SWEEP_BASELINES) else None
         return pd.read_csv(self.file(self.SWEEP)), base
+
+    def point(self, k_safety: int, k_utility: int) -> "RunFolder":
+        """The run folder of one sweep point (its preset, selection and gains), inside this sweep's folder."""
+        return RunFolder(self.path / POINTS / f"ks{int(k_safety)}-ku{int(k_utility)}")
+
+    # -- snapshot (a run shipped in the repository) --------------------------------------------------
+    def write_snapshot(self, manifest: dict) -> Path:
+        return files.write_json(self.made().file(self.SNAPSHOT), manifest, checksum=False, indent=2)
+
+    def snapshot(self) -> dict | None:
+        """The snapshot manifest, or None when this folder is not a snapshot (or it is unreadable)."""
+        if not self.has(self.SNAPSHOT):
+            return None
+        try:
+            manifest = json.loads(self.file(self.SNAPSHOT).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return manifest if isinstance(manifest, dict) else None
 
     def _jsonl(self, name: str) -> list[dict]:
         if not self.has(name):

@@ -1,5 +1,7 @@
 """Sweep the selection thresholds (k_safety, k_utility): select, train, evaluate each setting, draw the
-safety / over-refusal trade-off with the baselines on the same axes, and write it all to a folder."""
+safety / over-refusal trade-off with the baselines on the same axes, and write it all to a folder. Every
+point keeps its gains (a run folder per point), so a researcher can pick one off the plot and use it; the
+frame's `split` column says which prompt split the figures were measured on."""
 from __future__ import annotations
 
 import dataclasses
@@ -23,21 +25,24 @@ from .folder import RunFolder
 
 X_COLUMNS = ("benign_over_refusal", "benign_over_refusal_proxy")
 Y_COLUMNS = ("harmful_refusal", "harmful_refusal_proxy")
+SPLIT = "validation"  # the split `sweep_run` scores (recorded in the frame's `split` column and named on the plot)
 BASELINE_SYMBOLS = ("diamond", "square", "triangle-up", "x", "star", "cross", "triangle-down", "pentagon")
 
 
 def sweep(lm, scores, grid: Sequence[tuple[int, int]], train_fn: Callable[[Selection], object],
           eval_fn: Callable[[object], dict], progress: Progress | None = None, cancel: threading.Event | None = None,
-          *, selection: SelectionConfig = SelectionConfig()) -> pd.DataFrame:
+          *, selection: SelectionConfig = SelectionConfig(), keep: Callable[[Selection, object], None] | None = None) -> pd.DataFrame:
     """For each (k_safety, k_utility): select with `selection` (its other fields kept), `train_fn(selection)`
-    -> a Modulation (or any intervention), `eval_fn(intervention)` -> metrics dict (or an EvalResult).
-    Returns one row per grid point: k's, selection counts, seconds, and the metrics."""
+    -> a Modulation (or any intervention), `keep(selection, intervention)` (to save it), `eval_fn(intervention)`
+    -> metrics dict (or an EvalResult). Returns one row per grid point: k's, selection counts, seconds, metrics."""
     rows = []
     for i, (k_safety, k_utility) in enumerate(grid):
         check_cancel(cancel, "The sweep")
         start = time.perf_counter()
         sel = select(scores, dataclasses.replace(selection, k_safety=int(k_safety), k_utility=int(k_utility)))
         intervention = train_fn(sel)
+        if keep is not None:
+            keep(sel, intervention)
         metrics = eval_fn(intervention)
         metrics = getattr(metrics, "metrics", metrics)  # an EvalResult is fine too
         rows.append({"k_safety": int(k_safety), "k_utility": int(k_utility),
@@ -62,21 +67,42 @@ def _pick(frame: pd.DataFrame, wanted: str | None, options: Sequence[str], axis:
     raise KeyError(f"None of {list(options)} in the frame for the {axis} axis; pass {axis}= a column name.")
 
 
+def split_of(frame: pd.DataFrame) -> str | None:
+    """The prompt split a sweep frame was measured on (None for a sweep written before frames said so)."""
+    if "split" not in frame.columns or not len(frame):
+        return None
+    return str(frame["split"].iloc[0])
+
+
 def tradeoff_figure(frame: pd.DataFrame, baselines: pd.DataFrame | None = None, *, x: str | None = None,
-                    y: str | None = None, title: str = "Safety vs over-refusal") -> go.Figure:
+                    y: str | None = None, title: str = "Safety vs over-refusal",
+                    current: tuple[int, int] | None = None) -> go.Figure:
     """x = benign over-refusal, y = harmful refusal (the judged metrics, or their proxies when only those
-    exist); one labelled point per sweep setting; each baseline (a row of `baselines`, named by its index
-    or a `name` column, e.g. `evaluate.compare(...)`) as its own marker and legend entry."""
+    exist); one labelled point per sweep setting (its row number in `customdata`, for click handlers); each
+    baseline (a row of `baselines`, named by its index or a `name` column) as its own marker and legend entry.
+    The title and axes name the split the figures were measured on; `current` (k_safety, k_utility) rings
+    that sweep point as the operating point in use."""
     x, y = _pick(frame, x, X_COLUMNS, "x"), _pick(frame, y, Y_COLUMNS, "y")
+    split = split_of(frame)
+    on = f" ({split} split)" if split else ""
+    if split:
+        title = f"{title}: {'first-token proxy' if x.endswith('_proxy') else 'judged'} on the {split} split"
     labels = [f"ks={int(a)}, ku={int(b)}" for a, b in zip(frame["k_safety"], frame["k_utility"])]
     fig = go.Figure(go.Scatter(x=frame[x], y=frame[y], mode="markers+text", text=labels, textposition="top center",
-                               name="NeuronTune sweep", marker=dict(size=10)))
+                               name="NeuronTune sweep (click a point)", marker=dict(size=12), customdata=list(range(len(frame))),
+                               hovertemplate="%{text}<br>" + x + " %{x:.3f}<br>" + y + " %{y:.3f}<extra>point %{customdata}</extra>"))
+    if current is not None:
+        hit = frame.index[(frame["k_safety"] == int(current[0])) & (frame["k_utility"] == int(current[1]))]
+        if len(hit):
+            row = frame.loc[hit[0]]
+            fig.add_trace(go.Scatter(x=[row[x]], y=[row[y]], mode="markers", name="current operating point", hoverinfo="skip",
+                                     marker=dict(size=24, symbol="circle-open", color="#d62728", line=dict(width=3))))
     if baselines is not None and len(baselines):
         names = baselines["name"] if "name" in baselines.columns else baselines.index.astype(str)
         for j, (name, (_, row)) in enumerate(zip(names, baselines.iterrows())):
             fig.add_trace(go.Scatter(x=[row[x]], y=[row[y]], mode="markers", name=str(name),
                                      marker=dict(size=13, symbol=BASELINE_SYMBOLS[j % len(BASELINE_SYMBOLS)])))
-    fig.update_layout(title=title, xaxis_title=f"{x} (lower is better)", yaxis_title=f"{y} (higher is better)",
+    fig.update_layout(title=title, xaxis_title=f"{x}{on} (lower is better)", yaxis_title=f"{y}{on} (higher is better)",
                       template="plotly_white")
     xs = pd.concat([frame[x], baselines[x]]) if baselines is not None and x in baselines else frame[x]
     lo, hi = float(xs.min()), float(xs.max())
@@ -87,24 +113,33 @@ def tradeoff_figure(frame: pd.DataFrame, baselines: pd.DataFrame | None = None, 
 
 def sweep_run(lm, cfg: RunConfig, grid: Sequence[tuple[int, int]], out: str | Path | RunFolder, *, scores: NeuronScores | None = None,
               split: str = "validation", cache_dir=None, progress=None, cancel=None, log: Callable[[str], None] = print) -> pd.DataFrame:
-    """Select + train + proxy-evaluate each grid point (fast: no generation), with the base model on the same
-    axes; writes sweep.csv and tradeoff.html. A sweep is for choosing thresholds, so it reads the validation
-    split; the test split is refused (it is read once, for the reported table)."""
+    """Select + train + proxy-evaluate each grid point (fast: no generation) on the validation split, with the base
+    model on the same axes; writes sweep.csv (with a `split` column), tradeoff.html and, for each point, a run
+    folder with its preset, selection and (static) gains (`RunFolder(out).point(k_safety, k_utility)`). A sweep
+    is for choosing thresholds, so the test split is refused (it is read once, for the reported table)."""
     if split == "test":
         raise ValueError("The sweep chooses thresholds, so it reads the validation split only; the test split is read "
                          "once, for the table you report (`python -m neurontune evaluate --run DIR`).")
     scores = scores or run_attribution(lm, cfg, cache_dir=cache_dir)
     splits = build_splits(cfg.data)
+    folder = RunFolder(out)
 
     def train_fn(selection: Selection) -> Modulation:
         return train_gains(lm, selection, cfg, splits=splits, cache_dir=cache_dir, cancel=cancel).modulation
 
+    def keep(selection: Selection, modulation: Modulation) -> None:
+        s = selection.config
+        point = folder.point(s.k_safety, s.k_utility)
+        point.write_config(cfg.replace(selection={"k_safety": s.k_safety, "k_utility": s.k_utility}))
+        point.write_selection(selection)
+        point.write_modulation(modulation)
+
     def eval_fn(intervention) -> dict:
         return proxy_metrics(lm, intervention, splits, n=48, split=split)
 
-    frame = sweep(lm, scores, grid, train_fn, eval_fn, progress=progress, cancel=cancel, selection=cfg.selection)
+    frame = sweep(lm, scores, grid, train_fn, eval_fn, progress=progress, cancel=cancel, selection=cfg.selection, keep=keep)
     frame["split"] = split
     base = pd.DataFrame([{"name": "base", **proxy_metrics(lm, None, splits, n=48, split=split), "split": split}])
-    RunFolder(out).write_sweep(frame, base, tradeoff_figure(frame, base))
+    folder.write_sweep(frame, base, tradeoff_figure(frame, base))
     log(frame.to_string(float_format=lambda v: f"{v:.3f}"))
     return frame

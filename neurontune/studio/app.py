@@ -11,13 +11,14 @@ import gradio as gr
 from gradio.utils import get_upload_folder
 
 from ..method.selection import RULES
-from . import background, chat, handlers, plots
+from . import background, bulk, card, chat, handlers, picker, plots, shipped
 from .state import BUILTIN_MODELS, Session, Studio
 
 VIEW = ["heatmap", "kind", "drill", "table", "drill_layer", "dist_explore", "dist_tune", "counts"]
 META = ["steps", "mode", "lam_kl", "mu_over_refusal", "max_gain"]
 OUTPUTS = {  # api_name -> output names, in order (what gradio_client returns)
-    "load_model": ["model_status", "k_safety", "k_utility", "protect_top", *META, *VIEW, "left", "right", "active_gains", "use_gate"],
+    "load_model": ["model_status", "k_safety", "k_utility", "protect_top", *META, *VIEW, "left", "right", "active_gains", "use_gate",
+                   "form_check"],
     "attribute": ["attr_status", *VIEW],
     "select": VIEW,
     "view": VIEW,
@@ -25,7 +26,11 @@ OUTPUTS = {  # api_name -> output names, in order (what gradio_client returns)
     "fixed_gains": [*VIEW, "gains_status", "active_gains", "use_gate"],
     "chat": ["left", "right", "msg", "chat_status"],
     "evaluate": ["eval_status", "eval_table", "eval_samples"],
-    "sweep": ["eval_status", "tradeoff"],
+    "sweep": ["eval_status", "tradeoff", "points"],
+    "card": ["card_status", "card_scores", "card_acts", "card_prompts", "card_effect", "card_layer", "card_index"],
+    "pick_point": [*VIEW, "k_safety", "k_utility", "tradeoff", "points", "pick_status", "gains_status", "active_gains", "use_gate",
+                   "export_name", "chat_status"],
+    "bulk": ["bulk_status", "bulk_table", "bulk_file"],
     "export": ["export_status", "export_files", "export_name", "hub_token"],
 }
 OUTPUTS["gains_file"] = OUTPUTS["use_run"] = OUTPUTS["fixed_gains"]
@@ -33,24 +38,28 @@ OUTPUTS["clear_chat"] = ["left", "right", "chat_status"]
 OUTPUTS["refresh_runs"] = ["recent_runs"]
 OUTPUTS["training_settings"] = []
 OUTPUTS["jobs"] = ["jobs_table"]
-OUTPUTS["on_load"] = [*OUTPUTS["load_model"], "recent_runs", "export_name", "chat_status", "jobs_table"]
+OUTPUTS["on_load"] = [*OUTPUTS["load_model"], "recent_runs", "export_name", "chat_status", "jobs_table", "eval_table", "eval_samples",
+                      "eval_status", "flow_status", "tradeoff", "points"]
 OUTPUTS["default_flow"] = list(dict.fromkeys(OUTPUTS["load_model"] + OUTPUTS["train"] + OUTPUTS["chat"] + ["attr_status", "flow_status", "tabs"]))
-for _kind in ("attribution", "train", "evaluate"):
-    OUTPUTS[f"stop_{_kind}"] = [{"attribution": "attr_status", "train": "train_status", "evaluate": "eval_status"}[_kind]]
+for _kind in ("attribution", "train", "evaluate", "bulk"):
+    OUTPUTS[f"stop_{_kind}"] = [background.STATUS_KEY[_kind]]
 
 HOW = {  # the "how to read this" line of each tab
     "model": "Pick a model and a preset, then **Run the whole flow**: it scores every MLP neuron, selects the safety and "
              "over-refusal neurons, trains their gains and asks both models a held-out jailbreak. Each step also has its own tab.",
     "explore": "Each cell is a bin of neurons in one layer, coloured by its most extreme score: red pushes towards refusal, blue away. "
-               "▲ marks bins with neurons to amplify, ▼ bins with neurons to suppress. Hover for numbers; sort the table by any column.",
+               "▲ marks bins with neurons to amplify, ▼ bins with neurons to suppress. Hover for numbers; sort the table by any column. "
+               "**Click a cell, a drill-down point or a table row for that neuron's card.**",
     "tune": "Sliders re-select instantly from the cached scores. **Train gains** meta-learns one gain per selected neuron "
             "(amplify safety ≥ 1, suppress over-refusal ≤ 1); the validation loss is what early stopping watches.",
     "compare": "Left: the base model. Right: the same model with your gains. Both answer in one batched call with the same decoding; "
                "the line under each answer is the refusal judge's verdict. Strength 0 makes the right pane the base model. "
-               "Trained gains come with an **input gate**: for each conversation it measures s (0 = looks benign, 1 = looks harmful) "
-               "and the right pane applies strength × s, what the evaluation calls “neurontune-gated”; untick it for the static gains.",
+               "Trained gains come with an **input gate**: it reads your last message alone (an earlier harmful turn does not hold it "
+               "open) and measures s (0 = looks benign, 1 = looks harmful); the right pane applies strength × s, what the evaluation "
+               "calls “neurontune-gated”; untick it for the static gains.",
     "evaluate": "Held-out harmful prompts and unseen attack families (refusal ↑ is better), benign and borderline prompts "
-                "(over-refusal ↓), perplexity ratio ≈ 1 and multiple choice accuracy (utility kept).",
+                "(over-refusal ↓), perplexity ratio ≈ 1 and multiple choice accuracy (utility kept). The sweep trains gains at each "
+                "(k_safety, k_utility) and keeps them: **click a point** (or a table row) to make it the session's, then Compare or Export it.",
     "export": "Folds the gains into the MLP weights: a standard checkpoint any `transformers` code loads, plus the small "
               "modulation file and a model card. A Hub token is used for the push only and never stored. An input gate cannot be "
               "folded: the checkpoint holds the static gains (Compare with *input gate* unticked).",
@@ -59,6 +68,40 @@ CSS = """
 #run-flow {font-size: 1.15rem; min-height: 3.2rem}
 .how {color: var(--body-text-color-subdued); font-size: 0.92rem}
 .pane-title {text-align: center; font-weight: 600; margin-bottom: -0.4rem}
+#card-status h3 {margin-top: 0.2rem}
+"""
+# Plotly clicks -> the page's own inputs: a heatmap cell or drill-down point fills the card's layer and index and
+# presses "Show card"; a trade-off point fills the point number and presses "Use this point". Re-bound whenever
+# a figure is redrawn (polled: Gradio replaces figures in place).
+CLICKS_JS = """
+() => {
+  const setNumber = (id, value) => {
+    const input = document.querySelector(`#${id} input`);
+    if (!input) return;
+    Object.getOwnPropertyDescriptor(HTMLInputElement.prototype, 'value').set.call(input, value);
+    input.dispatchEvent(new Event('input', {bubbles: true}));
+  };
+  const press = (id, scrollTo) => setTimeout(() => {
+    document.getElementById(id)?.click();
+    if (scrollTo) document.getElementById(scrollTo)?.scrollIntoView({behavior: 'smooth', block: 'start'});
+  }, 150);
+  const card = (layer, neuron) => { setNumber('card-layer', Math.round(layer)); setNumber('card-index', Math.round(neuron)); press('card-btn', 'card-status'); };
+  const handlers = {
+    'heatmap': (p) => { const c = p.customdata; if (c == null) return; card(p.y, p.data.type === 'heatmap' ? c[0] : c[1]); },
+    'drill': (p) => { const c = p.customdata; if (c == null) return; card(c[1], p.x); },
+    'tradeoff': (p) => { if (p.curveNumber !== 0 || p.customdata == null) return; setNumber('point-index', p.customdata); press('pick-btn'); },
+  };
+  const bind = () => {
+    for (const [id, fn] of Object.entries(handlers)) {
+      const div = document.querySelector(`#${id} .js-plotly-plot`);
+      if (!div || typeof div.on !== 'function' || div._ntLayout === div._fullLayout) continue;
+      div._ntLayout = div._fullLayout;
+      if (div.removeAllListeners) div.removeAllListeners('plotly_click');
+      div.on('plotly_click', (ev) => { if (ev && ev.points && ev.points.length) fn(ev.points[0]); });
+    }
+  };
+  setInterval(bind, 400);
+}
 """
 
 
@@ -107,9 +150,10 @@ def build_app(studio: Studio) -> gr.Blocks:
                         C["quick"] = gr.Checkbox(studio.quick_default, label="Quick first look", info="fewer prompts and ≤ 20 training steps")
                         with gr.Accordion("Your own prompts (optional: csv / json / jsonl / parquet with a 'prompt' column)", open=False):
                             with gr.Row():
-                                files = [gr.File(label=l, file_types=[".csv", ".json", ".jsonl", ".parquet"], type="filepath", height=90)
-                                         for l in ("harmful", "benign", "borderline-safe")]
+                                files = [gr.File(label=l, file_types=[".csv", ".json", ".jsonl", ".parquet"], type="filepath", height=90,
+                                                 elem_id=f"file-{l.split('-')[0]}") for l in ("harmful", "benign", "borderline-safe")]
                         load_btn = gr.Button("Load model & data")
+                        C["form_check"] = gr.Markdown("", elem_id="form-check")
                     with gr.Column(scale=3):
                         flow_btn = gr.Button("▶ Run the whole flow", variant="primary", elem_id="run-flow")
                         C["flow_status"] = gr.Markdown("One click: score → select → train → compare, on the defaults.", elem_id="flow-status")
@@ -125,16 +169,31 @@ def build_app(studio: Studio) -> gr.Blocks:
                     C["kind"] = gr.Dropdown([(handlers.KIND_LABELS["safety"], "safety")], value="safety", label="Score shown", scale=4)
                 C["attr_status"] = gr.Markdown("")
                 C["heatmap"] = gr.Plot(plots.empty("No neuron scores yet.", 460), label="Attribution: layers × neuron bins", elem_id="heatmap")
+                with gr.Accordion("Neuron card: click a heatmap cell, a drill-down point or a table row", open=True, elem_id="neuron-card"):
+                    with gr.Row():
+                        C["card_layer"] = gr.Number(None, label="layer", precision=0, minimum=0, elem_id="card-layer", scale=1)
+                        C["card_index"] = gr.Number(None, label="neuron", precision=0, minimum=0, elem_id="card-index", scale=1)
+                        card_btn = gr.Button("Show card", elem_id="card-btn", scale=1)
+                    C["card_status"] = gr.Markdown("", elem_id="card-status")
+                    with gr.Row():
+                        C["card_acts"] = gr.Plot(plots.empty("", 300), label="Activation on the run's prompts", elem_id="card-acts")
+                        with gr.Column():
+                            C["card_effect"] = gr.Dataframe(label="First-token refusal probability with this neuron alone at gain 0, 1 and "
+                                                            "its tuned gain (held-out prompts)", interactive=False, wrap=True, elem_id="card-effect")
+                            C["card_scores"] = gr.Dataframe(label="Every score and its rank among all neurons (1 = highest)",
+                                                            interactive=False, max_height=260, elem_id="card-scores")
+                    C["card_prompts"] = gr.Dataframe(label="Prompts that make it fire most and least (red: harmful, blue: harmless)",
+                                                     interactive=False, wrap=True, max_height=360, elem_id="card-prompts")
                 with gr.Row():
                     with gr.Column():
                         C["drill_layer"] = gr.Slider(0, 29, 0, step=1, label="Drill down into layer")
-                        C["drill"] = gr.Plot(plots.empty("", 300), label="One layer")
+                        C["drill"] = gr.Plot(plots.empty("", 300), label="One layer", elem_id="drill")
                     C["dist_explore"] = gr.Plot(plots.empty("", 300), label="Selection per layer")
                 with gr.Row():
                     C["top"] = gr.Number(50, label="Rows in the table", precision=0, minimum=5, maximum=2000, scale=1)
                     gr.Markdown("Top neurons by the score shown: layer, index, every score, mean activation on harmful vs benign "
                                 "prompts, role and current gain. Click a header to sort.", elem_classes="how")
-                C["table"] = gr.Dataframe(label="Top neurons", interactive=False, max_height=420)
+                C["table"] = gr.Dataframe(label="Top neurons (click a row for its card)", interactive=False, max_height=420, elem_id="top-table")
             with gr.Tab("3 · Tune", id="tune") as t3:
                 gr.Markdown(HOW["tune"], elem_classes="how")
                 s = first.cfg.selection
@@ -201,6 +260,21 @@ def build_app(studio: Studio) -> gr.Blocks:
                         sample = gr.Checkbox(False, label="sample (greedy when off; with sampling the panes also differ by chance)")
                         temperature = gr.Slider(0.1, 1.5, 0.7, step=0.05, label="temperature")
                 C["chat_status"] = gr.Markdown("", elem_id="chat-status")
+                with gr.Accordion("Your prompts, in bulk: base vs tuned on a list", open=False):
+                    gr.Markdown("A .txt file (one prompt per line), a .csv / .jsonl / .json / .parquet with a `prompt` column, or a pasted "
+                                "list (one per line); at most 200 prompts. Both models answer in batched calls with the strength, gate "
+                                "and max new tokens above; sort the table by any column.", elem_classes="how")
+                    with gr.Row():
+                        bulk_upload = gr.File(label="prompt file", file_types=[".txt", ".csv", ".json", ".jsonl", ".parquet"], type="filepath",
+                                              height=90, scale=1)
+                        bulk_text = gr.Textbox(label="or paste prompts, one per line", lines=4, max_lines=12, scale=2)
+                    with gr.Row():
+                        bulk_btn = gr.Button("Run base vs tuned", variant="primary", scale=3)
+                        bulk_stop = gr.Button("Stop", variant="stop", scale=1)
+                    C["bulk_status"] = gr.Markdown("", elem_id="bulk-status")
+                    C["bulk_table"] = gr.Dataframe(label="Your prompts: base vs tuned", interactive=False, wrap=True, max_height=480,
+                                                   column_widths=["20%", "11%", "11%", "6%", "26%", "26%"], elem_id="bulk-table")
+                    C["bulk_file"] = gr.File(label="Download (CSV)", interactive=False)
             with gr.Tab("5 · Evaluate", id="evaluate") as t5:
                 gr.Markdown(HOW["evaluate"], elem_classes="how")
                 with gr.Row():
@@ -209,11 +283,22 @@ def build_app(studio: Studio) -> gr.Blocks:
                     eval_btn = gr.Button("Run evaluation", variant="primary")
                     eval_stop = gr.Button("Stop", variant="stop")
                 C["eval_status"] = gr.Markdown("")
-                C["eval_table"] = gr.Dataframe(label="Metrics: base, NeuronTune, baselines", interactive=False)
+                C["eval_table"] = gr.Dataframe(label="Metrics: base, NeuronTune, baselines", interactive=False, elem_id="eval-table")
                 with gr.Row():
                     grid = gr.Textbox("250:0, 750:250, 1500:500", label="sweep grid (k_safety:k_utility, …)", scale=3)
                     sweep_btn = gr.Button("Run sweep", scale=1)
-                C["tradeoff"] = gr.Plot(plots.empty("Run a sweep to see the safety / over-refusal trade-off.", 360), label="Trade-off")
+                with gr.Row():
+                    C["tradeoff"] = gr.Plot(plots.empty("Run a sweep to see the safety / over-refusal trade-off.", 360), label="Trade-off",
+                                            elem_id="tradeoff", scale=3)
+                    with gr.Column(scale=2):
+                        C["points"] = gr.Dataframe(label="Sweep points (click a row)", interactive=False, max_height=260, elem_id="points")
+                        with gr.Row():
+                            point_index = gr.Number(None, label="point", precision=0, minimum=0, elem_id="point-index", scale=1)
+                            pick_btn = gr.Button("Use this point", elem_id="pick-btn", scale=2)
+                        C["pick_status"] = gr.Markdown("", elem_id="pick-status")
+                        with gr.Row():
+                            to_compare = gr.Button("→ Compare", size="sm")
+                            to_export = gr.Button("→ Export", size="sm")
                 C["eval_samples"] = gr.Dataframe(label="Sample generations", interactive=False, wrap=True, max_height=420)
             with gr.Tab("6 · Export", id="export") as t6:
                 gr.Markdown(HOW["export"], elem_classes="how")
@@ -269,16 +354,37 @@ def build_app(studio: Studio) -> gr.Blocks:
         export_kw["fn"] = gpu(export_kw["fn"])
         export_btn.click(**export_kw, inputs=[session, C["export_name"], overwrite, repo, C["hub_token"]])
         jobs_btn.click(**bind(handlers.jobs_table, "jobs", **quiet), inputs=[session])
+        card_kw = bind(card.card_views, "card", concurrency_id="card", concurrency_limit=2, show_progress="minimal")
+        card_btn.click(**card_kw, inputs=[session, C["card_layer"], C["card_index"]])
+
+        def table_card(se, evt: gr.SelectData):
+            return {C[k]: v for k, v in card.card_from_row(studio, se, evt.row_value).items()}
+        C["table"].select(table_card, inputs=[session], outputs=card_kw["outputs"], concurrency_id="card", show_progress="minimal",
+                          api_visibility="private").then(
+            fn=None, js="() => document.getElementById('card-status')?.scrollIntoView({behavior: 'smooth', block: 'start'})")
+        pick_kw = bind(picker.pick_point, "pick_point", **quiet)
+        pick_btn.click(**pick_kw, inputs=[session, point_index, *view_in])
+
+        def row_pick(se, kind, layer, top, evt: gr.SelectData):
+            return {C[k]: v for k, v in picker.pick_row(studio, se, evt.row_value, kind, layer, top).items()}
+        C["points"].select(row_pick, inputs=[session, *view_in], outputs=pick_kw["outputs"], show_progress="hidden", api_visibility="private")
+        to_compare.click(lambda: gr.Tabs(selected="compare"), outputs=[C["tabs"]], api_visibility="private")
+        to_export.click(lambda: gr.Tabs(selected="export"), outputs=[C["tabs"]], api_visibility="private")
+        bulk_btn.click(**bind(bulk.run_bulk, "bulk", **jobs), inputs=[session, bulk_upload, bulk_text, strength, max_new, C["use_gate"]])
+        bulk_stop.click(**bind(lambda st, se: background.stop(st, se, "bulk"), "stop_bulk", **quiet), inputs=[session])
         demo.load(**bind(on_load, "on_load", **quiet), inputs=[session, *view_in])
     return demo
 
 
 def on_load(studio: Studio, session: Session, kind="safety", layer=0, top=50) -> dict:
-    """A new page: the shared default model, and any neuron scores already computed for it (reused)."""
-    out = handlers.load(studio, session, session.model or studio.default_model, False, session.preset or studio.default_preset,
-                        studio.quick_default, None, None, None, kind, layer, top)
-    return {**out, **handlers.recent_runs(studio, session), **handlers.jobs_table(studio), "export_name": handlers.suggest_name(session),
-            "chat_status": handlers.gains_text(session)}
+    """A new page: the shipped run when there is a current one (heatmap, gains, evaluation at once), else the
+    shared default model and any neuron scores already computed for it (reused)."""
+    out = shipped.open_shipped(studio, session, kind, layer, top) if session.shipped else {}
+    if not out:
+        out = handlers.load(studio, session, session.model or studio.default_model, False, session.preset or studio.default_preset,
+                            studio.quick_default, None, None, None, kind, layer, top)
+    return {"chat_status": handlers.gains_text(session), **out, **handlers.recent_runs(studio, session), **handlers.jobs_table(studio),
+            "export_name": handlers.suggest_name(session), **picker.sweep_views(session)}
 
 
 def private_folders(studio: Studio) -> list[str]:
@@ -298,4 +404,4 @@ def launch(studio: Studio, *, host: str = "127.0.0.1", port: int = 7860, **kwarg
     demo.queue(default_concurrency_limit=1, max_size=64)
     theme = gr.themes.Soft(primary_hue="indigo", secondary_hue="rose")
     kwargs["blocked_paths"] = [*private_folders(studio), *(kwargs.get("blocked_paths") or [])]
-    return demo, demo.launch(server_name=host, server_port=port, theme=theme, css=CSS, show_error=True, **kwargs)
+    return demo, demo.launch(server_name=host, server_port=port, theme=theme, css=CSS, js=CLICKS_JS, show_error=True, **kwargs)

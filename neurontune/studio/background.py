@@ -13,14 +13,16 @@ import pandas as pd
 from ..run.evaluate_run import evaluate_run
 from ..run.folder import RunFolder
 from ..run.steps import attribute_step, select_step, train_step, truncation_note
-from ..run.sweep import sweep_run, tradeoff_figure
+from ..run.sweep import sweep_run
 from . import handlers, plots
 from .jobs import Job
+from .picker import sweep_views
 from .state import Session, Studio
 
 POLL_S = 0.4
-LABELS = {"attribution": "Scoring neurons", "train": "Training gains", "evaluate": "Evaluating", "sweep": "Sweeping thresholds"}
-STATUS_KEY = {"attribution": "attr_status", "train": "train_status", "evaluate": "eval_status", "sweep": "eval_status"}
+LABELS = {"attribution": "Scoring neurons", "train": "Training gains", "evaluate": "Evaluating", "sweep": "Sweeping thresholds",
+          "bulk": "Answering your prompts"}
+STATUS_KEY = {"attribution": "attr_status", "train": "train_status", "evaluate": "eval_status", "sweep": "eval_status", "bulk": "bulk_status"}
 
 
 def _bar(done: int, total: int, width: int = 24) -> str:
@@ -114,6 +116,7 @@ def train(studio: Studio, session: Session, kind="safety", layer=0, top=50) -> I
     select_step(studio.scores(session.scores_key), cfg, run)
 
     def work(progress, cancel):
+        progress.update(0, cfg.meta.steps, "training")  # the step total is known: the bar fills as steps come
         return train_step(lm, selection, cfg, run, progress=progress, cancel=cancel, cache_dir=studio.cache_dir)
 
     def describe(result):
@@ -133,7 +136,7 @@ def train(studio: Studio, session: Session, kind="safety", layer=0, top=50) -> I
             except ValueError as exc:
                 note = f"\n\n⚠ The run's gate could not be read ({exc}): the right pane uses the static gains."
         handlers.set_gains(session, result.modulation, f"trained gains ({len(result.log)} steps, {stopped.get(result.stopped, result.stopped)}, "
-                           f"best step {result.best_step})", str(run), gate=gate)
+                           f"best step {result.best_step})", str(run), gate=gate, point=(cfg.selection.k_safety, cfg.selection.k_utility))
         yield {**handlers.gains_views(studio, session, kind, layer, top), "train_status": job_text(studio, job) + note,
                "loss_plot": plots.losses(list(job.log)), **handlers.recent_runs(studio, session)}
 
@@ -213,13 +216,10 @@ def sweep(studio: Studio, session: Session, grid_text: str) -> Iterator[dict]:
     job = studio.runner.submit("sweep", work)
     session.jobs["sweep"] = job.id
     yield from watch(studio, job, "eval_status")
-    if job.status == "done" and (swept := RunFolder(out).sweep()) is not None:
-        try:
-            fig = tradeoff_figure(*swept)
-        except KeyError as exc:
-            yield {"eval_status": f"Sweep done, but the trade-off plot needs other columns: {exc}"}
-            return
-        yield {"eval_status": job_text(studio, job) + f" Written to `{out}`.", "tradeoff": fig}
+    if job.status == "done" and RunFolder(out).sweep() is not None:
+        session.sweep_dir = str(out)
+        yield {"eval_status": job_text(studio, job) + f" Written to `{out}`. Click a point (or a row) to make its gains yours.",
+               **sweep_views(session)}
 
 
 # -- the one-button flow -------------------------------------------------------------------------

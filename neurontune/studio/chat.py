@@ -1,7 +1,8 @@
 """Side-by-side chat: the base model (left) and the session's modulated model (right) answer the same
 conversation in ONE batched, streamed generate call (per-row gains), each answer with the judge's verdict.
-When the gains have an input gate, the right row's gains are scaled by the gate's strength s for that
-conversation (one unmodulated forward of its prompt first): the evaluation's "neurontune-gated"."""
+When the gains have an input gate, the right row's gains are scaled by the gate's strength s for the last
+user message, read alone (one unmodulated forward of it first, as the evaluation's "neurontune-gated" reads a
+single prompt): an earlier harmful turn does not hold the gate open for the next message."""
 from __future__ import annotations
 
 from typing import Iterator
@@ -88,12 +89,13 @@ def examples(studio: Studio, session: Session) -> list[tuple[str, str]]:
 
 def right_gains(lm, session: Session, conv: list[dict], strength: float, use_gate: bool, budget: int) -> tuple[Modulation | None, float | None]:
     """The right pane's gains for this conversation, and the gate strength s when the gate is used: the
-    gains scaled by strength × s (s from the conversation's prompt, unmodulated, as `GatedModulation` measures it)."""
+    gains scaled by strength × s, s read on the LAST user message alone (unmodulated, as `GatedModulation`
+    measures a single prompt), so a previous harmful turn does not open the gate for a benign follow-up."""
     mod, scale, s = session.modulation, float(strength), None
     if mod is None:
         return None, None
     if session.gate is not None and use_gate:
-        prompt = chat_prompt(lm.tokenizer, conv[-1]["content"], history=conv[:-1])
+        prompt = chat_prompt(lm.tokenizer, conv[-1]["content"])
         s = float(gate_strength(lm, session.gate, [prompt], max_length=budget)[0])
         scale *= s
     return (mod if scale == 1.0 else mod.scaled(scale)), s

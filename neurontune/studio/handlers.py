@@ -20,6 +20,7 @@ from ..model.errors import ModelLoadError
 from ..run.export import ExportError, export, slugify
 from ..run.folder import RunFolder
 from . import plots
+from .form_check import form_check
 from .state import Session, Studio
 
 KIND_LABELS = {
@@ -180,7 +181,8 @@ def load(studio: Studio, session: Session, model: str, trust_remote_code: bool, 
     if trust_remote_code:
         note += ("\n\n⚠ **trust_remote_code is on**: a model repository's own Python code may run on this machine. "
                  "Leave it off unless you trust the repository.")
-    out = {"model_status": model_text(session, lm, note), **slider_limits(lm, session), **views(studio, session, kind, layer, top)}
+    out = {"model_status": model_text(session, lm, note), **slider_limits(lm, session), **views(studio, session, kind, layer, top),
+           "form_check": form_check(cfg.data)}
     if changed:
         out.update(left=[], right=[], active_gains=gains_text(session), use_gate=gate_toggle(session))
     return out
@@ -244,9 +246,12 @@ def gate_toggle(session: Session):
     return gr.update(**gate_props(session))
 
 
-def set_gains(session: Session, mod: Modulation, source: str, run_dir: str | None = None, gate: GateProbe | None = None) -> None:
-    """The session's gains (and their gate: None for fixed gains or gains without one)."""
+def set_gains(session: Session, mod: Modulation, source: str, run_dir: str | None = None, gate: GateProbe | None = None,
+              point: tuple[int, int] | None = None) -> None:
+    """The session's gains (and their gate: None for fixed gains or gains without one); `point`: the
+    (k_safety, k_utility) they were made at, marked on the trade-off plot (None: unknown, e.g. a file)."""
     session.modulation, session.gate, session.gains_source, session.run_dir, session.eval_rows = mod, gate, source, run_dir, None
+    session.operating_point = None if point is None else (int(point[0]), int(point[1]))
 
 
 def load_gate(path: str | Path, lm) -> GateProbe:
@@ -286,8 +291,9 @@ def fixed_gains(studio: Studio, session: Session, safety_gain: float, utility_ga
     if session.selection is None:
         return {"gains_status": "Select neurons first (score them, then move the sliders)."}
     lm = studio.model(session)
+    sel = session.selection.config
     set_gains(session, session.selection.modulation(float(safety_gain), float(utility_gain), lm.fingerprint),
-              f"fixed gains ×{float(safety_gain):g} / ×{float(utility_gain):g}")
+              f"fixed gains ×{float(safety_gain):g} / ×{float(utility_gain):g}", point=(sel.k_safety, sel.k_utility))
     return gains_views(studio, session, kind, layer, top)
 
 
@@ -353,8 +359,31 @@ def use_run(studio: Studio, session: Session, job_id: str, kind="safety", layer=
         gate = RunFolder(job.info["run_dir"]).gate(lm) if job.info.get("run_dir") else None
     except (ModulationFileError, ValueError) as exc:
         return {"gains_status": f"✗ {exc}"}
-    set_gains(session, mod, f"trained gains from run {Path(job.info['run_dir']).name}", job.info["run_dir"], gate=gate)
-    return gains_views(studio, session, kind, layer, top)
+    set_gains(session, mod, f"trained gains from run {Path(job.info['run_dir']).name}", job.info["run_dir"], gate=gate,
+              point=(job.info.get("k_safety"), job.info.get("k_utility")) if job.info.get("k_safety") is not None else None)
+    note = adopt_run_scores(studio, session, lm, job.info.get("run_dir"))
+    out = gains_views(studio, session, kind, layer, top)
+    return {**out, "gains_status": out["gains_status"] + note}
+
+
+def adopt_run_scores(studio: Studio, session: Session, lm, run_dir: str | None) -> str:
+    """When the session has no scores for its settings, take the chosen run's (its folder keeps them) with the
+    run's data, attribution and selection settings, so Explore and Tune show what these gains were made from.
+    Returns a note for the status ("" when nothing changed)."""
+    if studio.scores(session.scores_key) is not None or not run_dir:
+        return ""
+    folder = RunFolder(run_dir)
+    try:
+        scores, cfg = folder.scores(), folder.config()
+    except (OSError, ValueError):
+        return ""
+    if scores is None or tuple(scores.shape) != tuple(lm.shape):
+        return ""
+    session.cfg = session.cfg.replace(data=cfg.data, attribution=cfg.attribution, selection=cfg.selection)
+    session.scores_key = studio.scores_key(lm, session.cfg)
+    studio.put_scores(session.scores_key, scores)
+    reselect(studio, session)
+    return " Its neuron scores and selection settings came with it (this session had none for its own settings)."
 
 
 # -- Export --------------------------------------------------------------------------------------

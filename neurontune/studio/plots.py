@@ -44,7 +44,8 @@ def _bins(x: np.ndarray, b: int) -> np.ndarray:
 
 def heatmap(values, title: str, *, safety=None, utility=None, per_bin: int | None = None, height: int = 460) -> go.Figure:
     """values: [n_layers, n_neurons]. Each cell is a bin of neurons coloured by its most extreme value;
-    hover gives that neuron, the bin mean and how many neurons of the bin are selected.
+    hover gives that neuron, the bin mean and how many neurons of the bin are selected; `customdata[0]` of a
+    cell (and `customdata[1]` of an overlay marker) is that neuron, which a click opens as a neuron card.
     safety / utility: bool masks [n_layers, n_neurons] drawn as markers on the bins that hold them."""
     v = _np(values).astype(np.float32)
     L, N = v.shape
@@ -73,10 +74,11 @@ def heatmap(values, title: str, *, safety=None, utility=None, per_bin: int | Non
         if len(layer) == 0:
             continue
         n = count[layer, col].astype(np.float32)
-        fig.add_trace(go.Scatter(
+        fig.add_trace(go.Scatter(  # customdata: (count, the cell's most extreme neuron: what a click opens)
             x=starts[col] + b / 2, y=layer, mode="markers", name=name,
             marker=dict(symbol=symbol, color=color, size=6 + 10 * np.sqrt(n / n.max()), line=dict(width=1, color="white")),
-            customdata=n, hovertemplate=f"layer %{{y}}, bin at neuron %{{x:.0f}}: %{{customdata:.0f}} {name}<extra></extra>"))
+            customdata=np.stack([n, custom[layer, col, 0]], -1),
+            hovertemplate=f"layer %{{y}}, bin at neuron %{{x:.0f}}: %{{customdata[0]:.0f}} {name}<extra></extra>"))
     fig.update_layout(**LAYOUT, title=title, height=height, xaxis_title=f"neuron index (bins of {b})", yaxis_title="layer",
                       legend=dict(orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom"))
     fig.update_yaxes(range=[-0.5, L - 0.5], dtick=max(1, L // 15))
@@ -93,8 +95,8 @@ def layer_neurons(values, layer: int, title: str, *, safety=None, utility=None, 
     code = np.where(amp, 2, np.where(sup, 1, 0))
     fig = go.Figure(go.Scattergl(x=np.arange(len(v)), y=v, mode="markers",
                                  marker=dict(color=code, colorscale=ROLE_SCALE, cmin=0, cmax=2, size=5),
-                                 text=role, customdata=g,
-                                 hovertemplate="neuron %{x}: %{y:.4g}<br>%{text} gain %{customdata:.3f}<extra></extra>"))
+                                 text=role, customdata=np.stack([g, np.full(len(v), layer)], -1),  # (gain, layer): a click opens the card
+                                 hovertemplate="neuron %{x}: %{y:.4g}<br>%{text} gain %{customdata[0]:.3f}<extra></extra>"))
     fig.update_layout(**LAYOUT, title=title, height=height, xaxis_title="neuron", yaxis_title="score", showlegend=False)
     return fig
 
