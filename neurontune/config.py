@@ -82,7 +82,7 @@ class MetaConfig:
     eval_every: int = 5
     seed: int = 0
     gate: bool = False  # also fit an input-conditional gate (neurontune/gating.py)
-    gate_bias_shift: float = 0.0
+    gate_bias_shift: float | None = 0.0  # None: chosen on the validation split (gating.choose_bias_shift)
     refusal_eos: bool = True  # refusal targets end with end-of-turn, so the tuned model stops after refusing
 
 

@@ -139,3 +139,25 @@ def test_gated_generation_makes_each_layers_gains_once_per_prompt(tiny_llama):
     assert gated == generate(lm, prompts, mod, max_new_tokens=8)
     assert gated != generate(lm, prompts, max_new_tokens=8)
     assert len(state["on"]) == len(mod.layers)  # (layer, device, dtype, rank): one per modulated layer
+
+
+def test_bias_shift_is_chosen_on_validation(tiny_llama):
+    """With bias_shift=None the shift maximises TPR - FPR on validation prompts; a given shift is used as is."""
+    from neurontune.config import DataConfig
+    from neurontune.data.splits import build_splits
+    from neurontune.interventions import gating
+    splits = build_splits(DataConfig())
+    mod = random_modulation(tiny_llama.shape, 60, seed=2, fingerprint=tiny_llama.fingerprint)
+    fixed = gating.fit_gate_for_run(tiny_llama, mod, splits, bias_shift=1.5)
+    chosen = gating.fit_gate_for_run(tiny_llama, mod, splits, bias_shift=None)
+    assert fixed.bias_shift == 1.5 and chosen.bias_shift in gating.SHIFTS
+    assert chosen.bias - chosen.bias_shift == pytest.approx(fixed.bias - 1.5)  # the same fitted probe underneath
+    unshifted = GatedModulation(mod, fixed).probe
+    unshifted.bias -= 1.5
+    pos, neg = gating._gate_pools(splits, "validation", 48, 6)
+    def youden(shift):
+        s_pos = gating.gate_strength(tiny_llama, unshifted, [chat_prompt(tiny_llama.tokenizer, t) for t in pos])
+        s_neg = gating.gate_strength(tiny_llama, unshifted, [chat_prompt(tiny_llama.tokenizer, t) for t in neg])
+        logit = lambda s: torch.log(s) - torch.log1p(-s)  # noqa: E731
+        return float((logit(s_pos) + shift > 0).float().mean() - (logit(s_neg) + shift > 0).float().mean())
+    assert youden(chosen.bias_shift) >= max(youden(s) for s in (-2.0, 0.0, 2.0)) - 1e-9

@@ -35,6 +35,7 @@ class GateProbe:
     bias: float
     train_accuracy: float = 0.0
     fingerprint: str | None = None  # the model it was fitted on (older gate files have none)
+    bias_shift: float = 0.0  # added to the fitted bias (given, or chosen on validation)
 
     def strength(self, acts: torch.Tensor) -> torch.Tensor:
         """acts: [B, k] raw activations -> [B] strength in (0, 1)."""
@@ -45,7 +46,7 @@ class GateProbe:
         tensors = {k: v.contiguous() for k, v in {"layers": self.layers, "neurons": self.neurons, "mean": self.mean,
                                                   "std": self.std, "weight": self.weight}.items()}
         meta = {"format": "neurontune-gate", "bias": repr(self.bias), "train_accuracy": repr(self.train_accuracy),
-                "fingerprint": self.fingerprint or ""}
+                "fingerprint": self.fingerprint or "", "bias_shift": repr(self.bias_shift)}
         return write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), checksum=False)
 
     @classmethod
@@ -63,7 +64,7 @@ class GateProbe:
             raise ValueError(f"{path} is a gate fitted on model {fingerprint}, not the loaded model {expected_fingerprint}.")
         try:
             probe = cls(t["layers"].long(), t["neurons"].long(), t["mean"].float(), t["std"].float(), t["weight"].float(),
-                        float(meta["bias"]), float(meta.get("train_accuracy", 0)), fingerprint)
+                        float(meta["bias"]), float(meta.get("train_accuracy", 0)), fingerprint, float(meta.get("bias_shift", 0)))
         except (KeyError, ValueError) as exc:
             raise ValueError(f"{path} is a corrupted gate file (missing or unreadable {exc}).") from exc
         k = len(probe.layers)
@@ -121,16 +122,41 @@ def _acts_for_ids(lm, ids, mask, needed, layers, neurons) -> torch.Tensor:
     return out
 
 
-def fit_gate_for_run(lm, modulation: Modulation, splits, *, bias_shift: float = 0.0) -> GateProbe:
+def _gate_pools(splits, split: str, n: int, per_family: int) -> tuple[list[str], list[str]]:
+    """(harmful, harmless) prompts of one split: plain and in the training attack families, in both pools alike."""
+    positive = [p.text for p in splits.harmful[split][:n]] + [p.text for p in splits.attacked("harmful", split, per_family, splits.train_families)]
+    negative = ([p.text for p in splits.benign[split][: n * 7 // 10]] + [p.text for p in splits.borderline[split][: n * 3 // 10]]
+                + [p.text for p in splits.attacked("benign", split, per_family * 2 // 3, splits.train_families)]
+                + [p.text for p in splits.attacked("borderline", split, per_family - per_family * 2 // 3, splits.train_families)])
+    return positive, negative
+
+
+def fit_gate_for_run(lm, modulation: Modulation, splits, *, bias_shift: float | None = 0.0) -> GateProbe:
     """The probe of a run, from its training split only: harmful requests (plain and in the training attack
     families) vs benign and borderline-safe requests, plain AND in the same families, so that a template alone
-    does not open the gate. `bias_shift` > 0 makes the gate open more readily (more harmful refusal)."""
-    positive = [p.text for p in splits.harmful_train[:100]] + [p.text for p in splits.attacked("harmful", "train", 16)]
-    negative = ([p.text for p in splits.benign_train[:70]] + [p.text for p in splits.borderline_train[:30]]
-                + [p.text for p in splits.attacked("benign", "train", 11)] + [p.text for p in splits.attacked("borderline", "train", 5)])
+    does not open the gate. `bias_shift` > 0 makes the gate open more readily (more harmful refusal); None
+    chooses it on the validation split (`choose_bias_shift`)."""
+    positive, negative = _gate_pools(splits, "train", 100, 16)
     probe = fit_gate(lm, modulation, positive, negative)
-    probe.bias += bias_shift
+    probe.bias += choose_bias_shift(lm, probe, splits) if bias_shift is None else bias_shift
+    probe.bias_shift = probe.bias_shift if bias_shift is None else bias_shift
     return probe
+
+
+SHIFTS = tuple(x / 2 for x in range(-8, 9))  # -4 .. 4 in steps of 0.5
+
+
+def choose_bias_shift(lm, probe: GateProbe, splits, shifts: tuple[float, ...] = SHIFTS) -> float:
+    """The bias shift whose gate best separates harmful from harmless VALIDATION prompts (plain and in the training
+    families): the largest true-positive minus false-positive rate of s > 0.5 (ties: the smaller shift)."""
+    positive, negative = _gate_pools(splits, "validation", 48, 6)
+    feats = lambda texts: _last_token_acts(lm, [chat_prompt(lm.tokenizer, t) for t in texts], probe.layers, probe.neurons)  # noqa: E731
+    z_pos = ((feats(positive) - probe.mean) / probe.std) @ probe.weight + probe.bias
+    z_neg = ((feats(negative) - probe.mean) / probe.std) @ probe.weight + probe.bias
+    score = {s: float((z_pos + s > 0).float().mean() - (z_neg + s > 0).float().mean()) for s in shifts}
+    best = max(shifts, key=lambda s: (round(score[s], 6), -abs(s)))
+    probe.bias_shift = best
+    return best
 
 
 def fit_gate(lm, modulation: Modulation, positive: Sequence[str], negative: Sequence[str], *, max_features: int = 256,
