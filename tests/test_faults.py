@@ -515,8 +515,8 @@ def test_cancel_and_restart_evaluation(studio, tiny_llama, tmp_path, monkeypatch
     assert bad_entries(studio.cache_dir) == []
     out = list(background.evaluate(studio, session, True, []))
     assert _ended(studio, session, "evaluate").status == "done" and "done" in out[-1]["eval_status"]
-    evaluation_run.evaluate_run(tiny_llama, ref, session.cfg, baselines=(), quick=True, cache_dir=tmp_path / "ref_cache",
-                                log=lambda m: None)
+    evaluation_run.evaluate_run(tiny_llama, ref, session.cfg, baselines=(), quick=True, split="validation",
+                                cache_dir=tmp_path / "ref_cache", log=lambda m: None)
     got, want = (json.loads((d / "eval.json").read_text())["table"] for d in (run, ref))
     assert _strip(got) == _strip(want)
     assert (run / "generations.jsonl").read_text() == (ref / "generations.jsonl").read_text()

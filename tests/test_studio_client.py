@@ -161,8 +161,8 @@ def test_queue_position_stop_and_chat_while_training(app, tuned):
 
 
 def test_evaluate_in_background(app, tuned):
-    out = tuned.call("evaluate", True, [])
-    assert "Evaluating: done" in out["eval_status"], out["eval_status"]
+    out = tuned.call("evaluate", True, [], "validation")
+    assert "Evaluating: done" in out["eval_status"] and "validation split" in out["eval_status"], out["eval_status"]
     assert out["eval_table"]["data"], "empty metrics table"
     assert out["eval_samples"]["data"], "no sample generations"
     table = out["eval_table"]

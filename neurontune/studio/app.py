@@ -279,7 +279,9 @@ def build_app(studio: Studio) -> gr.Blocks:
                 gr.Markdown(HOW["evaluate"], elem_classes="how")
                 with gr.Row():
                     eval_quick = gr.Checkbox(True, label="quick (fewer prompts)")
-                    baselines = gr.CheckboxGroup(["direction", "random", "attribution_only"], value=["attribution_only"], label="baselines")
+                    baselines = gr.CheckboxGroup(["joint", "attribution_only", "random", "direction"], value=["attribution_only"], label="baselines")
+                    eval_split = gr.Radio(["validation", "test"], value="validation", label="split",
+                                          info="validation while choosing settings; test for the table you report (read it once)")
                     eval_btn = gr.Button("Run evaluation", variant="primary")
                     eval_stop = gr.Button("Stop", variant="stop")
                 C["eval_status"] = gr.Markdown("")
@@ -347,7 +349,7 @@ def build_app(studio: Studio) -> gr.Blocks:
         send_btn.click(**chat_kw, inputs=chat_in)
         C["msg"].submit(**{**chat_kw, "api_name": None, "api_visibility": "private"}, inputs=chat_in)
         clear_btn.click(**bind(chat.clear, "clear_chat", **quiet), inputs=[session])
-        eval_btn.click(**bind(background.evaluate, "evaluate", **jobs), inputs=[session, eval_quick, baselines])
+        eval_btn.click(**bind(background.evaluate, "evaluate", **jobs), inputs=[session, eval_quick, baselines, eval_split])
         eval_stop.click(**bind(lambda st, se: background.stop(st, se, "evaluate"), "stop_evaluate", **quiet), inputs=[session])
         sweep_btn.click(**bind(background.sweep, "sweep", **jobs), inputs=[session, grid])
         export_kw = bind(handlers.do_export, "export", concurrency_id="export", concurrency_limit=1)

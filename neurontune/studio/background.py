@@ -172,17 +172,32 @@ def eval_views(run: Path) -> dict:
         order = {name: i for i, name in enumerate(dict.fromkeys(frame["intervention"]))}
         frame = frame[frame["n"].isin(keep)].assign(o=lambda f: f["intervention"].map(order)).sort_values(["n", "o"])
         frame = frame[[c for c in ("category", "family", "intervention", "refusal", "answer", "prompt") if c in frame.columns]]
-    return {"eval_table": pd.DataFrame(table).round(4) if table else pd.DataFrame(), "eval_samples": frame}
+    return {"eval_table": eval_frame(table), "eval_samples": frame}
 
 
-def evaluate(studio: Studio, session: Session, quick: bool, baselines: list[str]) -> Iterator[dict]:
+def eval_frame(table: list[dict]) -> pd.DataFrame:
+    """The evaluation table as read: each headline metric as 'mean ± sd [Wilson 95 %]', one row per intervention."""
+    from ..eval.report import HEADLINE, LABELS, cell
+    if not table:
+        return pd.DataFrame()
+    frame = pd.DataFrame(table).set_index("intervention")
+    if "seeds" not in frame.columns:  # a table written before intervals: the plain numbers
+        return frame.reset_index().round(4)
+    cols = [m for m in HEADLINE if m in frame.columns]
+    return pd.DataFrame([{"intervention": name, **{LABELS.get(m, m): cell(frame, name, m) for m in cols}} for name in frame.index])
+
+
+def evaluate(studio: Studio, session: Session, quick: bool, baselines: list[str], split: str = "validation") -> Iterator[dict]:
+    """Evaluate the session's gains in the background: on the validation split while choosing settings, on the
+    test split for the table one reports (read it once, when the choices are made)."""
     if session.modulation is None:
         yield {"eval_status": "No gains to evaluate yet: train or apply gains in **Tune** first."}
         return
     lm, cfg, run = studio.model(session), session.cfg, _run_with_gains(studio, session)
 
     def work(progress, cancel):
-        kwargs = _accepted(evaluate_run, baselines=tuple(baselines or ()), quick=bool(quick), cache_dir=studio.cache_dir,
+        kwargs = _accepted(evaluate_run, baselines=tuple(baselines or ()), quick=bool(quick), split=split or "validation",
+                           cache_dir=studio.cache_dir,
                            progress=progress, cancel=cancel, log=lambda msg: progress.stage(str(msg).splitlines()[0][:120]))
         evaluate_run(lm, run, cfg, **kwargs)
         return {"run_dir": str(run)}
@@ -191,7 +206,12 @@ def evaluate(studio: Studio, session: Session, quick: bool, baselines: list[str]
     yield from watch(studio, job, "eval_status")
     if job.status == "done":
         session.eval_rows = handlers.eval_rows_of(str(run))
-        yield {"eval_status": job_text(studio, job) + f" Written to `{run}` ({RunFolder.EVAL}, {RunFolder.GENERATIONS}).", **eval_views(run)}
+        summary = RunFolder(run).eval_summary() or {}
+        audit = (summary.get("style_audit") or {}).get("accuracy")
+        said = (f" {summary.get('split', split)} split, {summary.get('seeds', 1)} seed(s); mean [Wilson 95 %]"
+                + (f"; style audit of the pools {audit:.2f} (0.5 = chance)." if audit is not None else "."))
+        yield {"eval_status": job_text(studio, job) + said + f" Written to `{run}` ({RunFolder.EVAL}, {RunFolder.GENERATIONS}).",
+               **eval_views(run)}
 
 
 def sweep(studio: Studio, session: Session, grid_text: str) -> Iterator[dict]:
