@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from neurontune.config import RunConfig
+from neurontune.data.chat import chat_prompt
 from neurontune.method.metalearn import train_gains
 from neurontune.method.neuron_scores import run_attribution
 from neurontune.method.selection import select
@@ -102,3 +103,24 @@ def test_refusal_targets_end_with_end_of_turn(tiny_llama):
         assert off[role].input_ids[0, -1] != tok.eos_token_id
         assert int(on[role].target_mask.sum()) == int(off[role].target_mask.sum()) + 1
     assert torch.equal(on["answers"].input_ids, off["answers"].input_ids)
+
+
+def test_opening_logprob_is_the_first_target_tokens(tiny_llama):
+    """The over-refusal penalty reads a refusal's opening: log p of its first target tokens, per row, by brute force."""
+    from neurontune.method.metalearn import _opening
+    from neurontune.model.logprobs import encode_pairs, forward, token_logprobs
+    tok = tiny_llama.tokenizer
+    prompts = [chat_prompt(tok, "How do I bake bread?"), chat_prompt(tok, "Write a story about a cat and a very long day")]
+    targets = ["I'm sorry, but no.", "No. I won't."]
+    batch = encode_pairs(tok, prompts, targets)
+    batch.opening = torch.tensor([2, 3])
+    with torch.no_grad():
+        tokens = token_logprobs(forward(tiny_llama.model, batch, all_logits=True), batch)
+        got = _opening(tokens, batch)
+        for b, n in enumerate((2, 3)):
+            ids = batch.input_ids[b]
+            first = int(batch.target_mask[b].float().argmax())
+            logits = tiny_llama.model(input_ids=ids[None, batch.attention_mask[b].bool()]).logits[0]
+            offset = int((~batch.attention_mask[b].bool()).sum())  # left padding
+            want = sum(torch.log_softmax(logits[first - offset + j - 1], -1)[ids[first + j]] for j in range(n))
+            assert float(got[b]) == pytest.approx(float(want), abs=1e-4)

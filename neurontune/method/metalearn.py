@@ -1,8 +1,10 @@
 """Meta-learned neuron gains: amplify safety neurons, suppress over-refusal neurons, weights frozen.
 
-Loss on a batch = refusal NLL on harmful (attacked) prompts
+Loss on a batch = refusal NLL on harmful (attacked) prompts (+ opening_weight * -log p(the refusal's opening))
                 + lam_kl * KL(base || modulated) over the base model's own answers to benign prompts
-                + mu * -log(1 - p_refusal) on benign and borderline-safe prompts (over-refusal penalty).
+                + mu * -log(1 - p(a refusal's opening)) on benign and borderline-safe prompts in the same forms
+                  (over-refusal penalty: the opening, its first words, is what decides a refusal; the mean
+                  probability of a whole refusal sentence stays small even when the model refuses).
 Tasks are attack families (plus "plain"); FOMAML takes inner steps on a support batch of one family and
 updates the shared gains with the query-batch gradient at the adapted gains, Reptile moves the shared
 gains towards the adapted ones, and "joint" trains on mixed batches (the control that shows what
@@ -27,7 +29,7 @@ from ..data.prompts import Prompt
 from ..data.splits import Splits, build_splits
 from ..infra.files import default_cache_dir
 from ..interventions.modulation import Modulation, modulate
-from ..model.logprobs import PairBatch, encode_pairs, forward, target_logprob
+from ..model.logprobs import PairBatch, encode_pairs, forward, token_logprobs
 from .base_answers import cached_answers
 from .selection import Selection, SelectionError
 
@@ -150,6 +152,10 @@ class Objective:
         self.lm, self.cfg = lm, cfg
         self.refusals = prompts.targets()["refusal"]
         self.max_length = cfg.attribution.max_length
+        if cfg.meta.over_refusal_span not in ("opening", "target"):
+            raise ValueError(f"meta.over_refusal_span must be 'opening' or 'target', not {cfg.meta.over_refusal_span!r}.")
+        tok = lm.tokenizer  # the tokens of each refusal's opening (its first three words)
+        self.opening = {r: len(tok(" ".join(r.split()[:OPENING_WORDS]), add_special_tokens=False)["input_ids"]) for r in self.refusals}
 
     def batch(self, harmful: list[str], benign: list[str], answers: list[tuple[str, str]]) -> dict[str, PairBatch]:
         """One pair batch per role: attacked prompts are long and benign ones short, so padding them
@@ -161,8 +167,11 @@ class Objective:
             "answers": ([p for p, _ in answers], [a for _, a in answers]),
         }
         eos = {"harmful": self.cfg.meta.refusal_eos, "benign": self.cfg.meta.refusal_eos, "answers": False}
-        return {k: encode_pairs(self.lm.tokenizer, p, t, self.max_length, end_with_eos=eos[k])
-                for k, (p, t) in roles.items() if p}
+        out = {k: encode_pairs(self.lm.tokenizer, p, t, self.max_length, end_with_eos=eos[k]) for k, (p, t) in roles.items() if p}
+        for k in ("harmful", "benign"):
+            if k in out:
+                out[k].opening = torch.tensor([self.opening[t] for t in roles[k][1]])
+        return out
 
     def __call__(self, gains: torch.Tensor, batches: dict[str, PairBatch]) -> tuple[torch.Tensor, dict]:
         model, nmap, m = self.lm.model, self.lm.nmap, self.cfg.meta
@@ -170,11 +179,22 @@ class Objective:
         loss = torch.zeros(())
         with modulate(model, gains, nmap):
             if "harmful" in batches:
-                terms["refusal_nll"] = -target_logprob(forward(model, batches["harmful"]), batches["harmful"], mean=True).mean()
+                hb = batches["harmful"]
+                tokens = token_logprobs(forward(model, hb), hb)  # [B, K-1], zero off-target
+                counts = hb.target_mask.sum(-1).clamp(min=1).to(tokens.device)
+                terms["refusal_nll"] = -(tokens.sum(-1) / counts).mean()
                 loss = loss + terms["refusal_nll"]
+                if m.opening_weight:
+                    terms["opening_nll"] = -_opening(tokens, hb).mean()
+                    loss = loss + m.opening_weight * terms["opening_nll"]
             if "benign" in batches and m.mu_over_refusal:
-                lp = target_logprob(forward(model, batches["benign"]), batches["benign"], mean=True)
-                terms["over_refusal"] = -torch.log1p(-lp.exp().clamp(max=1 - 1e-6)).mean()
+                bb = batches["benign"]
+                tokens = token_logprobs(forward(model, bb), bb)
+                if m.over_refusal_span == "opening":
+                    p = _opening(tokens, bb).exp()
+                else:
+                    p = (tokens.sum(-1) / bb.target_mask.sum(-1).clamp(min=1).to(tokens.device)).exp()
+                terms["over_refusal"] = -torch.log1p(-p.clamp(max=1 - 1e-6)).mean()
                 loss = loss + m.mu_over_refusal * terms["over_refusal"]
             if "answers" in batches and m.lam_kl:
                 sub = batches["answers"]
@@ -188,6 +208,18 @@ class Objective:
             terms["kl"] = (base_lp.exp() * (base_lp - mod_lp)).sum(-1).mean()
             loss = loss + m.lam_kl * terms["kl"]
         return loss, {k: float(v.detach()) for k, v in terms.items()}
+
+
+OPENING_WORDS = 3  # "I'm sorry, but" / "I can't assist" / "No. I won't": the words that decide a refusal
+
+
+def _opening(tokens: torch.Tensor, batch: PairBatch) -> torch.Tensor:
+    """[B] log p(the first `batch.opening[b]` target tokens) from per-token log-probs [B, K-1] (zero off-target)."""
+    k = tokens.shape[1]
+    tmask = batch.target_mask[:, -k:].to(tokens.device)  # aligned with token_logprobs: position t scores token t+1
+    order = tmask.long().cumsum(-1)  # 1 for the first target token, 2 for the second...
+    first = tmask & (order <= batch.opening.to(tokens.device)[:, None])
+    return (tokens * first).sum(-1)
 
 
 def _sample(rng: random.Random, pool: list, n: int) -> list:
