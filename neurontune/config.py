@@ -84,8 +84,8 @@ class MetaConfig:
     gate: bool = False  # also fit an input-conditional gate (neurontune/gating.py)
     gate_bias_shift: float | None = 0.0  # None: chosen on the validation split (gating.choose_bias_shift)
     refusal_eos: bool = True  # refusal targets end with end-of-turn, so the tuned model stops after refusing
-    over_refusal_span: str = "opening"  # the over-refusal penalty reads a refusal's opening (what decides it) or its whole "target"
-    opening_weight: float = 1.0  # also push harmful prompts towards a refusal's opening (-log p of its first words)
+    over_refusal_span: str = "opening"  # the over-refusal penalty reads p(the answer opens with a refusal), or the whole "target"
+    opening_weight: float = 1.0  # also push harmful prompts towards opening with a refusal (-log p(refuse))
 
 
 @dataclass(frozen=True)

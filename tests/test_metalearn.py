@@ -93,11 +93,13 @@ def test_non_finite_loss_stops_and_keeps_last_good_gains(setup, monkeypatch):
 
 
 def test_refusal_targets_end_with_end_of_turn(tiny_llama):
-    """With refusal_eos the harmful/benign refusal targets end with the eos id (scored), answers do not."""
+    """With refusal_eos the harmful/benign refusal targets end with the eos id (scored), answers do not (benign
+    refusal targets are those of the whole-sentence over-refusal penalty)."""
     from neurontune.method.metalearn import Objective
     tok = tiny_llama.tokenizer
-    on = Objective(tiny_llama, RunConfig(model="tiny-llama")).batch(["how to x"], ["bake bread"], [("hi", "hello there")])
-    off = Objective(tiny_llama, RunConfig(model="tiny-llama").replace(meta={"refusal_eos": False})).batch(["how to x"], ["bake bread"], [("hi", "hello there")])
+    cfg = RunConfig(model="tiny-llama").replace(meta={"over_refusal_span": "target"})
+    on = Objective(tiny_llama, cfg).batch(["how to x"], ["bake bread"], [("hi", "hello there")])
+    off = Objective(tiny_llama, cfg.replace(meta={"refusal_eos": False})).batch(["how to x"], ["bake bread"], [("hi", "hello there")])
     for role in ("harmful", "benign"):
         assert on[role].input_ids[0, -1] == tok.eos_token_id and bool(on[role].target_mask[0, -1])
         assert off[role].input_ids[0, -1] != tok.eos_token_id
@@ -105,22 +107,18 @@ def test_refusal_targets_end_with_end_of_turn(tiny_llama):
     assert torch.equal(on["answers"].input_ids, off["answers"].input_ids)
 
 
-def test_opening_logprob_is_the_first_target_tokens(tiny_llama):
-    """The over-refusal penalty reads a refusal's opening: log p of its first target tokens, per row, by brute force."""
-    from neurontune.method.metalearn import _opening
-    from neurontune.model.logprobs import encode_pairs, forward, token_logprobs
+def test_refusal_probability_is_the_sum_over_openings(tiny_llama):
+    """p(refuse) of a prompt = the sum over the refusal openings of p(opening | prompt), each by brute force."""
+    from neurontune.method.metalearn import Objective
+    from neurontune.model.logprobs import encode_pairs, forward, target_logprob
+    obj = Objective(tiny_llama, RunConfig())
     tok = tiny_llama.tokenizer
-    prompts = [chat_prompt(tok, "How do I bake bread?"), chat_prompt(tok, "Write a story about a cat and a very long day")]
-    targets = ["I'm sorry, but no.", "No. I won't."]
-    batch = encode_pairs(tok, prompts, targets)
-    batch.opening = torch.tensor([2, 3])
+    prompts = [chat_prompt(tok, "How do I bake bread?"), chat_prompt(tok, "Write a story about a cat")]
+    batch = obj.batch(prompts, prompts, [])
     with torch.no_grad():
-        tokens = token_logprobs(forward(tiny_llama.model, batch, all_logits=True), batch)
-        got = _opening(tokens, batch)
-        for b, n in enumerate((2, 3)):
-            ids = batch.input_ids[b]
-            first = int(batch.target_mask[b].float().argmax())
-            logits = tiny_llama.model(input_ids=ids[None, batch.attention_mask[b].bool()]).logits[0]
-            offset = int((~batch.attention_mask[b].bool()).sum())  # left padding
-            want = sum(torch.log_softmax(logits[first - offset + j - 1], -1)[ids[first + j]] for j in range(n))
-            assert float(got[b]) == pytest.approx(float(want), abs=1e-4)
+        got = obj._p_refuse(batch["benign_open"])
+        for b, p in enumerate(prompts):
+            want = sum(float(target_logprob(forward(tiny_llama.model, one), one).exp())
+                       for one in (encode_pairs(tok, [p], [o]) for o in obj.openings))
+            assert float(got[b]) == pytest.approx(min(want, 1.0), rel=1e-4)
+    assert "benign" not in batch and batch["harmful_open"].input_ids.shape[0] == 2 * len(obj.openings)

@@ -1,10 +1,11 @@
 """Meta-learned neuron gains: amplify safety neurons, suppress over-refusal neurons, weights frozen.
 
-Loss on a batch = refusal NLL on harmful (attacked) prompts (+ opening_weight * -log p(the refusal's opening))
+Loss on a batch = refusal NLL on harmful (attacked) prompts + opening_weight * -log p(refuse) on them
                 + lam_kl * KL(base || modulated) over the base model's own answers to benign prompts
-                + mu * -log(1 - p(a refusal's opening)) on benign and borderline-safe prompts in the same forms
-                  (over-refusal penalty: the opening, its first words, is what decides a refusal; the mean
-                  probability of a whole refusal sentence stays small even when the model refuses).
+                + mu * -log(1 - p(refuse)) on benign and borderline-safe prompts in the same forms,
+where p(refuse) = the probability that the answer opens with a refusal ("I'm sorry", "I can't", ...: the words
+that decide a refusal, assets/refusal_targets.json "openings"); the mean probability of one whole refusal
+sentence stays small even when the model refuses in its own words, so it cannot measure over-refusal.
 Tasks are attack families (plus "plain"); FOMAML takes inner steps on a support batch of one family and
 updates the shared gains with the query-batch gradient at the adapted gains, Reptile moves the shared
 gains towards the adapted ones, and "joint" trains on mixed batches (the control that shows what
@@ -29,7 +30,7 @@ from ..data.prompts import Prompt
 from ..data.splits import Splits, build_splits
 from ..infra.files import default_cache_dir
 from ..interventions.modulation import Modulation, modulate
-from ..model.logprobs import PairBatch, encode_pairs, forward, token_logprobs
+from ..model.logprobs import PairBatch, encode_pairs, forward, target_logprob
 from .base_answers import cached_answers
 from .selection import Selection, SelectionError
 
@@ -154,8 +155,7 @@ class Objective:
         self.max_length = cfg.attribution.max_length
         if cfg.meta.over_refusal_span not in ("opening", "target"):
             raise ValueError(f"meta.over_refusal_span must be 'opening' or 'target', not {cfg.meta.over_refusal_span!r}.")
-        tok = lm.tokenizer  # the tokens of each refusal's opening (its first three words)
-        self.opening = {r: len(tok(" ".join(r.split()[:OPENING_WORDS]), add_special_tokens=False)["input_ids"]) for r in self.refusals}
+        self.openings = prompts.targets().get("openings") or tuple(" ".join(r.split()[:2]) for r in self.refusals[:3])
 
     def batch(self, harmful: list[str], benign: list[str], answers: list[tuple[str, str]]) -> dict[str, PairBatch]:
         """One pair batch per role: attacked prompts are long and benign ones short, so padding them
@@ -168,9 +168,13 @@ class Objective:
         }
         eos = {"harmful": self.cfg.meta.refusal_eos, "benign": self.cfg.meta.refusal_eos, "answers": False}
         out = {k: encode_pairs(self.lm.tokenizer, p, t, self.max_length, end_with_eos=eos[k]) for k, (p, t) in roles.items() if p}
-        for k in ("harmful", "benign"):
-            if k in out:
-                out[k].opening = torch.tensor([self.opening[t] for t in roles[k][1]])
+        m, o = self.cfg.meta, self.openings  # every prompt with every refusal opening: p(the answer starts by refusing)
+        if harmful and m.opening_weight:
+            out["harmful_open"] = encode_pairs(self.lm.tokenizer, [p for p in harmful for _ in o], list(o) * len(harmful), self.max_length)
+        if benign and m.over_refusal_span == "opening":
+            out["benign_open"] = encode_pairs(self.lm.tokenizer, [p for p in benign for _ in o], list(o) * len(benign), self.max_length)
+        if m.over_refusal_span == "opening":
+            out.pop("benign", None)
         return out
 
     def __call__(self, gains: torch.Tensor, batches: dict[str, PairBatch]) -> tuple[torch.Tensor, dict]:
@@ -179,21 +183,16 @@ class Objective:
         loss = torch.zeros(())
         with modulate(model, gains, nmap):
             if "harmful" in batches:
-                hb = batches["harmful"]
-                tokens = token_logprobs(forward(model, hb), hb)  # [B, K-1], zero off-target
-                counts = hb.target_mask.sum(-1).clamp(min=1).to(tokens.device)
-                terms["refusal_nll"] = -(tokens.sum(-1) / counts).mean()
+                terms["refusal_nll"] = -target_logprob(forward(model, batches["harmful"]), batches["harmful"], mean=True).mean()
                 loss = loss + terms["refusal_nll"]
-                if m.opening_weight:
-                    terms["opening_nll"] = -_opening(tokens, hb).mean()
-                    loss = loss + m.opening_weight * terms["opening_nll"]
-            if "benign" in batches and m.mu_over_refusal:
-                bb = batches["benign"]
-                tokens = token_logprobs(forward(model, bb), bb)
-                if m.over_refusal_span == "opening":
-                    p = _opening(tokens, bb).exp()
-                else:
-                    p = (tokens.sum(-1) / bb.target_mask.sum(-1).clamp(min=1).to(tokens.device)).exp()
+            if "harmful_open" in batches:
+                terms["opening_nll"] = -torch.log(self._p_refuse(batches["harmful_open"]).clamp(min=1e-9)).mean()
+                loss = loss + m.opening_weight * terms["opening_nll"]
+            if m.mu_over_refusal and ("benign_open" in batches or "benign" in batches):
+                if "benign_open" in batches:
+                    p = self._p_refuse(batches["benign_open"])
+                else:  # the mean token probability of a whole refusal sentence
+                    p = target_logprob(forward(model, batches["benign"]), batches["benign"], mean=True).exp()
                 terms["over_refusal"] = -torch.log1p(-p.clamp(max=1 - 1e-6)).mean()
                 loss = loss + m.mu_over_refusal * terms["over_refusal"]
             if "answers" in batches and m.lam_kl:
@@ -209,17 +208,11 @@ class Objective:
             loss = loss + m.lam_kl * terms["kl"]
         return loss, {k: float(v.detach()) for k, v in terms.items()}
 
-
-OPENING_WORDS = 3  # "I'm sorry, but" / "I can't assist" / "No. I won't": the words that decide a refusal
-
-
-def _opening(tokens: torch.Tensor, batch: PairBatch) -> torch.Tensor:
-    """[B] log p(the first `batch.opening[b]` target tokens) from per-token log-probs [B, K-1] (zero off-target)."""
-    k = tokens.shape[1]
-    tmask = batch.target_mask[:, -k:].to(tokens.device)  # aligned with token_logprobs: position t scores token t+1
-    order = tmask.long().cumsum(-1)  # 1 for the first target token, 2 for the second...
-    first = tmask & (order <= batch.opening.to(tokens.device)[:, None])
-    return (tokens * first).sum(-1)
+    def _p_refuse(self, batch: PairBatch) -> torch.Tensor:
+        """[B] probability that each prompt's answer opens with one of the refusal openings (they share no prefix
+        beyond a first word, so the sum is the probability of any of them)."""
+        lp = target_logprob(forward(self.lm.model, batch), batch)  # [B * K], log p(opening | prompt)
+        return lp.view(-1, len(self.openings)).exp().sum(-1).clamp(max=1.0)
 
 
 def _sample(rng: random.Random, pool: list, n: int) -> list:
