@@ -72,7 +72,7 @@ def test_tradeoff_picker_sets_sliders_gains_and_exports_that_point(app, scored):
     points = out["points"]
     assert [row[:3] for row in points["data"]] == [[0, 5, 2], [1, 20, 5]] and "split" in points["headers"]
     fig = json.loads(out["tradeoff"]["plot"])
-    assert "test split" in fig["layout"]["title"]["text"]
+    assert "validation split" in fig["layout"]["title"]["text"]  # the sweep never reads test
     sweep_dir = Path(re.search(r"Written to `([^`]+)`", out["eval_status"]).group(1))
     picked = scored.call("pick_point", 1, *VIEW)
     assert picked["k_safety"] == 20 and picked["k_utility"] == 5, (picked["k_safety"], picked["k_utility"])
@@ -119,7 +119,8 @@ def test_form_check_of_prompt_files(app, tmp_path):
     benign.write_text("prompt\n" + "\n".join(f"What is the capital of country number {i}?" for i in range(40)) + "\n")
     out = s.call("load_model", "tiny-llama", False, app[2], False, handle_file(str(harmful)), handle_file(str(benign)), None, *VIEW)
     check = out["form_check"]
-    assert "Separable by form" in check and "What to do" in check and "ends with ?" in check, check
+    assert "Separable by form" in check and "What to do" in check, check
+    assert "first word 'explain'" in check and "ends with none" in check, check  # the features that give it away
     assert float(re.search(r"accuracy \*\*([\d.]+)\*\*", check).group(1)) > 0.65
     assert s.load()["form_check"] == ""  # the built-in sets: nothing to check
 
