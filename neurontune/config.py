@@ -84,8 +84,11 @@ class MetaConfig:
     gate: bool = False  # also fit an input-conditional gate (neurontune/gating.py)
     gate_bias_shift: float | None = 0.0  # None: chosen on the validation split (gating.choose_bias_shift)
     refusal_eos: bool = True  # refusal targets end with end-of-turn, so the tuned model stops after refusing
-    over_refusal_span: str = "opening"  # the over-refusal penalty reads p(the answer opens with a refusal), or the whole "target"
-    opening_weight: float = 1.0  # also push harmful prompts towards opening with a refusal (-log p(refuse))
+    # The over-refusal penalty reads the whole refusal "target" sentence, or p(the answer "opening" is a refusal);
+    # opening_weight > 0 also pushes harmful prompts towards a refusal opening. The opening terms measure refusal
+    # better but, on validation, made the gains over-refuse more (docs/method.md, E6/E8), so they are opt-in.
+    over_refusal_span: str = "target"
+    opening_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,10 @@ class EvalConfig:
 
 QUICK_EVAL = EvalConfig(n_harmful=12, n_per_family=6, n_benign=12, n_borderline=8, n_benign_per_family=4, n_ppl=16,
                         max_new_tokens=40)
-FULL_EVAL = EvalConfig()
+# What `evaluate` uses without --quick: sized so that three training seeds x every baseline, static and gated
+# (about 25 evaluations of 240 generations), fit in about 1.5 h on a 2-core CPU. EvalConfig() is larger still.
+FULL_EVAL = EvalConfig(n_harmful=20, n_per_family=8, n_benign=16, n_borderline=12, n_benign_per_family=4, n_ppl=24,
+                       max_new_tokens=40)
 
 
 @dataclass(frozen=True)

@@ -111,7 +111,7 @@ def test_refusal_probability_is_the_sum_over_openings(tiny_llama):
     """p(refuse) of a prompt = the sum over the refusal openings of p(opening | prompt), each by brute force."""
     from neurontune.method.metalearn import Objective
     from neurontune.model.logprobs import encode_pairs, forward, target_logprob
-    obj = Objective(tiny_llama, RunConfig())
+    obj = Objective(tiny_llama, RunConfig().replace(meta={"over_refusal_span": "opening", "opening_weight": 1.0}))
     tok = tiny_llama.tokenizer
     prompts = [chat_prompt(tok, "How do I bake bread?"), chat_prompt(tok, "Write a story about a cat")]
     batch = obj.batch(prompts, prompts, [])

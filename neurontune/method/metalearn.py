@@ -3,9 +3,10 @@
 Loss on a batch = refusal NLL on harmful (attacked) prompts + opening_weight * -log p(refuse) on them
                 + lam_kl * KL(base || modulated) over the base model's own answers to benign prompts
                 + mu * -log(1 - p(refuse)) on benign and borderline-safe prompts in the same forms,
-where p(refuse) = the probability that the answer opens with a refusal ("I'm sorry", "I can't", ...: the words
-that decide a refusal, assets/refusal_targets.json "openings"); the mean probability of one whole refusal
-sentence stays small even when the model refuses in its own words, so it cannot measure over-refusal.
+where p(refuse) is, with over_refusal_span="target" (default), the per-token probability of a refusal sentence,
+and with "opening" the probability that the answer opens with a refusal ("I'm sorry", "I can't", ...:
+assets/refusal_targets.json "openings"). The opening is the better measurement, but on validation it made the
+gains over-refuse more (docs/method.md), so it is opt-in.
 Tasks are attack families (plus "plain"); FOMAML takes inner steps on a support batch of one family and
 updates the shared gains with the query-batch gradient at the adapted gains, Reptile moves the shared
 gains towards the adapted ones, and "joint" trains on mixed batches (the control that shows what
