@@ -100,6 +100,11 @@ def evaluate_run(lm, run: str | Path | RunFolder, cfg: RunConfig | None = None, 
                        "seconds": time.perf_counter() - start}, table)
     folder.write_generations(results)
     log(markdown(table, blocks))
+    for title, prefixes in (("by phrasing group", ("harmful_refusal/", "benign_over_refusal/", "borderline_over_refusal/")),
+                            ("refusal by attack family", ("refusal/",))):
+        columns = [c for c in table.columns if c.startswith(prefixes) and ":" not in c]
+        if columns:
+            log(f"\n{split} split, {title}:\n" + markdown(table, blocks, columns))
     log(f"{split} split, {max(1, seeds)} seed(s); {audit_result.summary()}")
     log(f"Evaluation took {time.perf_counter() - start:.0f} s; wrote {folder.file(RunFolder.EVAL)} and {RunFolder.GENERATIONS}")
     return table
