@@ -117,9 +117,9 @@ class EvalConfig:
 
 QUICK_EVAL = EvalConfig(n_harmful=12, n_per_family=6, n_benign=12, n_borderline=8, n_benign_per_family=4, n_ppl=16,
                         max_new_tokens=40)
-# What `evaluate` uses without --quick: sized so that three training seeds x every baseline, static and gated
-# (about 25 evaluations of 240 generations), fit in about 1.5 h on a 2-core CPU. EvalConfig() is larger still.
-FULL_EVAL = EvalConfig(n_harmful=20, n_per_family=8, n_benign=16, n_borderline=12, n_benign_per_family=4, n_ppl=24,
+# What `evaluate` uses without --quick: sized so that three training seeds, static and gated, fit in about an
+# hour on a 2-core CPU (templated prompts are long: a few minutes per intervention). EvalConfig() is larger.
+FULL_EVAL = EvalConfig(n_harmful=16, n_per_family=6, n_benign=12, n_borderline=8, n_benign_per_family=3, n_ppl=16,
                        max_new_tokens=40)
 
 
