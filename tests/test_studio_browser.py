@@ -143,7 +143,7 @@ def test_readme_screenshots_on_the_shipped_run(studio_url):
             page.goto(studio_url, wait_until="domcontentloaded")
             expect(page.get_by_text("the shipped").first).to_be_visible(timeout=60_000)
             page.get_by_role("tab", name="5 · Evaluate").click()
-            expect(page.locator("#eval-table")).to_contain_text("neurontune-gated", timeout=30_000)
+            expect(page.locator("#eval-table")).to_contain_text("neurontune + gate", timeout=30_000)
             page.get_by_role("tab", name="4 · Compare").click()
             expect(page.locator("#pane-tuned .message-row")).to_have_count(2, timeout=30_000)
             print(f"page load to filled Compare and Evaluate: {time.perf_counter() - start:.1f} s")

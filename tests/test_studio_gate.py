@@ -1,4 +1,4 @@
-"""The studio's input gate on the tiny model: the Compare tab's right pane is "neurontune-gated" when the
+"""The studio's input gate on the tiny model: the Compare tab's right pane is "neurontune + gate" when the
 session's gains have a gate. A gate forced shut gives exactly the base answer and one forced open exactly
 the static gains' answer; the s used in chat is the s `GatedModulation` measures; a training in the studio
 (meta.gate on) leaves the session with a gate; gate files for another model are refused."""

@@ -1,7 +1,7 @@
 """Your prompts, in bulk: the base and the tuned model answer a researcher's own list in batched calls (each
 batch holds the base row and the tuned row of every prompt: per-row gains, as the side-by-side chat does),
 every answer judged, with the input gate's strength per prompt when the gains have a gate (the tuned row
-then applies strength × s, as the evaluation's "neurontune-gated"). The studio's bulk table uses it."""
+then applies strength × s, as the evaluation's "neurontune + gate"). The studio's bulk table uses it."""
 from __future__ import annotations
 
 import threading

@@ -25,6 +25,9 @@ from .hooks import scoped_pre_hooks
 from .modulation import Modulation
 
 
+GATED = " + gate"  # suffix of a gated row's name: the same intervention scaled per prompt by the gate
+
+
 @dataclass
 class GateProbe:
     layers: torch.Tensor  # [k] layer of each feature neuron
@@ -224,7 +227,7 @@ class GatedModulation:
     modulation: Modulation
     probe: GateProbe
     meta: dict = field(default_factory=lambda: {"gated": True})
-    name: str = "neurontune-gated"
+    name: str = "neurontune" + GATED
 
     @property
     def fingerprint(self):

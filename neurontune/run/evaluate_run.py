@@ -17,12 +17,11 @@ from ..eval.baselines import BASELINES, build_baselines
 from ..eval.harness import EvalResult, evaluate_many
 from ..eval.report import markdown, summarise
 from ..infra import distributed as dist
-from ..interventions.gating import Gated, GatedModulation, fit_gate_for_run
+from ..interventions.gating import GATED, Gated, GatedModulation, fit_gate_for_run
 from ..method.metalearn import train_gains
 from ..method.selection import select
 from .folder import RunFolder
 
-GATED = " + gate"  # suffix of a gated row: the same intervention scaled per prompt by NeuronTune's gate
 
 
 def style_audit(splits: Splits, split: str) -> StyleAudit:

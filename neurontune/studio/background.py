@@ -153,7 +153,7 @@ def _run_with_gains(studio: Studio, session: Session) -> Path:
     folder = RunFolder(run)
     if not folder.has(RunFolder.MODULATION) or session.run_dir is None:
         folder.write_modulation(session.modulation)
-        if session.gate is not None:  # evaluated as "neurontune-gated" too
+        if session.gate is not None:  # evaluated as "neurontune + gate" too
             folder.write_gate(session.gate)
     session.run_dir = str(run)
     return run

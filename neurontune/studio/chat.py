@@ -1,7 +1,7 @@
 """Side-by-side chat: the base model (left) and the session's modulated model (right) answer the same
 conversation in ONE batched, streamed generate call (per-row gains), each answer with the judge's verdict.
 When the gains have an input gate, the right row's gains are scaled by the gate's strength s for the last
-user message, read alone (one unmodulated forward of it first, as the evaluation's "neurontune-gated" reads a
+user message, read alone (one unmodulated forward of it first, as the evaluation's "neurontune + gate" reads a
 single prompt): an earlier harmful turn does not hold the gate open for the next message."""
 from __future__ import annotations
 

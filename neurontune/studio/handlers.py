@@ -232,7 +232,7 @@ def gains_text(session: Session) -> str:
         return text + " (static: no input gate)."
     accuracy = f", training accuracy {gate.train_accuracy:.0%}" if gate.train_accuracy else ""
     return (text + f" and by an **input gate** (a probe on {len(gate.layers):,} neurons{accuracy}): the right pane applies "
-            "strength × s, s from 0 (prompt looks benign) to 1 (looks harmful), as “neurontune-gated” in the evaluation.")
+            "strength × s, s from 0 (prompt looks benign) to 1 (looks harmful), as “neurontune + gate” in the evaluation.")
 
 
 def gate_props(session: Session) -> dict:

@@ -4,6 +4,7 @@ waiting minutes for "Run the whole flow", which still redoes everything live. A 
 and checks the snapshot; this only puts it into a session and onto the page."""
 from __future__ import annotations
 
+from ..interventions.gating import GATED
 from ..method.selection import select
 from . import background, handlers
 from .chat import display
@@ -17,10 +18,10 @@ SOURCE_NOTE = ("\n\n**Opened on** {what}: the heatmap, the gains with their inpu
 def example_pair(generations: list[dict], heldout: list[str]) -> tuple[str, str, str] | None:
     """(prompt, base answer, gated answer) of the shipped evaluation: a held-out attack family's prompt that
     the base model answered and the gated model refused, when there is one (else the first attacked prompt)."""
-    rows = [r for r in generations if r.get("intervention") in ("neurontune-gated", "neurontune") and r.get("category") == "attacked"]
+    rows = [r for r in generations if r.get("intervention") in ("neurontune" + GATED, "neurontune") and r.get("category") == "attacked"]
     if not rows:
         return None
-    gated = [r for r in rows if r.get("intervention") == "neurontune-gated"] or rows
+    gated = [r for r in rows if r.get("intervention") == "neurontune" + GATED] or rows
     best = [r for r in gated if r.get("family") in heldout and r.get("refusal") and not r.get("base_refusal")]
     r = (best or gated)[0]
     return r["prompt"], r.get("base_answer", ""), r.get("answer", "")
