@@ -56,7 +56,7 @@ HOW = {  # the "how to read this" line of each tab
                "the line under each answer is the refusal judge's verdict. Strength 0 makes the right pane the base model. "
                "Trained gains come with an **input gate**: it reads your last message alone (an earlier harmful turn does not hold it "
                "open) and measures s (0 = looks benign, 1 = looks harmful); the right pane applies strength × s, what the evaluation "
-               "calls “neurontune-gated”; untick it for the static gains.",
+               "calls “neurontune + gate”; untick it for the static gains.",
     "evaluate": "Held-out harmful prompts and unseen attack families (refusal ↑ is better), benign and borderline prompts "
                 "(over-refusal ↓), perplexity ratio ≈ 1 and multiple choice accuracy (utility kept). The sweep trains gains at each "
                 "(k_safety, k_utility) and keeps them: **click a point** (or a table row) to make it the session's, then Compare or Export it.",

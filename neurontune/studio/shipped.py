@@ -15,6 +15,14 @@ SOURCE_NOTE = ("\n\n**Opened on** {what}: the heatmap, the gains with their inpu
                "jailbreak); any tab's buttons work as well.")
 
 
+def _eval_scope(summary: dict | None) -> str:
+    """'the test split, 3 training seeds (mean ± sd [Wilson 95 %])', from the run's eval.json."""
+    summary = summary or {}
+    seeds = summary.get("seeds", 1)
+    return (f"held-out prompts of the {summary.get('split', 'test')} split, {seeds} training seed{'s' if seeds != 1 else ''}"
+            + (" (mean ± sd [Wilson 95 %])" if seeds != 1 else " [Wilson 95 %]"))
+
+
 def example_pair(generations: list[dict], heldout: list[str]) -> tuple[str, str, str] | None:
     """(prompt, base answer, gated answer) of the shipped evaluation: a held-out attack family's prompt that
     the base model answered and the gated model refused, when there is one (else the first attacked prompt)."""
@@ -45,8 +53,8 @@ def open_shipped(studio: Studio, session: Session, kind: str = "safety", layer: 
            **handlers.slider_limits(lm, session), **handlers.views(studio, session, kind, layer, top),
            "active_gains": handlers.gains_text(session), "use_gate": handlers.gate_toggle(session),
            **background.eval_views(snap.folder.path),
-           "eval_status": f"The evaluation of {snap.describe()}: held-out prompts, quick settings. **Run evaluation** "
-                          "measures the session's current gains live.",
+           "eval_status": f"The evaluation of {snap.describe()}: {_eval_scope(snap.folder.eval_summary())}. "
+                          "**Run evaluation** measures the session's current gains live.",
            "flow_status": "✓ Showing the shipped run. **▶ Run the whole flow** to redo it live."}
     engine = studio.card_engine(session)
     if not engine.ready:  # the first neuron card then finds the pool activations computed (or read from the disk cache)
