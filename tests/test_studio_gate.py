@@ -106,16 +106,11 @@ def test_chat_gate_strength_equals_gated_modulation(app):
     message alone (the evaluation's single prompt): the gate reads the message, not the whole conversation."""
     from neurontune.data import chat as chatfmt
     from neurontune.data import prompts as sets
-    from neurontune.interventions.gating import GatedModulation, fit_gate
+    from neurontune.interventions.gating import GatedModulation
     from neurontune.interventions.generation import generate
-    from neurontune.studio import chat, handlers
+    from neurontune.studio import chat
 
-    studio, _, _ = app
-    lm = studio.models.get("tiny-llama")
-    mod = random_modulation(lm.shape, 80, seed=1, low=1.5, high=3.0, fingerprint=lm.fingerprint)
-    probe = fit_gate(lm, mod, [p.text for p in sets.harmful()[:16]], [p.text for p in sets.benign()[:16]])
-    session = studio.new_session()
-    handlers.set_gains(session, mod, "test gains", gate=probe)
+    studio, lm, mod, probe, session = _gated_session(app, seed=1)
     strengths = []
     for message in (sets.harmful()[20].text, sets.benign()[20].text):
         session.chat = [[], []]
@@ -133,15 +128,9 @@ def test_chat_gate_strength_equals_gated_modulation(app):
 def test_a_previous_harmful_turn_does_not_open_the_gate_for_the_next(app):
     """Multi-turn: a benign follow-up after a harmful turn gets the s it gets as a first message."""
     from neurontune.data import prompts as sets
-    from neurontune.interventions.gating import fit_gate
-    from neurontune.studio import chat, handlers
+    from neurontune.studio import chat
 
-    studio, _, _ = app
-    lm = studio.models.get("tiny-llama")
-    mod = random_modulation(lm.shape, 80, seed=2, low=1.5, high=3.0, fingerprint=lm.fingerprint)
-    probe = fit_gate(lm, mod, [p.text for p in sets.harmful()[:16]], [p.text for p in sets.benign()[:16]])
-    session = studio.new_session()
-    handlers.set_gains(session, mod, "test gains", gate=probe)
+    studio, _, _, _, session = _gated_session(app, seed=2)
     benign, harmful = sets.benign()[30].text, sets.harmful()[30].text
     list(chat.chat(studio, session, benign, max_new_tokens=4))
     alone = session.chat[1][-1]["gate"]
@@ -175,3 +164,18 @@ def test_training_in_the_studio_leaves_a_gate(app):
     assert run.name in out["gains_status"] and "input gate" in out["active_gains"]
     left2, right2, status2 = other.chat()
     assert (left2, right2) == (left, right) and re.search(r"gate [01]\.\d\d: ", status2).group(0) in status
+
+
+def _gated_session(app, seed: int):
+    """A studio session on the tiny model with random gains (80 neurons, 1.5-3x) and a gate fitted for them."""
+    from neurontune.data import prompts as sets
+    from neurontune.interventions.gating import fit_gate
+    from neurontune.studio import handlers
+
+    studio, _, _ = app
+    lm = studio.models.get("tiny-llama")
+    mod = random_modulation(lm.shape, 80, seed=seed, low=1.5, high=3.0, fingerprint=lm.fingerprint)
+    probe = fit_gate(lm, mod, [p.text for p in sets.harmful()[:16]], [p.text for p in sets.benign()[:16]])
+    session = studio.new_session()
+    handlers.set_gains(session, mod, "test gains", gate=probe)
+    return studio, lm, mod, probe, session

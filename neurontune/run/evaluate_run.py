@@ -23,7 +23,6 @@ from ..method.selection import select
 from .folder import RunFolder
 
 
-
 def style_audit(splits: Splits, split: str) -> StyleAudit:
     """Can the training pools' form predict harmful vs harmless on the evaluated split? (plain requests)"""
     def texts(kind: str, part: str) -> list[str]:

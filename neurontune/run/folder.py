@@ -151,13 +151,7 @@ class RunFolder:
         files.write_text(self.file(self.EVAL_TABLE), table.to_csv())
 
     def eval_summary(self) -> dict | None:
-        if not self.has(self.EVAL):
-            return None
-        try:
-            summary = json.loads(self.file(self.EVAL).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        return summary if isinstance(summary, dict) else None
+        return self._json_dict(self.EVAL)
 
     def eval_table(self) -> list[dict] | None:
         """The evaluation table's rows (one dict per intervention), or None when not evaluated."""
@@ -195,13 +189,17 @@ class RunFolder:
 
     def snapshot(self) -> dict | None:
         """The snapshot manifest, or None when this folder is not a snapshot (or it is unreadable)."""
-        if not self.has(self.SNAPSHOT):
+        return self._json_dict(self.SNAPSHOT)
+
+    def _json_dict(self, name: str) -> dict | None:
+        """A JSON object file of the run, or None when it is missing, unreadable or not an object."""
+        if not self.has(name):
             return None
         try:
-            manifest = json.loads(self.file(self.SNAPSHOT).read_text(encoding="utf-8"))
+            value = json.loads(self.file(name).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
-        return manifest if isinstance(manifest, dict) else None
+        return value if isinstance(value, dict) else None
 
     def _jsonl(self, name: str) -> list[dict]:
         if not self.has(name):

@@ -16,7 +16,7 @@ SOURCE_NOTE = ("\n\n**Opened on** {what}: the heatmap, the gains with their inpu
 
 
 def _eval_scope(summary: dict | None) -> str:
-    """'the test split, 3 training seeds (mean ± sd [Wilson 95 %])', from the run's eval.json."""
+    """'held-out prompts of the test split, 3 training seeds (mean ± sd [Wilson 95 %])', from eval.json."""
     summary = summary or {}
     seeds = summary.get("seeds", 1)
     return (f"held-out prompts of the {summary.get('split', 'test')} split, {seeds} training seed{'s' if seeds != 1 else ''}"
