@@ -1,4 +1,4 @@
-"""Command line: `python -m neurontune {attribute,tune,evaluate,sweep,neuron,snapshot,export,generate} --help`.
+"""Command line: `python -m neurontune {attribute,tune,evaluate,sweep,separability,neuron,snapshot,export,generate} --help`.
 
 Every command drives the same engine as the studio, shows a progress bar and ends with a summary.
 """
@@ -261,6 +261,24 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_separability(args) -> int:
+    from .config import load_preset
+    from .data.splits import build_splits
+    from .eval.separability import probe_ceiling, summary
+    if not 0 < args.fpr < 1:
+        raise ValueError(f"--fpr is a share of harmless prompts, strictly between 0 and 1, not {args.fpr}.")
+    lm = _load(args)
+    start = time.perf_counter()
+    table = probe_ceiling(lm, build_splits(load_preset(args.preset).data), split=args.split, fpr=args.fpr)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"\n{args.split} split, {lm.name}: " + summary(table, args.fpr) + f" ({time.perf_counter() - start:.0f} s)")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(args.out, index=False)
+        print(f"Wrote {args.out}.")
+    return 0
+
+
 def cmd_neuron(args) -> int:
     from .data.splits import build_splits
     from .eval.neuron_card import CardEngine, role_of
@@ -349,6 +367,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", default="250:0,750:250,1500:500,3000:1000", help="comma list of k_safety:k_utility")
     p.add_argument("--out", required=True, help="folder for sweep.csv and tradeoff.html")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("separability", help="how well each layer's prompt-end residual separates harmful from harmless "
+                       "prompts (a linear probe fitted on train): a ceiling for any prompt-blind intervention")
+    _model_args(p)
+    p.add_argument("--preset", default="balanced", help="preset whose data settings give the pools (default balanced)")
+    p.add_argument("--split", default="validation", choices=["validation", "test"], help="split the probe is scored on (default validation)")
+    p.add_argument("--fpr", type=float, default=0.05, help="share of harmless prompts the threshold may flag (default 0.05)")
+    p.add_argument("--out", default=None, help="also write the per-layer table to this CSV file")
+    p.set_defaults(func=cmd_separability)
 
     p = sub.add_parser("neuron", help="one neuron's card: scores and ranks, the prompts that make it fire, the tokens it promotes, its refusal effect")
     _model_args(p)

@@ -83,12 +83,19 @@ class MetaConfig:
     seed: int = 0
     gate: bool = False  # also fit an input-conditional gate (neurontune/gating.py)
     gate_bias_shift: float | None = 0.0  # None: chosen on the validation split (gating.choose_bias_shift)
+    # What the gate reads: "amplified" (the 256 most amplified neurons) or "layer" (every neuron of the layer
+    # whose probe separates validation prompts best; docs/method.md E11)
+    gate_features: str = "amplified"
     refusal_eos: bool = True  # refusal targets end with end-of-turn, so the tuned model stops after refusing
     # The over-refusal penalty reads the whole refusal "target" sentence, or p(the answer "opening" is a refusal);
     # opening_weight > 0 also pushes harmful prompts towards a refusal opening. The opening terms measure refusal
     # better but, on validation, made the gains over-refuse more (docs/method.md, E6/E8), so they are opt-in.
     over_refusal_span: str = "target"
     opening_weight: float = 0.0
+
+    def __post_init__(self):
+        if self.gate_features not in ("amplified", "layer"):
+            raise ValueError(f"meta.gate_features must be 'amplified' or 'layer', not {self.gate_features!r}.")
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ def tiny_preset(tmp_path_factory):
 
 def test_help_explains_every_command():
     out = subprocess.run([sys.executable, "-m", "neurontune", "--help"], capture_output=True, text=True, check=True).stdout
-    for cmd in ("attribute", "tune", "evaluate", "sweep", "neuron", "snapshot", "export", "generate"):
+    for cmd in ("attribute", "tune", "evaluate", "sweep", "separability", "neuron", "snapshot", "export", "generate"):
         assert cmd in out
     out = subprocess.run([sys.executable, "-m", "neurontune", "tune", "--help"], capture_output=True, text=True, check=True).stdout
     assert "--k-safety" in out and "--preset" in out

@@ -154,10 +154,41 @@ def test_bias_shift_is_chosen_on_validation(tiny_llama):
     assert chosen.bias - chosen.bias_shift == pytest.approx(fixed.bias - 1.5)  # the same fitted probe underneath
     unshifted = GatedModulation(mod, fixed).probe
     unshifted.bias -= 1.5
-    pos, neg = gating._gate_pools(splits, "validation", 48, 6)
+    pos, neg = splits.harm_pools("validation", 48, 6)
     def youden(shift):
         s_pos = gating.gate_strength(tiny_llama, unshifted, [chat_prompt(tiny_llama.tokenizer, t) for t in pos])
         s_neg = gating.gate_strength(tiny_llama, unshifted, [chat_prompt(tiny_llama.tokenizer, t) for t in neg])
         logit = lambda s: torch.log(s) - torch.log1p(-s)  # noqa: E731
         return float((logit(s_pos) + shift > 0).float().mean() - (logit(s_neg) + shift > 0).float().mean())
     assert youden(chosen.bias_shift) >= max(youden(s) for s in (-2.0, 0.0, 2.0)) - 1e-9
+
+
+def test_layer_gate_reads_the_layer_that_separates_validation_best(tiny_llama, tmp_path):
+    """features="layer": every neuron of one layer, the layer whose probe (fitted on train) ranks the validation
+    prompts best, checked against fitting every layer by hand; it saves, loads and gates like any probe."""
+    from neurontune.config import DataConfig
+    from neurontune.data.splits import build_splits
+    from neurontune.infra.probes import fit_probe, roc_auc
+    from neurontune.interventions import gating
+    lm, splits = tiny_llama, build_splits(DataConfig())
+    n_layers, n_neurons = lm.shape
+    pos, neg = [p.text for p in splits.harmful_train[:12]], [p.text for p in splits.benign_train[:12]]
+    vpos, vneg = splits.harm_pools("validation", 8, 2)
+    probe = gating.fit_layer_gate(lm, pos, neg, vpos, vneg)
+    assert len(set(probe.layers.tolist())) == 1 and probe.neurons.tolist() == list(range(n_neurons))
+
+    def acts(texts, layer):
+        return gating._last_token_acts(lm, [chat_prompt(lm.tokenizer, t) for t in texts], torch.full((n_neurons,), layer),
+                                       torch.arange(n_neurons))
+    aucs = {}
+    for layer in range(1, n_layers):  # layer 0 reads the same template token for every prompt
+        mean, std, w, b = fit_probe(acts(pos + neg, layer), torch.tensor([1.0] * 12 + [0.0] * 12))
+        z = ((acts(vpos + vneg, layer) - mean) / std) @ w + b
+        aucs[layer] = roc_auc(z[: len(vpos)], z[len(vpos):])
+    assert int(probe.layers[0]) == max(aucs, key=lambda l: (aucs[l], -l))
+    probe.save(tmp_path / "gate.safetensors")
+    back = gating.GateProbe.load(tmp_path / "gate.safetensors", shape=lm.shape)
+    texts = [chat_prompt(lm.tokenizer, t) for t in vpos[:2] + vneg[:2]]
+    assert torch.allclose(gating.gate_strength(lm, back, texts), gating.gate_strength(lm, probe, texts))
+    with pytest.raises(ValueError, match="amplified"):
+        gating.fit_gate_for_run(lm, random_modulation(lm.shape, 10, fingerprint=lm.fingerprint), splits, features="neurons")

@@ -84,6 +84,16 @@ class Splits:
         pool = getattr(self, kind)[split]
         return attacks.attacked(pool[:n_per_family], chosen)
 
+    def harm_pools(self, split: str, n: int, per_family: int) -> tuple[list[str], list[str]]:
+        """(harmful, harmless) texts of one split, plain and wrapped in the training attack families in both pools
+        alike, so that a template alone does not tell them apart: the first `n` harmful requests and `per_family`
+        per family; harmless = 70 % benign, 30 % borderline-safe, in the same proportions inside the families."""
+        positive = [p.text for p in self.harmful[split][:n]] + [p.text for p in self.attacked("harmful", split, per_family, self.train_families)]
+        negative = ([p.text for p in self.benign[split][: n * 7 // 10]] + [p.text for p in self.borderline[split][: n * 3 // 10]]
+                    + [p.text for p in self.attacked("benign", split, per_family * 2 // 3, self.train_families)]
+                    + [p.text for p in self.attacked("borderline", split, per_family - per_family * 2 // 3, self.train_families)])
+        return positive, negative
+
     def attacked_train(self, n_per_family: int) -> list[Prompt]:
         """Training harmful prompts wrapped in each training family."""
         return self.attacked("harmful", "train", n_per_family)

@@ -62,11 +62,12 @@ def build_baselines(lm, cfg: RunConfig, scores: NeuronScores, tuned: Modulation,
         out[NAMES["random"]] = train_gains(lm, random_selection(selection, cfg.meta.seed), cfg, splits=splits,
                                            cache_dir=cache_dir, cancel=cancel).modulation
     if "direction" in names:
-        out.update(directions if directions is not None else fit_directions(lm, splits, tuned, cancel=cancel, log=log))
+        out.update(directions if directions is not None else fit_directions(lm, splits, tuned, progress=progress, cancel=cancel, log=log))
     return out
 
 
-def fit_directions(lm, splits: Splits, tuned: Modulation, *, cancel=None, log: Callable[[str], None] = print) -> dict:
+def fit_directions(lm, splits: Splits, tuned: Modulation, *, progress=None, cancel=None,
+                   log: Callable[[str], None] = print) -> dict:
     """Both refusal directions, each with its layer and coefficient chosen on validation to match the tuned
     gains' validation refusal (see `direction.choose_layer_and_coef`)."""
     from .direction import choose_layer_and_coef, fit_refusal_direction
@@ -74,7 +75,7 @@ def fit_directions(lm, splits: Splits, tuned: Modulation, *, cancel=None, log: C
     for kind in ("harmful_minus_harmless", "refusal_minus_compliance"):
         log(f"Fitting the layer-wise refusal direction ({kind}) and searching every layer on validation...")
         fit = fit_refusal_direction(lm, splits, kind, cancel=cancel)
-        out[f"direction:{kind}"] = choose_layer_and_coef(lm, fit, splits, tuned, cancel=cancel)
+        out[f"direction:{kind}"] = choose_layer_and_coef(lm, fit, splits, tuned, progress=progress, cancel=cancel)
     return out
 
 

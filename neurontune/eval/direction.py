@@ -3,8 +3,8 @@ for every layer and choose the layer and coefficient. The intervention itself is
 `interventions.direction.RefusalDirection`.
 
 `fit_refusal_direction` finds a direction for every layer from mean residual differences at the last
-token; `choose_layer_and_coef` picks the layer (refusal proxy) and the coefficient (judged refusal of
-short answers, or the proxy) on the training split.
+token (training split); `choose_layer_and_coef` searches every layer and a coefficient scale by the judged
+refusal of short greedy answers on the validation split.
 """
 from __future__ import annotations
 

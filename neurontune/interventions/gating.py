@@ -20,6 +20,7 @@ import torch
 from ..data.chat import chat_prompt
 from ..infra.devices import cat_to_host
 from ..infra.files import read_safetensors, write_file
+from ..infra.probes import fit_probe, roc_auc
 from .generation import PROMPT_CAP, encode_left
 from .hooks import scoped_pre_hooks
 from .modulation import Modulation
@@ -125,25 +126,54 @@ def _acts_for_ids(lm, ids, mask, needed, layers, neurons) -> torch.Tensor:
     return out
 
 
-def _gate_pools(splits, split: str, n: int, per_family: int) -> tuple[list[str], list[str]]:
-    """(harmful, harmless) prompts of one split: plain and in the training attack families, in both pools alike."""
-    positive = [p.text for p in splits.harmful[split][:n]] + [p.text for p in splits.attacked("harmful", split, per_family, splits.train_families)]
-    negative = ([p.text for p in splits.benign[split][: n * 7 // 10]] + [p.text for p in splits.borderline[split][: n * 3 // 10]]
-                + [p.text for p in splits.attacked("benign", split, per_family * 2 // 3, splits.train_families)]
-                + [p.text for p in splits.attacked("borderline", split, per_family - per_family * 2 // 3, splits.train_families)])
-    return positive, negative
+GATE_FEATURES = ("amplified", "layer")
 
 
-def fit_gate_for_run(lm, modulation: Modulation, splits, *, bias_shift: float | None = 0.0) -> GateProbe:
+def fit_gate_for_run(lm, modulation: Modulation, splits, *, bias_shift: float | None = 0.0,
+                     features: str = "amplified") -> GateProbe:
     """The probe of a run, from its training split only: harmful requests (plain and in the training attack
     families) vs benign and borderline-safe requests, plain AND in the same families, so that a template alone
     does not open the gate. `bias_shift` > 0 makes the gate open more readily (more harmful refusal); None
-    chooses it on the validation split (`choose_bias_shift`)."""
-    positive, negative = _gate_pools(splits, "train", 100, 16)
-    probe = fit_gate(lm, modulation, positive, negative)
+    chooses it on the validation split (`choose_bias_shift`). `features`: "amplified" reads the most amplified
+    neurons; "layer" reads every neuron of the one layer whose probe separates the validation pools best
+    (`fit_layer_gate`: more training prompts, about four times the cost)."""
+    if features not in GATE_FEATURES:
+        raise ValueError(f"The gate's features must be one of {GATE_FEATURES}, not {features!r}.")
+    if features == "layer":
+        probe = fit_layer_gate(lm, *splits.harm_pools("train", 400, 40), *splits.harm_pools("validation", 48, 6))
+    else:
+        probe = fit_gate(lm, modulation, *splits.harm_pools("train", 100, 16))
     probe.bias += choose_bias_shift(lm, probe, splits) if bias_shift is None else bias_shift
     probe.bias_shift = probe.bias_shift if bias_shift is None else bias_shift
     return probe
+
+
+def fit_layer_gate(lm, positive: Sequence[str], negative: Sequence[str], val_positive: Sequence[str],
+                   val_negative: Sequence[str], *, layers: Sequence[int] | None = None) -> GateProbe:
+    """A probe on all the neurons of one layer: for each candidate layer (default: all but the first, whose
+    input at the prompt end is the chat template's last token for every prompt), fit on (positive, negative)
+    and keep the layer with the highest ROC AUC on the validation prompts. Why a whole layer: a linear probe
+    of the prompt end separates harmful from harmless far better at later layers than the amplified neurons
+    do (docs/method.md, "separability ceiling")."""
+    n_layers, n_neurons = lm.shape
+    candidates = list(layers) if layers is not None else list(range(1 if n_layers > 1 else 0, n_layers))
+    every_l = torch.tensor(candidates).repeat_interleave(n_neurons)
+    every_n = torch.arange(n_neurons).repeat(len(candidates))
+    fmt = lambda texts: [chat_prompt(lm.tokenizer, t) for t in texts]  # noqa: E731
+    x = _last_token_acts(lm, fmt(list(positive) + list(negative)), every_l, every_n)
+    xv = _last_token_acts(lm, fmt(list(val_positive) + list(val_negative)), every_l, every_n)
+    y = torch.tensor([1.0] * len(positive) + [0.0] * len(negative))
+    best = None
+    for i, layer in enumerate(candidates):
+        cols = slice(i * n_neurons, (i + 1) * n_neurons)
+        mean, std, w, b = fit_probe(x[:, cols], y)
+        z = ((xv[:, cols] - mean) / std) @ w + b
+        auc = roc_auc(z[: len(val_positive)], z[len(val_positive):])
+        if best is None or auc > best[0]:
+            train_acc = float(((((x[:, cols] - mean) / std) @ w + b > 0).float() == y).float().mean())
+            best = (auc, GateProbe(torch.full((n_neurons,), layer), torch.arange(n_neurons), mean, std, w, float(b),
+                                   train_acc, getattr(lm, "fingerprint", None)))
+    return best[1]
 
 
 SHIFTS = tuple(x / 2 for x in range(-8, 9))  # -4 .. 4 in steps of 0.5
@@ -152,7 +182,7 @@ SHIFTS = tuple(x / 2 for x in range(-8, 9))  # -4 .. 4 in steps of 0.5
 def choose_bias_shift(lm, probe: GateProbe, splits, shifts: tuple[float, ...] = SHIFTS) -> float:
     """The bias shift whose gate best separates harmful from harmless VALIDATION prompts (plain and in the training
     families): the largest true-positive minus false-positive rate of s > 0.5 (ties: the smaller shift)."""
-    positive, negative = _gate_pools(splits, "validation", 48, 6)
+    positive, negative = splits.harm_pools("validation", 48, 6)
     feats = lambda texts: _last_token_acts(lm, [chat_prompt(lm.tokenizer, t) for t in texts], probe.layers, probe.neurons)  # noqa: E731
     z_pos = ((feats(positive) - probe.mean) / probe.std) @ probe.weight + probe.bias
     z_neg = ((feats(negative) - probe.mean) / probe.std) @ probe.weight + probe.bias
@@ -164,28 +194,34 @@ def choose_bias_shift(lm, probe: GateProbe, splits, shifts: tuple[float, ...] = 
 
 def fit_gate(lm, modulation: Modulation, positive: Sequence[str], negative: Sequence[str], *, max_features: int = 256,
              steps: int = 100, l2: float = 1e-2, seed: int = 0) -> GateProbe:
-    """Train the probe on user prompts (positive = should be modulated: harmful/attacked)."""
+    """Train the probe on user prompts (positive = should be modulated: harmful/attacked), reading the
+    `max_features` most amplified neurons."""
     dense = modulation.dense()
     amplified = (dense > 1).nonzero()
     if len(amplified) == 0:
         raise ValueError("The modulation amplifies no neuron: nothing to gate on.")
     order = torch.argsort((dense[amplified[:, 0], amplified[:, 1]]), descending=True)[:max_features]
     layers, neurons = amplified[order, 0], amplified[order, 1]
-    texts = [chat_prompt(lm.tokenizer, p) for p in list(positive) + list(negative)]
-    x = _last_token_acts(lm, texts, layers, neurons)
+    x = _last_token_acts(lm, [chat_prompt(lm.tokenizer, p) for p in list(positive) + list(negative)], layers, neurons)
     y = torch.tensor([1.0] * len(positive) + [0.0] * len(negative))
+    return _fit_probe(layers, neurons, x, y, lm, steps=steps, l2=l2, seed=seed)
+
+
+def _fit_probe(layers, neurons, x: torch.Tensor, y: torch.Tensor, lm, *, steps: int = 100, l2: float = 1e-2,
+               seed: int = 0) -> GateProbe:
+    """Logistic regression on standardised activations `x` [n, k] of the feature neurons, positives weighted
+    up to balance the classes (LBFGS, deterministic)."""
     mean, std = x.mean(0), x.std(0).clamp(min=1e-4)
     z = (x - mean) / std
     torch.manual_seed(seed)
     w = torch.zeros(z.shape[1], requires_grad=True)
     b = torch.zeros((), requires_grad=True)
     opt = torch.optim.LBFGS([w, b], max_iter=steps)
-    pos_weight = (len(negative) / max(len(positive), 1))
+    pos_weight = torch.tensor(float((y == 0).sum()) / max(float((y == 1).sum()), 1.0))
 
     def closure():
         opt.zero_grad()
-        logits = z @ w + b
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, pos_weight=torch.tensor(pos_weight)) + l2 * w.pow(2).sum()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, y, pos_weight=pos_weight) + l2 * w.pow(2).sum()
         loss.backward()
         return loss
     opt.step(closure)

@@ -64,10 +64,11 @@ def evaluate_run(lm, run: str | Path | RunFolder, cfg: RunConfig | None = None, 
         else:
             log(f"Training NeuronTune again with seed {seed}...")
             mod = train_gains(lm, select(scores, cfg.selection), scfg, splits=splits, cache_dir=cache_dir, cancel=cancel).modulation
-            gate = fit_gate_for_run(lm, mod, splits, bias_shift=cfg.meta.gate_bias_shift) if cfg.meta.gate else None
+            gate = fit_gate_for_run(lm, mod, splits, bias_shift=cfg.meta.gate_bias_shift,
+                                    features=cfg.meta.gate_features) if cfg.meta.gate else None
         static: dict = {"neurontune": mod}
         if baselines:
-            built = build_baselines(lm, scfg, scores, mod, splits, baselines, cache_dir=cache_dir, cancel=cancel, log=log,
+            built = build_baselines(lm, scfg, scores, mod, splits, baselines, cache_dir=cache_dir, progress=progress, cancel=cancel, log=log,
                                     directions=directions)
             fresh = {n: iv for n, iv in built.items() if not (directions and n in directions)}
             directions = directions or {n: iv for n, iv in built.items() if n.startswith("direction:")}

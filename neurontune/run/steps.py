@@ -74,5 +74,6 @@ def train_step(lm, selection: Selection, cfg: RunConfig, out: str | Path | RunFo
     folder.write_modulation(result.modulation)
     folder.write_train_log(result.log)
     if cfg.meta.gate and result.stopped != "cancelled":
-        folder.write_gate(fit_gate_for_run(lm, result.modulation, splits, bias_shift=cfg.meta.gate_bias_shift))
+        folder.write_gate(fit_gate_for_run(lm, result.modulation, splits, bias_shift=cfg.meta.gate_bias_shift,
+                                                 features=cfg.meta.gate_features))
     return result

@@ -1,0 +1,49 @@
+"""Linear probes and the ranking measures that judge them: a class-balanced logistic regression on standardised
+features, ROC AUC, and the recall at a false-positive budget. Shared by the separability ceiling
+(`eval/separability.py`) and the layer-reading gate (`interventions/gating.py`), so both read a layer the same way."""
+from __future__ import annotations
+
+import torch
+
+
+def roc_auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
+    """P(score of a random positive > score of a random negative), ties counted half (Mann–Whitney U)."""
+    scores = torch.cat([pos, neg]).double()
+    order = scores.argsort()
+    ranks = torch.empty_like(scores)
+    ranks[order] = torch.arange(1, len(scores) + 1, dtype=scores.dtype)
+    for value in scores.unique():  # average ranks over ties
+        tied = scores == value
+        if int(tied.sum()) > 1:
+            ranks[tied] = ranks[tied].mean()
+    u = float(ranks[: len(pos)].sum()) - len(pos) * (len(pos) + 1) / 2
+    return u / (len(pos) * len(neg))
+
+
+def recall_at_fpr(pos: torch.Tensor, neg: torch.Tensor, fpr: float) -> tuple[float, float]:
+    """(share of positives above the threshold, the threshold) for the lowest threshold that lets at most `fpr`
+    of the negatives score above it (strictly)."""
+    allowed = int(fpr * len(neg))  # negatives allowed above the threshold
+    ordered = neg.sort(descending=True).values
+    threshold = float(ordered[allowed]) if allowed < len(ordered) else float("-inf")
+    return float((pos > threshold).float().mean()), threshold
+
+
+def fit_probe(x: torch.Tensor, y: torch.Tensor, *, l2: float = 1e-2, steps: int = 200) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Class-balanced L2 logistic regression on standardised features (LBFGS, deterministic).
+    Returns (mean, std, weight, bias): score = ((x - mean) / std) @ weight + bias."""
+    mean, std = x.mean(0), x.std(0).clamp(min=1e-4)
+    z = ((x - mean) / std).double()
+    yd = y.double()
+    w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    pos_weight = torch.tensor((yd == 0).sum().item() / max((yd == 1).sum().item(), 1), dtype=torch.float64)
+    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, yd, pos_weight=pos_weight) + l2 * w.pow(2).sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    return mean, std, w.detach().float(), b.detach().float()
