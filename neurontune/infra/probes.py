@@ -29,16 +29,19 @@ def recall_at_fpr(pos: torch.Tensor, neg: torch.Tensor, fpr: float) -> tuple[flo
     return float((pos > threshold).float().mean()), threshold
 
 
-def fit_probe(x: torch.Tensor, y: torch.Tensor, *, l2: float = 1e-2, steps: int = 200) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+def fit_probe(x: torch.Tensor, y: torch.Tensor, *, l2: float = 1e-2, steps: int = 200,
+              precise: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Class-balanced L2 logistic regression on standardised features (LBFGS, deterministic).
-    Returns (mean, std, weight, bias): score = ((x - mean) / std) @ weight + bias."""
+    Returns (mean, std, weight, bias): score = ((x - mean) / std) @ weight + bias. `precise=False` fits in
+    float32 without a line search: the amplified-neuron gate's original fit, kept so its gates reproduce."""
+    dtype = torch.float64 if precise else torch.float32
     mean, std = x.mean(0), x.std(0).clamp(min=1e-4)
-    z = ((x - mean) / std).double()
-    yd = y.double()
-    w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    pos_weight = torch.tensor((yd == 0).sum().item() / max((yd == 1).sum().item(), 1), dtype=torch.float64)
-    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+    z = ((x - mean) / std).to(dtype)
+    yd = y.to(dtype)
+    w = torch.zeros(z.shape[1], dtype=dtype, requires_grad=True)
+    b = torch.zeros((), dtype=dtype, requires_grad=True)
+    pos_weight = torch.tensor(float((yd == 0).sum()) / max(float((yd == 1).sum()), 1.0), dtype=dtype)
+    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe" if precise else None)
 
     def closure():
         opt.zero_grad()

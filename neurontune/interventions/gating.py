@@ -193,7 +193,7 @@ def choose_bias_shift(lm, probe: GateProbe, splits, shifts: tuple[float, ...] = 
 
 
 def fit_gate(lm, modulation: Modulation, positive: Sequence[str], negative: Sequence[str], *, max_features: int = 256,
-             steps: int = 100, l2: float = 1e-2, seed: int = 0) -> GateProbe:
+             steps: int = 100, l2: float = 1e-2) -> GateProbe:
     """Train the probe on user prompts (positive = should be modulated: harmful/attacked), reading the
     `max_features` most amplified neurons."""
     dense = modulation.dense()
@@ -204,30 +204,9 @@ def fit_gate(lm, modulation: Modulation, positive: Sequence[str], negative: Sequ
     layers, neurons = amplified[order, 0], amplified[order, 1]
     x = _last_token_acts(lm, [chat_prompt(lm.tokenizer, p) for p in list(positive) + list(negative)], layers, neurons)
     y = torch.tensor([1.0] * len(positive) + [0.0] * len(negative))
-    return _fit_probe(layers, neurons, x, y, lm, steps=steps, l2=l2, seed=seed)
-
-
-def _fit_probe(layers, neurons, x: torch.Tensor, y: torch.Tensor, lm, *, steps: int = 100, l2: float = 1e-2,
-               seed: int = 0) -> GateProbe:
-    """Logistic regression on standardised activations `x` [n, k] of the feature neurons, positives weighted
-    up to balance the classes (LBFGS, deterministic)."""
-    mean, std = x.mean(0), x.std(0).clamp(min=1e-4)
-    z = (x - mean) / std
-    torch.manual_seed(seed)
-    w = torch.zeros(z.shape[1], requires_grad=True)
-    b = torch.zeros((), requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=steps)
-    pos_weight = torch.tensor(float((y == 0).sum()) / max(float((y == 1).sum()), 1.0))
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, y, pos_weight=pos_weight) + l2 * w.pow(2).sum()
-        loss.backward()
-        return loss
-    opt.step(closure)
-    with torch.no_grad():
-        acc = float(((z @ w + b > 0).float() == y).float().mean())
-    return GateProbe(layers, neurons, mean, std, w.detach(), float(b.detach()), acc, getattr(lm, "fingerprint", None))
+    mean, std, w, b = fit_probe(x, y, l2=l2, steps=steps, precise=False)
+    acc = float(((((x - mean) / std) @ w + b > 0).float() == y).float().mean())
+    return GateProbe(layers, neurons, mean, std, w, float(b), acc, getattr(lm, "fingerprint", None))
 
 
 @dataclass
