@@ -100,6 +100,10 @@ def test_evaluate_with_baselines_and_sweep_on_tiny(tmp_path, tiny_preset):
     names = [r["intervention"] for r in table]
     assert names[:2] == ["base", "neurontune"] and summary["split"] == "test" and summary["seeds"] == 2
     assert {"joint-training", "attribution-only", "random-neurons"} <= set(names) and any(n.startswith("direction:") for n in names)
+    directions = summary["directions"]  # each direction's chosen layer and coefficient is recorded
+    assert set(directions) == {n for n in names if n.startswith("direction:") and not n.endswith(" + gate")}
+    assert all(isinstance(d["layer"], int) and d["layer"] >= 0 and d["coef"] > 0 and isinstance(d["reached"], bool)
+               for d in directions.values())
     gated = {n for n in names if n.endswith(" + gate")}  # the same gate in front of every method
     assert {"neurontune + gate", "joint-training + gate", "random-neurons + gate"} <= gated
     by = {r["intervention"]: r for r in table}

@@ -75,7 +75,11 @@ def fit_directions(lm, splits: Splits, tuned: Modulation, *, progress=None, canc
     for kind in ("harmful_minus_harmless", "refusal_minus_compliance"):
         log(f"Fitting the layer-wise refusal direction ({kind}) and searching every layer on validation...")
         fit = fit_refusal_direction(lm, splits, kind, cancel=cancel)
-        out[f"direction:{kind}"] = choose_layer_and_coef(lm, fit, splits, tuned, progress=progress, cancel=cancel)
+        chosen = choose_layer_and_coef(lm, fit, splits, tuned, progress=progress, cancel=cancel)
+        log(f"Chose {chosen.name}: validation refusal {chosen.meta['layers'][chosen.layer]['harmful']:.2f} "
+            f"(target {chosen.meta['target']:.2f}, {'reached' if chosen.meta['reached'] else 'not reached'}), "
+            f"benign {chosen.meta['layers'][chosen.layer]['benign']:.2f}.")
+        out[f"direction:{kind}"] = chosen
     return out
 
 

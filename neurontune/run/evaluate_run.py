@@ -96,6 +96,8 @@ def evaluate_run(lm, run: str | Path | RunFolder, cfg: RunConfig | None = None, 
                        "style_audit": {"accuracy": audit_result.accuracy, "n_train": audit_result.n_train,
                                        "n_eval": audit_result.n_eval, "top_features": audit_result.top_features},
                        "heldout_families": list(splits.heldout_families), "train_families": list(splits.train_families),
+                       "directions": {n: {"layer": d.layer, "coef": d.coef, "reached": d.meta.get("reached"),
+                                          "target": d.meta.get("target")} for n, d in (directions or {}).items()},
                        "seconds": time.perf_counter() - start}, table)
     folder.write_generations(results)
     log(markdown(table, blocks))
