@@ -181,7 +181,7 @@ def test_layer_gate_reads_the_layer_that_separates_validation_best(tiny_llama, t
         return gating._last_token_acts(lm, [chat_prompt(lm.tokenizer, t) for t in texts], torch.full((n_neurons,), layer),
                                        torch.arange(n_neurons))
     aucs = {}
-    for layer in range(1, n_layers):  # layer 0 reads the same template token for every prompt
+    for layer in range(n_layers):
         mean, std, w, b = fit_probe(acts(pos + neg, layer), torch.tensor([1.0] * 12 + [0.0] * 12))
         z = ((acts(vpos + vneg, layer) - mean) / std) @ w + b
         aucs[layer] = roc_auc(z[: len(vpos)], z[len(vpos):])

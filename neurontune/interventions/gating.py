@@ -150,13 +150,12 @@ def fit_gate_for_run(lm, modulation: Modulation, splits, *, bias_shift: float | 
 
 def fit_layer_gate(lm, positive: Sequence[str], negative: Sequence[str], val_positive: Sequence[str],
                    val_negative: Sequence[str], *, layers: Sequence[int] | None = None) -> GateProbe:
-    """A probe on all the neurons of one layer: for each candidate layer (default: all but the first, whose
-    input at the prompt end is the chat template's last token for every prompt), fit on (positive, negative)
-    and keep the layer with the highest ROC AUC on the validation prompts. Why a whole layer: a linear probe
+    """A probe on all the neurons of one layer: for each candidate layer (default: every layer), fit on
+    (positive, negative) and keep the layer with the highest ROC AUC on the validation prompts (ties: the lower). Why a whole layer: a linear probe
     of the prompt end separates harmful from harmless far better at later layers than the amplified neurons
     do (docs/method.md, "separability ceiling")."""
     n_layers, n_neurons = lm.shape
-    candidates = list(layers) if layers is not None else list(range(1 if n_layers > 1 else 0, n_layers))
+    candidates = list(layers) if layers is not None else list(range(n_layers))
     every_l = torch.tensor(candidates).repeat_interleave(n_neurons)
     every_n = torch.arange(n_neurons).repeat(len(candidates))
     fmt = lambda texts: [chat_prompt(lm.tokenizer, t) for t in texts]  # noqa: E731
