@@ -33,9 +33,8 @@ class Pools:
     @classmethod
     def of(cls, splits: Splits, split: str, n: int, per_family: int) -> "Pools":
         harmful, harmless = splits.harm_pools(split, n, per_family)
-        plain = (min(n, len(splits.harmful[split])),
-                 min(n * 7 // 10, len(splits.benign[split])) + min(n * 3 // 10, len(splits.borderline[split])))
-        return cls(harmful, harmless, plain)
+        plain_harmful, plain_harmless = splits.harm_pools(split, n, 0)  # the plain prompts come first in each pool
+        return cls(harmful, harmless, (len(plain_harmful), len(plain_harmless)))
 
 
 def probe_ceiling(lm, splits: Splits, *, split: str = "validation", fpr: float = 0.05, n_train: int = 400,
