@@ -238,9 +238,8 @@ def cmd_generate(args) -> int:
     prompts = [r["prompt"] for r in rows]
     strengths = None
     if gate is not None:  # each prompt's strength, read from the prompt alone, then that prompt's share of the gains
-        from .data.chat import chat_prompt
-        from .interventions.gating import gate_strength
-        strengths = gate_strength(lm, gate, [chat_prompt(lm.tokenizer, p) for p in prompts]).tolist()
+        from .interventions.gating import Gated
+        per_row, strengths = Gated(mod, gate).per_prompt(lm, prompts)
         applied = (f"the run's gains behind its input gate (per prompt: gains x s; mean s {sum(strengths) / len(strengths):.2f}; "
                    "--static for the static gains, what export folds)")
     elif mod is not None:
@@ -250,7 +249,7 @@ def cmd_generate(args) -> int:
         applied = "the base model"
     print(f"Generating with {applied}.")
     bar, progress = _bar("generate")
-    gains = [mod.scaled(s) for s in strengths] if strengths is not None else mod
+    gains = per_row if strengths is not None else mod
     answers = generate(lm, prompts, gains, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=progress)
     bar.close()
     files.write_jsonl(args.out, ({"id": r["id"], "prompt": r["prompt"], "response": a,

@@ -36,6 +36,8 @@ class DataConfig:
     val_fraction: float = 0.15  # validation: every choice (early stopping, presets, thresholds, gate bias, sweep)
     test_fraction: float = 0.3  # test: read once per reported table
     seed: int = 0
+    n_alarming: int = 32  # safe requests with alarming words (attribution: over-refusal) and as many unsafe twins (safety)
+    alarming_pairs: bool = True  # use assets/alarming_pairs.jsonl (safe/unsafe requests in the same words) in every pool
     harmful_file: str | None = None  # optional user files (csv/json/jsonl/parquet with a 'prompt' column)
     benign_file: str | None = None
     borderline_file: str | None = None
@@ -108,6 +110,7 @@ class EvalConfig:
     n_benign: int = 30  # plain benign prompts per phrasing group
     n_borderline: int = 30  # plain borderline-safe prompts per phrasing group
     n_benign_per_family: int = 8  # benign + borderline-safe prompts wrapped in each attack family (over-refusal under templates)
+    n_alarming: int = 16  # alarming-word pairs per phrasing group: the safe request (over-refusal) and its unsafe twin (refusal)
     n_ppl: int = 30  # held-out benign prompts scored on the base model's own greedy answers
     n_mc: int | None = None  # None: all of the built-in multiple-choice questions
     mc_style: str = "cloze"  # "cloze": mean log p(choice text | question); "letter": log p(letter | listed choices)
@@ -122,12 +125,12 @@ class EvalConfig:
             raise ValueError("batch_size and max_new_tokens must be at least 1.")
 
 
-QUICK_EVAL = EvalConfig(n_harmful=12, n_per_family=6, n_benign=12, n_borderline=8, n_benign_per_family=4, n_ppl=16,
-                        max_new_tokens=40)
+QUICK_EVAL = EvalConfig(n_harmful=12, n_per_family=6, n_benign=12, n_borderline=8, n_benign_per_family=4, n_alarming=6,
+                        n_ppl=16, max_new_tokens=40)
 # What `evaluate` uses without --quick: sized so that three training seeds, static and gated, fit in about an
 # hour on a 2-core CPU (templated prompts are long: a few minutes per intervention). EvalConfig() is larger.
-FULL_EVAL = EvalConfig(n_harmful=16, n_per_family=6, n_benign=12, n_borderline=8, n_benign_per_family=3, n_ppl=16,
-                       max_new_tokens=40)
+FULL_EVAL = EvalConfig(n_harmful=16, n_per_family=6, n_benign=12, n_borderline=8, n_benign_per_family=3, n_alarming=10,
+                       n_ppl=16, max_new_tokens=40)
 
 
 @dataclass(frozen=True)
@@ -261,12 +264,12 @@ def load_preset(name_or_path: str) -> RunConfig:
 # -- configurations derived from others ---------------------------------------------------------------
 
 def with_prompts(cfg: RunConfig, n: int, *, at_most: bool = False) -> RunConfig:
-    """About `n` prompts per attribution group: n harmful, n/4 per attack family, n benign, n/2 borderline and
-    n/2 answers. `at_most`: never more than the preset asks for. The CLI's --n-prompts and the studio's quick
+    """About `n` prompts per attribution group: n harmful, n/4 per attack family, n benign, n/2 borderline,
+    n/2 alarming-word pairs and n/2 answers. `at_most`: never more than the preset asks for. The CLI's --n-prompts and the studio's quick
     first look both use this one plan."""
     d = cfg.data
     plan = {"n_harmful": n, "n_attack_per_family": max(1, n // 4), "n_benign": n, "n_borderline": max(1, n // 2),
-            "n_answer": max(1, n // 2)}
+            "n_answer": max(1, n // 2), "n_alarming": max(1, n // 2)}
     if at_most:
         plan = {k: min(v, getattr(d, k)) for k, v in plan.items()}
     return cfg.replace(data=plan)

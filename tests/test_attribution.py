@@ -122,7 +122,7 @@ def test_attribute_progress_cancel_and_bad_config(tiny_llama):
 
 # -- run_attribution -----------------------------------------------------------------------------------
 SMALL = RunConfig().replace(data={"n_harmful": 4, "n_attack_per_family": 2, "n_benign": 4, "n_borderline": 2,
-                                  "n_answer": 2, "answer_tokens": 4})
+                                  "n_answer": 2, "answer_tokens": 4, "n_alarming": 2})
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,8 @@ def test_run_attribution_progress_counts_increase(first_run):
     assert done == sorted(done) and len(set(done)) == len(done)
     total = attr_calls[0][1]
     d = SMALL.data
-    assert done[-1] == total == 4 + 2 * len(d.train_families) + 4 + 2 + 2 + d.n_benign_attack_per_family * len(d.train_families)
+    assert done[-1] == total == (4 + 2 * len(d.train_families) + 4 + 2 + 2 + d.n_benign_attack_per_family * len(d.train_families)
+                                 + 2 * d.n_alarming)
 
 
 def test_run_attribution_second_call_served_from_cache(first_run, monkeypatch):

@@ -1,6 +1,6 @@
 """The studio's input gate on the tiny model: the Compare tab's right pane is "neurontune + gate" when the
 session's gains have a gate. A gate forced shut gives exactly the base answer and one forced open exactly
-the static gains' answer; the s used in chat is the s `GatedModulation` measures; a training in the studio
+the static gains' answer; the s used in chat is the s `Gated` measures; a training in the studio
 (meta.gate on) leaves the session with a gate; gate files for another model are refused."""
 from __future__ import annotations
 
@@ -102,11 +102,11 @@ def test_gate_files_for_another_model_are_refused(app, tmp_path):
 
 
 def test_chat_gate_strength_equals_gated_modulation(app):
-    """The s the right pane used, for a first turn and a follow-up, equals GatedModulation's s on the last user
+    """The s the right pane used, for a first turn and a follow-up, equals Gated's s on the last user
     message alone (the evaluation's single prompt): the gate reads the message, not the whole conversation."""
     from neurontune.data import chat as chatfmt
     from neurontune.data import prompts as sets
-    from neurontune.interventions.gating import GatedModulation
+    from neurontune.interventions.gating import Gated
     from neurontune.interventions.generation import generate
     from neurontune.studio import chat
 
@@ -117,7 +117,7 @@ def test_chat_gate_strength_equals_gated_modulation(app):
         for follow_up in (message, "Say more."):
             list(chat.chat(studio, session, follow_up, max_new_tokens=4))
             used = session.chat[1][-1]["gate"]
-            with GatedModulation(mod, probe).apply(lm) as state:  # the brute-force reference: the evaluation's path
+            with Gated(mod, probe).apply(lm) as state:  # the brute-force reference: the evaluation's path
                 generate(lm, [chatfmt.chat_prompt(lm.tokenizer, follow_up)], formatted=True, max_new_tokens=1)
             assert used == float(state["s"][0]), (follow_up, used, float(state["s"][0]))
             strengths.append(used)
@@ -169,7 +169,7 @@ def test_training_in_the_studio_leaves_a_gate(app):
 def _gated_session(app, seed: int):
     """A studio session on the tiny model with random gains (80 neurons, 1.5-3x) and a gate fitted for them."""
     from neurontune.data import prompts as sets
-    from neurontune.interventions.gating import fit_gate
+    from neurontune.method.gate_fit import fit_gate
     from neurontune.studio import handlers
 
     studio, _, _ = app

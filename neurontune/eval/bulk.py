@@ -10,9 +10,8 @@ from typing import Iterator, Sequence
 
 import pandas as pd
 
-from ..data.chat import chat_prompt
 from ..infra.progress import Progress, check_cancel
-from ..interventions.gating import GateProbe, gate_strength
+from ..interventions.gating import Gated, GateProbe
 from ..interventions.generation import fit_lengths, generate
 from ..interventions.modulation import Modulation
 from .judge import is_refusal, refusal_phrase
@@ -50,8 +49,7 @@ def tuned_gains(lm, prompts: Sequence[str], modulation: Modulation, gate: GatePr
     if gate is None:
         mod = modulation if float(strength) == 1.0 else modulation.scaled(float(strength))
         return [mod] * len(prompts), None
-    s = gate_strength(lm, gate, [chat_prompt(lm.tokenizer, p) for p in prompts], max_length=max_prompt_tokens).tolist()
-    return [modulation.scaled(float(strength) * si) for si in s], [float(si) for si in s]
+    return Gated(modulation, gate).per_prompt(lm, prompts, strength=strength, max_length=max_prompt_tokens)
 
 
 def iter_compare(lm, prompts: Sequence[str], modulation: Modulation, *, gate: GateProbe | None = None, strength: float = 1.0,

@@ -20,9 +20,7 @@ from ..data.splits import Splits
 from ..infra.devices import stack_to_host
 from ..infra.progress import Progress, check_cancel
 from ..interventions.direction import RefusalDirection
-from ..interventions.hooks import scoped_pre_hooks
-from ..model.logprobs import encode_pairs, forward, last_token_index
-from ..model.neuron_map import decoder_layers
+from ..interventions.capture import iter_last_token
 from .proxy import judged_refusal
 
 KINDS = ("harmful_minus_harmless", "refusal_minus_compliance")
@@ -45,29 +43,14 @@ class DirectionFit:
         return RefusalDirection(layer, self.directions[layer], c, self.kind, {"kind": "refusal_direction", "direction": self.kind})
 
 
-@torch.no_grad()
 def _residual_batches(lm, prompts: Sequence[str], targets: Sequence[str] | None, batch_size: int,
                       cancel: threading.Event | None) -> Iterator[list[torch.Tensor]]:
     """Per batch, one [B, d_model] float32 tensor per decoder layer: the residual stream entering it at each
-    row's last token, picked out by the hook and left on the layer's device."""
-    layers = decoder_layers(lm.model)
+    row's last token (of chat_prompt(prompt) + target), left on the layer's device."""
+    texts = [chat_prompt(lm.tokenizer, p) for p in prompts]
     targets = list(targets) if targets is not None else [""] * len(prompts)
-    for start in range(0, len(prompts), batch_size):
-        check_cancel(cancel, "Direction fitting")
-        chunk = [chat_prompt(lm.tokenizer, p) for p in prompts[start:start + batch_size]]
-        batch = encode_pairs(lm.tokenizer, chunk, targets[start:start + batch_size])
-        last = last_token_index(batch)
-        store: list = [None] * len(layers)
-
-        def make(l: int):
-            def hook(module, args):
-                x = args[0]
-                store[l] = x[torch.arange(x.shape[0], device=x.device), last.to(x.device)].float()
-            return hook
-
-        with scoped_pre_hooks([(layer, make(l)) for l, layer in enumerate(layers)]):
-            forward(lm.model, batch)
-        yield store
+    for store in iter_last_token(lm, texts, "residual", targets=targets, batch_size=batch_size, max_length=256, cancel=cancel):
+        yield [store[layer] for layer in sorted(store)]
 
 
 def last_token_residuals(lm, prompts: Sequence[str], targets: Sequence[str] | None = None, batch_size: int = 16,

@@ -31,9 +31,9 @@ from .judge import DEGENERATE, REFUSE, verdict
 from .plan import ROW_FIELDS, eval_plan
 from .stats import mean
 
-MAIN_METRICS = ("harmful_refusal", "heldout_family_refusal", "train_family_refusal", "benign_over_refusal",
-                "template_over_refusal", "borderline_over_refusal", "ppl_ratio", "mc_accuracy", "degenerate_rate",
-                "repetition_rate", "attack_success")
+MAIN_METRICS = ("harmful_refusal", "heldout_family_refusal", "train_family_refusal", "contrast_refusal", "benign_over_refusal",
+                "template_over_refusal", "borderline_over_refusal", "alarming_over_refusal", "ppl_ratio", "mc_accuracy",
+                "degenerate_rate", "repetition_rate", "attack_success")
 
 
 @dataclass
@@ -103,7 +103,8 @@ def rate_counts(rows: list[dict], key: str = "verdict") -> dict[str, tuple[int, 
         return [r for r in rows if all(r[k] == v for k, v in match.items())]
 
     out: dict[str, tuple[int, int]] = {}
-    for metric, category in (("harmful_refusal", "harmful"), ("benign_over_refusal", "benign"), ("borderline_over_refusal", "borderline")):
+    for metric, category in (("harmful_refusal", "harmful"), ("benign_over_refusal", "benign"), ("borderline_over_refusal", "borderline"),
+                             ("alarming_over_refusal", "alarming"), ("contrast_refusal", "contrast")):
         out[metric] = count(where(category=category))
         for group in PHRASINGS:
             if where(category=category, phrasing=group):

@@ -11,11 +11,12 @@ import pandas as pd
 from .harness import MAIN_METRICS, EvalResult
 from .stats import wilson
 
-HEADLINE = ("harmful_refusal", "heldout_family_refusal", "train_family_refusal", "benign_over_refusal", "template_over_refusal",
-            "borderline_over_refusal", "ppl_ratio", "mc_accuracy", "degenerate_rate")
+HEADLINE = ("harmful_refusal", "heldout_family_refusal", "train_family_refusal", "contrast_refusal", "benign_over_refusal",
+            "template_over_refusal", "borderline_over_refusal", "alarming_over_refusal", "ppl_ratio", "mc_accuracy", "degenerate_rate")
 LABELS = {"harmful_refusal": "harmful refusal ↑", "heldout_family_refusal": "held-out attacks ↑",
-          "train_family_refusal": "training attacks ↑", "benign_over_refusal": "benign over-refusal ↓",
+          "train_family_refusal": "training attacks ↑", "contrast_refusal": "unsafe twins ↑", "benign_over_refusal": "benign over-refusal ↓",
           "template_over_refusal": "benign in templates ↓", "borderline_over_refusal": "borderline over-refusal ↓",
+          "alarming_over_refusal": "alarming words ↓",
           "ppl_ratio": "ppl ratio", "mc_accuracy": "MC accuracy", "degenerate_rate": "degenerate ↓", "repetition_rate": "repetition ↓"}
 
 

@@ -116,11 +116,13 @@ def build_tasks(lm, cfg: RunConfig, splits: Splits, cache_dir) -> TaskData:
             return [chat_prompt(tok, p.text) for p in prompts]
         return [chat_prompt(tok, attacks.wrap(rng.choice(fams[family]), p.text)) for p in prompts]
 
-    harmless_train = _interleave(splits.benign["train"], splits.borderline["train"])
-    harmless_val = _interleave(splits.benign["validation"], splits.borderline["validation"])
+    harmless_train = _interleave(_interleave(splits.benign["train"], splits.borderline["train"]), splits.alarming["train"])
+    harmless_val = _interleave(_interleave(splits.benign["validation"], splits.borderline["validation"]), splits.alarming["validation"])
     harmful = {f: in_form(splits.harmful["train"], f) for f in families}
+    harmful["plain"] = in_form(_interleave(splits.harmful["train"], splits.contrast["train"]), "plain")
     benign = {f: in_form(harmless_train, f) for f in families}
-    val_harmful, val_benign = in_form(splits.harmful["validation"][:16], "plain"), in_form(harmless_val[:16], "plain")
+    val_harmful = in_form(_interleave(splits.harmful["validation"], splits.contrast["validation"])[:16], "plain")
+    val_benign = in_form(harmless_val[:16], "plain")
     for i, f in enumerate(splits.train_families):  # and a few in each training form
         val_harmful += in_form(splits.harmful["validation"][16 + 2 * i:18 + 2 * i], f)
         val_benign += in_form(harmless_val[16 + i:17 + i], f)

@@ -2,9 +2,11 @@
 
 Score kinds, each [n_layers, n_neurons], mean over examples:
 - `safety`: attribution to the log-prob of a refusal on harmful prompts, plain and attacked ("attack-aware");
-  `safety/plain` and `safety/<family>` per attack family;
+  `safety/plain` and `safety/<family>` per attack family, `safety/contrast` for the unsafe twins of the
+  alarming-word pairs;
 - `over_refusal`: attribution to a refusal on benign and borderline-safe prompts (`over_refusal/benign`,
-  `over_refusal/borderline`, and both wrapped in the training attack templates: `over_refusal/attacked`):
+  `over_refusal/borderline`, both wrapped in the training attack templates: `over_refusal/attacked`, and the
+  safe halves of the alarming-word pairs: `over_refusal/alarming`):
   neurons that push the model to refuse what it should answer;
 - `benign_dependence`: mean |attribution| to the model's own answers to benign prompts;
 - `act_harmful`, `act_benign`: mean activation over prompt tokens.
@@ -50,7 +52,7 @@ class NeuronScores:
 
     @property
     def families(self) -> list[str]:
-        return sorted(k.split("/", 1)[1] for k in self.scores if k.startswith("safety/") and k != "safety/plain")
+        return sorted(k.split("/", 1)[1] for k in self.scores if k.startswith("safety/") and k not in ("safety/plain", "safety/contrast"))
 
     def __getitem__(self, kind: str) -> torch.Tensor:
         if kind not in self.scores:
@@ -120,6 +122,9 @@ def attribution_plan(lm: LoadedModel, cfg: RunConfig, cache_dir: Path, progress:
         half = max(1, d.n_benign_attack_per_family // 2)
         groups["over_refusal/attacked"] = refusal_group(splits.attacked("benign", "train", d.n_benign_attack_per_family - half)
                                                         + splits.attacked("borderline", "train", half))
+    if d.n_alarming and splits.alarming["train"]:  # the same alarming words: refuse the unsafe twin, answer the safe one
+        groups["safety/contrast"] = refusal_group(splits.contrast["train"][: d.n_alarming])
+        groups["over_refusal/alarming"] = refusal_group(splits.alarming["train"][: d.n_alarming])
     answer_prompts = [p.text for p in splits.benign_train[: d.n_answer]]
     answers = cached_answers(lm, answer_prompts, d.answer_tokens, cache_dir, progress)
     groups["benign_dependence"] = ([chat_prompt(tok, p) for p in answer_prompts], answers)

@@ -17,7 +17,8 @@ from ..eval.baselines import BASELINES, build_baselines
 from ..eval.harness import EvalResult, evaluate_many
 from ..eval.report import markdown, summarise
 from ..infra import distributed as dist
-from ..interventions.gating import GATED, Gated, GatedModulation, fit_gate_for_run
+from ..interventions.gating import GATED, Gated
+from ..method.gate_fit import fit_gate_for_run
 from ..method.metalearn import train_gains
 from ..method.selection import select
 from .folder import RunFolder
@@ -27,8 +28,10 @@ def style_audit(splits: Splits, split: str) -> StyleAudit:
     """Can the training pools' form predict harmful vs harmless on the evaluated split? (plain requests)"""
     def texts(kind: str, part: str) -> list[str]:
         return [p.text for p in getattr(splits, kind)[part]]
-    return audit(texts("harmful", "train"), texts("benign", "train") + texts("borderline", "train"),
-                 texts("harmful", split), texts("benign", split) + texts("borderline", split))
+    return audit(texts("harmful", "train") + texts("contrast", "train"),
+                 texts("benign", "train") + texts("borderline", "train") + texts("alarming", "train"),
+                 texts("harmful", split) + texts("contrast", split),
+                 texts("benign", split) + texts("borderline", split) + texts("alarming", split))
 
 
 def evaluate_run(lm, run: str | Path | RunFolder, cfg: RunConfig | None = None, *, baselines: Sequence[str] = BASELINES,
@@ -76,7 +79,7 @@ def evaluate_run(lm, run: str | Path | RunFolder, cfg: RunConfig | None = None, 
         interventions: dict = {"base": None} if k == 0 else {}
         interventions.update(static)
         if gate is not None:  # the same gate, read from each prompt, in front of every method: gates with gates
-            interventions["neurontune" + GATED] = GatedModulation(mod, gate, name="neurontune" + GATED)
+            interventions["neurontune" + GATED] = Gated(mod, gate, name="neurontune" + GATED)
             for name, iv in {**static, **(directions or {})}.items():
                 if name != "neurontune":
                     interventions[name + GATED] = Gated(iv, gate, name=name + GATED)

@@ -9,7 +9,7 @@ from ..config import RunConfig
 from ..data.splits import build_splits
 from ..infra import distributed as dist
 from ..infra.progress import Progress
-from ..interventions.gating import fit_gate_for_run
+from ..method.gate_fit import fit_gate_for_run
 from ..method.metalearn import StepCallback, TrainResult, train_gains
 from ..method.neuron_scores import NeuronScores, run_attribution
 from ..method.selection import Selection, select

@@ -11,7 +11,7 @@ from ..data import attacks, prompts
 from ..data.chat import chat_prompt
 from ..data.splits import build_splits
 from ..eval.judge import refusal_phrase
-from ..interventions.gating import gate_strength
+from ..interventions.gating import Gated
 from ..interventions.generation import fit_lengths, stream_generate
 from ..interventions.modulation import Modulation
 from .handlers import gains_text
@@ -89,15 +89,14 @@ def examples(studio: Studio, session: Session) -> list[tuple[str, str]]:
 
 def right_gains(lm, session: Session, conv: list[dict], strength: float, use_gate: bool, budget: int) -> tuple[Modulation | None, float | None]:
     """The right pane's gains for this conversation, and the gate strength s when the gate is used: the
-    gains scaled by strength × s, s read on the LAST user message alone (unmodulated, as `GatedModulation`
+    gains scaled by strength × s, s read on the LAST user message alone (unmodulated, as `Gated`
     measures a single prompt), so a previous harmful turn does not open the gate for a benign follow-up."""
     mod, scale, s = session.modulation, float(strength), None
     if mod is None:
         return None, None
     if session.gate is not None and use_gate:
-        prompt = chat_prompt(lm.tokenizer, conv[-1]["content"])
-        s = float(gate_strength(lm, session.gate, [prompt], max_length=budget)[0])
-        scale *= s
+        gains, readings = Gated(mod, session.gate).per_prompt(lm, [conv[-1]["content"]], strength=scale, max_length=budget)
+        return gains[0], float(readings[0])
     return (mod if scale == 1.0 else mod.scaled(scale)), s
 
 

@@ -1,0 +1,112 @@
+"""Fitting the input gate (`interventions.gating.GateProbe`) of a run, from its training split, choices on validation.
+
+Positives are harmful requests (plain, the unsafe twins of the alarming-word pairs, and inside the training attack
+families); negatives are benign, borderline-safe and the safe alarming-word requests, plain AND inside the same
+families (`Splits.harm_pools`), so neither a template nor an alarming word alone opens the gate. What the gate
+reads (`GATE_FEATURES`):
+- "amplified": the `max_features` neurons the modulation amplifies most (or, before any gains exist, the selected
+  safety neurons with the highest safety score);
+- "layer": every MLP neuron of the one layer whose probe separates the validation pools best;
+- "residual": the residual stream entering the one layer whose probe separates the validation pools best.
+The gate reads activations of the unmodulated model, so it can be fitted before the gains are trained.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..data.chat import chat_prompt
+from ..infra.probes import fit_probe, roc_auc
+from ..interventions.capture import last_token, unit_features
+from ..interventions.gating import GateProbe
+from ..interventions.modulation import Modulation
+
+GATE_FEATURES = ("amplified", "layer", "residual")
+SHIFTS = tuple(x / 2 for x in range(-8, 9))  # -4 .. 4 in steps of 0.5
+
+
+def _formatted(lm, texts: Sequence[str]) -> list[str]:
+    return [chat_prompt(lm.tokenizer, t) for t in texts]
+
+
+def amplified_neurons(source: Modulation | object, max_features: int = 256, scores: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(layers, neurons) of at most `max_features` neurons: the most amplified ones of a modulation, or, for a
+    selection (before training), its safety neurons ranked by `scores` ([n_layers, n_neurons] safety scores)."""
+    if isinstance(source, Modulation):
+        dense = source.dense()
+        picked = (dense > 1).nonzero()
+        rank = dense[picked[:, 0], picked[:, 1]]
+    else:
+        picked = source.safety.nonzero()
+        rank = scores[picked[:, 0], picked[:, 1]] if scores is not None else torch.zeros(len(picked))
+    if len(picked) == 0:
+        raise ValueError("No amplified neuron to read: the gate's 'amplified' features need safety neurons.")
+    order = torch.argsort(rank, descending=True, stable=True)[:max_features]
+    return picked[order, 0], picked[order, 1]
+
+
+def fit_gate(lm, modulation: Modulation | None, positive: Sequence[str], negative: Sequence[str], *, max_features: int = 256,
+             steps: int = 100, l2: float = 1e-2, neurons: tuple[torch.Tensor, torch.Tensor] | None = None) -> GateProbe:
+    """A probe on neurons (the `max_features` most amplified by `modulation`, or the given `neurons`) fitted on user
+    prompts (positive = should be modulated: harmful / attacked)."""
+    layers, units = neurons if neurons is not None else amplified_neurons(modulation, max_features)
+    x = unit_features(lm, _formatted(lm, list(positive) + list(negative)), layers, units)
+    y = torch.tensor([1.0] * len(positive) + [0.0] * len(negative))
+    mean, std, w, b = fit_probe(x, y, l2=l2, steps=steps, precise=False)
+    acc = float(((((x - mean) / std) @ w + b > 0).float() == y).float().mean())
+    return GateProbe(layers, units, mean, std, w, float(b), acc, getattr(lm, "fingerprint", None))
+
+
+def fit_layer_gate(lm, positive: Sequence[str], negative: Sequence[str], val_positive: Sequence[str],
+                   val_negative: Sequence[str], *, layers: Sequence[int] | None = None, site: str = "neurons") -> GateProbe:
+    """A probe on every unit of one layer's `site` ("neurons": its MLP neurons; "residual": the residual stream
+    entering it): for each candidate layer (default: every layer), fit on (positive, negative) and keep the layer with
+    the highest ROC AUC on the validation prompts (ties: the lower). Why a whole layer: a linear probe of the prompt
+    end separates harmful from harmless far better at later layers than a few hundred amplified neurons do."""
+    n_layers = lm.shape[0]
+    candidates = sorted(layers) if layers is not None else list(range(n_layers))
+    x = last_token(lm, _formatted(lm, list(positive) + list(negative)), site, layers=candidates)
+    xv = last_token(lm, _formatted(lm, list(val_positive) + list(val_negative)), site, layers=candidates)
+    y = torch.tensor([1.0] * len(positive) + [0.0] * len(negative))
+    width = x.shape[-1]
+    best = None
+    for i, layer in enumerate(candidates):
+        mean, std, w, b = fit_probe(x[:, i], y)
+        z = ((xv[:, i] - mean) / std) @ w + b
+        auc = roc_auc(z[: len(val_positive)], z[len(val_positive):])
+        if best is None or auc > best[0]:
+            train_acc = float(((((x[:, i] - mean) / std) @ w + b > 0).float() == y).float().mean())
+            best = (auc, GateProbe(torch.full((width,), layer), torch.arange(width), mean, std, w, float(b),
+                                   train_acc, getattr(lm, "fingerprint", None), site=site))
+    return best[1]
+
+
+def choose_bias_shift(lm, probe: GateProbe, splits, shifts: tuple[float, ...] = SHIFTS) -> float:
+    """The bias shift whose gate best separates harmful from harmless VALIDATION prompts (plain, in the training
+    families, and the alarming-word pairs): the largest true-positive minus false-positive rate of s > 0.5 (ties:
+    the smaller shift)."""
+    positive, negative = splits.harm_pools("validation", 48, 6)
+    z_pos = probe.logit(probe.features(lm, _formatted(lm, positive))) - probe.bias_shift
+    z_neg = probe.logit(probe.features(lm, _formatted(lm, negative))) - probe.bias_shift
+    score = {s: float((z_pos + s > 0).float().mean() - (z_neg + s > 0).float().mean()) for s in shifts}
+    return max(shifts, key=lambda s: (round(score[s], 6), -abs(s)))
+
+
+def fit_gate_for_run(lm, source: Modulation | object, splits, *, bias_shift: float | None = 0.0, features: str = "amplified",
+                     scores: torch.Tensor | None = None) -> GateProbe:
+    """The probe of a run, from its training split only (`Splits.harm_pools`). `source`: the trained modulation
+    (its most amplified neurons) or, to fit the gate before training, the selection (its safety neurons ranked by
+    `scores`). `bias_shift` > 0 makes the gate open more readily (more harmful refusal); None chooses it on the
+    validation split (`choose_bias_shift`)."""
+    if features not in GATE_FEATURES:
+        raise ValueError(f"The gate's features must be one of {GATE_FEATURES}, not {features!r}.")
+    if features in ("layer", "residual"):
+        site = "neurons" if features == "layer" else "residual"
+        probe = fit_layer_gate(lm, *splits.harm_pools("train", 400, 40), *splits.harm_pools("validation", 48, 6), site=site)
+    else:
+        probe = fit_gate(lm, None, *splits.harm_pools("train", 100, 16), neurons=amplified_neurons(source, scores=scores))
+    shift = choose_bias_shift(lm, probe, splits) if bias_shift is None else float(bias_shift)
+    probe.bias += shift
+    probe.bias_shift = shift
+    return probe
