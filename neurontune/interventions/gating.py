@@ -21,6 +21,7 @@ from ..data.chat import chat_prompt
 from ..infra.devices import cat_to_host
 from ..infra.files import read_safetensors, write_file
 from ..infra.probes import fit_probe, roc_auc
+from ..infra.progress import SILENT, Reporter
 from .generation import PROMPT_CAP, encode_left
 from .hooks import scoped_pre_hooks
 from .modulation import Modulation
@@ -90,13 +91,16 @@ def gate_strength(lm, probe: GateProbe, texts: Sequence[str], max_length: int = 
 
 
 def _last_token_acts(lm, texts: Sequence[str], layers: torch.Tensor, neurons: torch.Tensor, batch_size: int = 16,
-                     max_length: int = PROMPT_CAP) -> torch.Tensor:
+                     max_length: int = PROMPT_CAP, reporter: Reporter | None = None) -> torch.Tensor:
     """[n, k] activations of the given neurons at each formatted prompt's last token, unmodulated."""
     out = []
     needed = sorted(set(layers.tolist()))
+    reporter = reporter or SILENT
     for start in range(0, len(texts), batch_size):
+        reporter.check("Gate fitting")
         ids, mask = encode_left(lm.tokenizer, texts[start:start + batch_size], max_length)
         out.append(_acts_for_ids(lm, ids, mask, needed, layers, neurons))
+        reporter.progress(min(start + batch_size, len(texts)), len(texts), "gate: reading activations")
     return torch.cat(out)
 
 
@@ -130,7 +134,7 @@ GATE_FEATURES = ("amplified", "layer")
 
 
 def fit_gate_for_run(lm, modulation: Modulation, splits, *, bias_shift: float | None = 0.0,
-                     features: str = "amplified") -> GateProbe:
+                     features: str = "amplified", reporter: Reporter | None = None) -> GateProbe:
     """The probe of a run, from its training split only: harmful requests (plain and in the training attack
     families) vs benign and borderline-safe requests, plain AND in the same families, so that a template alone
     does not open the gate. `bias_shift` > 0 makes the gate open more readily (more harmful refusal); None
@@ -140,16 +144,17 @@ def fit_gate_for_run(lm, modulation: Modulation, splits, *, bias_shift: float | 
     if features not in GATE_FEATURES:
         raise ValueError(f"The gate's features must be one of {GATE_FEATURES}, not {features!r}.")
     if features == "layer":
-        probe = fit_layer_gate(lm, *splits.harm_pools("train", 400, 40), *splits.harm_pools("validation", 48, 6))
+        probe = fit_layer_gate(lm, *splits.harm_pools("train", 400, 40), *splits.harm_pools("validation", 48, 6), reporter=reporter)
     else:
-        probe = fit_gate(lm, modulation, *splits.harm_pools("train", 100, 16))
-    probe.bias += choose_bias_shift(lm, probe, splits) if bias_shift is None else bias_shift
+        probe = fit_gate(lm, modulation, *splits.harm_pools("train", 100, 16), reporter=reporter)
+    probe.bias += choose_bias_shift(lm, probe, splits, reporter=reporter) if bias_shift is None else bias_shift
     probe.bias_shift = probe.bias_shift if bias_shift is None else bias_shift
     return probe
 
 
 def fit_layer_gate(lm, positive: Sequence[str], negative: Sequence[str], val_positive: Sequence[str],
-                   val_negative: Sequence[str], *, layers: Sequence[int] | None = None) -> GateProbe:
+                   val_negative: Sequence[str], *, layers: Sequence[int] | None = None,
+                   reporter: Reporter | None = None) -> GateProbe:
     """A probe on all the neurons of one layer: for each candidate layer (default: every layer), fit on
     (positive, negative) and keep the layer with the highest ROC AUC on the validation prompts (ties: the lower). Why a whole layer: a linear probe
     of the prompt end separates harmful from harmless far better at later layers than the amplified neurons
@@ -159,8 +164,8 @@ def fit_layer_gate(lm, positive: Sequence[str], negative: Sequence[str], val_pos
     every_l = torch.tensor(candidates).repeat_interleave(n_neurons)
     every_n = torch.arange(n_neurons).repeat(len(candidates))
     fmt = lambda texts: [chat_prompt(lm.tokenizer, t) for t in texts]  # noqa: E731
-    x = _last_token_acts(lm, fmt(list(positive) + list(negative)), every_l, every_n)
-    xv = _last_token_acts(lm, fmt(list(val_positive) + list(val_negative)), every_l, every_n)
+    x = _last_token_acts(lm, fmt(list(positive) + list(negative)), every_l, every_n, reporter=reporter)
+    xv = _last_token_acts(lm, fmt(list(val_positive) + list(val_negative)), every_l, every_n, reporter=reporter)
     y = torch.tensor([1.0] * len(positive) + [0.0] * len(negative))
     best = None
     for i, layer in enumerate(candidates):
@@ -178,11 +183,13 @@ def fit_layer_gate(lm, positive: Sequence[str], negative: Sequence[str], val_pos
 SHIFTS = tuple(x / 2 for x in range(-8, 9))  # -4 .. 4 in steps of 0.5
 
 
-def choose_bias_shift(lm, probe: GateProbe, splits, shifts: tuple[float, ...] = SHIFTS) -> float:
+def choose_bias_shift(lm, probe: GateProbe, splits, shifts: tuple[float, ...] = SHIFTS, *,
+                      reporter: Reporter | None = None) -> float:
     """The bias shift whose gate best separates harmful from harmless VALIDATION prompts (plain and in the training
     families): the largest true-positive minus false-positive rate of s > 0.5 (ties: the smaller shift)."""
     positive, negative = splits.harm_pools("validation", 48, 6)
-    feats = lambda texts: _last_token_acts(lm, [chat_prompt(lm.tokenizer, t) for t in texts], probe.layers, probe.neurons)  # noqa: E731
+    feats = lambda texts: _last_token_acts(lm, [chat_prompt(lm.tokenizer, t) for t in texts], probe.layers, probe.neurons,  # noqa: E731
+                                           reporter=reporter)
     z_pos = ((feats(positive) - probe.mean) / probe.std) @ probe.weight + probe.bias
     z_neg = ((feats(negative) - probe.mean) / probe.std) @ probe.weight + probe.bias
     score = {s: float((z_pos + s > 0).float().mean() - (z_neg + s > 0).float().mean()) for s in shifts}
@@ -192,7 +199,7 @@ def choose_bias_shift(lm, probe: GateProbe, splits, shifts: tuple[float, ...] = 
 
 
 def fit_gate(lm, modulation: Modulation, positive: Sequence[str], negative: Sequence[str], *, max_features: int = 256,
-             steps: int = 100, l2: float = 1e-2) -> GateProbe:
+             steps: int = 100, l2: float = 1e-2, reporter: Reporter | None = None) -> GateProbe:
     """Train the probe on user prompts (positive = should be modulated: harmful/attacked), reading the
     `max_features` most amplified neurons."""
     dense = modulation.dense()
@@ -201,7 +208,8 @@ def fit_gate(lm, modulation: Modulation, positive: Sequence[str], negative: Sequ
         raise ValueError("The modulation amplifies no neuron: nothing to gate on.")
     order = torch.argsort((dense[amplified[:, 0], amplified[:, 1]]), descending=True)[:max_features]
     layers, neurons = amplified[order, 0], amplified[order, 1]
-    x = _last_token_acts(lm, [chat_prompt(lm.tokenizer, p) for p in list(positive) + list(negative)], layers, neurons)
+    x = _last_token_acts(lm, [chat_prompt(lm.tokenizer, p) for p in list(positive) + list(negative)], layers, neurons,
+                         reporter=reporter)
     y = torch.tensor([1.0] * len(positive) + [0.0] * len(negative))
     mean, std, w, b = fit_probe(x, y, l2=l2, steps=steps, precise=False)
     acc = float(((((x - mean) / std) @ w + b > 0).float() == y).float().mean())
