@@ -12,19 +12,54 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .infra.progress import Reporter
 
-def _bar(desc: str):
-    """A tqdm bar and a (done, total, stage) progress callback feeding it (under `accelerate launch`: on the
-    main process only, counting its own share of the work)."""
-    from .infra.distributed import is_main
-    bar = tqdm(total=1, desc=desc, unit="ex", dynamic_ncols=True, disable=not is_main())
 
-    def progress(done: int, total: int, stage: str = "") -> None:
-        bar.total = total
-        bar.n = done
-        bar.set_postfix_str(stage[:28])
-        bar.refresh()
-    return bar, progress
+class _Bars(Reporter):
+    """The CLI's reporter: a tqdm bar per phase (under `accelerate launch`: on the main process only, counting its
+    own share of the work), training steps with their losses, messages printed above the bars."""
+
+    def __init__(self, phase: str | None = None):
+        super().__init__()
+        self.bar = None
+        if phase is not None:
+            self.phase(phase)
+
+    def phase(self, name: str, total: int | None = None) -> None:
+        from .infra.distributed import is_main
+        self.close()
+        self.bar = tqdm(total=total or 1, desc=name, unit="ex", dynamic_ncols=True, disable=not is_main())
+
+    def progress(self, done: int, total: int, stage: str = "") -> None:
+        if self.bar is None:
+            self.phase("")
+        self.bar.total = total
+        self.bar.n = done
+        self.bar.set_postfix_str(stage[:28])
+        self.bar.refresh()
+
+    def step(self, entry: dict) -> None:
+        if self.bar is None:
+            self.phase("training")
+        self.bar.unit = "step"
+        self.bar.update(1)
+        self.bar.set_postfix({k: f"{v:.3f}" for k, v in entry.items() if k in ("loss", "refusal_nll", "kl", "over_refusal", "val")})
+
+    def say(self, message: str) -> None:
+        from .infra.distributed import is_main
+        if is_main():
+            tqdm.write(message)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> "_Bars":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -82,10 +117,9 @@ def cmd_attribute(args) -> int:
     if args.n_prompts:
         cfg = with_prompts(cfg, args.n_prompts)
     lm = _load(args)
-    bar, progress = _bar("attribution")
     start = time.perf_counter()
-    scores = attribute_step(lm, cfg, Path(args.out), progress=progress, cache_dir=args.cache_dir)
-    bar.close()
+    with _Bars() as bars:
+        scores = attribute_step(lm, cfg, Path(args.out), reporter=bars, cache_dir=args.cache_dir)
     from .infra.distributed import is_main
     from .run.folder import RunFolder
     if not is_main():  # under `accelerate launch` the main process writes and reports
@@ -109,48 +143,21 @@ def _baselines(text: str) -> tuple[str, ...]:
     return BASELINES if text == "all" else tuple(b.strip() for b in text.split(",") if b.strip())
 
 
-class _Bars:
-    """The CLI's `run.tune.Report`: a tqdm bar per phase, messages printed above the bars."""
-
-    def __init__(self):
-        self.bars: dict = {}
-
-    def progress(self, phase: str, total: int | None = None):
-        if phase == "train":  # advanced by step()
-            self.bars[phase] = tqdm(total=total, desc="train gains", dynamic_ncols=True)
-            return None
-        self.bars[phase], progress = _bar(phase)
-        return progress
-
-    def step(self, entry: dict) -> None:
-        bar = self.bars.get("train")
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in entry.items() if k in ("loss", "refusal_nll", "kl", "over_refusal", "val")})
-
-    def say(self, message: str) -> None:
-        tqdm.write(message)
-
-    def done(self, phase: str) -> None:
-        if (bar := self.bars.pop(phase, None)) is not None:
-            bar.close()
-
-
 def cmd_tune(args) -> int:
     from .run.folder import RunFolder
     from .run.tune import check, tune
     cfg, baselines = _config(args), _baselines(args.baselines)
     check(cfg, baselines=baselines)  # bad thresholds and baselines are refused before the model loads...
     lm = _load(args)  # ...and thresholds too large for this model before attribution (in tune)
-    tune(lm, cfg, args.out, evaluate=not args.no_eval, quick_eval=args.quick_eval, baselines=baselines,
-         eval_split=args.eval_split, cache_dir=args.cache_dir, report=_Bars())
+    with _Bars() as bars:
+        tune(lm, cfg, args.out, evaluate=not args.no_eval, quick_eval=args.quick_eval, baselines=baselines,
+             eval_split=args.eval_split, cache_dir=args.cache_dir, reporter=bars)
     print(f"Wrote {args.out}/ ({RunFolder.MODULATION}, {RunFolder.TRAIN_LOG}, {RunFolder.CONFIG}, {RunFolder.SCORES} ...)")
     return 0
 
 
 def cmd_evaluate(args) -> int:
     from .eval.baselines import check_baselines
-    from .infra.distributed import is_main
     from .run.evaluate_run import evaluate_run
     from .run.folder import RunFolder
     cfg = RunFolder(args.run).config()
@@ -158,11 +165,9 @@ def cmd_evaluate(args) -> int:
     check_baselines(baselines)  # before the model loads
     args.model = cfg.model if args.model == "embedded" else args.model
     lm = _load(args)
-    bar, progress = _bar("evaluate")
-    evaluate_run(lm, args.run, cfg, baselines=baselines, quick=args.quick, seeds=args.seeds, split=args.split,
-                 cache_dir=args.cache_dir, progress=progress,
-                 log=tqdm.write if is_main() else (lambda _msg: None))
-    bar.close()
+    with _Bars() as bars:
+        evaluate_run(lm, args.run, cfg, baselines=baselines, quick=args.quick, seeds=args.seeds, split=args.split,
+                     cache_dir=args.cache_dir, reporter=bars)
     return 0
 
 
@@ -175,9 +180,8 @@ def cmd_sweep(args) -> int:
                          "commas, e.g. 250:0,750:250")
     grid = [(int(a), int(b)) for a, b in points]
     lm = _load(args)
-    bar, progress = _bar("sweep")
-    sweep_run(lm, cfg, grid, Path(args.out), cache_dir=args.cache_dir, progress=progress, log=tqdm.write)
-    bar.close()
+    with _Bars() as bars:
+        sweep_run(lm, cfg, grid, Path(args.out), cache_dir=args.cache_dir, reporter=bars)
     return 0
 
 
@@ -194,9 +198,10 @@ def cmd_export(args) -> int:
     lm = _load(args)
     gated = folder.has(RunFolder.GATE)
     token = os.environ.get("HF_TOKEN") if args.push_to_hub else None
-    result = export(lm, folder.modulation(lm.fingerprint), args.root, args.name, preset=cfg.to_dict(),
-                    eval_summary=folder.eval_summary(), gated=gated, overwrite=args.overwrite,
-                    push_to_hub=args.push_to_hub, token=token)
+    with _Bars() as bars:
+        result = export(lm, folder.modulation(lm.fingerprint), args.root, args.name, preset=cfg.to_dict(),
+                        eval_summary=folder.eval_summary(), gated=gated, overwrite=args.overwrite,
+                        push_to_hub=args.push_to_hub, token=token, reporter=bars)
     print(f"Exported to {result['path']} (reloaded logits match the hooked model: max diff {result['max_logit_diff']:.2e}).")
     if gated:
         print("note: this run has an input gate, which cannot be folded into weights: the checkpoint holds the STATIC gains "
@@ -248,10 +253,9 @@ def cmd_generate(args) -> int:
     else:
         applied = "the base model"
     print(f"Generating with {applied}.")
-    bar, progress = _bar("generate")
-    gains = per_row if strengths is not None else mod
-    answers = generate(lm, prompts, gains, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=progress)
-    bar.close()
+    with _Bars("generate") as bars:
+        answers = generate(lm, prompts, per_row if strengths is not None else mod, max_new_tokens=args.max_new_tokens,
+                           batch_size=args.batch_size, reporter=bars)
     files.write_jsonl(args.out, ({"id": r["id"], "prompt": r["prompt"], "response": a,
                                   **({"gate": s} if strengths is not None else {})}
                                  for r, a, s in zip(rows, answers, strengths or [None] * len(rows))))
@@ -268,7 +272,8 @@ def cmd_separability(args) -> int:
         raise ValueError(f"--fpr is a share of harmless prompts, strictly between 0 and 1, not {args.fpr}.")
     lm = _load(args)
     start = time.perf_counter()
-    table = probe_ceiling(lm, build_splits(load_preset(args.preset).data), split=args.split, fpr=args.fpr)
+    with _Bars("separability") as bars:
+        table = probe_ceiling(lm, build_splits(load_preset(args.preset).data), split=args.split, fpr=args.fpr, reporter=bars)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"\n{args.split} split, {lm.name}: " + summary(table, args.fpr) + f" ({time.perf_counter() - start:.0f} s)")
     if args.out:
@@ -314,7 +319,8 @@ def cmd_snapshot(args) -> int:
         check(cfg)
         lm = _load(args)
         run = args.work or f"runs/snapshot-{cfg.name}"
-        tune(lm, cfg, run, quick_eval=True, cache_dir=args.cache_dir, report=_Bars())
+        with _Bars() as bars:
+            tune(lm, cfg, run, quick_eval=True, cache_dir=args.cache_dir, reporter=bars)
     manifest = snapshot_run(run, out, command="python -m neurontune " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["snapshot"]
                             else "python -m neurontune snapshot")
     problems = check_snapshot(out, lm)

@@ -17,6 +17,7 @@ import torch
 if (os.cpu_count() or 1) <= 2 and "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(1)
 
+from neurontune.infra.progress import Reporter
 from neurontune.interventions.modulation import Modulation
 from neurontune.model.loading import LoadedModel, load_model
 
@@ -40,6 +41,27 @@ def lm(request) -> LoadedModel:
 
 
 # -- helpers ---------------------------------------------------------------------------------------
+class Recorder(Reporter):
+    """A reporter that keeps what it is told: `calls` (done, total, stage), `steps`, `said`, `phases`; cancelled
+    once `cancel` (an Event, when given) is set."""
+
+    def __init__(self, cancel=None):
+        super().__init__(cancel)
+        self.calls, self.steps, self.said, self.phases = [], [], [], []
+
+    def phase(self, name, total=None):
+        self.phases.append((name, total))
+
+    def progress(self, done, total, stage=""):
+        self.calls.append((done, total, stage))
+
+    def step(self, entry):
+        self.steps.append(entry)
+
+    def say(self, message):
+        self.said.append(message)
+
+
 def encode(lm: LoadedModel, *texts: str) -> torch.Tensor:
     """Token ids [B, T] of texts that tokenise to the same length (no padding, so rows are independent)."""
     rows = [lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]

@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers as T
 
+from conftest import Recorder
 from neurontune.cli import main
 from neurontune.config import RunConfig, SelectionConfig, load_preset
 from neurontune.data import attacks
@@ -339,7 +340,9 @@ def test_training_inf_gradients_stop_and_keep_the_last_good_gains(tiny_llama, tm
             loss = loss + torch.sqrt(gains - gains.detach()).sum()
         return loss, terms
     monkeypatch.setattr(metalearn.Objective, "__call__", poisoned)
-    result = metalearn.train_gains(tiny_llama, sel, cfg, cache_dir=tmp_path, progress=seen.append)
+    rec = Recorder()
+    result = metalearn.train_gains(tiny_llama, sel, cfg, cache_dir=tmp_path, reporter=rec)
+    seen = rec.steps
     assert result.stopped == "non_finite" and len(seen) == 3
     dense = result.modulation.dense()
     assert torch.isfinite(dense).all()

@@ -30,7 +30,7 @@ from neurontune.method.neuron_scores import (
 from neurontune.model import loading as models
 from neurontune.run import evaluate_run as evaluation_run
 from neurontune.run import sweep as sweep_mod
-from neurontune.studio.jobs import Job, JobProgress, JobRunner, write_status
+from neurontune.studio.jobs import Job, JobReporter, JobRunner, write_status
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"name": "tiny-faults",
@@ -380,7 +380,7 @@ def test_crash_while_writing_model_cache_leaves_no_valid_folder(tmp_path, fake_g
 @pytest.mark.parametrize("damage", ["truncate", "edit"])
 def test_bad_job_status_file_is_ignored(tmp_path, caplog, damage):
     runner = JobRunner(tmp_path)
-    job = runner.submit("train", lambda p, c: {"run_dir": "runs/a"})
+    job = runner.submit("train", lambda r: {"run_dir": "runs/a"})
     assert job.wait(5)
     path = tmp_path / "jobs" / f"{job.id}.json"
     if damage == "truncate":
@@ -392,7 +392,7 @@ def test_bad_job_status_file_is_ignored(tmp_path, caplog, damage):
     assert other.get(job.id) is None and other.jobs() == [] and other.recovered == []
     assert "Ignoring bad job status file" in caplog.text
     # a crash while a status file is rewritten leaves the previous one readable
-    good = runner.submit("train", lambda p, c: {"n": 1})
+    good = runner.submit("train", lambda r: {"n": 1})
     assert good.wait(5)
     gpath = tmp_path / "jobs" / f"{good.id}.json"
     def half_then_die(self, data, *a, **k):
@@ -429,15 +429,15 @@ def studio(tiny_llama, tmp_path, monkeypatch):
 
 def cancel_first_job(monkeypatch, runner: JobRunner) -> list[str]:
     """Cancel the next job at its first progress report (a step or a log entry); later jobs run through."""
-    fired, update, log = [], JobProgress.update, JobProgress.log
+    fired, update, log = [], JobReporter.update, JobReporter.log
 
     def hit(self):
         if not fired:
             fired.append(self.job.id)
             runner.cancel(self.job.id)
 
-    monkeypatch.setattr(JobProgress, "update", lambda self, *a, **k: (update(self, *a, **k), hit(self))[0])
-    monkeypatch.setattr(JobProgress, "log", lambda self, entry: (log(self, entry), hit(self))[0])
+    monkeypatch.setattr(JobReporter, "update", lambda self, *a, **k: (update(self, *a, **k), hit(self))[0])
+    monkeypatch.setattr(JobReporter, "log", lambda self, entry: (log(self, entry), hit(self))[0])
     return fired
 
 
@@ -516,7 +516,7 @@ def test_cancel_and_restart_evaluation(studio, tiny_llama, tmp_path, monkeypatch
     out = list(background.evaluate(studio, session, True, []))
     assert _ended(studio, session, "evaluate").status == "done" and "done" in out[-1]["eval_status"]
     evaluation_run.evaluate_run(tiny_llama, ref, session.cfg, baselines=(), quick=True, split="validation",
-                                cache_dir=tmp_path / "ref_cache", log=lambda m: None)
+                                cache_dir=tmp_path / "ref_cache")
     got, want = (json.loads((d / "eval.json").read_text())["table"] for d in (run, ref))
     assert _strip(got) == _strip(want)
     assert (run / "generations.jsonl").read_text() == (ref / "generations.jsonl").read_text()
@@ -534,7 +534,7 @@ def test_cancel_and_restart_sweep(studio, tiny_llama, tmp_path, monkeypatch):
     assert again.status == "done" and "done" in out[-1]["eval_status"]
     grid = [tuple(int(x) for x in p.split(":")) for p in GRID.replace(" ", "").split(",")]
     want = sweep_mod.sweep_run(tiny_llama, session.cfg, grid, tmp_path / "ref_sweep", scores=studio.scores(session.scores_key),
-                                    cache_dir=tmp_path / "ref_cache", log=lambda m: None)
+                                    cache_dir=tmp_path / "ref_cache")
     got = pd.read_csv(Path(again.info["out"]) / "sweep.csv")
     pd.testing.assert_frame_equal(got.drop(columns="seconds"), want.drop(columns="seconds"), check_dtype=False)
 
@@ -567,13 +567,15 @@ if mode == "writing":  # stall in the middle of writing the attribution entry: h
         return real(path, half)
     cache_io.write_file = stalled
 
-def work(progress, cancel):
-    def report(done, total, stage):
+def work(reporter):
+    progress = reporter.progress
+    def report(done, total, stage=""):
         progress(done, total, stage)
         if mode == "computing" and stage.startswith("safety"):
             print("computing", flush=True)
             time.sleep(120)
-    return run_attribution(lm, cfg, cache_dir=cache, progress=report, cancel=cancel)
+    reporter.progress = report
+    return run_attribution(lm, cfg, cache_dir=cache, reporter=reporter)
 
 runner.submit("attribution", work)
 time.sleep(120)

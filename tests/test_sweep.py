@@ -8,10 +8,11 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import Recorder
 from neurontune.config import DataConfig, SelectionConfig
 from neurontune.data.splits import build_splits
 from neurontune.eval.proxy import proxy_metrics
-from neurontune.infra.progress import Cancelled
+from neurontune.infra.progress import Cancelled, Reporter
 from neurontune.run.sweep import sweep, tradeoff_figure
 
 GRID = [(10, 0), (20, 5), (40, 10)]
@@ -28,11 +29,11 @@ def scores(tiny_llama):
 @pytest.fixture(scope="module")
 def frame(tiny_llama, scores):
     splits = build_splits(DataConfig())
-    seen = []
+    rec = Recorder()
     out = sweep(tiny_llama, scores, GRID, train_fn=lambda sel: sel.modulation(2.0, 0.5, tiny_llama.fingerprint),
-                eval_fn=lambda mod: proxy_metrics(tiny_llama, mod, splits, n=3),
-                progress=lambda d, t, s: seen.append((d, t)), selection=SelectionConfig(protect_top=5))
-    out.attrs["progress"] = seen
+                eval_fn=lambda mod: proxy_metrics(tiny_llama, mod, splits, n=3), reporter=rec,
+                selection=SelectionConfig(protect_top=5))
+    out.attrs["progress"] = [(d, t) for d, t, _ in rec.calls]
     return out
 
 
@@ -62,7 +63,7 @@ def test_cancel(tiny_llama, scores):
     cancel = threading.Event()
     cancel.set()
     with pytest.raises(Cancelled):
-        sweep(tiny_llama, scores, GRID, train_fn=lambda s: None, eval_fn=lambda m: {}, cancel=cancel)
+        sweep(tiny_llama, scores, GRID, train_fn=lambda s: None, eval_fn=lambda m: {}, reporter=Reporter(cancel))
 
 
 def test_sweep_reads_validation_and_refuses_the_test_split(tiny_llama, tmp_path):

@@ -4,13 +4,12 @@ every answer judged, with the input gate's strength per prompt when the gains ha
 then applies strength × s, as the evaluation's "neurontune + gate"). The studio's bulk table uses it."""
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import pandas as pd
 
-from ..infra.progress import Progress, check_cancel
+from ..infra.progress import SILENT, Reporter
 from ..interventions.gating import Gated, GateProbe
 from ..interventions.generation import fit_lengths, generate
 from ..interventions.modulation import Modulation
@@ -53,25 +52,23 @@ def tuned_gains(lm, prompts: Sequence[str], modulation: Modulation, gate: GatePr
 
 
 def iter_compare(lm, prompts: Sequence[str], modulation: Modulation, *, gate: GateProbe | None = None, strength: float = 1.0,
-                 max_new_tokens: int = 48, batch_size: int = 8, progress: Progress | None = None,
-                 cancel: threading.Event | None = None) -> Iterator[list[BulkRow]]:
+                 max_new_tokens: int = 48, batch_size: int = 8, reporter: Reporter | None = None) -> Iterator[list[BulkRow]]:
     """Answer every prompt with the base and the tuned model, `batch_size` prompts (2 × batch_size generate
-    rows) per call, greedy; yields each batch's rows as it finishes. Stops with `Cancelled` when `cancel` is set."""
+    rows) per call, greedy; yields each batch's rows as it finishes. Stops with `Cancelled` once `reporter` is cancelled."""
     if modulation is None:
         raise ValueError("No gains to compare with: train or load gains first (both answers would be the base model's).")
     if modulation.fingerprint and modulation.fingerprint != lm.fingerprint:
         raise ValueError("These gains were made for another model; load the model they were tuned on.")
     budget, _ = fit_lengths(lm, max_new_tokens)
-    prompts = list(prompts)
+    prompts, reporter = list(prompts), reporter or SILENT
     for start in range(0, len(prompts), batch_size):
-        check_cancel(cancel, "The bulk run")
+        reporter.check("The bulk run")
         chunk = prompts[start:start + batch_size]
         tuned, s = tuned_gains(lm, chunk, modulation, gate, strength, budget)
         answers = generate(lm, [p for p in chunk for _ in (0, 1)], [g for t in tuned for g in (None, t)],
                            max_new_tokens=max_new_tokens, batch_size=2 * len(chunk))
         yield [BulkRow(p, answers[2 * i], answers[2 * i + 1], None if s is None else s[i]) for i, p in enumerate(chunk)]
-        if progress:
-            progress(min(start + batch_size, len(prompts)), len(prompts), "answering")
+        reporter.progress(min(start + batch_size, len(prompts)), len(prompts), "answering")
 
 
 def compare_prompts(lm, prompts: Sequence[str], modulation: Modulation, **kwargs) -> list[BulkRow]:

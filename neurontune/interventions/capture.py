@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 import torch
 
 from ..infra.devices import cat_to_host
-from ..infra.progress import check_cancel
+from ..infra.progress import SILENT, Reporter
 from ..model.logprobs import encode_pairs, last_token_index
 from ..model.neuron_map import decoder_layers
 from .generation import PROMPT_CAP, encode_left
@@ -68,13 +68,15 @@ def read_ids(lm, ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor | Non
 
 def iter_last_token(lm, texts: Sequence[str], site: str = "neurons", *, layers: Sequence[int] | None = None,
                     index: dict[int, torch.Tensor] | None = None, targets: Sequence[str] | None = None,
-                    batch_size: int = 16, max_length: int = PROMPT_CAP, cancel=None) -> Iterator[dict[int, torch.Tensor]]:
+                    batch_size: int = 16, max_length: int = PROMPT_CAP, reporter: Reporter | None = None,
+                    stage: str = "reading activations") -> Iterator[dict[int, torch.Tensor]]:
     """Per batch of formatted prompts, `read_ids` at each row's last token: the prompt's end, or with `targets` the
     last token of prompt + target. Layers: every layer, `layers`, or those of `index`."""
+    reporter = reporter or SILENT
     n_layers = len(site_modules(lm, site))
     wanted = sorted(int(l) for l in (index if index is not None else (layers if layers is not None else range(n_layers))))
     for start in range(0, len(texts), batch_size):
-        check_cancel(cancel, "Reading activations")
+        reporter.check("Reading activations")
         chunk = list(texts[start:start + batch_size])
         if targets is None:
             ids, mask = encode_left(lm.tokenizer, chunk, max_length)
@@ -83,23 +85,24 @@ def iter_last_token(lm, texts: Sequence[str], site: str = "neurons", *, layers: 
             batch = encode_pairs(lm.tokenizer, chunk, list(targets[start:start + batch_size]), max_length)
             ids, mask, last = batch.input_ids, batch.attention_mask, last_token_index(batch)
         yield read_ids(lm, ids, mask, last, site, wanted, index)
+        reporter.progress(min(start + batch_size, len(texts)), len(texts), stage)
 
 
 def last_token(lm, texts: Sequence[str], site: str = "neurons", *, layers: Sequence[int] | None = None,
                targets: Sequence[str] | None = None, batch_size: int = 16, max_length: int = PROMPT_CAP,
-               dtype: torch.dtype = torch.float32, cancel=None) -> torch.Tensor:
+               dtype: torch.dtype = torch.float32, reporter: Reporter | None = None) -> torch.Tensor:
     """[n, n_layers_read, width] activations of `site` at each formatted prompt's last token (every layer, or
     `layers` in ascending order), on the host in `dtype`."""
     parts = []
     for store in iter_last_token(lm, texts, site, layers=layers, targets=targets, batch_size=batch_size,
-                                 max_length=max_length, cancel=cancel):
+                                 max_length=max_length, reporter=reporter):
         parts.append(torch.stack([x.to("cpu") for _, x in sorted(store.items())], 1).to(dtype))
     return torch.cat(parts)
 
 
 def unit_features(lm, texts: Sequence[str] | None, layers: torch.Tensor, units: torch.Tensor, *, site: str = "neurons",
                   ids: tuple[torch.Tensor, torch.Tensor] | None = None, batch_size: int = 16, max_length: int = PROMPT_CAP,
-                  cancel=None) -> torch.Tensor:
+                  reporter: Reporter | None = None) -> torch.Tensor:
     """[n, k] the units (layers[i], units[i]) of `site` at each formatted prompt's last token (or of the left-padded
     `ids` = (input ids, mask) of one forward): what a gate reads. Each hook keeps only its layer's units; the pieces
     reach the host once per batch and device."""
@@ -108,7 +111,7 @@ def unit_features(lm, texts: Sequence[str] | None, layers: torch.Tensor, units: 
     index = {layer: units[picks[layer]] for layer in needed}
     order = torch.cat([picks[layer] for layer in needed])
     stores = ([read_ids(lm, ids[0], ids[1], None, site, needed, index)] if ids is not None else
-              iter_last_token(lm, texts, site, index=index, batch_size=batch_size, max_length=max_length, cancel=cancel))
+              iter_last_token(lm, texts, site, index=index, batch_size=batch_size, max_length=max_length, reporter=reporter))
     out = []
     for store in stores:
         feats = torch.empty(next(iter(store.values())).shape[0], len(layers))

@@ -18,6 +18,7 @@ import torch
 
 from ..data.chat import chat_prompt
 from ..infra.probes import fit_probe, roc_auc
+from ..infra.progress import Reporter
 from ..interventions.capture import last_token, unit_features
 from ..interventions.gating import GateProbe
 from ..interventions.modulation import Modulation
@@ -47,11 +48,12 @@ def amplified_neurons(source: Modulation | object, max_features: int = 256, scor
 
 
 def fit_gate(lm, modulation: Modulation | None, positive: Sequence[str], negative: Sequence[str], *, max_features: int = 256,
-             steps: int = 100, l2: float = 1e-2, neurons: tuple[torch.Tensor, torch.Tensor] | None = None) -> GateProbe:
+             steps: int = 100, l2: float = 1e-2, neurons: tuple[torch.Tensor, torch.Tensor] | None = None,
+             reporter: Reporter | None = None) -> GateProbe:
     """A probe on neurons (the `max_features` most amplified by `modulation`, or the given `neurons`) fitted on user
     prompts (positive = should be modulated: harmful / attacked)."""
     layers, units = neurons if neurons is not None else amplified_neurons(modulation, max_features)
-    x = unit_features(lm, _formatted(lm, list(positive) + list(negative)), layers, units)
+    x = unit_features(lm, _formatted(lm, list(positive) + list(negative)), layers, units, reporter=reporter)
     y = torch.tensor([1.0] * len(positive) + [0.0] * len(negative))
     mean, std, w, b = fit_probe(x, y, l2=l2, steps=steps, precise=False)
     acc = float(((((x - mean) / std) @ w + b > 0).float() == y).float().mean())
@@ -59,15 +61,16 @@ def fit_gate(lm, modulation: Modulation | None, positive: Sequence[str], negativ
 
 
 def fit_layer_gate(lm, positive: Sequence[str], negative: Sequence[str], val_positive: Sequence[str],
-                   val_negative: Sequence[str], *, layers: Sequence[int] | None = None, site: str = "neurons") -> GateProbe:
+                   val_negative: Sequence[str], *, layers: Sequence[int] | None = None, site: str = "neurons",
+                   reporter: Reporter | None = None) -> GateProbe:
     """A probe on every unit of one layer's `site` ("neurons": its MLP neurons; "residual": the residual stream
     entering it): for each candidate layer (default: every layer), fit on (positive, negative) and keep the layer with
     the highest ROC AUC on the validation prompts (ties: the lower). Why a whole layer: a linear probe of the prompt
     end separates harmful from harmless far better at later layers than a few hundred amplified neurons do."""
     n_layers = lm.shape[0]
     candidates = sorted(layers) if layers is not None else list(range(n_layers))
-    x = last_token(lm, _formatted(lm, list(positive) + list(negative)), site, layers=candidates)
-    xv = last_token(lm, _formatted(lm, list(val_positive) + list(val_negative)), site, layers=candidates)
+    x = last_token(lm, _formatted(lm, list(positive) + list(negative)), site, layers=candidates, reporter=reporter)
+    xv = last_token(lm, _formatted(lm, list(val_positive) + list(val_negative)), site, layers=candidates, reporter=reporter)
     y = torch.tensor([1.0] * len(positive) + [0.0] * len(negative))
     width = x.shape[-1]
     best = None
@@ -82,19 +85,20 @@ def fit_layer_gate(lm, positive: Sequence[str], negative: Sequence[str], val_pos
     return best[1]
 
 
-def choose_bias_shift(lm, probe: GateProbe, splits, shifts: tuple[float, ...] = SHIFTS) -> float:
+def choose_bias_shift(lm, probe: GateProbe, splits, shifts: tuple[float, ...] = SHIFTS, reporter: Reporter | None = None) -> float:
     """The bias shift whose gate best separates harmful from harmless VALIDATION prompts (plain, in the training
     families, and the alarming-word pairs): the largest true-positive minus false-positive rate of s > 0.5 (ties:
     the smaller shift)."""
     positive, negative = splits.harm_pools("validation", 48, 6)
-    z_pos = probe.logit(probe.features(lm, _formatted(lm, positive))) - probe.bias_shift
-    z_neg = probe.logit(probe.features(lm, _formatted(lm, negative))) - probe.bias_shift
+    feats = lambda texts: unit_features(lm, _formatted(lm, texts), probe.layers, probe.neurons, site=probe.site, reporter=reporter)  # noqa: E731
+    z_pos = probe.logit(feats(positive)) - probe.bias_shift
+    z_neg = probe.logit(feats(negative)) - probe.bias_shift
     score = {s: float((z_pos + s > 0).float().mean() - (z_neg + s > 0).float().mean()) for s in shifts}
     return max(shifts, key=lambda s: (round(score[s], 6), -abs(s)))
 
 
 def fit_gate_for_run(lm, source: Modulation | object, splits, *, bias_shift: float | None = 0.0, features: str = "amplified",
-                     scores: torch.Tensor | None = None) -> GateProbe:
+                     scores: torch.Tensor | None = None, reporter: Reporter | None = None) -> GateProbe:
     """The probe of a run, from its training split only (`Splits.harm_pools`). `source`: the trained modulation
     (its most amplified neurons) or, to fit the gate before training, the selection (its safety neurons ranked by
     `scores`). `bias_shift` > 0 makes the gate open more readily (more harmful refusal); None chooses it on the
@@ -103,10 +107,12 @@ def fit_gate_for_run(lm, source: Modulation | object, splits, *, bias_shift: flo
         raise ValueError(f"The gate's features must be one of {GATE_FEATURES}, not {features!r}.")
     if features in ("layer", "residual"):
         site = "neurons" if features == "layer" else "residual"
-        probe = fit_layer_gate(lm, *splits.harm_pools("train", 400, 40), *splits.harm_pools("validation", 48, 6), site=site)
+        probe = fit_layer_gate(lm, *splits.harm_pools("train", 400, 40), *splits.harm_pools("validation", 48, 6), site=site,
+                               reporter=reporter)
     else:
-        probe = fit_gate(lm, None, *splits.harm_pools("train", 100, 16), neurons=amplified_neurons(source, scores=scores))
-    shift = choose_bias_shift(lm, probe, splits) if bias_shift is None else float(bias_shift)
+        probe = fit_gate(lm, None, *splits.harm_pools("train", 100, 16), neurons=amplified_neurons(source, scores=scores),
+                         reporter=reporter)
+    shift = choose_bias_shift(lm, probe, splits, reporter=reporter) if bias_shift is None else float(bias_shift)
     probe.bias += shift
     probe.bias_shift = shift
     return probe

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import math
 import random
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,12 +28,11 @@ from ..data.chat import chat_prompt
 from ..data.prompts import Prompt
 from ..data.splits import Splits, build_splits
 from ..infra.files import default_cache_dir
+from ..infra.progress import SILENT, Reporter
 from ..interventions.modulation import Modulation, modulate
 from ..model.logprobs import PairBatch, encode_pairs, forward, target_logprob
 from .base_answers import cached_answers
 from .selection import Selection, SelectionError
-
-StepCallback = Callable[[dict], None]
 
 
 @dataclass
@@ -223,9 +220,11 @@ def _sample(rng: random.Random, pool: list, n: int) -> list:
 
 
 def train_gains(lm, selection: Selection, cfg: RunConfig = RunConfig(), *, splits: Splits | None = None,
-                cache_dir=None, progress: StepCallback | None = None, cancel: threading.Event | None = None) -> TrainResult:
-    """Learn gains for the selected neurons; returns the best `Modulation` (by validation loss) and the log."""
+                cache_dir=None, reporter: Reporter | None = None) -> TrainResult:
+    """Learn gains for the selected neurons; returns the best `Modulation` (by validation loss) and the log. Each
+    step's log entry goes to `reporter.step`; once the reporter is cancelled, training stops and keeps the best gains."""
     m = cfg.meta
+    reporter = reporter or SILENT
     if m.mode not in ("fomaml", "reptile", "joint"):
         raise ValueError(f"Unknown meta-learning mode '{m.mode}'; use fomaml, reptile or joint.")
     if not bool(selection.safety.any()) and not bool(selection.utility.any()):
@@ -260,7 +259,7 @@ def train_gains(lm, selection: Selection, cfg: RunConfig = RunConfig(), *, split
         return torch.autograd.grad(loss, params.params(), allow_unused=True)
 
     for step in range(1, m.steps + 1):
-        if cancel is not None and cancel.is_set():
+        if reporter.cancelled:
             result.stopped = "cancelled"
             break
         family = None if m.mode == "joint" else rng.choice(families)
@@ -309,12 +308,10 @@ def train_gains(lm, selection: Selection, cfg: RunConfig = RunConfig(), *, split
                 if bad_checks >= m.patience:
                     result.log.append(entry)
                     result.stopped = "early_stop"
-                    if progress:
-                        progress(entry)
+                    reporter.step(entry)
                     break
         result.log.append(entry)
-        if progress:
-            progress(entry)
+        reporter.step(entry)
     if best[2] > 0:
         params.load(best[1])
     result.best_step = best[2]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from ..data.splits import build_splits
 from ..infra import distributed as dist
 from ..infra import files
 from ..infra.files import default_cache_dir
-from ..infra.progress import Progress
+from ..infra.progress import Reporter
 from ..model.loading import LoadedModel
 from .attribution import GroupScores, attribute
 from .base_answers import cached_answers
@@ -102,7 +101,7 @@ class NeuronScores:
         return cls(load(blob), json.loads(header.get("counts", "{}")), json.loads(header.get("meta", "{}")))
 
 
-def attribution_plan(lm: LoadedModel, cfg: RunConfig, cache_dir: Path, progress: Progress | None = None) -> dict[str, tuple[list[str], list[str]]]:
+def attribution_plan(lm: LoadedModel, cfg: RunConfig, cache_dir: Path, reporter: Reporter | None = None) -> dict[str, tuple[list[str], list[str]]]:
     """Group name -> (formatted prompts, targets). Refusal targets rotate over the built-in list."""
     d = cfg.data
     splits = build_splits(d)
@@ -126,17 +125,16 @@ def attribution_plan(lm: LoadedModel, cfg: RunConfig, cache_dir: Path, progress:
         groups["safety/contrast"] = refusal_group(splits.contrast["train"][: d.n_alarming])
         groups["over_refusal/alarming"] = refusal_group(splits.alarming["train"][: d.n_alarming])
     answer_prompts = [p.text for p in splits.benign_train[: d.n_answer]]
-    answers = cached_answers(lm, answer_prompts, d.answer_tokens, cache_dir, progress)
+    answers = cached_answers(lm, answer_prompts, d.answer_tokens, cache_dir, reporter)
     groups["benign_dependence"] = ([chat_prompt(tok, p) for p in answer_prompts], answers)
     return {k: v for k, v in groups.items() if v[0]}
 
 
 def run_attribution(lm: LoadedModel, cfg: RunConfig = RunConfig(), *, cache_dir: str | Path | None = None,
-                    progress: Progress | None = None, cancel: threading.Event | None = None,
-                    use_cache: bool = True) -> NeuronScores:
+                    reporter: Reporter | None = None, use_cache: bool = True) -> NeuronScores:
     """Score every neuron for safety and utility; reuse the cached result for the same model, data and method."""
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    groups = attribution_plan(lm, cfg, cache_dir, progress)
+    groups = attribution_plan(lm, cfg, cache_dir, reporter)
     acfg: AttributionConfig = cfg.attribution
     key = hashlib.sha256(json.dumps([lm.fingerprint, acfg.method, acfg.ig_steps, acfg.max_length, groups],
                                     sort_keys=True).encode()).hexdigest()[:20]
@@ -162,7 +160,7 @@ def run_attribution(lm: LoadedModel, cfg: RunConfig = RunConfig(), *, cache_dir:
     sums = {name: GroupScores.zeros(lm.shape) for name in groups}
     for name, s in jobs:
         prompts, targets = groups[name]
-        part = attribute(lm, prompts[s:s + bs], targets[s:s + bs], acfg, progress=progress, cancel=cancel,
+        part = attribute(lm, prompts[s:s + bs], targets[s:s + bs], acfg, reporter=reporter,
                          stage=name, offset=done, total=total)
         sums[name].add(part)
         done += part.n

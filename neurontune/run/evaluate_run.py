@@ -3,10 +3,9 @@ gains and behind the same input gate, over several training seeds, on one split 
 table, validation while choosing), with the style audit of the pools. Written back to the folder."""
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import pandas as pd
 
@@ -17,6 +16,7 @@ from ..eval.baselines import BASELINES, build_baselines
 from ..eval.harness import EvalResult, evaluate_many
 from ..eval.report import markdown, summarise
 from ..infra import distributed as dist
+from ..infra.progress import SILENT, Reporter
 from ..interventions.gating import GATED, Gated
 from ..method.gate_fit import fit_gate_for_run
 from ..method.metalearn import train_gains
@@ -35,12 +35,14 @@ def style_audit(splits: Splits, split: str) -> StyleAudit:
 
 
 def evaluate_run(lm, run: str | Path | RunFolder, cfg: RunConfig | None = None, *, baselines: Sequence[str] = BASELINES,
-                 quick: bool = False, seeds: int = 1, split: str = "test", cache_dir=None, progress=None,
-                 cancel: threading.Event | None = None, log: Callable[[str], None] = print) -> pd.DataFrame:
+                 quick: bool = False, seeds: int = 1, split: str = "test", cache_dir=None,
+                 reporter: Reporter | None = None) -> pd.DataFrame:
     """Evaluate the run's gains (and gate) against the base model and `baselines` on `split`; with `seeds` > 1,
     train NeuronTune and the trained baselines again with seeds meta.seed+1, ... and report mean ± sd over seeds.
     Returns the summary table (one row per intervention); writes eval.json, eval_table.csv, generations.jsonl."""
     check_split(split)
+    reporter = reporter or SILENT
+    reporter.phase("evaluate")
     start = time.perf_counter()
     folder = RunFolder(run)
     cfg = cfg or folder.config()
@@ -54,7 +56,7 @@ def evaluate_run(lm, run: str | Path | RunFolder, cfg: RunConfig | None = None, 
     splits = build_splits(cfg.data)
     ecfg = QUICK_EVAL if quick else FULL_EVAL
     audit_result = style_audit(splits, split)
-    log(audit_result.summary())
+    reporter.say(audit_result.summary())
     groups: dict[str, list[EvalResult]] = {}
     results: list[EvalResult] = []
     cache: dict = {}
@@ -65,13 +67,13 @@ def evaluate_run(lm, run: str | Path | RunFolder, cfg: RunConfig | None = None, 
         if k == 0:
             mod, gate = tuned, folder.gate(lm)
         else:
-            log(f"Training NeuronTune again with seed {seed}...")
-            mod = train_gains(lm, select(scores, cfg.selection), scfg, splits=splits, cache_dir=cache_dir, cancel=cancel).modulation
+            reporter.say(f"Training NeuronTune again with seed {seed}...")
+            mod = train_gains(lm, select(scores, cfg.selection), scfg, splits=splits, cache_dir=cache_dir, reporter=reporter.muted()).modulation
             gate = fit_gate_for_run(lm, mod, splits, bias_shift=cfg.meta.gate_bias_shift,
-                                    features=cfg.meta.gate_features) if cfg.meta.gate else None
+                                    features=cfg.meta.gate_features, reporter=reporter.muted()) if cfg.meta.gate else None
         static: dict = {"neurontune": mod}
         if baselines:
-            built = build_baselines(lm, scfg, scores, mod, splits, baselines, cache_dir=cache_dir, progress=progress, cancel=cancel, log=log,
+            built = build_baselines(lm, scfg, scores, mod, splits, baselines, cache_dir=cache_dir, reporter=reporter,
                                     directions=directions)
             fresh = {n: iv for n, iv in built.items() if not (directions and n in directions)}
             directions = directions or {n: iv for n, iv in built.items() if n.startswith("direction:")}
@@ -83,8 +85,8 @@ def evaluate_run(lm, run: str | Path | RunFolder, cfg: RunConfig | None = None, 
             for name, iv in {**static, **(directions or {})}.items():
                 if name != "neurontune":
                     interventions[name + GATED] = Gated(iv, gate, name=name + GATED)
-        log(f"Evaluating {len(interventions)} interventions on the {split} split (seed {seed})...")
-        done = evaluate_many(lm, interventions, splits, ecfg, split=split, progress=progress, cancel=cancel, base=cache,
+        reporter.say(f"Evaluating {len(interventions)} interventions on the {split} split (seed {seed})...")
+        done = evaluate_many(lm, interventions, splits, ecfg, split=split, reporter=reporter, base=cache,
                              cache_dir=cache_dir)
         for r in done:
             r.meta["seed"] = seed
@@ -103,14 +105,14 @@ def evaluate_run(lm, run: str | Path | RunFolder, cfg: RunConfig | None = None, 
                                           "target": d.meta.get("target")} for n, d in (directions or {}).items()},
                        "seconds": time.perf_counter() - start}, table)
     folder.write_generations(results)
-    log(markdown(table, blocks))
+    reporter.say(markdown(table, blocks))
     for title, prefixes in (("by phrasing group", ("harmful_refusal/", "benign_over_refusal/", "borderline_over_refusal/")),
                             ("refusal by attack family", ("refusal/",))):
         columns = [c for c in table.columns if c.startswith(prefixes) and ":" not in c]
         if columns:
-            log(f"\n{split} split, {title}:\n" + markdown(table, blocks, columns))
-    log(f"{split} split, {max(1, seeds)} seed(s); {audit_result.summary()}")
-    log(f"Evaluation took {time.perf_counter() - start:.0f} s; wrote {folder.file(RunFolder.EVAL)} and {RunFolder.GENERATIONS}")
+            reporter.say(f"\n{split} split, {title}:\n" + markdown(table, blocks, columns))
+    reporter.say(f"{split} split, {max(1, seeds)} seed(s); {audit_result.summary()}")
+    reporter.say(f"Evaluation took {time.perf_counter() - start:.0f} s; wrote {folder.file(RunFolder.EVAL)} and {RunFolder.GENERATIONS}")
     return table
 
 

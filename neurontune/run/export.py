@@ -16,6 +16,7 @@ import torch
 from ..data.chat import chat_prompt
 from ..eval.report import markdown
 from ..infra import files
+from ..infra.progress import SILENT, Reporter
 from ..interventions.modulation import Modulation, folded_weight, modulate
 from ..model.logprobs import encode_pairs, forward
 from ..model.neuron_map import neuron_map
@@ -167,14 +168,15 @@ def _check_reload(lm, modulation: Modulation, folder: Path, tolerance: float | N
 
 def export(lm, modulation: Modulation, root: str | Path, name: str, *, preset: dict | None = None,
            eval_summary: dict | None = None, gated: bool = False, overwrite: bool = False,
-           tolerance: float | None = None, push_to_hub: str | None = None, token: str | None = None) -> dict:
+           tolerance: float | None = None, push_to_hub: str | None = None, token: str | None = None,
+           reporter: Reporter | None = None) -> dict:
     """Write the export folder; returns {"path", "max_logit_diff", "tolerance", "rounding", "pushed", "push_error",
     "gate_left_out"} (the reload check's figures: see `_check_reload` for how the tolerance follows the model's dtype).
 
     `eval_summary`: the run's eval.json (the model card shows its static row with intervals). `gated`: the gains
     came with an input gate, which cannot be folded: the checkpoint holds the static gains, and the card says so.
     The hub token is used for the push only: it is never written, logged or kept."""
-    path = export_path(root, name)
+    path, reporter = export_path(root, name), reporter or SILENT
     if modulation.fingerprint and modulation.fingerprint != lm.fingerprint:
         raise ExportError(f"This modulation was made for model {modulation.fingerprint}, not the loaded {lm.fingerprint}.")
     if tuple(modulation.shape) != tuple(lm.shape):
@@ -183,13 +185,18 @@ def export(lm, modulation: Modulation, root: str | Path, name: str, *, preset: d
         raise ExportError(f"An export named {name!r} already exists at {path}. Choose another name or pass overwrite.")
     check: dict = {}
 
+    steps = 3 if push_to_hub else 2
+    reporter.phase("export", steps)
+
     def fill(tmp: Path) -> None:  # written in a hidden temp folder, checked, then renamed into place
+        reporter.progress(0, steps, "folding the gains and saving")
         lm.model.save_pretrained(tmp, state_dict=_folded_state_dict(lm, modulation.dense()))
         lm.tokenizer.save_pretrained(tmp)
         folder = RunFolder(tmp)  # an export also reads as a run folder: its gains and preset
         folder.write_modulation(modulation)
         folder.write_config(preset or {})
         files.write_text(tmp / "README.md", model_card(lm, modulation, name, eval_summary, preset, gated))
+        reporter.progress(1, steps, "reloading and checking the logits")
         result = _check_reload(lm, modulation, tmp, tolerance)
         diff, tol = result["max_logit_diff"], result["tolerance"]
         if not diff <= tol:
@@ -204,7 +211,9 @@ def export(lm, modulation: Modulation, root: str | Path, name: str, *, preset: d
         raise ExportError(f"An export named {path.name!r} appeared at {path} meanwhile; it was kept. Choose another name.") from None
     result = {"path": str(path), "max_logit_diff": check["max_logit_diff"], "tolerance": check["tolerance"],
               "rounding": check["rounding"], "pushed": None, "push_error": None, "gate_left_out": gated}
+    reporter.progress(2, steps, "saved")
     if push_to_hub:
+        reporter.progress(2, steps, f"pushing to {push_to_hub}")
         try:
             from huggingface_hub import HfApi
             api = HfApi(token=token)
@@ -214,4 +223,5 @@ def export(lm, modulation: Modulation, root: str | Path, name: str, *, preset: d
         except Exception as exc:  # the local export stays; the message never contains the token
             msg = str(exc).replace(token, "***") if token else str(exc)
             result["push_error"] = f"Push to {push_to_hub} failed ({type(exc).__name__}: {msg}); the local export at {path} is kept."
+        reporter.progress(3, steps, "pushed" if result["pushed"] else "push failed")
     return result

@@ -3,7 +3,6 @@ shared `JobRunner`, then stream the job's progress to the page until it ends. Cl
 stop a job; its result stays in the runner's status files for the next visit or another session."""
 from __future__ import annotations
 
-import inspect
 import time
 from pathlib import Path
 from typing import Iterator
@@ -74,8 +73,8 @@ def attribute(studio: Studio, session: Session, kind="safety", layer=0, top=50) 
         return
     cfg, out = session.cfg, studio.runs_dir / "attribution" / key
 
-    def work(progress, cancel):
-        scores = attribute_step(lm, cfg, out, progress=progress, cancel=cancel, cache_dir=studio.cache_dir)
+    def work(reporter):
+        scores = attribute_step(lm, cfg, out, reporter=reporter, cache_dir=studio.cache_dir)
         studio.put_scores(key, scores)
         return scores
     job = studio.runner.submit("attribution", work, key=key,
@@ -115,9 +114,8 @@ def train(studio: Studio, session: Session, kind="safety", layer=0, top=50) -> I
     run = _new_run_dir(studio, session)
     select_step(studio.scores(session.scores_key), cfg, run)
 
-    def work(progress, cancel):
-        progress.update(0, cfg.meta.steps, "training")  # the step total is known: the bar fills as steps come
-        return train_step(lm, selection, cfg, run, progress=progress, cancel=cancel, cache_dir=studio.cache_dir)
+    def work(reporter):
+        return train_step(lm, selection, cfg, run, reporter=reporter, cache_dir=studio.cache_dir)
 
     def describe(result):
         return {"run_dir": str(run), "modulation": str(RunFolder(run).modulation_path), "fingerprint": lm.fingerprint,
@@ -142,11 +140,6 @@ def train(studio: Studio, session: Session, kind="safety", layer=0, top=50) -> I
 
 
 # -- evaluation and sweep ------------------------------------------------------------------------
-def _accepted(fn, **kwargs) -> dict:
-    params = inspect.signature(fn).parameters
-    return kwargs if any(p.kind == p.VAR_KEYWORD for p in params.values()) else {k: v for k, v in kwargs.items() if k in params}
-
-
 def _run_with_gains(studio: Studio, session: Session) -> Path:
     """The session's run folder with its current gains saved in it (made for fixed or uploaded gains)."""
     run = Path(session.run_dir) if session.run_dir else _new_run_dir(studio, session)
@@ -195,11 +188,9 @@ def evaluate(studio: Studio, session: Session, quick: bool, baselines: list[str]
         return
     lm, cfg, run = studio.model(session), session.cfg, _run_with_gains(studio, session)
 
-    def work(progress, cancel):
-        kwargs = _accepted(evaluate_run, baselines=tuple(baselines or ()), quick=bool(quick), split=split or "validation",
-                           cache_dir=studio.cache_dir,
-                           progress=progress, cancel=cancel, log=lambda msg: progress.stage(str(msg).splitlines()[0][:120]))
-        evaluate_run(lm, run, cfg, **kwargs)
+    def work(reporter):
+        evaluate_run(lm, run, cfg, baselines=tuple(baselines or ()), quick=bool(quick), split=split or "validation",
+                     cache_dir=studio.cache_dir, reporter=reporter)
         return {"run_dir": str(run)}
     job = studio.runner.submit("evaluate", work)
     session.jobs["evaluate"] = job.id
@@ -229,9 +220,8 @@ def sweep(studio: Studio, session: Session, grid_text: str) -> Iterator[dict]:
         yield {"eval_status": "Score the neurons first (Explore): the sweep re-selects from those scores."}
         return
 
-    def work(progress, cancel):
-        sweep_run(lm, cfg, grid, out, **_accepted(sweep_run, scores=scores, cache_dir=studio.cache_dir, progress=progress, cancel=cancel,
-                                                  log=lambda msg: progress.stage(str(msg).splitlines()[0][:120])))
+    def work(reporter):
+        sweep_run(lm, cfg, grid, out, scores=scores, cache_dir=studio.cache_dir, reporter=reporter)
         return {"out": str(out)}
     job = studio.runner.submit("sweep", work)
     session.jobs["sweep"] = job.id

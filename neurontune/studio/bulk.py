@@ -35,10 +35,10 @@ def run_bulk(studio: Studio, session: Session, upload, pasted: str, strength: fl
     gate = session.gate if use_gate else None
     rows: list = []
 
-    def work(progress, cancel):
-        progress.update(0, len(prompts), "answering")
+    def work(reporter):
+        reporter.progress(0, len(prompts), "answering")
         for batch in iter_compare(lm, prompts, mod, gate=gate, strength=float(strength), max_new_tokens=int(max_new_tokens),
-                                  batch_size=BATCH, progress=progress, cancel=cancel):
+                                  batch_size=BATCH, reporter=reporter):
             rows.extend(batch)
         return len(rows)
     job = studio.runner.submit("bulk", work)

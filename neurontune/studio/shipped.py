@@ -58,7 +58,7 @@ def open_shipped(studio: Studio, session: Session, kind: str = "safety", layer: 
            "flow_status": "✓ Showing the shipped run. **▶ Run the whole flow** to redo it live."}
     engine = studio.card_engine(session)
     if not engine.ready:  # the first neuron card then finds the pool activations computed (or read from the disk cache)
-        studio.runner.submit("card prompts", lambda progress, cancel: engine.activations() is None, key=session.scores_key, heavy=False)
+        studio.runner.submit("card prompts", lambda reporter: engine.activations() is None, key=session.scores_key, heavy=False)
     if pair is not None:
         prompt, base, tuned = pair
         session.chat = [[{"role": "user", "content": prompt}, {"role": "assistant", "content": base}],
