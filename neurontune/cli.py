@@ -218,9 +218,8 @@ def cmd_generate(args) -> int:
     from .data.prompts import DataError
     from .eval.judge import is_refusal
     from .infra import files
-    from .interventions.generation import generate
-    from .interventions.modulation import Modulation
-    from .run.folder import RunFolder
+    from .interventions.protocol import FORMS
+    from .run.answer import answer, intervention_for
     rows = []
     with open(args.prompts, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -233,34 +232,23 @@ def cmd_generate(args) -> int:
     if not rows:
         raise DataError(f"{args.prompts} holds no prompts.")
     lm = _load(args)
-    mod, gate = None, None
+    intervention, form = (None, None)
     if args.modulation:
-        folder = RunFolder(args.modulation) if Path(args.modulation).is_dir() else None
-        mod = folder.modulation(lm.fingerprint) if folder else Modulation.load(args.modulation, lm.fingerprint)
-        if mod is None:
-            raise DataError(f"{args.modulation} holds no trained gains ({RunFolder.MODULATION}); run `tune --out` first.")
-        gate = folder.gate(lm) if folder is not None and not args.static else None
-    prompts = [r["prompt"] for r in rows]
-    strengths = None
-    if gate is not None:  # each prompt's strength, read from the prompt alone, then that prompt's share of the gains
-        from .interventions.gating import Gated
-        per_row, strengths = Gated(mod, gate).per_prompt(lm, prompts)
-        applied = (f"the run's gains behind its input gate (per prompt: gains x s; mean s {sum(strengths) / len(strengths):.2f}; "
-                   "--static for the static gains, what export folds)")
-    elif mod is not None:
-        applied = "the static gains (what export folds)" + ("" if folder is None or not folder.has(RunFolder.GATE) else
-                                                          "; the run's gate is off (--static)")
-    else:
-        applied = "the base model"
+        intervention, form = intervention_for(lm, args.modulation, args.form)
+    elif args.form:
+        raise DataError("--form applies a run's modulation: give the run with --modulation.")
+    applied = f"the run's modulation, {FORMS[form]}" if form else "the base model"
     print(f"Generating with {applied}.")
+    prompts = [r["prompt"] for r in rows]
     with _Bars("generate") as bars:
-        answers = generate(lm, prompts, per_row if strengths is not None else mod, max_new_tokens=args.max_new_tokens,
-                           batch_size=args.batch_size, reporter=bars)
-    files.write_jsonl(args.out, ({"id": r["id"], "prompt": r["prompt"], "response": a,
+        answers, strengths = answer(lm, prompts, intervention, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                    reporter=bars)
+    files.write_jsonl(args.out, ({"id": r["id"], "prompt": r["prompt"], "response": a, "form": form or "base",
                                   **({"gate": s} if strengths is not None else {})}
                                  for r, a, s in zip(rows, answers, strengths or [None] * len(rows))))
     refused = sum(is_refusal(a, p) for a, p in zip(answers, prompts))
-    print(f"Wrote {len(rows)} responses to {args.out} ({applied}; {refused}/{len(rows)} judged refusals).")
+    mean_s = f"; mean gate reading {sum(strengths) / len(strengths):.2f}" if strengths else ""
+    print(f"Wrote {len(rows)} responses to {args.out} ({form or 'base'}{mean_s}; {refused}/{len(rows)} judged refusals).")
     return 0
 
 
@@ -413,7 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--modulation", default=None, help="a run folder from `tune --out` (its gate is used when it has one) "
                    "or a modulation.safetensors file")
-    p.add_argument("--static", action="store_true", help="with a gated run: apply its static gains (what export folds), not the gate")
+    p.add_argument("--form", choices=["static", "conditional", "gated"], default=None,
+                   help="how to apply the run's modulation: static gains, conditional (gains + input-side terms, what export "
+                        "folds), or gated (behind the run's input gate); default: the richest form the run has")
     p.add_argument("--prompts", required=True, help="JSONL input: one {\"prompt\": ..., \"id\": optional} per line")
     p.add_argument("--out", required=True, help="JSONL output: {\"id\", \"prompt\", \"response\"} per line")
     p.add_argument("--max-new-tokens", type=int, default=48, help="new tokens per answer (default 48)")

@@ -85,9 +85,19 @@ class MetaConfig:
     seed: int = 0
     gate: bool = False  # also fit an input-conditional gate (neurontune/gating.py)
     gate_bias_shift: float | None = 0.0  # None: chosen on the validation split (gating.choose_bias_shift)
-    # What the gate reads: "amplified" (the 256 most amplified neurons) or "layer" (every neuron of the layer
-    # whose probe separates validation prompts best; docs/method.md E11)
+    # What the gate reads: "amplified" (the 256 most amplified neurons, or before training the top selected safety
+    # neurons), "layer" (every neuron of the layer whose probe separates validation prompts best) or "residual" (the
+    # residual stream entering the layer that separates them best)
     gate_features: str = "amplified"
+    # Train the gains BEHIND the gate: the gate is fitted first (it reads the unmodulated prompt) and every training
+    # prompt gets the gains at the strength the gate reads from it; off: gains first, then a gate fitted on them.
+    gate_first: bool = False
+    # Also train one input-side term per selected neuron along its layer's harm direction (method/conditional.py):
+    # a modulation that depends on the input and still folds into the model's own weights.
+    conditional: bool = False
+    input_lr: float = 0.05  # Adam learning rate of the input-side coefficients
+    max_coef: float = 4.0  # input coefficients stay in [-max_coef, max_coef]
+    direction_prompts: int = 200  # harmful (and as many harmless) training prompts per direction, plus a tenth per family
     refusal_eos: bool = True  # refusal targets end with end-of-turn, so the tuned model stops after refusing
     # The over-refusal penalty reads the whole refusal "target" sentence, or p(the answer "opening" is a refusal);
     # opening_weight > 0 also pushes harmful prompts towards a refusal opening. The opening terms measure refusal
@@ -96,8 +106,10 @@ class MetaConfig:
     opening_weight: float = 0.0
 
     def __post_init__(self):
-        if self.gate_features not in ("amplified", "layer"):
-            raise ValueError(f"meta.gate_features must be 'amplified' or 'layer', not {self.gate_features!r}.")
+        if self.gate_features not in ("amplified", "layer", "residual"):
+            raise ValueError(f"meta.gate_features must be 'amplified', 'layer' or 'residual', not {self.gate_features!r}.")
+        if self.gate_first and not self.gate:
+            raise ValueError("meta.gate_first trains the gains behind the input gate: set meta.gate to true as well.")
 
 
 @dataclass(frozen=True)

@@ -177,3 +177,32 @@ def test_the_neuron_map_knows_every_input_projection():
         nmap = neuron_map(model)
         assert len(nmap.input_projections) == nmap.n_layers
         assert nmap.input_rows(0).shape == (nmap.n_neurons, model.config.hidden_size)
+
+
+def test_the_exported_conditional_checkpoint_reloads_and_answers_like_the_hooked_model(tmp_path):
+    """Export writes the input terms into the input projection's own rows; plain transformers reloads the folder,
+    its logits match the hooked model within the export tolerance, and the harness's `Reloaded` rows (the checkpoint,
+    no hooks) answer the evaluation prompts exactly as the hooked modulation does."""
+    from neurontune.config import DataConfig, EvalConfig
+    from neurontune.data.splits import build_splits
+    from neurontune.eval.harness import evaluate
+    from neurontune.eval.reloaded import Reloaded
+    from neurontune.model.loading import load_model
+    from neurontune.run.export import export
+
+    lm = load_model("tiny-llama")
+    mod = _conditional(lm, offset=False, scale=0.5)
+    result = export(lm, mod, tmp_path, "cond")
+    assert result["max_logit_diff"] <= result["tolerance"]
+    reloaded = Reloaded.load(result["path"], lm)
+    changed = {k for k, v in reloaded.lm.model.state_dict().items() if not torch.equal(v, lm.model.state_dict()[k])}
+    assert any("up_proj" in k for k in changed) and any("down_proj" in k for k in changed)
+    assert not any(k for k in changed if "mlp" not in k)  # only the MLP weights the modulation names
+    splits = build_splits(DataConfig())
+    cfg = EvalConfig(n_harmful=2, n_per_family=1, families=("roleplay",), n_benign=2, n_borderline=1, n_benign_per_family=2,
+                     n_alarming=1, n_ppl=3, n_mc=4, max_new_tokens=6, batch_size=8)
+    hooked = evaluate(lm, mod, splits, cfg, split="validation")
+    folded = evaluate(lm, reloaded, splits, cfg, split="validation", base=hooked)
+    assert [r["answer"] for r in folded.rows] == [r["answer"] for r in hooked.rows]
+    assert folded.metrics["ppl_ratio"] == pytest.approx(hooked.metrics["ppl_ratio"], rel=1e-4)
+    assert folded.base_metrics == hooked.base_metrics

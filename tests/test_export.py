@@ -132,7 +132,9 @@ def test_wrong_bf16_fold_is_caught(bf16, tmp_path, monkeypatch):
     nothing written."""
     from neurontune.run import export as export_mod
     right = export_mod._folded_state_dict
-    monkeypatch.setattr(export_mod, "_folded_state_dict", lambda lm, dense: right(lm, dense * dense))
+    from neurontune.interventions.modulation import Modulation
+    monkeypatch.setattr(export_mod, "_folded_state_dict",
+                        lambda lm, mod: right(lm, Modulation.from_dense(mod.dense() * mod.dense(), mod.fingerprint)))
     with pytest.raises(ExportError, match=r"differs from the hooked model .*3 x the bfloat16 rounding"):
         export(bf16, _modulation(bf16), tmp_path, "twice")
     assert not (tmp_path / "twice").exists()

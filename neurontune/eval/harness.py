@@ -146,6 +146,8 @@ def evaluate(lm, intervention, splits: Splits, cfg: EvalConfig = EvalConfig(), *
         raise ValueError(f"This modulation was made for model {made_for}, not the loaded model {lm.fingerprint}.")
     gated = is_gated(intervention)
     inner = intervention.inner if gated else intervention
+    run_lm = getattr(intervention, "lm", None) or lm  # a model standing in for the intervention (`Reloaded`)
+    run_inner = inner if run_lm is lm else None
     cache = base_cache(base, lm)
     disk_cache(cache, lm, cache_dir)
     rows = eval_plan(splits, cfg, split)
@@ -177,7 +179,10 @@ def evaluate(lm, intervention, splits: Splits, cfg: EvalConfig = EvalConfig(), *
     t = time.perf_counter()
     row_strength = gate([r["prompt"] for r in rows]) or [1.0] * len(rows)
     jobs = [(p, 0.0) for p in missing] + ([(r["prompt"], s) for r, s in zip(rows, row_strength)] if with_iv else [])
-    answers = _generate_rows(lm, jobs, inner, cfg, tick, reporter)
+    if run_lm is lm:
+        answers = _generate_rows(lm, jobs, inner, cfg, tick, reporter)
+    else:  # the intervention is another model (an export reloaded): its rows run there, unhooked
+        answers = _generate_rows(lm, jobs[:len(missing)], None, cfg, tick, reporter) + _generate_rows(run_lm, jobs[len(missing):], None, cfg, tick, reporter)
     for p, a in zip(missing, answers):
         cache["answers"][akey(p)] = a
     iv_answers = answers[len(missing):] if with_iv else [cache["answers"][akey(r["prompt"])] for r in rows]
@@ -190,7 +195,7 @@ def evaluate(lm, intervention, splits: Splits, cfg: EvalConfig = EvalConfig(), *
         for p, v in zip(ppl_missing, tf.answer_nll(lm, None, ppl_missing, [refs[i] for i in idx], cfg.batch_size, tick, reporter)):
             cache["nll"][akey(p)] = v
     base_nll = [cache["nll"][akey(p)] for p in ppl_prompts]
-    iv_nll = (tf.answer_nll(lm, inner, ppl_prompts, refs, cfg.batch_size, tick, reporter, strengths=gate(ppl_prompts))
+    iv_nll = (tf.answer_nll(run_lm, run_inner, ppl_prompts, refs, cfg.batch_size, tick, reporter, strengths=gate(ppl_prompts))
               if with_iv else base_nll)
     timings["perplexity_s"] = time.perf_counter() - t
 
@@ -201,7 +206,7 @@ def evaluate(lm, intervention, splits: Splits, cfg: EvalConfig = EvalConfig(), *
     mc_strengths = gate([q["question"] for q in questions]) if cfg.mc_style == "cloze" else None
     if gated and cfg.mc_style != "cloze":  # the letter prompt lists the choices: read the gate on it as shown
         mc_strengths = [float(s) for s in intervention.strengths(lm, [p for p, _ in tf.mc_items(cfg.mc_style, lm.tokenizer, questions)])]
-    iv_preds = tf.mc_predictions(lm, inner, cfg, tick, reporter, strengths=mc_strengths) if with_iv else base_preds
+    iv_preds = tf.mc_predictions(run_lm, run_inner, cfg, tick, reporter, strengths=mc_strengths) if with_iv else base_preds
     timings["mc_s"] = time.perf_counter() - t
     if dist.is_main():  # under `accelerate launch` only the main process writes
         disk_cache(cache, lm, cache_dir, save=True)

@@ -12,11 +12,15 @@ The gate reads activations of the unmodulated model, so it can be fitted before 
 """
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from ..data.chat import chat_prompt
+from ..infra import files
 from ..infra.probes import fit_probe, roc_auc
 from ..infra.progress import Reporter
 from ..interventions.capture import last_token, unit_features
@@ -31,19 +35,19 @@ def _formatted(lm, texts: Sequence[str]) -> list[str]:
     return [chat_prompt(lm.tokenizer, t) for t in texts]
 
 
-def amplified_neurons(source: Modulation | object, max_features: int = 256, scores: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def amplified_neurons(source, max_features: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """(layers, neurons) of at most `max_features` neurons: the most amplified ones of a modulation, or, for a
-    selection (before training), its safety neurons ranked by `scores` ([n_layers, n_neurons] safety scores)."""
-    if isinstance(source, Modulation):
-        dense = source.dense()
-        picked = (dense > 1).nonzero()
-        rank = dense[picked[:, 0], picked[:, 1]]
-    else:
-        picked = source.safety.nonzero()
-        rank = scores[picked[:, 0], picked[:, 1]] if scores is not None else torch.zeros(len(picked))
+    selection (before training), its safety neurons ranked highest."""
+    if not isinstance(source, Modulation):
+        layers, neurons = source.top_safety(max_features)
+        if len(layers) == 0:
+            raise ValueError("The selection has no safety neuron: the gate's 'amplified' features need some.")
+        return layers, neurons
+    dense = source.dense()
+    picked = (dense > 1).nonzero()
     if len(picked) == 0:
-        raise ValueError("No amplified neuron to read: the gate's 'amplified' features need safety neurons.")
-    order = torch.argsort(rank, descending=True, stable=True)[:max_features]
+        raise ValueError("The modulation amplifies no neuron: nothing to gate on.")
+    order = torch.argsort(dense[picked[:, 0], picked[:, 1]], descending=True, stable=True)[:max_features]
     return picked[order, 0], picked[order, 1]
 
 
@@ -97,22 +101,37 @@ def choose_bias_shift(lm, probe: GateProbe, splits, shifts: tuple[float, ...] = 
     return max(shifts, key=lambda s: (round(score[s], 6), -abs(s)))
 
 
-def fit_gate_for_run(lm, source: Modulation | object, splits, *, bias_shift: float | None = 0.0, features: str = "amplified",
-                     scores: torch.Tensor | None = None, reporter: Reporter | None = None) -> GateProbe:
+def fit_gate_for_run(lm, source, splits, *, bias_shift: float | None = 0.0, features: str = "amplified",
+                     reporter: Reporter | None = None, cache_dir: str | Path | None | bool = None) -> GateProbe:
     """The probe of a run, from its training split only (`Splits.harm_pools`). `source`: the trained modulation
-    (its most amplified neurons) or, to fit the gate before training, the selection (its safety neurons ranked by
-    `scores`). `bias_shift` > 0 makes the gate open more readily (more harmful refusal); None chooses it on the
+    (its most amplified neurons) or, to fit the gate before training, the `Selection` (its top safety neurons).
+    A gate fitted before on the same model, prompts and features is read back from `cache_dir` (default: the user
+    cache; False: none) under `gates/`: a gate fitted before training depends on nothing else, so trying several
+    trainings behind it fits it once. `bias_shift` > 0 makes the gate open more readily (more harmful refusal); None chooses it on the
     validation split (`choose_bias_shift`)."""
     if features not in GATE_FEATURES:
         raise ValueError(f"The gate's features must be one of {GATE_FEATURES}, not {features!r}.")
+    neurons = amplified_neurons(source) if features == "amplified" else None
+    path = None
+    if cache_dir is not False:
+        pools = [splits.harm_pools("train", 400, 40), splits.harm_pools("train", 100, 16), splits.harm_pools("validation", 48, 6)]
+        key = hashlib.sha256(json.dumps(["gate-v1", getattr(lm, "fingerprint", None), features, bias_shift, pools,
+                                         None if neurons is None else [t.tolist() for t in neurons]]).encode()).hexdigest()[:20]
+        path = Path(cache_dir or files.default_cache_dir()) / "gates" / f"{key}.safetensors"
+        if path.is_file():
+            try:
+                return GateProbe.load(path, shape=tuple(lm.shape), expected_fingerprint=getattr(lm, "fingerprint", None))
+            except ValueError as exc:
+                files.warn_bad(path, str(exc), "gate cache entry")
     if features in ("layer", "residual"):
         site = "neurons" if features == "layer" else "residual"
         probe = fit_layer_gate(lm, *splits.harm_pools("train", 400, 40), *splits.harm_pools("validation", 48, 6), site=site,
                                reporter=reporter)
     else:
-        probe = fit_gate(lm, None, *splits.harm_pools("train", 100, 16), neurons=amplified_neurons(source, scores=scores),
-                         reporter=reporter)
+        probe = fit_gate(lm, None, *splits.harm_pools("train", 100, 16), neurons=neurons, reporter=reporter)
     shift = choose_bias_shift(lm, probe, splits, reporter=reporter) if bias_shift is None else float(bias_shift)
     probe.bias += shift
     probe.bias_shift = shift
+    if path is not None:
+        probe.save(path)
     return probe

@@ -46,6 +46,14 @@ class Selection:
     protected_dropped: torch.Tensor  # [n_layers, n_neurons] bool: safety candidates dropped as protected
     config: SelectionConfig
     rules: str = RULES
+    safety_rank: torch.Tensor | None = None  # [n_layers, n_neurons] the score the safety neurons were ranked by
+
+    def top_safety(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(layers, neurons) of the `k` safety neurons ranked highest (what a gate fitted before training reads)."""
+        picked = self.safety.nonzero()
+        rank = self.safety_rank[picked[:, 0], picked[:, 1]] if self.safety_rank is not None else torch.zeros(len(picked))
+        order = torch.argsort(rank, descending=True, stable=True)[:k]
+        return picked[order, 0], picked[order, 1]
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -137,4 +145,5 @@ def select(scores, cfg: SelectionConfig = SelectionConfig()) -> Selection:
         protected.view(-1)[torch.topk(dep.flatten(), protect).indices] = True
     overlap = safety_raw & utility_raw
     safety = safety_raw & ~overlap
-    return Selection(safety & ~protected, utility_raw & ~overlap, overlap, protected, safety & protected, cfg)
+    return Selection(safety & ~protected, utility_raw & ~overlap, overlap, protected, safety & protected, cfg,
+                     safety_rank=safety_s)

@@ -17,7 +17,7 @@ from ..data.chat import chat_prompt
 from ..eval.report import markdown
 from ..infra import files
 from ..infra.progress import SILENT, Reporter
-from ..interventions.modulation import Modulation, folded_weight, modulate
+from ..interventions.modulation import Modulation, folded_state_dict, modulate
 from ..model.logprobs import encode_pairs, forward
 from ..model.neuron_map import neuron_map
 from .folder import RunFolder
@@ -49,18 +49,10 @@ def export_path(root: str | Path, name: str) -> Path:
     return path
 
 
-def _folded_state_dict(lm, dense: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The model's state dict with the gains folded into copies of the output projections (the
-    shared model itself is never modified), each computed in float32 and rounded once to its dtype."""
-    state = dict(lm.model.state_dict())
-    names = {id(mod): name for name, mod in lm.model.named_modules()}
-    for layer, proj in enumerate(lm.nmap.projections):
-        g = dense[layer]
-        if bool((g == 1).all()):
-            continue
-        w = folded_weight(lm.nmap.weight_slice(layer).detach(), g)  # [n_neurons, d_model]
-        state[f"{names[id(proj)]}.weight"] = w if lm.nmap.transposed else w.t().contiguous()
-    return state
+def _folded_state_dict(lm, modulation: Modulation) -> dict[str, torch.Tensor]:
+    """The model's state dict with the modulation folded into copies of the weights it changes (the shared model
+    itself is never modified): `modulation.folded_state_dict`."""
+    return folded_state_dict(lm.model, modulation, lm.nmap)
 
 
 def _evaluation(summary: dict | None, gated: bool) -> str:
@@ -156,8 +148,11 @@ def _check_reload(lm, modulation: Modulation, folder: Path, tolerance: float | N
     rounding = None
     if dtype != torch.float32:
         reference = reloaded.float()  # the reloaded copy is ours: upcast it instead of copying the shared model
-        for mine, original in zip(neuron_map(reference).projections, lm.nmap.projections):
-            mine.weight.copy_(original.weight)
+        mine = neuron_map(reference)
+        for a, b in list(zip(mine.projections, lm.nmap.projections)) + list(zip(mine.input_projections, lm.nmap.input_projections)):
+            a.weight.copy_(b.weight)
+            if getattr(b, "bias", None) is not None:
+                a.bias.copy_(b.bias)
         with modulate(reference, modulation):
             exact = forward(reference, batch, all_logits=True).float().cpu()
         rounding = float((hooked - exact)[mask].abs().max())
@@ -190,7 +185,7 @@ def export(lm, modulation: Modulation, root: str | Path, name: str, *, preset: d
 
     def fill(tmp: Path) -> None:  # written in a hidden temp folder, checked, then renamed into place
         reporter.progress(0, steps, "folding the gains and saving")
-        lm.model.save_pretrained(tmp, state_dict=_folded_state_dict(lm, modulation.dense()))
+        lm.model.save_pretrained(tmp, state_dict=_folded_state_dict(lm, modulation))
         lm.tokenizer.save_pretrained(tmp)
         folder = RunFolder(tmp)  # an export also reads as a run folder: its gains and preset
         folder.write_modulation(modulation)

@@ -7,9 +7,9 @@ from pathlib import Path
 from ..config import RunConfig
 from ..data.splits import build_splits
 from ..infra import distributed as dist
-from ..infra.progress import SILENT, Cancelled, Reporter
-from ..method.gate_fit import fit_gate_for_run
-from ..method.metalearn import TrainResult, train_gains
+from ..infra.progress import SILENT, Reporter
+from ..method.metalearn import TrainResult
+from ..method.recipe import train_run
 from ..method.neuron_scores import NeuronScores, run_attribution
 from ..method.selection import Selection, select
 from ..model.context import context_length
@@ -65,20 +65,13 @@ def select_step(scores: NeuronScores, cfg: RunConfig, out: str | Path | RunFolde
 
 def train_step(lm, selection: Selection, cfg: RunConfig, out: str | Path | RunFolder, *, reporter: Reporter | None = None,
                cache_dir=None) -> TrainResult:
-    """Train the gains (and, when the preset asks and training was not stopped, fit the input gate) into the folder."""
+    """Train the gains and fit the input gate, in the order the preset asks (`method.recipe.train_run`), into the folder."""
     cfg, reporter = fit_context(lm, cfg), reporter or SILENT
     folder = RunFolder(out)
-    splits = build_splits(cfg.data)
-    reporter.phase("training", cfg.meta.steps)  # the step total is known: a bar fills as steps come
-    result = train_gains(lm, selection, cfg, splits=splits, cache_dir=cache_dir, reporter=reporter)
-    result.modulation.meta["preset"] = cfg.name
-    folder.write_modulation(result.modulation)
-    folder.write_train_log(result.log)
-    if cfg.meta.gate and result.stopped != "cancelled":
-        reporter.phase("input gate")
-        try:
-            folder.write_gate(fit_gate_for_run(lm, result.modulation, splits, bias_shift=cfg.meta.gate_bias_shift,
-                                               features=cfg.meta.gate_features, reporter=reporter))
-        except Cancelled:  # stopped while fitting the gate: the trained gains are kept, without a gate
-            result.stopped = "cancelled"
-    return result
+    trained = train_run(lm, selection, cfg, build_splits(cfg.data), cache_dir=cache_dir, reporter=reporter)
+    trained.modulation.meta["preset"] = cfg.name
+    folder.write_modulation(trained.modulation)
+    folder.write_train_log(trained.training.log)
+    if trained.gate is not None:
+        folder.write_gate(trained.gate)
+    return trained.training
