@@ -10,7 +10,6 @@ from ..data.splits import Splits, check_split
 
 ROW_FIELDS = ("prompt", "category", "family", "split", "group", "phrasing", "topic", "request",
               "base_answer", "answer", "base_verdict", "verdict", "base_refusal", "refusal", "strength")
-CATEGORIES = ("harmful", "attacked", "benign", "borderline", "benign_attacked")
 
 
 def by_phrasing(prompts: list[Prompt], n: int) -> list[Prompt]:
