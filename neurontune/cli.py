@@ -172,13 +172,9 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .run.sweep import sweep_run
+    from .run.sweep import parse_grid, sweep_run
     cfg = _config(args)
-    points = [point.split(":") for point in args.grid.split(",")]
-    if not all(len(pt) == 2 and all(x.strip().isdigit() for x in pt) for pt in points):
-        raise ValueError(f"--grid {args.grid!r}: write k_safety:k_utility pairs of whole numbers >= 0, separated by "
-                         "commas, e.g. 250:0,750:250")
-    grid = [(int(a), int(b)) for a, b in points]
+    grid = parse_grid(args.grid)  # refused before the model loads
     lm = _load(args)
     with _Bars() as bars:
         sweep_run(lm, cfg, grid, Path(args.out), cache_dir=args.cache_dir, reporter=bars)
@@ -393,7 +389,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True, help="export folder name (letters, digits, . _ -)")
     p.add_argument("--root", default="exports", help="folder that holds exports (default ./exports)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export of that name")
-    p.add_argument("--static-only", action="store_true", help=argparse.SUPPRESS)  # the static gains are what any export holds
     p.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="also upload to this Hub repo (token from $HF_TOKEN, never stored)")
     p.set_defaults(func=cmd_export)
 

@@ -83,7 +83,7 @@ class MetaConfig:
     patience: int = 8  # early stopping: validation checks without improvement
     eval_every: int = 5
     seed: int = 0
-    gate: bool = False  # also fit an input-conditional gate (neurontune/gating.py)
+    gate: bool = False  # also fit an input-conditional gate (interventions/gating.py)
     gate_bias_shift: float | None = 0.0  # None: chosen on the validation split (gating.choose_bias_shift)
     # What the gate reads: "amplified" (the 256 most amplified neurons, or before training the top selected safety
     # neurons), "layer" (every neuron of the layer whose probe separates validation prompts best) or "residual" (the

@@ -29,6 +29,9 @@ def test_help_explains_every_command():
         assert cmd in out
     out = subprocess.run([sys.executable, "-m", "neurontune", "tune", "--help"], capture_output=True, text=True, check=True).stdout
     assert "--k-safety" in out and "--preset" in out
+    from neurontune.cli import build_parser
+    with pytest.raises(SystemExit):  # no hidden flags: every option a command takes is in its --help
+        build_parser().parse_args(["export", "--run", "r", "--name", "n", "--static-only"])
 
 
 def test_tune_export_generate_on_tiny(tmp_path, tiny_preset, capsys):

@@ -324,7 +324,9 @@ def _same_weights(a: dict, b: dict) -> bool:
 MODEL_DAMAGE = {"truncate": lambda c: truncate(c / "model.safetensors"), "flip": lambda c: flip(c / "model.safetensors"),
                 "missing_file": lambda c: (c / "tokenizer_config.json").unlink(),
                 "no_manifest": lambda c: (c / cache_io.MANIFEST).unlink(),
-                "bad_manifest": lambda c: truncate(c / cache_io.MANIFEST)}
+                "bad_manifest": lambda c: truncate(c / cache_io.MANIFEST),
+                "empty_manifest": lambda c: (c / cache_io.MANIFEST).write_text('{"files": {}}'),
+                "manifest_not_a_map": lambda c: (c / cache_io.MANIFEST).write_text('{"files": ["model.safetensors"]}')}
 
 
 @pytest.mark.parametrize("damage", MODEL_DAMAGE)
@@ -462,21 +464,21 @@ def test_cancel_and_restart_attribution(studio, tiny_llama, tmp_path, monkeypatc
     out = list(background.attribute(studio, session))
     job = _ended(studio, session, "attribution")
     assert fired == [job.id] and job.status == "cancelled" and "cancelled" in out[-1]["attr_status"]
-    assert studio.scores(session.scores_key) is None and session.selection is None
+    assert session.scores is None and session.selection is None
     assert list((studio.cache_dir / "attribution").glob("*.safetensors")) == []  # nothing partial cached
     list(background.attribute(studio, session))
     again = _ended(studio, session, "attribution")
     assert again.id != job.id and again.status == "done" and session.selection is not None
     want = run_attribution(tiny_llama, session.cfg, cache_dir=tmp_path / "ref")
-    assert same_scores(studio.scores(session.scores_key), want)
+    assert same_scores(session.scores, want)
     assert bad_entries(studio.cache_dir) == []
-    # the studio's copy of the scores is checked too: a damaged copy is dropped, and attribution refills it
-    copy = Path(again.info["scores"])
-    flip(copy)
-    studio._scores.clear()
-    assert studio.scores(session.scores_key) is None
-    out = list(background.attribute(studio, session))
-    assert same_scores(studio.scores(session.scores_key), want) and cache_io.verify_file(copy)
+    # the one score cache is checked too: a damaged entry is dropped (never read), and attribution refills it
+    entry = Path(session.scores.meta["cache"])
+    flip(entry)
+    fresh = studio.new_session()
+    assert studio.known_scores(tiny_llama, fresh.cfg) is None
+    list(background.attribute(studio, fresh))
+    assert same_scores(fresh.scores, want) and cache_io.verify_file(entry)
 
 
 def test_cancel_and_restart_training(studio, tiny_llama, tmp_path, monkeypatch):
@@ -533,7 +535,7 @@ def test_cancel_and_restart_sweep(studio, tiny_llama, tmp_path, monkeypatch):
     again = _ended(studio, session, "sweep")
     assert again.status == "done" and "done" in out[-1]["eval_status"]
     grid = [tuple(int(x) for x in p.split(":")) for p in GRID.replace(" ", "").split(",")]
-    want = sweep_mod.sweep_run(tiny_llama, session.cfg, grid, tmp_path / "ref_sweep", scores=studio.scores(session.scores_key),
+    want = sweep_mod.sweep_run(tiny_llama, session.cfg, grid, tmp_path / "ref_sweep", scores=session.scores,
                                     cache_dir=tmp_path / "ref_cache")
     got = pd.read_csv(Path(again.info["out"]) / "sweep.csv")
     pd.testing.assert_frame_equal(got.drop(columns="seconds"), want.drop(columns="seconds"), check_dtype=False)
@@ -609,10 +611,10 @@ def test_killed_process_leaves_interrupted_job_and_clean_cache(tiny_llama, clean
         if mode == "writing":
             assert len(no_temps(cache / "attribution")) == 1  # the dead writer's temp file: never read as an entry
         session = studio.new_session()
-        session.cfg = CFG
+        session.configure(CFG)
         calls = spy(neuron_scores, "attribute")
         list(background.attribute(studio, session))
-        assert calls and same_scores(studio.scores(session.scores_key), clean[1], exact=False)
+        assert calls and same_scores(session.scores, clean[1], exact=False)
         assert cache_io.verify_file(entry) and no_temps(cache / "attribution") == []  # the stale temp is gone too
         assert studio.runner.get(job.id).status == "interrupted"  # and it stays so
     finally:

@@ -6,9 +6,9 @@ import json
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
+from conftest import wait_until
 
 from neurontune.studio.jobs import Job, JobRunner, write_status
 
@@ -27,12 +27,7 @@ def _blocker(release: threading.Event, steps: int = 3):
 
 
 def _until(cond, timeout=5.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.005)
-    return False
+    return wait_until(cond, timeout, every=0.005)
 
 
 def test_heavy_jobs_queue_with_positions_and_finish(tmp_path):

@@ -13,7 +13,7 @@ from neurontune.config import DataConfig, SelectionConfig
 from neurontune.data.splits import build_splits
 from neurontune.eval.proxy import proxy_metrics
 from neurontune.infra.progress import Cancelled, Reporter
-from neurontune.run.sweep import sweep, tradeoff_figure
+from neurontune.run.sweep import parse_grid, sweep, tradeoff_figure
 
 GRID = [(10, 0), (20, 5), (40, 10)]
 
@@ -86,3 +86,10 @@ def test_figure_names_the_split_and_rings_the_operating_point(frame):
     assert (ringed.data[1].x[0], ringed.data[1].y[0]) == (with_split["benign_over_refusal_proxy"][1], with_split["harmful_refusal_proxy"][1])
     assert len(tradeoff_figure(with_split, current=(999, 0)).data) == 1  # not a sweep point: nothing to ring
     assert "split" not in tradeoff_figure(frame).layout.title.text  # an old sweep that did not say
+
+
+def test_one_grid_parser_for_the_cli_and_the_studio():
+    assert parse_grid("250:0, 750:250,1500:500") == [(250, 0), (750, 250), (1500, 500)]
+    for bad in ("", "250", "250:x", "1:2:3", "-5:0", "2.5:1", ","):
+        with pytest.raises(ValueError, match="k_safety:k_utility pairs"):
+            parse_grid(bad)

@@ -64,7 +64,7 @@ class EffectRow:
 class NeuronCard:
     layer: int
     index: int
-    role: str  # amplify / suppress / left alone (both) / protected / "" (not selected)
+    role: str  # a value of `selection.ROLES`, or "" (not selected)
     gain: float | None  # the session's tuned gain of this neuron (None: no gains)
     scores: list[ScoreRow]
     activations: list[tuple[PoolPrompt, float]]  # every pool prompt, highest activation first
@@ -204,13 +204,8 @@ def refusal_effect(lm, layer: int, index: int, gains: Sequence[float], prompts: 
 
 
 def role_of(selection, layer: int, index: int) -> str:
-    """What a `Selection` does with the neuron: amplify, suppress, left alone (both), protected, or "" (not selected)."""
-    if selection is None:
-        return ""
-    for mask, role in (("safety", "amplify"), ("utility", "suppress"), ("overlap", "left alone (in both sets)"), ("protected", "protected")):
-        if bool(getattr(selection, mask)[layer, index]):
-            return role
-    return ""
+    """What a `Selection` does with the neuron (`selection.ROLES`), or "" (not selected, or no selection)."""
+    return "" if selection is None else selection.role(layer, index)
 
 
 def gain_label(gain: float, tuned: bool = False) -> str:

@@ -11,7 +11,6 @@ from ..data.splits import Splits, check_split
 
 ROW_FIELDS = ("prompt", "category", "family", "split", "group", "phrasing", "topic", "request",
               "base_answer", "answer", "base_verdict", "verdict", "base_refusal", "refusal", "strength")
-CATEGORIES = ("harmful", "attacked", "benign", "borderline", "alarming", "contrast", "benign_attacked")
 
 
 def by_phrasing(prompts: list[Prompt], n: int) -> list[Prompt]:

@@ -32,6 +32,8 @@ RULES = (
     "both sets is left untouched (it drives refusal of harmful and benign prompts alike)."
 )
 
+ROLES = {"safety": "amplify", "utility": "suppress", "overlap": "left alone (in both sets)", "protected": "protected"}  # mask -> role
+
 
 class SelectionError(ValueError):
     """A threshold is out of range; the message gives the valid range."""
@@ -58,6 +60,10 @@ class Selection:
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.safety.shape)
+
+    def role(self, layer: int, index: int) -> str:
+        """What the selection does with one neuron (a value of `ROLES`), or "" when it is not selected."""
+        return next((role for mask, role in ROLES.items() if bool(getattr(self, mask)[layer, index])), "")
 
     def counts(self) -> dict[str, int]:
         return {"safety": int(self.safety.sum()), "utility": int(self.utility.sum()),

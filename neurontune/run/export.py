@@ -190,7 +190,7 @@ def export(lm, modulation: Modulation, root: str | Path, name: str, *, preset: d
         folder = RunFolder(tmp)  # an export also reads as a run folder: its gains and preset
         folder.write_modulation(modulation)
         folder.write_config(preset or {})
-        files.write_text(tmp / "README.md", model_card(lm, modulation, name, eval_summary, preset, gated))
+        folder.write_model_card(model_card(lm, modulation, name, eval_summary, preset, gated))
         reporter.progress(1, steps, "reloading and checking the logits")
         result = _check_reload(lm, modulation, tmp, tolerance)
         diff, tol = result["max_logit_diff"], result["tolerance"]
@@ -199,7 +199,7 @@ def export(lm, modulation: Modulation, root: str | Path, name: str, *, preset: d
                                                          f"logits, {result['rounding']:.2e}")
             raise ExportError(f"The reloaded export differs from the hooked model by {diff:.2e} (> {tol:.2e}{why}); not saved.")
         check.update(result)
-        files.write_json(tmp / "export_check.json", check, checksum=False)
+        folder.write_export_check(check)
     try:  # an export it replaces is put back if the move fails: a failure never loses the previous export
         files.write_folder(path, fill, manifest=False, overwrite=overwrite)
     except files.FolderExists:

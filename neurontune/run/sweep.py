@@ -24,8 +24,19 @@ from .folder import RunFolder
 
 X_COLUMNS = ("benign_over_refusal", "benign_over_refusal_proxy")
 Y_COLUMNS = ("harmful_refusal", "harmful_refusal_proxy")
-SPLIT = "validation"  # the split `sweep_run` scores (recorded in the frame's `split` column and named on the plot)
 BASELINE_SYMBOLS = ("diamond", "square", "triangle-up", "x", "star", "cross", "triangle-down", "pentagon")
+
+
+GRID_HELP = "write k_safety:k_utility pairs of whole numbers >= 0, separated by commas, e.g. 250:0, 750:250"
+
+
+def parse_grid(text: str) -> list[tuple[int, int]]:
+    """'250:0, 750:250' -> [(250, 0), (750, 250)]: the sweep grid as the CLI's --grid and the studio's box take it;
+    ValueError with what to write otherwise."""
+    points = [point.split(":") for point in (text or "").replace(" ", "").split(",") if point]
+    if not points or not all(len(p) == 2 and all(x.isdigit() for x in p) for p in points):
+        raise ValueError(f"The sweep grid {text!r} is not readable: {GRID_HELP}.")
+    return [(int(a), int(b)) for a, b in points]
 
 
 def sweep(lm, scores, grid: Sequence[tuple[int, int]], train_fn: Callable[[Selection], object],

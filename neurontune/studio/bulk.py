@@ -12,12 +12,14 @@ from ..data.user_prompts import MAX_BULK, read_prompt_list
 from ..eval.bulk import bulk_frame, bulk_summary, iter_compare
 from ..infra import files
 from .background import job_text, watch
-from .handlers import _file_path
 from .state import Session, Studio
+from .uploads import upload_path
+from .views import returns
 
 BATCH = 8  # prompts per generate call (16 rows: each prompt's base and tuned answer)
 
 
+@returns("bulk_status", "bulk_table", "bulk_file")
 def run_bulk(studio: Studio, session: Session, upload, pasted: str, strength: float = 1.0, max_new_tokens: int = 48,
              use_gate: bool = True) -> Iterator[dict]:
     """Answer every prompt with both models (the session's gains at `strength`, scaled by the gate's s per prompt
@@ -27,7 +29,7 @@ def run_bulk(studio: Studio, session: Session, upload, pasted: str, strength: fl
         return
     notes: list[str] = []
     try:
-        prompts = read_prompt_list(_file_path(upload), pasted or "", notes=notes)
+        prompts = read_prompt_list(upload_path(upload), pasted or "", notes=notes)
     except DataError as exc:
         yield {"bulk_status": f"✗ {exc}"}
         return

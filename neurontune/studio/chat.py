@@ -16,6 +16,7 @@ from ..interventions.generation import fit_lengths, stream_generate
 from ..interventions.modulation import Modulation
 from .handlers import gains_text
 from .state import Session, Studio
+from .views import returns
 
 MAX_CHARS = 4000  # a longer message is cut (and the user told) instead of filling the context
 CHAT_PROMPT_TOKENS = 2048  # conversation tokens the models read at most (long prompts are slow on a CPU)
@@ -100,6 +101,7 @@ def right_gains(lm, session: Session, conv: list[dict], strength: float, use_gat
     return (mod if scale == 1.0 else mod.scaled(scale)), s
 
 
+@returns("left", "right", "msg", "chat_status")
 def chat(studio: Studio, session: Session, message: str, strength: float = 1.0, max_new_tokens: int = 64,
          sample: bool = False, temperature: float = 0.7, use_gate: bool = True) -> Iterator[dict]:
     """Stream both panes. Strength scales the gains towards 1 (0 = both panes the base model); with the
@@ -149,6 +151,7 @@ def chat(studio: Studio, session: Session, message: str, strength: float = 1.0, 
            "chat_status": f"{gains_text(session)} {applied}: {same}.{note}"}
 
 
+@returns("left", "right", "chat_status")
 def clear(studio: Studio, session: Session) -> dict:
     session.chat = [[], []]
     return {"left": [], "right": [], "chat_status": gains_text(session)}
