@@ -333,9 +333,10 @@ def test_training_inf_gradients_stop_and_keep_the_last_good_gains(tiny_llama, tm
     calls, seen = {"n": 0}, []
     original = metalearn.Objective.__call__
 
-    def poisoned(self, gains, batch):  # from the 4th call: finite loss, infinite gradient -> NaN gains after Adam
+    def poisoned(self, view, batch):  # from the 4th call: finite loss, infinite gradient -> NaN gains after Adam
         calls["n"] += 1
-        loss, terms = original(self, gains, batch)
+        loss, terms = original(self, view, batch)
+        gains = view[0]
         if calls["n"] >= 4 and gains.requires_grad:
             loss = loss + torch.sqrt(gains - gains.detach()).sum()
         return loss, terms
