@@ -307,6 +307,8 @@ def build_app(studio: Studio) -> gr.Blocks:
                 with gr.Row():
                     C["export_name"] = gr.Textbox(handlers.suggest_name(first), label="Export name (letters, digits, . _ -; anything else is replaced)", scale=3)
                     overwrite = gr.Checkbox(False, label="overwrite an existing export", scale=1)
+                export_format = gr.Radio([("transformers checkpoint (safetensors)", "transformers"), ("GGUF (llama.cpp, Ollama, LM Studio)", "gguf")],
+                                         value="transformers", label="Format")
                 with gr.Accordion("Push to the Hugging Face Hub (optional)", open=False):
                     with gr.Row():
                         repo = gr.Textbox(label="repo id", placeholder="you/model-neurontune")
@@ -354,7 +356,7 @@ def build_app(studio: Studio) -> gr.Blocks:
         sweep_btn.click(**bind(background.sweep, "sweep", **jobs), inputs=[session, grid])
         export_kw = bind(handlers.do_export, "export", concurrency_id="export", concurrency_limit=1)
         export_kw["fn"] = gpu(export_kw["fn"])
-        export_btn.click(**export_kw, inputs=[session, C["export_name"], overwrite, repo, C["hub_token"]])
+        export_btn.click(**export_kw, inputs=[session, C["export_name"], overwrite, repo, C["hub_token"], export_format])
         jobs_btn.click(**bind(handlers.jobs_table, "jobs", **quiet), inputs=[session])
         card_kw = bind(card.card_views, "card", concurrency_id="card", concurrency_limit=2, show_progress="minimal")
         card_btn.click(**card_kw, inputs=[session, C["card_layer"], C["card_index"]])
