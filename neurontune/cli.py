@@ -204,7 +204,7 @@ def cmd_export(args) -> int:
               f"vs the hooked model: max logit diff {g['max_logit_diff']:.3f}, same top token at {g['top1_agreement']:.1%} of positions.")
         for note in g["notes"]:
             print(f"note: {note}", file=sys.stderr)
-        print(f"Run it with llama.cpp: llama-cli -m {Path(result['path']) / g['file']} -cnv")
+        print(f"Run it with llama.cpp: llama-cli -m {Path(result['path']) / g['file']}")
     else:
         print(f"Exported to {result['path']} (reloaded logits match the hooked model: max diff {result['max_logit_diff']:.2e}).")
     if gated:

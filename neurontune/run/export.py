@@ -187,7 +187,7 @@ def _gguf_section(g: dict) -> str:
 {what}{notes}
 
 ```bash
-llama-cli -m {f} -cnv                       # llama.cpp
+llama-cli -m {f}                            # llama.cpp (llama-server -m {f} for its web UI and API)
 ollama create my-model -f Modelfile          # Ollama, with `FROM ./{f}` in the Modelfile
 ```
 

@@ -423,7 +423,7 @@ def do_export(studio: Studio, session: Session, name: str, overwrite: bool, repo
     if (g := result["gguf"]) is not None:  # the card says what was written and how it was checked
         status = (f"✓ Exported `{path / g['file']}` ({g['size_mb']:.1f} MB){renamed}: same top token as the hooked model at "
                   f"{g['top1_agreement']:.0%} of positions (max logit difference {g['max_logit_diff']:.2f}).{gate}{push}\n\n"
-                  f"Run it with llama.cpp: `llama-cli -m {path / g['file']} -cnv`" + "".join(f"\n\n{n}" for n in g["notes"]))
+                  f"Run it with llama.cpp: `llama-cli -m {path / g['file']}`" + "".join(f"\n\n{n}" for n in g["notes"]))
     return {"export_status": status, "export_files": files, "export_name": safe, "hub_token": ""}
 
 
