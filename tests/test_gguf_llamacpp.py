@@ -10,7 +10,6 @@ top two tokens are closer than twice that bound (a near-tie either side may brea
 log-probabilities stay within it, and every refusal verdict must be the same. Uses the shipped run's gains (assets/default_run), which make the model refuse."""
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -36,10 +35,10 @@ TOP = 5  # llama.cpp's top log-probabilities compared at each step
 
 
 @pytest.fixture(scope="module")
-def tuned():
+def tuned(tmp_path_factory):
     lm = load_model("embedded")
     mod = RunFolder(SHIPPED_DIR).modulation(lm.fingerprint)
-    result = export(lm, mod, tempfile.mkdtemp(prefix="neurontune-gguf-"), "smollm2-tuned", format="gguf")
+    result = export(lm, mod, tmp_path_factory.mktemp("gguf"), "smollm2-tuned", format="gguf")
     return lm, mod, result
 
 

@@ -1,6 +1,6 @@
 """Write a tuned model as one GGUF file (what llama.cpp, Ollama and LM Studio run), from the folded state dict.
 
-Whatever tensors the export changed (today the output projections that hold the gains; any other weight edit
+Whatever tensors the export changed (today the up or output projections that hold the gains; any other weight edit
 folded into the state dict goes the same way), the file gets them:
 - a model loaded from a GGUF (the embedded SmolLM2): a copy of that file with every metadata key (architecture,
   tokenizer, chat template) carried over, unchanged tensors copied byte for byte, and each changed tensor
@@ -343,7 +343,10 @@ def check_gguf(lm, state: dict[str, torch.Tensor], out: GGUFFile) -> dict:
         if got.shape != want.shape:
             raise GGUFExportError(f"The reloaded GGUF holds {key} with shape {tuple(got.shape)}, not {tuple(want.shape)}; not saved.")
         gname = "token_embd.weight" if tied and key == "lm_head.weight" else name(key)
-        allowed = _rounding(arch, key, want.numpy(), QType[out.written[gname]], config) if gname in out.written else 0.0
+        if gname in out.written:
+            allowed = _rounding(arch, key, want.numpy(), QType[out.written[gname]], config)
+        else:  # copied from the source: the same bytes the model was loaded from, up to the model's own dtype
+            allowed = float((got - got.to(value.dtype).float()).abs().max()) if got.numel() else 0.0
         err = float((got - want).abs().max()) if got.numel() else 0.0
         if not err <= allowed * (1 + 1e-5) + 1e-7:
             raise GGUFExportError(f"The reloaded GGUF's {key} differs from the folded weights by {err:.3e} (its type "
