@@ -143,6 +143,9 @@ QUICK_EVAL = EvalConfig(n_harmful=12, n_per_family=6, n_benign=12, n_borderline=
 # hour on a 2-core CPU (templated prompts are long: a few minutes per intervention). EvalConfig() is larger.
 FULL_EVAL = EvalConfig(n_harmful=16, n_per_family=6, n_benign=12, n_borderline=8, n_benign_per_family=3, n_alarming=10,
                        n_ppl=16, max_new_tokens=40)
+# The research loop on the validation split: FULL_EVAL's prompts, a 24-token opening pass judged for refusal (on
+# tuned models its verdicts equal those of 40 tokens on 98-100 % of rows: docs/results.md) and larger batches.
+VALIDATION_EVAL = dataclasses.replace(FULL_EVAL, max_new_tokens=24, batch_size=32)
 
 
 @dataclass(frozen=True)

@@ -177,3 +177,26 @@ def test_modulation_for_another_model_is_refused(tiny_llama, splits):
     mod = random_modulation(tiny_llama.shape, n=4, fingerprint="0123456789abcdef")
     with pytest.raises(ValueError, match="made for model"):
         evaluate(tiny_llama, mod, splits, CFG)
+
+
+def test_shared_batches_answer_as_each_intervention_alone(tiny_llama, splits, base_llama):
+    """evaluate_many(shared=True) generates every modulation's rows in shared batches (gated ones at each row's
+    reading, a conditional one with its input terms): the answers, verdicts and every metric equal evaluating each
+    on its own."""
+    from neurontune.interventions.gating import Gated, GateProbe
+    from neurontune.interventions.modulation import InputTerms
+    lm = tiny_llama
+    static = _mod(lm, seed=3)
+    d = lm.nmap.input_rows(0).shape[1]
+    conditional = Modulation(static.shape, static.layers, static.fingerprint, {},
+                             {1: InputTerms(torch.arange(6), torch.full((6,), 0.7), torch.randn(d, generator=torch.Generator().manual_seed(0)), 0.0)})
+    probe = GateProbe(torch.tensor([0, 1]), torch.tensor([2, 5]), torch.zeros(2), torch.ones(2), torch.tensor([0.8, -0.6]), 0.1)
+    ivs = {"static": static, "conditional": conditional, "gated": Gated(static, probe)}
+    cfg = dataclasses.replace(CFG, batch_size=5)  # batches mix interventions and prompts
+    together = evaluate_many(lm, ivs, splits, cfg, base=base_llama, shared=True)
+    for res in together:
+        alone = evaluate(lm, ivs[res.name], splits, cfg, base=base_llama)
+        assert [r["answer"] for r in res.rows] == [r["answer"] for r in alone.rows], res.name
+        assert [r["strength"] for r in res.rows] == pytest.approx([r["strength"] for r in alone.rows])
+        assert res.metrics == pytest.approx(alone.metrics, nan_ok=True)
+    assert len({tuple(r["answer"] for r in res.rows) for res in together}) == 3  # the three differ

@@ -130,13 +130,16 @@ def refusal_metrics(counts: dict[str, tuple[int, int]]) -> dict[str, float]:
 
 
 def evaluate(lm, intervention, splits: Splits, cfg: EvalConfig = EvalConfig(), *, split: str = "test", name: str | None = None,
-             reporter: Reporter | None = None, base=None, cache_dir: str | Path | None = None) -> EvalResult:
+             reporter: Reporter | None = None, base=None, cache_dir: str | Path | None = None,
+             answered: tuple[list[str], list[float]] | None = None) -> EvalResult:
     """Evaluate `intervention` (None = the base model; a gated one reads each prompt's end) on one split:
     "validation" while choosing anything, "test" for the table one reports.
 
     base: a previous EvalResult or a cache dict (filled in place) holding the base model's answers,
     perplexities and multiple-choice predictions, so only the intervention's side is computed again.
-    cache_dir: also keep that cache on disk, keyed by the model fingerprint."""
+    cache_dir: also keep that cache on disk, keyed by the model fingerprint.
+    answered: (answers, strengths) of the plan's rows already generated for this intervention (`evaluate_many`'s
+    shared batches): only the teacher-forced metrics are computed here."""
     check_split(split)
     reporter = reporter or SILENT
     start_time = time.perf_counter()
@@ -177,15 +180,15 @@ def evaluate(lm, intervention, splits: Splits, cfg: EvalConfig = EvalConfig(), *
 
     timings = {}
     t = time.perf_counter()
-    row_strength = gate([r["prompt"] for r in rows]) or [1.0] * len(rows)
-    jobs = [(p, 0.0) for p in missing] + ([(r["prompt"], s) for r, s in zip(rows, row_strength)] if with_iv else [])
+    row_strength = (answered[1] if answered else gate([r["prompt"] for r in rows])) or [1.0] * len(rows)
+    jobs = [(p, 0.0) for p in missing] + ([(r["prompt"], s) for r, s in zip(rows, row_strength)] if with_iv and not answered else [])
     if run_lm is lm:
         answers = _generate_rows(lm, jobs, inner, cfg, tick, reporter)
     else:  # the intervention is another model (an export reloaded): its rows run there, unhooked
         answers = _generate_rows(lm, jobs[:len(missing)], None, cfg, tick, reporter) + _generate_rows(run_lm, jobs[len(missing):], None, cfg, tick, reporter)
     for p, a in zip(missing, answers):
         cache["answers"][akey(p)] = a
-    iv_answers = answers[len(missing):] if with_iv else [cache["answers"][akey(r["prompt"])] for r in rows]
+    iv_answers = (list(answered[0]) if answered else answers[len(missing):]) if with_iv else [cache["answers"][akey(r["prompt"])] for r in rows]
     timings["generate_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -248,14 +251,55 @@ def _ordered(metrics: dict) -> dict:
 
 
 def evaluate_many(lm, interventions: dict[str, object], splits: Splits, cfg: EvalConfig = EvalConfig(), *, split: str = "test",
-                  reporter: Reporter | None = None, base=None, cache_dir: str | Path | None = None) -> list[EvalResult]:
-    """Evaluate several named interventions sharing one base cache (the base answers are generated once)."""
+                  reporter: Reporter | None = None, base=None, cache_dir: str | Path | None = None,
+                  shared: bool = False) -> list[EvalResult]:
+    """Evaluate several named interventions sharing one base cache (the base answers are generated once). `shared`:
+    the modulations' answers are generated together in shared batches (`_shared_answers`), one process only."""
     cache = base_cache(base, lm)
     results = []
+    answered = _shared_answers(lm, interventions, splits, cfg, split, reporter or SILENT) if shared else {}
     for i, (name, iv) in enumerate(interventions.items()):
         part = (reporter or SILENT).within(f"{name} ({i + 1}/{len(interventions)}): ")
-        results.append(evaluate(lm, iv, splits, cfg, split=split, name=name, reporter=part, base=cache, cache_dir=cache_dir))
+        results.append(evaluate(lm, iv, splits, cfg, split=split, name=name, reporter=part, base=cache, cache_dir=cache_dir,
+                                answered=answered.get(name)))
     return results
+
+
+def _row_modulation(iv):
+    """The per-row form of an intervention that can share a generation batch with others (gains, with or without
+    input terms, as is or behind a gate: a `Modulation` per row), or None."""
+    inner = iv.inner if is_gated(iv) else iv
+    return inner if hasattr(inner, "scaled") and hasattr(inner, "dense") else None
+
+
+def _shared_answers(lm, interventions: dict[str, object], splits: Splits, cfg: EvalConfig, split: str,
+                    reporter: Reporter) -> dict[str, tuple[list[str], list[float]]]:
+    """Every modulation's answers to the plan's rows, generated together: rows of all of them sorted by prompt length
+    into batches of `cfg.batch_size`, each row with its own modulation at its own strength (a gate's reading, or 1).
+    Interventions without a per-row modulation (a steering direction, another model) are left to `evaluate`."""
+    if dist.launched():
+        raise ValueError("Shared batches are for one process; under `accelerate launch` evaluate each intervention on its own.")
+    rows = eval_plan(splits, cfg, split)
+    formatted = [chat_prompt(lm.tokenizer, r["prompt"]) for r in rows]
+    jobs, out = [], {}
+    for name, iv in interventions.items():
+        mod = _row_modulation(iv)
+        if iv is None or mod is None or getattr(iv, "fingerprint", lm.fingerprint) not in (None, lm.fingerprint):
+            continue
+        s = [float(v) for v in iv.strengths(lm, formatted)] if is_gated(iv) else [1.0] * len(rows)
+        out[name] = ([""] * len(rows), s)
+        jobs += [(name, i, mod if s[i] == 1.0 else mod.scaled(s[i])) for i in range(len(rows))]
+    length = {i: len(lm.tokenizer(f, add_special_tokens=False)["input_ids"]) for i, f in enumerate(formatted)}
+    jobs.sort(key=lambda j: (length[j[1]], j[1]))
+    batches = [jobs[k:k + cfg.batch_size] for k in range(0, len(jobs), cfg.batch_size)]
+    for b, batch in enumerate(batches):
+        reporter.check("Evaluation")
+        answers = generate(lm, [formatted[i] for _, i, _ in batch], [m for _, _, m in batch], max_new_tokens=cfg.max_new_tokens,
+                           batch_size=len(batch), formatted=True)
+        for (name, i, _), a in zip(batch, answers):
+            out[name][0][i] = a
+        reporter.progress(min((b + 1) * cfg.batch_size, len(jobs)), len(jobs), "generate (shared batches)")
+    return out
 
 
 def compare(results: Sequence[EvalResult]) -> pd.DataFrame:
