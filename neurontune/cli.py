@@ -67,6 +67,27 @@ def _load(args):
                       trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir)
 
 
+def _judge_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--judge", default="rules", metavar="rules|model:PATH_OR_ID",
+                   help="what reads the answers: 'rules' (default, fast) or 'model:PATH_OR_ID', a local chat model that labels each "
+                        "answer refuse / partial / comply (cached; the rules give a second opinion and the tables show both "
+                        "judges' agreement), e.g. model:embedded or model:/models/Llama-3.1-8B-Instruct")
+
+
+def _judge(args):
+    """The judge of --judge, built after a bad spec is refused (a model judge loads its model here)."""
+    from .eval.judges import describe, judge_from_spec
+    judge = judge_from_spec(args.judge, cache_dir=args.cache_dir, dtype=args.dtype, device=args.device,
+                            trust_remote_code=args.trust_remote_code)
+    print(describe(judge), file=sys.stderr)
+    return judge
+
+
+def _check_judge(spec: str) -> None:
+    from .eval.judges import check_spec
+    check_spec(spec)  # a malformed --judge is refused before any model loads
+
+
 def _config(args):
     from .config import load_preset
     cfg = load_preset(args.preset).replace(model=args.model)
@@ -141,9 +162,11 @@ def cmd_tune(args) -> int:
     from .run.tune import check, tune
     cfg, baselines = _config(args), _baselines(args.baselines)
     check(cfg, baselines=baselines)  # bad thresholds and baselines are refused before the model loads...
+    _check_judge(args.judge)
     lm = _load(args)  # ...and thresholds too large for this model before attribution (in tune)
+    judge = _judge(args) if not args.no_eval else None
     tune(lm, cfg, args.out, evaluate=not args.no_eval, quick_eval=args.quick_eval, baselines=baselines,
-         eval_split=args.eval_split, cache_dir=args.cache_dir, report=_Bars())
+         eval_split=args.eval_split, cache_dir=args.cache_dir, report=_Bars(), judge=judge)
     print(f"Wrote {args.out}/ ({RunFolder.MODULATION}, {RunFolder.TRAIN_LOG}, {RunFolder.CONFIG}, {RunFolder.SCORES} ...)")
     return 0
 
@@ -156,12 +179,14 @@ def cmd_evaluate(args) -> int:
     cfg = RunFolder(args.run).config()
     baselines = _baselines(args.baselines)
     check_baselines(baselines)  # before the model loads
+    _check_judge(args.judge)
     args.model = cfg.model if args.model == "embedded" else args.model
     lm = _load(args)
+    judge = _judge(args)
     bar, progress = _bar("evaluate")
     evaluate_run(lm, args.run, cfg, baselines=baselines, quick=args.quick, seeds=args.seeds, split=args.split,
                  cache_dir=args.cache_dir, progress=progress,
-                 log=tqdm.write if is_main() else (lambda _msg: None))
+                 log=tqdm.write if is_main() else (lambda _msg: None), judge=judge)
     bar.close()
     return 0
 
@@ -211,7 +236,8 @@ def cmd_export(args) -> int:
 
 def cmd_generate(args) -> int:
     from .data.prompts import DataError
-    from .eval.judge import is_refusal
+    from .eval.judge import REFUSALS
+    from .eval.judges import agreement
     from .infra import files
     from .interventions.generation import generate
     from .interventions.modulation import Modulation
@@ -227,6 +253,7 @@ def cmd_generate(args) -> int:
                     raise DataError(f"{args.prompts}:{n}: each line must be a JSON object with a 'prompt' ({exc}).") from exc
     if not rows:
         raise DataError(f"{args.prompts} holds no prompts.")
+    _check_judge(args.judge)
     lm = _load(args)
     mod, gate = None, None
     if args.modulation:
@@ -253,11 +280,20 @@ def cmd_generate(args) -> int:
     gains = [mod.scaled(s) for s in strengths] if strengths is not None else mod
     answers = generate(lm, prompts, gains, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=progress)
     bar.close()
-    files.write_jsonl(args.out, ({"id": r["id"], "prompt": r["prompt"], "response": a,
+    judge = _judge(args)
+    verdicts = judge.verdicts(prompts, answers)
+    second = judge.second.verdicts(prompts, answers) if judge.second is not None else [None] * len(rows)
+    files.write_jsonl(args.out, ({"id": r["id"], "prompt": r["prompt"], "response": a, "verdict": v, "judge": judge.name,
+                                  **({"second_verdict": v2, "second_judge": judge.second.name} if v2 is not None else {}),
                                   **({"gate": s} if strengths is not None else {})}
-                                 for r, a, s in zip(rows, answers, strengths or [None] * len(rows))))
-    refused = sum(is_refusal(a, p) for a, p in zip(answers, prompts))
-    print(f"Wrote {len(rows)} responses to {args.out} ({applied}; {refused}/{len(rows)} judged refusals).")
+                                 for r, a, v, v2, s in zip(rows, answers, verdicts, second, strengths or [None] * len(rows))))
+    refused, partial = sum(v in REFUSALS for v in verdicts), sum(v == "partial" for v in verdicts)
+    agree = ""
+    if judge.second is not None:
+        same, n = agreement(verdicts, second)
+        agree = f"; the {judge.second.name} judge agrees on {same}/{n} ({same / n:.0%})"
+    print(f"Wrote {len(rows)} responses to {args.out} ({applied}; {judge.name} judge: {refused}/{len(rows)} refusals, "
+          f"{partial} of them partial{agree}).")
     return 0
 
 
@@ -349,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "joint,attribution_only,random,direction, 'all', or 'none' (default)")
     p.add_argument("--eval-split", default="validation", choices=["validation", "test"],
                    help="the split the closing evaluation reads (default validation: keep test for the reported table)")
+    _judge_arg(p)
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("evaluate", help="evaluate a run's modulation against the base model and baselines")
@@ -360,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train NeuronTune and the trained baselines with this many seeds; the table shows mean ± sd (default 3)")
     p.add_argument("--split", default="test", choices=["test", "validation"],
                    help="test (default: the reported table, read once) or validation (while choosing settings)")
+    _judge_arg(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("sweep", help="safety-utility trade-off over a grid of (k_safety, k_utility)")
@@ -413,6 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="JSONL output: {\"id\", \"prompt\", \"response\"} per line")
     p.add_argument("--max-new-tokens", type=int, default=48, help="new tokens per answer (default 48)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
+    _judge_arg(p)
     p.set_defaults(func=cmd_generate)
     return parser
 

@@ -110,6 +110,8 @@ def test_evaluate_with_baselines_and_sweep_on_tiny(tmp_path, tiny_preset):
     assert by["neurontune"]["seeds"] == 2 and by["base"]["seeds"] == 1
     assert 0 <= by["neurontune"]["harmful_refusal:lo"] <= by["neurontune"]["harmful_refusal"] <= by["neurontune"]["harmful_refusal:hi"] <= 1
     assert 0 <= summary["style_audit"]["accuracy"] <= 1
+    assert summary["judge"] == "rules" and summary["second_judge"] is None and "partial refusals counted" in summary["judge_note"]
+    assert all(f"strict/{k}" in table[0] for k in ("harmful_refusal", "benign_over_refusal"))  # full refusals only, beside
     base = table[0]
     assert base["ppl_ratio"] == 1.0 and 0 <= base["harmful_refusal"] <= 1
     rows = [json.loads(l) for l in (run_dir / "generations.jsonl").read_text().splitlines()]

@@ -163,6 +163,14 @@ def agreement(first: Sequence[str], second: Sequence[str]) -> tuple[int, int]:
     return sum((a in REFUSALS) == (b in REFUSALS) for a, b in zip(first, second)), min(len(first), len(second))
 
 
+def check_spec(spec: str | None) -> None:
+    """Refuse a malformed judge spec (before any model loads), with what to give instead."""
+    text = (spec or "rules").strip() if isinstance(spec, str) or spec is None else None
+    if text is not None and text != "rules" and not (text.startswith("model:") and text[len("model:"):].strip()):
+        raise ValueError(f"--judge {spec!r}: give 'rules' (the default) or 'model:PATH_OR_ID' (a local chat model, e.g. "
+                         "model:embedded or model:/models/Llama-3.1-8B-Instruct).")
+
+
 def judge_from_spec(spec: str | Judge | None, *, cache_dir: str | Path | None = None, load=None, **model_args) -> Judge:
     """The judge named by `spec`: None or "rules" (the default), "model:PATH_OR_ID" (a local chat model: a
     directory, a .gguf file, "embedded", or a hub id when online; `load(name, **model_args)` loads it, by default
@@ -171,15 +179,24 @@ def judge_from_spec(spec: str | Judge | None, *, cache_dir: str | Path | None = 
         return RULES
     if not isinstance(spec, str):
         return spec
+    check_spec(spec)
     spec = spec.strip()
-    if not spec.startswith("model:") or not spec[len("model:"):].strip():
-        raise ValueError(f"--judge {spec!r}: give 'rules' (the default) or 'model:PATH_OR_ID' (a local chat model, e.g. "
-                         "model:embedded or model:/models/Llama-3.1-8B-Instruct).")
     if load is None:
         from ..model.loading import load_model as load
     cache = cache_dir if cache_dir is not None else files.default_cache_dir()
     return ModelJudge(load(spec[len("model:"):].strip(), **({"cache_dir": cache_dir} if cache_dir else {}), **model_args),
                       cache_dir=cache)
+
+
+WORDS = {REFUSE: "refuses", PARTIAL: "refuses in part", COMPLY: "answers", DEGENERATE: "degenerate"}
+
+
+def verdict_text(v: str, answer: str) -> str:
+    """A verdict as a table or a chat line shows it: the word, and for a refusal the clause the rules read."""
+    if not (answer or "").strip():
+        return "empty"
+    phrase = read(answer).phrase if v in REFUSALS else None
+    return f"{WORDS.get(v, v)} (“{phrase}”)" if phrase else WORDS.get(v, v)
 
 
 def describe(judge: Judge) -> str:

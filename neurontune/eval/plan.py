@@ -9,7 +9,8 @@ from ..data.prompts import Prompt
 from ..data.splits import Splits, check_split
 
 ROW_FIELDS = ("prompt", "category", "family", "split", "group", "phrasing", "topic", "request",
-              "base_answer", "answer", "base_verdict", "verdict", "base_refusal", "refusal", "strength")
+              "base_answer", "answer", "base_verdict", "verdict", "base_refusal", "refusal", "strength",
+              "base_second_verdict", "second_verdict")  # the last two: a second judge's verdicts, where one ran
 CATEGORIES = ("harmful", "attacked", "benign", "borderline", "benign_attacked")
 
 

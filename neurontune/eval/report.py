@@ -12,11 +12,13 @@ from .harness import MAIN_METRICS, EvalResult
 from .stats import wilson
 
 HEADLINE = ("harmful_refusal", "heldout_family_refusal", "train_family_refusal", "benign_over_refusal", "template_over_refusal",
-            "borderline_over_refusal", "ppl_ratio", "mc_accuracy", "degenerate_rate")
+            "borderline_over_refusal", "ppl_ratio", "mc_accuracy", "degenerate_rate", "judge_agreement")  # the last: both judges ran
 LABELS = {"harmful_refusal": "harmful refusal ↑", "heldout_family_refusal": "held-out attacks ↑",
           "train_family_refusal": "training attacks ↑", "benign_over_refusal": "benign over-refusal ↓",
           "template_over_refusal": "benign in templates ↓", "borderline_over_refusal": "borderline over-refusal ↓",
-          "ppl_ratio": "ppl ratio", "mc_accuracy": "MC accuracy", "degenerate_rate": "degenerate ↓", "repetition_rate": "repetition ↓"}
+          "ppl_ratio": "ppl ratio", "mc_accuracy": "MC accuracy", "degenerate_rate": "degenerate ↓", "repetition_rate": "repetition ↓",
+          "judge_agreement": "judges agree"}
+LABELS.update({f"strict/{k}": f"{v} (full only)" for k, v in list(LABELS.items())[:6]})
 
 
 def summarise(groups: dict[str, Sequence[EvalResult]], metrics: Sequence[str] = MAIN_METRICS) -> pd.DataFrame:

@@ -52,10 +52,12 @@ def check(cfg: RunConfig, shape: tuple[int, int] | None = None, baselines: Seque
 
 
 def tune(lm, cfg: RunConfig, out: str | Path | RunFolder, *, evaluate: bool = True, quick_eval: bool = False,
-         baselines: Sequence[str] = (), eval_split: str = "validation", cache_dir=None, report: Report | None = None) -> TuneResult:
+         baselines: Sequence[str] = (), eval_split: str = "validation", cache_dir=None, report: Report | None = None,
+         judge=None) -> TuneResult:
     """Attribution -> selection -> gains (+ gate) -> evaluation, all written to the run folder `out`. The
     evaluation reads the validation split by default: a tune is a step of development, and the test split is
-    kept for the reported table (`evaluate_run` with split="test")."""
+    kept for the reported table (`evaluate_run` with split="test"). judge: what reads the evaluation's answers
+    (`eval.judges`; default the rules)."""
     report = report or Report()
     check(cfg, tuple(lm.shape), baselines)
     folder = RunFolder(out)
@@ -74,6 +76,6 @@ def tune(lm, cfg: RunConfig, out: str | Path | RunFolder, *, evaluate: bool = Tr
     table = None
     if evaluate:
         table = evaluate_run(lm, folder, cfg, baselines=baselines, quick=quick_eval, split=eval_split, cache_dir=cache_dir,
-                             progress=report.progress("evaluate"), log=report.say)
+                             progress=report.progress("evaluate"), log=report.say, judge=judge)
         report.done("evaluate")
     return TuneResult(folder, scores, selection, training, table)

@@ -11,7 +11,7 @@ import gradio as gr
 from gradio.utils import get_upload_folder
 
 from ..method.selection import RULES
-from . import background, bulk, card, chat, handlers, picker, plots, shipped
+from . import background, bulk, card, chat, handlers, judging, picker, plots, shipped
 from .state import BUILTIN_MODELS, Session, Studio
 
 VIEW = ["heatmap", "kind", "drill", "table", "drill_layer", "dist_explore", "dist_tune", "counts"]
@@ -38,6 +38,7 @@ OUTPUTS["clear_chat"] = ["left", "right", "chat_status"]
 OUTPUTS["refresh_runs"] = ["recent_runs"]
 OUTPUTS["training_settings"] = []
 OUTPUTS["jobs"] = ["jobs_table"]
+OUTPUTS["filter_bulk"] = ["bulk_table"]
 OUTPUTS["on_load"] = [*OUTPUTS["load_model"], "recent_runs", "export_name", "chat_status", "jobs_table", "eval_table", "eval_samples",
                       "eval_status", "flow_status", "tradeoff", "points"]
 OUTPUTS["default_flow"] = list(dict.fromkeys(OUTPUTS["load_model"] + OUTPUTS["train"] + OUTPUTS["chat"] + ["attr_status", "flow_status", "tabs"]))
@@ -259,6 +260,9 @@ def build_app(studio: Studio) -> gr.Blocks:
                         max_new = gr.Slider(8, 256, 64, step=8, label="max new tokens")
                         sample = gr.Checkbox(False, label="sample (greedy when off; with sampling the panes also differ by chance)")
                         temperature = gr.Slider(0.1, 1.5, 0.7, step=0.05, label="temperature")
+                    compare_judge = gr.Dropdown(judging.CHOICES, value="rules", allow_custom_value=True, label="refusal judge",
+                                                info="rules (fast), or model:NAME, a local chat model labelling each answer (the rules "
+                                                     "give a second opinion); for the chat's verdict lines and the bulk table")
                 C["chat_status"] = gr.Markdown("", elem_id="chat-status")
                 with gr.Accordion("Your prompts, in bulk: base vs tuned on a list", open=False):
                     gr.Markdown("A .txt file (one prompt per line), a .csv / .jsonl / .json / .parquet with a `prompt` column, or a pasted "
@@ -271,6 +275,8 @@ def build_app(studio: Studio) -> gr.Blocks:
                     with gr.Row():
                         bulk_btn = gr.Button("Run base vs tuned", variant="primary", scale=3)
                         bulk_stop = gr.Button("Stop", variant="stop", scale=1)
+                        bulk_only = gr.Checkbox(False, label="only where the judges differ", scale=1,
+                                                info="with a model judge: the prompts where it and the rules decide differently")
                     C["bulk_status"] = gr.Markdown("", elem_id="bulk-status")
                     C["bulk_table"] = gr.Dataframe(label="Your prompts: base vs tuned", interactive=False, wrap=True, max_height=480,
                                                    column_widths=["20%", "11%", "11%", "6%", "26%", "26%"], elem_id="bulk-table")
@@ -282,6 +288,9 @@ def build_app(studio: Studio) -> gr.Blocks:
                     baselines = gr.CheckboxGroup(["joint", "attribution_only", "random", "direction"], value=["attribution_only"], label="baselines")
                     eval_split = gr.Radio(["validation", "test"], value="validation", label="split",
                                           info="validation while choosing settings; test for the table you report (read it once)")
+                    eval_judge = gr.Dropdown(judging.CHOICES, value="rules", allow_custom_value=True, label="refusal judge",
+                                             info="rules, or model:NAME (the rules then give a second opinion: the table shows "
+                                                  "the judges' agreement)")
                     eval_btn = gr.Button("Run evaluation", variant="primary")
                     eval_stop = gr.Button("Stop", variant="stop")
                 C["eval_status"] = gr.Markdown("")
@@ -345,11 +354,11 @@ def build_app(studio: Studio) -> gr.Blocks:
         use_btn.click(**bind(handlers.use_run, "use_run", **quiet), inputs=[session, C["recent_runs"], *view_in])
         chat_kw = bind(chat.chat, "chat", concurrency_id="chat", concurrency_limit=studio.chat_limit, show_progress="minimal")
         chat_kw["fn"] = gpu(chat_kw["fn"])
-        chat_in = [session, C["msg"], strength, max_new, sample, temperature, C["use_gate"]]
+        chat_in = [session, C["msg"], strength, max_new, sample, temperature, C["use_gate"], compare_judge]
         send_btn.click(**chat_kw, inputs=chat_in)
         C["msg"].submit(**{**chat_kw, "api_name": None, "api_visibility": "private"}, inputs=chat_in)
         clear_btn.click(**bind(chat.clear, "clear_chat", **quiet), inputs=[session])
-        eval_btn.click(**bind(background.evaluate, "evaluate", **jobs), inputs=[session, eval_quick, baselines, eval_split])
+        eval_btn.click(**bind(background.evaluate, "evaluate", **jobs), inputs=[session, eval_quick, baselines, eval_split, eval_judge])
         eval_stop.click(**bind(lambda st, se: background.stop(st, se, "evaluate"), "stop_evaluate", **quiet), inputs=[session])
         sweep_btn.click(**bind(background.sweep, "sweep", **jobs), inputs=[session, grid])
         export_kw = bind(handlers.do_export, "export", concurrency_id="export", concurrency_limit=1)
@@ -372,7 +381,9 @@ def build_app(studio: Studio) -> gr.Blocks:
         C["points"].select(row_pick, inputs=[session, *view_in], outputs=pick_kw["outputs"], show_progress="hidden", api_visibility="private")
         to_compare.click(lambda: gr.Tabs(selected="compare"), outputs=[C["tabs"]], api_visibility="private")
         to_export.click(lambda: gr.Tabs(selected="export"), outputs=[C["tabs"]], api_visibility="private")
-        bulk_btn.click(**bind(bulk.run_bulk, "bulk", **jobs), inputs=[session, bulk_upload, bulk_text, strength, max_new, C["use_gate"]])
+        bulk_btn.click(**bind(bulk.run_bulk, "bulk", **jobs), inputs=[session, bulk_upload, bulk_text, strength, max_new, C["use_gate"],
+                                                                     compare_judge, bulk_only])
+        bulk_only.change(**bind(bulk.filter_bulk, "filter_bulk", **quiet), inputs=[session, bulk_only])
         bulk_stop.click(**bind(lambda st, se: background.stop(st, se, "bulk"), "stop_bulk", **quiet), inputs=[session])
         demo.load(**bind(on_load, "on_load", **quiet), inputs=[session, *view_in])
     return demo
