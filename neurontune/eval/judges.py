@@ -15,8 +15,9 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from ..infra import files
 from .judge import COMPLY, DEGENERATE, PARTIAL, REFUSALS, REFUSE, read, verdict
@@ -26,7 +27,7 @@ class Judge(Protocol):
     """What every judge provides: a name for reports, its verdicts, and an optional second opinion."""
 
     name: str
-    second: "Judge | None"
+    second: Judge | None
 
     def verdicts(self, prompts: Sequence[str | None], answers: Sequence[str]) -> list[str]: ...
 

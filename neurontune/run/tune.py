@@ -10,6 +10,7 @@ import pandas as pd
 
 from ..config import RunConfig
 from ..eval.baselines import check_baselines
+from ..eval.judges import Judge
 from ..infra.progress import Progress
 from ..method.metalearn import TrainResult
 from ..method.neuron_scores import NeuronScores
@@ -53,7 +54,7 @@ def check(cfg: RunConfig, shape: tuple[int, int] | None = None, baselines: Seque
 
 def tune(lm, cfg: RunConfig, out: str | Path | RunFolder, *, evaluate: bool = True, quick_eval: bool = False,
          baselines: Sequence[str] = (), eval_split: str = "validation", cache_dir=None, report: Report | None = None,
-         judge=None) -> TuneResult:
+         judge: Judge | str | None = None) -> TuneResult:
     """Attribution -> selection -> gains (+ gate) -> evaluation, all written to the run folder `out`. The
     evaluation reads the validation split by default: a tune is a step of development, and the test split is
     kept for the reported table (`evaluate_run` with split="test"). judge: what reads the evaluation's answers

@@ -8,7 +8,7 @@ import weakref
 from ..eval.judges import RULES, Judge, check_spec, judge_from_spec
 
 CHOICES = ["rules", "model:embedded"]  # the dropdown's entries; any "model:PATH_OR_ID" may be typed in
-_built: "weakref.WeakKeyDictionary[object, dict[str, Judge]]" = weakref.WeakKeyDictionary()
+_built: weakref.WeakKeyDictionary[object, dict[str, Judge]] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
 
