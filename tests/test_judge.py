@@ -243,8 +243,9 @@ def test_chat_labelled_set_is_varied_and_split():
 
 @pytest.mark.parametrize("part,binary_min,four_min", [("dev", 0.98, 0.94), ("held", 0.944, 0.91)])
 def test_judge_on_larger_chat_models_styles(part, binary_min, four_min):
-    """Measured: dev 0.990 refuse-vs-not (four classes 0.952), held 0.954 (0.922), read once after the rules were
-    final; the rules before this set: dev 0.914, held 0.883 (they missed implicit refusals and partial ones)."""
+    """Measured: dev 0.990 refuse-vs-not (four classes 0.955); held 0.954 (0.922) when first read, with the rules
+    final, and 0.957 (0.922) after later changes not made from its errors (assets/JUDGE_LABELS.md); the rules before
+    this set: dev 0.914, held 0.883 (they missed implicit refusals and partial ones)."""
     rows = [r for r in _labelled(LABELS_CHAT) if _half(r) == part]
     binary, four, confusion = accuracy(rows)
     assert binary >= binary_min, (binary, confusion)
