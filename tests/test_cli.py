@@ -56,12 +56,12 @@ def test_tune_export_generate_on_tiny(tmp_path, tiny_preset, capsys):
     out = tmp_path / "out.jsonl"
     assert run("generate", "--model", "tiny-llama", "--modulation", run_dir, "--prompts", prompts, "--out", out, "--max-new-tokens", 4) == 0
     rows = [json.loads(l) for l in out.read_text().splitlines()]
-    assert [r["id"] for r in rows] == ["a", 1] and all(set(r) == {"id", "prompt", "response", "gate"} for r in rows)
+    assert [r["id"] for r in rows] == ["a", 1] and all(set(r) == {"id", "prompt", "response", "verdict", "judge", "gate"} for r in rows)
     assert "behind its input gate" in capsys.readouterr().out  # the run has a gate: generate says it uses it
     assert run("generate", "--model", "tiny-llama", "--modulation", run_dir, "--static", "--prompts", prompts, "--out", out,
                "--max-new-tokens", 4) == 0
     assert "the static gains (what export folds)" in capsys.readouterr().out
-    assert all(set(json.loads(l)) == {"id", "prompt", "response"} for l in out.read_text().splitlines())
+    assert all(set(json.loads(l)) == {"id", "prompt", "response", "verdict", "judge"} for l in out.read_text().splitlines())
 
 
 def test_bad_input_gets_a_message_not_a_traceback(tmp_path, capsys):
