@@ -46,17 +46,18 @@ def median_ms(fn, repeats: int, warmup: int = 1) -> float:
 def bench_slider(studio, session, repeats: int) -> dict:
     """Selection from cached scores (engine), and the whole update a slider move sends (figures, table)."""
     from neurontune.studio import handlers
+    from neurontune.studio.views import View
 
     ks = [(500, 100), (1500, 500), (3000, 1000), (800, 300)]
     i = iter(range(10**6))
 
     def engine():
         k = ks[next(i) % len(ks)]
-        handlers.reselect(studio, session, *k, 500)
+        session.reselect(*k, 500)
 
     def full():
         k = ks[next(i) % len(ks)]
-        handlers.on_select(studio, session, *k, 500, "safety", 15, 50)
+        handlers.on_select(studio, session, *k, 500, View("safety", 15, 50))
     return {"select() from cached scores": median_ms(engine, repeats * 4), "full view update (figures + table)": median_ms(full, repeats)}
 
 

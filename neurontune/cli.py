@@ -12,19 +12,54 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .infra.progress import Reporter
 
-def _bar(desc: str):
-    """A tqdm bar and a (done, total, stage) progress callback feeding it (under `accelerate launch`: on the
-    main process only, counting its own share of the work)."""
-    from .infra.distributed import is_main
-    bar = tqdm(total=1, desc=desc, unit="ex", dynamic_ncols=True, disable=not is_main())
 
-    def progress(done: int, total: int, stage: str = "") -> None:
-        bar.total = total
-        bar.n = done
-        bar.set_postfix_str(stage[:28])
-        bar.refresh()
-    return bar, progress
+class _Bars(Reporter):
+    """The CLI's reporter: a tqdm bar per phase (under `accelerate launch`: on the main process only, counting its
+    own share of the work), training steps with their losses, messages printed above the bars."""
+
+    def __init__(self, phase: str | None = None):
+        super().__init__()
+        self.bar = None
+        if phase is not None:
+            self.phase(phase)
+
+    def phase(self, name: str, total: int | None = None) -> None:
+        from .infra.distributed import is_main
+        self.close()
+        self.bar = tqdm(total=total or 1, desc=name, unit="ex", dynamic_ncols=True, disable=not is_main())
+
+    def progress(self, done: int, total: int, stage: str = "") -> None:
+        if self.bar is None:
+            self.phase("")
+        self.bar.total = total
+        self.bar.n = done
+        self.bar.set_postfix_str(stage[:28])
+        self.bar.refresh()
+
+    def step(self, entry: dict) -> None:
+        if self.bar is None:
+            self.phase("training")
+        self.bar.unit = "step"
+        self.bar.update(1)
+        self.bar.set_postfix({k: f"{v:.3f}" for k, v in entry.items() if k in ("loss", "refusal_nll", "kl", "over_refusal", "val")})
+
+    def say(self, message: str) -> None:
+        from .infra.distributed import is_main
+        if is_main():
+            tqdm.write(message)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> "_Bars":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -103,10 +138,9 @@ def cmd_attribute(args) -> int:
     if args.n_prompts:
         cfg = with_prompts(cfg, args.n_prompts)
     lm = _load(args)
-    bar, progress = _bar("attribution")
     start = time.perf_counter()
-    scores = attribute_step(lm, cfg, Path(args.out), progress=progress, cache_dir=args.cache_dir)
-    bar.close()
+    with _Bars() as bars:
+        scores = attribute_step(lm, cfg, Path(args.out), reporter=bars, cache_dir=args.cache_dir)
     from .infra.distributed import is_main
     from .run.folder import RunFolder
     if not is_main():  # under `accelerate launch` the main process writes and reports
@@ -130,33 +164,6 @@ def _baselines(text: str) -> tuple[str, ...]:
     return BASELINES if text == "all" else tuple(b.strip() for b in text.split(",") if b.strip())
 
 
-class _Bars:
-    """The CLI's `run.tune.Report`: a tqdm bar per phase, messages printed above the bars."""
-
-    def __init__(self):
-        self.bars: dict = {}
-
-    def progress(self, phase: str, total: int | None = None):
-        if phase == "train":  # advanced by step()
-            self.bars[phase] = tqdm(total=total, desc="train gains", dynamic_ncols=True)
-            return None
-        self.bars[phase], progress = _bar(phase)
-        return progress
-
-    def step(self, entry: dict) -> None:
-        bar = self.bars.get("train")
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in entry.items() if k in ("loss", "refusal_nll", "kl", "over_refusal", "val")})
-
-    def say(self, message: str) -> None:
-        tqdm.write(message)
-
-    def done(self, phase: str) -> None:
-        if (bar := self.bars.pop(phase, None)) is not None:
-            bar.close()
-
-
 def cmd_tune(args) -> int:
     from .run.folder import RunFolder
     from .run.tune import check, tune
@@ -165,15 +172,15 @@ def cmd_tune(args) -> int:
     _check_judge(args.judge)
     lm = _load(args)  # ...and thresholds too large for this model before attribution (in tune)
     judge = _judge(args) if not args.no_eval else None
-    tune(lm, cfg, args.out, evaluate=not args.no_eval, quick_eval=args.quick_eval, baselines=baselines,
-         eval_split=args.eval_split, cache_dir=args.cache_dir, report=_Bars(), judge=judge)
+    with _Bars() as bars:
+        tune(lm, cfg, args.out, evaluate=not args.no_eval, quick_eval=args.quick_eval, baselines=baselines,
+             eval_split=args.eval_split, cache_dir=args.cache_dir, reporter=bars, judge=judge)
     print(f"Wrote {args.out}/ ({RunFolder.MODULATION}, {RunFolder.TRAIN_LOG}, {RunFolder.CONFIG}, {RunFolder.SCORES} ...)")
     return 0
 
 
 def cmd_evaluate(args) -> int:
     from .eval.baselines import check_baselines
-    from .infra.distributed import is_main
     from .run.evaluate_run import evaluate_run
     from .run.folder import RunFolder
     cfg = RunFolder(args.run).config()
@@ -183,26 +190,19 @@ def cmd_evaluate(args) -> int:
     args.model = cfg.model if args.model == "embedded" else args.model
     lm = _load(args)
     judge = _judge(args)
-    bar, progress = _bar("evaluate")
-    evaluate_run(lm, args.run, cfg, baselines=baselines, quick=args.quick, seeds=args.seeds, split=args.split,
-                 cache_dir=args.cache_dir, progress=progress,
-                 log=tqdm.write if is_main() else (lambda _msg: None), judge=judge)
-    bar.close()
+    with _Bars() as bars:
+        evaluate_run(lm, args.run, cfg, baselines=baselines, quick=args.quick, seeds=args.seeds, split=args.split,
+                     cache_dir=args.cache_dir, reporter=bars, judge=judge)
     return 0
 
 
 def cmd_sweep(args) -> int:
-    from .run.sweep import sweep_run
+    from .run.sweep import parse_grid, sweep_run
     cfg = _config(args)
-    points = [point.split(":") for point in args.grid.split(",")]
-    if not all(len(pt) == 2 and all(x.strip().isdigit() for x in pt) for pt in points):
-        raise ValueError(f"--grid {args.grid!r}: write k_safety:k_utility pairs of whole numbers >= 0, separated by "
-                         "commas, e.g. 250:0,750:250")
-    grid = [(int(a), int(b)) for a, b in points]
+    grid = parse_grid(args.grid)  # refused before the model loads
     lm = _load(args)
-    bar, progress = _bar("sweep")
-    sweep_run(lm, cfg, grid, Path(args.out), cache_dir=args.cache_dir, progress=progress, log=tqdm.write)
-    bar.close()
+    with _Bars() as bars:
+        sweep_run(lm, cfg, grid, Path(args.out), cache_dir=args.cache_dir, reporter=bars)
     return 0
 
 
@@ -219,9 +219,10 @@ def cmd_export(args) -> int:
     lm = _load(args)
     gated = folder.has(RunFolder.GATE)
     token = os.environ.get("HF_TOKEN") if args.push_to_hub else None
-    result = export(lm, folder.modulation(lm.fingerprint), args.root, args.name, preset=cfg.to_dict(),
-                    eval_summary=folder.eval_summary(), gated=gated, overwrite=args.overwrite,
-                    push_to_hub=args.push_to_hub, token=token)
+    with _Bars() as bars:
+        result = export(lm, folder.modulation(lm.fingerprint), args.root, args.name, preset=cfg.to_dict(),
+                        eval_summary=folder.eval_summary(), gated=gated, overwrite=args.overwrite,
+                        push_to_hub=args.push_to_hub, token=token, reporter=bars)
     print(f"Exported to {result['path']} (reloaded logits match the hooked model: max diff {result['max_logit_diff']:.2e}).")
     if gated:
         print("note: this run has an input gate, which cannot be folded into weights: the checkpoint holds the STATIC gains "
@@ -236,12 +237,11 @@ def cmd_export(args) -> int:
 
 def cmd_generate(args) -> int:
     from .data.prompts import DataError
-    from .eval.judge import REFUSALS
+    from .eval.judge import PARTIAL, REFUSALS
     from .eval.judges import agreement
     from .infra import files
-    from .interventions.generation import generate
-    from .interventions.modulation import Modulation
-    from .run.folder import RunFolder
+    from .interventions.protocol import FORMS
+    from .run.answer import answer, intervention_for, judge_answers
     rows = []
     with open(args.prompts, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -255,45 +255,33 @@ def cmd_generate(args) -> int:
         raise DataError(f"{args.prompts} holds no prompts.")
     _check_judge(args.judge)
     lm = _load(args)
-    mod, gate = None, None
+    intervention, form = (None, None)
     if args.modulation:
-        folder = RunFolder(args.modulation) if Path(args.modulation).is_dir() else None
-        mod = folder.modulation(lm.fingerprint) if folder else Modulation.load(args.modulation, lm.fingerprint)
-        if mod is None:
-            raise DataError(f"{args.modulation} holds no trained gains ({RunFolder.MODULATION}); run `tune --out` first.")
-        gate = folder.gate(lm) if folder is not None and not args.static else None
-    prompts = [r["prompt"] for r in rows]
-    strengths = None
-    if gate is not None:  # each prompt's strength, read from the prompt alone, then that prompt's share of the gains
-        from .data.chat import chat_prompt
-        from .interventions.gating import gate_strength
-        strengths = gate_strength(lm, gate, [chat_prompt(lm.tokenizer, p) for p in prompts]).tolist()
-        applied = (f"the run's gains behind its input gate (per prompt: gains x s; mean s {sum(strengths) / len(strengths):.2f}; "
-                   "--static for the static gains, what export folds)")
-    elif mod is not None:
-        applied = "the static gains (what export folds)" + ("" if folder is None or not folder.has(RunFolder.GATE) else
-                                                          "; the run's gate is off (--static)")
-    else:
-        applied = "the base model"
+        intervention, form = intervention_for(lm, args.modulation, args.form)
+    elif args.form:
+        raise DataError("--form applies a run's modulation: give the run with --modulation.")
+    applied = f"the run's modulation, {FORMS[form]}" if form else "the base model"
     print(f"Generating with {applied}.")
-    bar, progress = _bar("generate")
-    gains = [mod.scaled(s) for s in strengths] if strengths is not None else mod
-    answers = generate(lm, prompts, gains, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=progress)
-    bar.close()
+    prompts = [r["prompt"] for r in rows]
+    with _Bars("generate") as bars:
+        answers, strengths = answer(lm, prompts, intervention, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                    reporter=bars)
     judge = _judge(args)
-    verdicts = judge.verdicts(prompts, answers)
-    second = judge.second.verdicts(prompts, answers) if judge.second is not None else [None] * len(rows)
-    files.write_jsonl(args.out, ({"id": r["id"], "prompt": r["prompt"], "response": a, "verdict": v, "judge": judge.name,
+    verdicts, second = judge_answers(prompts, answers, judge)
+    files.write_jsonl(args.out, ({"id": r["id"], "prompt": r["prompt"], "response": a, "form": form or "base", "verdict": v,
+                                  "judge": judge.name,
                                   **({"second_verdict": v2, "second_judge": judge.second.name} if v2 is not None else {}),
                                   **({"gate": s} if strengths is not None else {})}
-                                 for r, a, v, v2, s in zip(rows, answers, verdicts, second, strengths or [None] * len(rows))))
-    refused, partial = sum(v in REFUSALS for v in verdicts), sum(v == "partial" for v in verdicts)
+                                 for r, a, v, v2, s in zip(rows, answers, verdicts, second or [None] * len(rows),
+                                                           strengths or [None] * len(rows))))
+    refused, partial = sum(v in REFUSALS for v in verdicts), sum(v == PARTIAL for v in verdicts)
+    mean_s = f"; mean gate reading {sum(strengths) / len(strengths):.2f}" if strengths else ""
     agree = ""
-    if judge.second is not None:
+    if second is not None:
         same, n = agreement(verdicts, second)
         agree = f"; the {judge.second.name} judge agrees on {same}/{n} ({same / n:.0%})"
-    print(f"Wrote {len(rows)} responses to {args.out} ({applied}; {judge.name} judge: {refused}/{len(rows)} refusals, "
-          f"{partial} of them partial{agree}).")
+    print(f"Wrote {len(rows)} responses to {args.out} ({form or 'base'}{mean_s}; {judge.name} judge: {refused}/{len(rows)} "
+          f"refusals, {partial} of them partial{agree}).")
     return 0
 
 
@@ -305,7 +293,8 @@ def cmd_separability(args) -> int:
         raise ValueError(f"--fpr is a share of harmless prompts, strictly between 0 and 1, not {args.fpr}.")
     lm = _load(args)
     start = time.perf_counter()
-    table = probe_ceiling(lm, build_splits(load_preset(args.preset).data), split=args.split, fpr=args.fpr)
+    with _Bars("separability") as bars:
+        table = probe_ceiling(lm, build_splits(load_preset(args.preset).data), split=args.split, fpr=args.fpr, reporter=bars)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"\n{args.split} split, {lm.name}: " + summary(table, args.fpr) + f" ({time.perf_counter() - start:.0f} s)")
     if args.out:
@@ -351,7 +340,8 @@ def cmd_snapshot(args) -> int:
         check(cfg)
         lm = _load(args)
         run = args.work or f"runs/snapshot-{cfg.name}"
-        tune(lm, cfg, run, quick_eval=True, cache_dir=args.cache_dir, report=_Bars())
+        with _Bars() as bars:
+            tune(lm, cfg, run, quick_eval=True, cache_dir=args.cache_dir, reporter=bars)
     manifest = snapshot_run(run, out, command="python -m neurontune " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["snapshot"]
                             else "python -m neurontune snapshot")
     problems = check_snapshot(out, lm)
@@ -438,7 +428,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True, help="export folder name (letters, digits, . _ -)")
     p.add_argument("--root", default="exports", help="folder that holds exports (default ./exports)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export of that name")
-    p.add_argument("--static-only", action="store_true", help=argparse.SUPPRESS)  # the static gains are what any export holds
     p.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="also upload to this Hub repo (token from $HF_TOKEN, never stored)")
     p.set_defaults(func=cmd_export)
 
@@ -446,7 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--modulation", default=None, help="a run folder from `tune --out` (its gate is used when it has one) "
                    "or a modulation.safetensors file")
-    p.add_argument("--static", action="store_true", help="with a gated run: apply its static gains (what export folds), not the gate")
+    p.add_argument("--form", choices=["static", "conditional", "gated"], default=None,
+                   help="how to apply the run's modulation: static gains, conditional (gains + input-side terms, what export "
+                        "folds), or gated (behind the run's input gate); default: the richest form the run has")
     p.add_argument("--prompts", required=True, help="JSONL input: one {\"prompt\": ..., \"id\": optional} per line")
     p.add_argument("--out", required=True, help="JSONL output: {\"id\", \"prompt\", \"response\"} per line")
     p.add_argument("--max-new-tokens", type=int, default=48, help="new tokens per answer (default 48)")

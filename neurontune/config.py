@@ -36,6 +36,8 @@ class DataConfig:
     val_fraction: float = 0.15  # validation: every choice (early stopping, presets, thresholds, gate bias, sweep)
     test_fraction: float = 0.3  # test: read once per reported table
     seed: int = 0
+    n_alarming: int = 32  # safe requests with alarming words (attribution: over-refusal) and as many unsafe twins (safety)
+    alarming_pairs: bool = True  # use assets/alarming_pairs.jsonl (safe/unsafe requests in the same words) in every pool
     harmful_file: str | None = None  # optional user files (csv/json/jsonl/parquet with a 'prompt' column)
     benign_file: str | None = None
     borderline_file: str | None = None
@@ -81,11 +83,21 @@ class MetaConfig:
     patience: int = 8  # early stopping: validation checks without improvement
     eval_every: int = 5
     seed: int = 0
-    gate: bool = False  # also fit an input-conditional gate (neurontune/gating.py)
+    gate: bool = False  # also fit an input-conditional gate (interventions/gating.py)
     gate_bias_shift: float | None = 0.0  # None: chosen on the validation split (gating.choose_bias_shift)
-    # What the gate reads: "amplified" (the 256 most amplified neurons) or "layer" (every neuron of the layer
-    # whose probe separates validation prompts best; docs/method.md E11)
+    # What the gate reads: "amplified" (the 256 most amplified neurons, or before training the top selected safety
+    # neurons), "layer" (every neuron of the layer whose probe separates validation prompts best) or "residual" (the
+    # residual stream entering the layer that separates them best)
     gate_features: str = "amplified"
+    # Train the gains BEHIND the gate: the gate is fitted first (it reads the unmodulated prompt) and every training
+    # prompt gets the gains at the strength the gate reads from it; off: gains first, then a gate fitted on them.
+    gate_first: bool = False
+    # Also train one input-side term per selected neuron along its layer's harm direction (method/conditional.py):
+    # a modulation that depends on the input and still folds into the model's own weights.
+    conditional: bool = False
+    input_lr: float = 0.05  # Adam learning rate of the input-side coefficients
+    max_coef: float = 4.0  # input coefficients stay in [-max_coef, max_coef]
+    direction_prompts: int = 200  # harmful (and as many harmless) training prompts per direction, plus a tenth per family
     refusal_eos: bool = True  # refusal targets end with end-of-turn, so the tuned model stops after refusing
     # The over-refusal penalty reads the whole refusal "target" sentence, or p(the answer "opening" is a refusal);
     # opening_weight > 0 also pushes harmful prompts towards a refusal opening. The opening terms measure refusal
@@ -94,8 +106,10 @@ class MetaConfig:
     opening_weight: float = 0.0
 
     def __post_init__(self):
-        if self.gate_features not in ("amplified", "layer"):
-            raise ValueError(f"meta.gate_features must be 'amplified' or 'layer', not {self.gate_features!r}.")
+        if self.gate_features not in ("amplified", "layer", "residual"):
+            raise ValueError(f"meta.gate_features must be 'amplified', 'layer' or 'residual', not {self.gate_features!r}.")
+        if self.gate_first and not self.gate:
+            raise ValueError("meta.gate_first trains the gains behind the input gate: set meta.gate to true as well.")
 
 
 @dataclass(frozen=True)
@@ -108,6 +122,7 @@ class EvalConfig:
     n_benign: int = 30  # plain benign prompts per phrasing group
     n_borderline: int = 30  # plain borderline-safe prompts per phrasing group
     n_benign_per_family: int = 8  # benign + borderline-safe prompts wrapped in each attack family (over-refusal under templates)
+    n_alarming: int = 16  # alarming-word pairs per phrasing group: the safe request (over-refusal) and its unsafe twin (refusal)
     n_ppl: int = 30  # held-out benign prompts scored on the base model's own greedy answers
     n_mc: int | None = None  # None: all of the built-in multiple-choice questions
     mc_style: str = "cloze"  # "cloze": mean log p(choice text | question); "letter": log p(letter | listed choices)
@@ -122,12 +137,12 @@ class EvalConfig:
             raise ValueError("batch_size and max_new_tokens must be at least 1.")
 
 
-QUICK_EVAL = EvalConfig(n_harmful=12, n_per_family=6, n_benign=12, n_borderline=8, n_benign_per_family=4, n_ppl=16,
-                        max_new_tokens=40)
+QUICK_EVAL = EvalConfig(n_harmful=12, n_per_family=6, n_benign=12, n_borderline=8, n_benign_per_family=4, n_alarming=6,
+                        n_ppl=16, max_new_tokens=40)
 # What `evaluate` uses without --quick: sized so that three training seeds, static and gated, fit in about an
 # hour on a 2-core CPU (templated prompts are long: a few minutes per intervention). EvalConfig() is larger.
-FULL_EVAL = EvalConfig(n_harmful=16, n_per_family=6, n_benign=12, n_borderline=8, n_benign_per_family=3, n_ppl=16,
-                       max_new_tokens=40)
+FULL_EVAL = EvalConfig(n_harmful=16, n_per_family=6, n_benign=12, n_borderline=8, n_benign_per_family=3, n_alarming=10,
+                       n_ppl=16, max_new_tokens=40)
 
 
 @dataclass(frozen=True)
@@ -261,12 +276,12 @@ def load_preset(name_or_path: str) -> RunConfig:
 # -- configurations derived from others ---------------------------------------------------------------
 
 def with_prompts(cfg: RunConfig, n: int, *, at_most: bool = False) -> RunConfig:
-    """About `n` prompts per attribution group: n harmful, n/4 per attack family, n benign, n/2 borderline and
-    n/2 answers. `at_most`: never more than the preset asks for. The CLI's --n-prompts and the studio's quick
+    """About `n` prompts per attribution group: n harmful, n/4 per attack family, n benign, n/2 borderline,
+    n/2 alarming-word pairs and n/2 answers. `at_most`: never more than the preset asks for. The CLI's --n-prompts and the studio's quick
     first look both use this one plan."""
     d = cfg.data
     plan = {"n_harmful": n, "n_attack_per_family": max(1, n // 4), "n_benign": n, "n_borderline": max(1, n // 2),
-            "n_answer": max(1, n // 2)}
+            "n_answer": max(1, n // 2), "n_alarming": max(1, n // 2)}
     if at_most:
         plan = {k: min(v, getattr(d, k)) for k, v in plan.items()}
     return cfg.replace(data=plan)

@@ -8,9 +8,10 @@ import time
 import pytest
 import torch
 
+from conftest import Recorder
 from neurontune.config import AttributionConfig, RunConfig
 from neurontune.data.chat import chat_prompt
-from neurontune.infra.progress import Cancelled
+from neurontune.infra.progress import Cancelled, Reporter
 from neurontune.interventions.modulation import Modulation, modulate
 from neurontune.method import neuron_scores
 from neurontune.method.attribution import attribute
@@ -107,13 +108,14 @@ def test_batching_does_not_change_scores(lm, method):
 
 def test_attribute_progress_cancel_and_bad_config(tiny_llama):
     prompts = [chat_prompt(tiny_llama.tokenizer, "Hi")] * 5
-    calls = []
-    attribute(tiny_llama, prompts, ["No"] * 5, AttributionConfig(batch_size=2), progress=lambda *a: calls.append(a))
+    seen = Recorder()
+    attribute(tiny_llama, prompts, ["No"] * 5, AttributionConfig(batch_size=2), reporter=seen)
+    calls = seen.calls
     assert [c[0] for c in calls] == [2, 4, 5] and all(c[1] == 5 for c in calls)
     stop = threading.Event()
     stop.set()
     with pytest.raises(Cancelled):
-        attribute(tiny_llama, prompts, ["No"] * 5, cancel=stop)
+        attribute(tiny_llama, prompts, ["No"] * 5, reporter=Reporter(stop))
     with pytest.raises(ValueError, match="method"):
         AttributionConfig(method="saliency")
     with pytest.raises(ValueError, match="No prompts"):
@@ -122,17 +124,17 @@ def test_attribute_progress_cancel_and_bad_config(tiny_llama):
 
 # -- run_attribution -----------------------------------------------------------------------------------
 SMALL = RunConfig().replace(data={"n_harmful": 4, "n_attack_per_family": 2, "n_benign": 4, "n_borderline": 2,
-                                  "n_answer": 2, "answer_tokens": 4})
+                                  "n_answer": 2, "answer_tokens": 4, "n_alarming": 2})
 
 
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory, tiny_llama):
     lm = tiny_llama
     cache = tmp_path_factory.mktemp("nt_cache")
-    calls: list = []
+    seen = Recorder()
     start = time.perf_counter()
-    scores = run_attribution(lm, SMALL, cache_dir=cache, progress=lambda *a: calls.append(a))
-    return lm, cache, scores, calls, time.perf_counter() - start
+    scores = run_attribution(lm, SMALL, cache_dir=cache, reporter=seen)
+    return lm, cache, scores, seen.calls, time.perf_counter() - start
 
 
 def test_run_attribution_kinds_and_shapes(first_run):
@@ -161,7 +163,8 @@ def test_run_attribution_progress_counts_increase(first_run):
     assert done == sorted(done) and len(set(done)) == len(done)
     total = attr_calls[0][1]
     d = SMALL.data
-    assert done[-1] == total == 4 + 2 * len(d.train_families) + 4 + 2 + 2 + d.n_benign_attack_per_family * len(d.train_families)
+    assert done[-1] == total == (4 + 2 * len(d.train_families) + 4 + 2 + 2 + d.n_benign_attack_per_family * len(d.train_families)
+                                 + 2 * d.n_alarming)
 
 
 def test_run_attribution_second_call_served_from_cache(first_run, monkeypatch):
@@ -171,9 +174,10 @@ def test_run_attribution_second_call_served_from_cache(first_run, monkeypatch):
         raise AssertionError("attribution recomputed although the result is cached")
 
     monkeypatch.setattr(neuron_scores, "attribute", no_recompute)
-    calls = []
+    seen = Recorder()
     start = time.perf_counter()
-    again = run_attribution(lm, SMALL, cache_dir=cache, progress=lambda *a: calls.append(a))
+    again = run_attribution(lm, SMALL, cache_dir=cache, reporter=seen)
+    calls = seen.calls
     seconds = time.perf_counter() - start
     assert again.meta["cache"] and again.meta["cache"] == scores.meta["cache"]
     assert again.kinds == scores.kinds
@@ -187,7 +191,7 @@ def test_run_attribution_cancel(first_run, tmp_path):
     stop = threading.Event()
     stop.set()
     with pytest.raises(Cancelled):
-        run_attribution(lm, SMALL, cache_dir=tmp_path, cancel=stop)
+        run_attribution(lm, SMALL, cache_dir=tmp_path, reporter=Reporter(stop))
     assert not list(tmp_path.glob("attribution/*.safetensors"))  # nothing partial was stored
 
 

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 import torch
-from conftest import encode, logits
+from conftest import Recorder, encode, logits
 
 from neurontune.config import DataConfig
 from neurontune.data.splits import build_splits
@@ -170,9 +170,9 @@ def test_every_layer_is_searched_on_validation_by_generation(tiny_llama, splits,
 def test_choose_coef_by_real_generation(tiny_llama, splits):
     """A random tiny model never refuses, so target 0 is met by the first coefficient, judged by generation."""
     fit = fit_refusal_direction(tiny_llama, splits, n=4)
-    seen = []
-    chosen = choose_layer_and_coef(tiny_llama, fit, splits, target=0.0, layers=[2], n=3, judge_tokens=4,
-                                   progress=lambda d, t, s: seen.append(d))
+    rec = Recorder()
+    chosen = choose_layer_and_coef(tiny_llama, fit, splits, target=0.0, layers=[2], n=3, judge_tokens=4, reporter=rec)
+    seen = [d for d, _, _ in rec.calls]
     assert chosen.meta["reached"] and chosen.coef == pytest.approx(0.25 * float(fit.norms[2]))
     assert "validation" in chosen.meta["measure"] and seen == sorted(seen)
 

@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from conftest import hooks_left, random_modulation
+from conftest import Recorder, hooks_left, random_modulation
 from neurontune.data.prompts import DataError
 from neurontune.data.user_prompts import read_prompt_list
 from neurontune.eval.bulk import bulk_frame, bulk_summary, compare_prompts, iter_compare
@@ -54,13 +54,13 @@ def test_gate_shut_gives_base_and_open_gives_static(tiny_llama, mod):
 
 
 def test_stop_between_batches_keeps_what_is_done(tiny_llama, mod):
-    cancel, done, seen = threading.Event(), [], []
+    cancel, done = threading.Event(), []
+    rec = Recorder(cancel)
     with pytest.raises(Cancelled):
-        for batch in iter_compare(tiny_llama, PROMPTS, mod, max_new_tokens=4, batch_size=1, cancel=cancel,
-                                  progress=lambda d, t, s: seen.append((d, t))):
+        for batch in iter_compare(tiny_llama, PROMPTS, mod, max_new_tokens=4, batch_size=1, reporter=rec):
             done += batch
             cancel.set()
-    assert len(done) == 1 and seen == [(1, 4)]
+    assert len(done) == 1 and [(d, t) for d, t, _ in rec.calls] == [(1, 4)]
     with pytest.raises(ValueError, match="No gains"):
         compare_prompts(tiny_llama, PROMPTS, None)
 

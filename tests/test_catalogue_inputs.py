@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers as T
 
+from conftest import Recorder
 from neurontune.cli import main
 from neurontune.config import RunConfig, SelectionConfig, load_preset
 from neurontune.data import attacks
@@ -332,14 +333,17 @@ def test_training_inf_gradients_stop_and_keep_the_last_good_gains(tiny_llama, tm
     calls, seen = {"n": 0}, []
     original = metalearn.Objective.__call__
 
-    def poisoned(self, gains, batch):  # from the 4th call: finite loss, infinite gradient -> NaN gains after Adam
+    def poisoned(self, view, batch):  # from the 4th call: finite loss, infinite gradient -> NaN gains after Adam
         calls["n"] += 1
-        loss, terms = original(self, gains, batch)
+        loss, terms = original(self, view, batch)
+        gains = view[0]
         if calls["n"] >= 4 and gains.requires_grad:
             loss = loss + torch.sqrt(gains - gains.detach()).sum()
         return loss, terms
     monkeypatch.setattr(metalearn.Objective, "__call__", poisoned)
-    result = metalearn.train_gains(tiny_llama, sel, cfg, cache_dir=tmp_path, progress=seen.append)
+    rec = Recorder()
+    result = metalearn.train_gains(tiny_llama, sel, cfg, cache_dir=tmp_path, reporter=rec)
+    seen = rec.steps
     assert result.stopped == "non_finite" and len(seen) == 3
     dense = result.modulation.dense()
     assert torch.isfinite(dense).all()

@@ -75,7 +75,7 @@ def test_modulation_for_another_model_keeps_the_sessions_gains(tiny_llama, tmp_p
     other = random_modulation(tiny_llama.shape, 10, fingerprint="0123456789abcdef").save(tmp_path / "other.safetensors")
     session = Session(model="tiny-llama", fingerprint=tiny_llama.fingerprint)
     current = random_modulation(tiny_llama.shape, 5, fingerprint=tiny_llama.fingerprint)
-    handlers.set_gains(session, current, "trained gains")
+    session.set_gains(current, "trained gains")
     out = handlers.gains_file(_fake_studio(tiny_llama), session, str(other))
     assert out["gains_status"].startswith("✗") and "made for model 0123456789abcdef" in out["gains_status"]
     assert "Load the model it was tuned on" in out["gains_status"]
@@ -173,7 +173,7 @@ def test_export_confined_to_root_symlink_escape(tiny_llama, tmp_path):
 def test_studio_export_name_is_sanitised_into_the_root(tiny_llama, tmp_path):
     studio = _fake_studio(tiny_llama, export_root=tmp_path / "exports")
     session = Session(model="tiny-llama", fingerprint=tiny_llama.fingerprint)
-    handlers.set_gains(session, random_modulation(tiny_llama.shape, 5, fingerprint=tiny_llama.fingerprint), "test")
+    session.set_gains(random_modulation(tiny_llama.shape, 5, fingerprint=tiny_llama.fingerprint), "test")
     out = handlers.do_export(studio, session, "../../escape/..", False, "", "")
     assert "✓ Exported" in out["export_status"] and "sanitised" in out["export_status"]
     assert [p.name for p in (tmp_path / "exports").iterdir()] == [out["export_name"]] == ["escape"]
@@ -241,7 +241,7 @@ def test_export_wrong_shape_and_unwritable_root(tiny_llama, tiny_gpt2, tmp_path)
     blocker.write_text("a file where the export root should be")
     studio = _fake_studio(tiny_gpt2, export_root=blocker)
     session = Session(model="tiny-gpt2", fingerprint=tiny_gpt2.fingerprint)
-    handlers.set_gains(session, random_modulation(tiny_gpt2.shape, 5, fingerprint=tiny_gpt2.fingerprint), "test")
+    session.set_gains(random_modulation(tiny_gpt2.shape, 5, fingerprint=tiny_gpt2.fingerprint), "test")
     out = handlers.do_export(studio, session, "x", False, "", "")
     assert out["export_status"].startswith("✗ Could not write the export") and "nothing was left" in out["export_status"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["not-a-folder"]
@@ -404,7 +404,7 @@ def test_hub_token_never_logged_cached_or_written(served, tiny_llama, tmp_path, 
     caplog.set_level(logging.DEBUG)
     # studio: the export tab with a planted token and a push that fails (offline)
     session = studio.new_session()
-    handlers.set_gains(session, random_modulation(tiny_llama.shape, 10, fingerprint=tiny_llama.fingerprint), "test")
+    session.set_gains(random_modulation(tiny_llama.shape, 10, fingerprint=tiny_llama.fingerprint), "test")
     out = handlers.do_export(studio, session, "token-check", False, "nobody/neurontune-test", TOKEN)
     assert "✓ Exported" in out["export_status"] and "failed" in out["export_status"] and "is kept" in out["export_status"]
     assert out["hub_token"] == "" and TOKEN not in json.dumps(out, default=str)

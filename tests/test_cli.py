@@ -29,6 +29,9 @@ def test_help_explains_every_command():
         assert cmd in out
     out = subprocess.run([sys.executable, "-m", "neurontune", "tune", "--help"], capture_output=True, text=True, check=True).stdout
     assert "--k-safety" in out and "--preset" in out
+    from neurontune.cli import build_parser
+    with pytest.raises(SystemExit):  # no hidden flags: every option a command takes is in its --help
+        build_parser().parse_args(["export", "--run", "r", "--name", "n", "--static-only"])
 
 
 def test_tune_export_generate_on_tiny(tmp_path, tiny_preset, capsys):
@@ -56,12 +59,17 @@ def test_tune_export_generate_on_tiny(tmp_path, tiny_preset, capsys):
     out = tmp_path / "out.jsonl"
     assert run("generate", "--model", "tiny-llama", "--modulation", run_dir, "--prompts", prompts, "--out", out, "--max-new-tokens", 4) == 0
     rows = [json.loads(l) for l in out.read_text().splitlines()]
-    assert [r["id"] for r in rows] == ["a", 1] and all(set(r) == {"id", "prompt", "response", "verdict", "judge", "gate"} for r in rows)
-    assert "behind its input gate" in capsys.readouterr().out  # the run has a gate: generate says it uses it
-    assert run("generate", "--model", "tiny-llama", "--modulation", run_dir, "--static", "--prompts", prompts, "--out", out,
+    assert [r["id"] for r in rows] == ["a", 1] and all(set(r) == {"id", "prompt", "response", "form", "verdict", "judge", "gate"}
+                                                         for r in rows)
+    assert {r["form"] for r in rows} == {"gated"} and {r["judge"] for r in rows} == {"rules"}
+    assert "gated: the modulation scaled per prompt by the input gate" in capsys.readouterr().out  # the run has a gate: used
+    assert run("generate", "--model", "tiny-llama", "--modulation", run_dir, "--form", "static", "--prompts", prompts, "--out", out,
                "--max-new-tokens", 4) == 0
-    assert "the static gains (what export folds)" in capsys.readouterr().out
-    assert all(set(json.loads(l)) == {"id", "prompt", "response", "verdict", "judge"} for l in out.read_text().splitlines())
+    assert "static gains: the same for every prompt" in capsys.readouterr().out
+    assert all(set(json.loads(l)) == {"id", "prompt", "response", "form", "verdict", "judge"} for l in out.read_text().splitlines())
+    assert run("generate", "--model", "tiny-llama", "--modulation", run_dir, "--form", "conditional", "--prompts", prompts,
+               "--out", out, "--max-new-tokens", 4) == 2  # this run has no input-side terms: said, not guessed
+    assert "cannot be applied conditional" in capsys.readouterr().err
 
 
 def test_bad_input_gets_a_message_not_a_traceback(tmp_path, capsys):

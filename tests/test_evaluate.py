@@ -8,7 +8,7 @@ import threading
 
 import pytest
 import torch
-from conftest import random_modulation
+from conftest import Recorder, random_modulation
 
 from neurontune.config import DataConfig, EvalConfig
 from neurontune.data import prompts as sets
@@ -24,7 +24,7 @@ from neurontune.eval.harness import (
 from neurontune.eval.judge import verdict
 from neurontune.eval.plan import ROW_FIELDS
 from neurontune.eval.proxy import proxy_metrics, refusal_proxy, refusal_tokens
-from neurontune.infra.progress import Cancelled
+from neurontune.infra.progress import Cancelled, Reporter
 from neurontune.interventions.generation import generate
 from neurontune.interventions.modulation import Modulation
 from neurontune.run.folder import RunFolder
@@ -150,14 +150,15 @@ def test_refusal_proxy_range_and_identity(tiny_llama, splits):
 
 
 def test_progress_and_cancel(tiny_llama, splits):
-    seen = []
-    evaluate(tiny_llama, _mod(tiny_llama), splits, CFG, progress=lambda d, t, s: seen.append((d, t, s)))
+    rec = Recorder()
+    evaluate(tiny_llama, _mod(tiny_llama), splits, CFG, reporter=rec)
+    seen = rec.calls
     assert seen[-1][0] == seen[-1][1] and {"generate", "perplexity", "multiple_choice"} <= {s for _, _, s in seen}
     assert [d for d, _, _ in seen] == sorted(d for d, _, _ in seen)
     cancel = threading.Event()
     cancel.set()
     with pytest.raises(Cancelled):
-        evaluate(tiny_llama, None, splits, CFG, cancel=cancel)
+        evaluate(tiny_llama, None, splits, CFG, reporter=Reporter(cancel))
 
 
 def test_distinct_ngram_ratio():

@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from neurontune.interventions.modulation import modulate
 from neurontune.run.export import ExportError, export, export_path, slugify
+from neurontune.run.folder import RunFolder
 
 
 @pytest.mark.parametrize("name", ["tiny_llama", "tiny_gpt2"])
@@ -114,10 +115,9 @@ def _modulation(lm):
 def test_bf16_export_reloads_within_its_rounding(bf16, tmp_path):
     """A bfloat16 model exports: the fold is made in float32 and rounded once, the reloaded checkpoint is
     bfloat16 and its logits are within 3x the bf16 rounding of the hooked logits (measured against float32)."""
-    import json
     mod = _modulation(bf16)
     result = export(bf16, mod, tmp_path, "half")
-    check = json.loads((tmp_path / "half" / "export_check.json").read_text())
+    check = RunFolder(tmp_path / "half").export_check()
     assert check["dtype"] == "bfloat16" and check["rounding"] > 0
     assert check["tolerance"] == pytest.approx(max(3 * check["rounding"], 1e-3))
     assert result["max_logit_diff"] == check["max_logit_diff"] <= check["tolerance"]
@@ -136,7 +136,9 @@ def test_wrong_bf16_fold_is_caught(bf16, tmp_path, monkeypatch):
     nothing written."""
     from neurontune.run import export as export_mod
     right = export_mod._folded_state_dict
-    monkeypatch.setattr(export_mod, "_folded_state_dict", lambda lm, dense: right(lm, dense * dense))
+    from neurontune.interventions.modulation import Modulation
+    monkeypatch.setattr(export_mod, "_folded_state_dict",
+                        lambda lm, mod: right(lm, Modulation.from_dense(mod.dense() * mod.dense(), mod.fingerprint)))
     with pytest.raises(ExportError, match=r"differs from the hooked model .*3 x the bfloat16 rounding"):
         export(bf16, _modulation(bf16), tmp_path, "twice")
     assert not (tmp_path / "twice").exists()

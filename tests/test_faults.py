@@ -30,7 +30,7 @@ from neurontune.method.neuron_scores import (
 from neurontune.model import loading as models
 from neurontune.run import evaluate_run as evaluation_run
 from neurontune.run import sweep as sweep_mod
-from neurontune.studio.jobs import Job, JobProgress, JobRunner, write_status
+from neurontune.studio.jobs import Job, JobReporter, JobRunner, write_status
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"name": "tiny-faults",
@@ -324,7 +324,9 @@ def _same_weights(a: dict, b: dict) -> bool:
 MODEL_DAMAGE = {"truncate": lambda c: truncate(c / "model.safetensors"), "flip": lambda c: flip(c / "model.safetensors"),
                 "missing_file": lambda c: (c / "tokenizer_config.json").unlink(),
                 "no_manifest": lambda c: (c / cache_io.MANIFEST).unlink(),
-                "bad_manifest": lambda c: truncate(c / cache_io.MANIFEST)}
+                "bad_manifest": lambda c: truncate(c / cache_io.MANIFEST),
+                "empty_manifest": lambda c: (c / cache_io.MANIFEST).write_text('{"files": {}}'),
+                "manifest_not_a_map": lambda c: (c / cache_io.MANIFEST).write_text('{"files": ["model.safetensors"]}')}
 
 
 @pytest.mark.parametrize("damage", MODEL_DAMAGE)
@@ -380,7 +382,7 @@ def test_crash_while_writing_model_cache_leaves_no_valid_folder(tmp_path, fake_g
 @pytest.mark.parametrize("damage", ["truncate", "edit"])
 def test_bad_job_status_file_is_ignored(tmp_path, caplog, damage):
     runner = JobRunner(tmp_path)
-    job = runner.submit("train", lambda p, c: {"run_dir": "runs/a"})
+    job = runner.submit("train", lambda r: {"run_dir": "runs/a"})
     assert job.wait(5)
     path = tmp_path / "jobs" / f"{job.id}.json"
     if damage == "truncate":
@@ -392,7 +394,7 @@ def test_bad_job_status_file_is_ignored(tmp_path, caplog, damage):
     assert other.get(job.id) is None and other.jobs() == [] and other.recovered == []
     assert "Ignoring bad job status file" in caplog.text
     # a crash while a status file is rewritten leaves the previous one readable
-    good = runner.submit("train", lambda p, c: {"n": 1})
+    good = runner.submit("train", lambda r: {"n": 1})
     assert good.wait(5)
     gpath = tmp_path / "jobs" / f"{good.id}.json"
     def half_then_die(self, data, *a, **k):
@@ -429,15 +431,15 @@ def studio(tiny_llama, tmp_path, monkeypatch):
 
 def cancel_first_job(monkeypatch, runner: JobRunner) -> list[str]:
     """Cancel the next job at its first progress report (a step or a log entry); later jobs run through."""
-    fired, update, log = [], JobProgress.update, JobProgress.log
+    fired, update, log = [], JobReporter.update, JobReporter.log
 
     def hit(self):
         if not fired:
             fired.append(self.job.id)
             runner.cancel(self.job.id)
 
-    monkeypatch.setattr(JobProgress, "update", lambda self, *a, **k: (update(self, *a, **k), hit(self))[0])
-    monkeypatch.setattr(JobProgress, "log", lambda self, entry: (log(self, entry), hit(self))[0])
+    monkeypatch.setattr(JobReporter, "update", lambda self, *a, **k: (update(self, *a, **k), hit(self))[0])
+    monkeypatch.setattr(JobReporter, "log", lambda self, entry: (log(self, entry), hit(self))[0])
     return fired
 
 
@@ -462,21 +464,21 @@ def test_cancel_and_restart_attribution(studio, tiny_llama, tmp_path, monkeypatc
     out = list(background.attribute(studio, session))
     job = _ended(studio, session, "attribution")
     assert fired == [job.id] and job.status == "cancelled" and "cancelled" in out[-1]["attr_status"]
-    assert studio.scores(session.scores_key) is None and session.selection is None
+    assert session.scores is None and session.selection is None
     assert list((studio.cache_dir / "attribution").glob("*.safetensors")) == []  # nothing partial cached
     list(background.attribute(studio, session))
     again = _ended(studio, session, "attribution")
     assert again.id != job.id and again.status == "done" and session.selection is not None
     want = run_attribution(tiny_llama, session.cfg, cache_dir=tmp_path / "ref")
-    assert same_scores(studio.scores(session.scores_key), want)
+    assert same_scores(session.scores, want)
     assert bad_entries(studio.cache_dir) == []
-    # the studio's copy of the scores is checked too: a damaged copy is dropped, and attribution refills it
-    copy = Path(again.info["scores"])
-    flip(copy)
-    studio._scores.clear()
-    assert studio.scores(session.scores_key) is None
-    out = list(background.attribute(studio, session))
-    assert same_scores(studio.scores(session.scores_key), want) and cache_io.verify_file(copy)
+    # the one score cache is checked too: a damaged entry is dropped (never read), and attribution refills it
+    entry = Path(session.scores.meta["cache"])
+    flip(entry)
+    fresh = studio.new_session()
+    assert studio.known_scores(tiny_llama, fresh.cfg) is None
+    list(background.attribute(studio, fresh))
+    assert same_scores(fresh.scores, want) and cache_io.verify_file(entry)
 
 
 def test_cancel_and_restart_training(studio, tiny_llama, tmp_path, monkeypatch):
@@ -516,7 +518,7 @@ def test_cancel_and_restart_evaluation(studio, tiny_llama, tmp_path, monkeypatch
     out = list(background.evaluate(studio, session, True, []))
     assert _ended(studio, session, "evaluate").status == "done" and "done" in out[-1]["eval_status"]
     evaluation_run.evaluate_run(tiny_llama, ref, session.cfg, baselines=(), quick=True, split="validation",
-                                cache_dir=tmp_path / "ref_cache", log=lambda m: None)
+                                cache_dir=tmp_path / "ref_cache")
     got, want = (json.loads((d / "eval.json").read_text())["table"] for d in (run, ref))
     assert _strip(got) == _strip(want)
     assert (run / "generations.jsonl").read_text() == (ref / "generations.jsonl").read_text()
@@ -533,8 +535,8 @@ def test_cancel_and_restart_sweep(studio, tiny_llama, tmp_path, monkeypatch):
     again = _ended(studio, session, "sweep")
     assert again.status == "done" and "done" in out[-1]["eval_status"]
     grid = [tuple(int(x) for x in p.split(":")) for p in GRID.replace(" ", "").split(",")]
-    want = sweep_mod.sweep_run(tiny_llama, session.cfg, grid, tmp_path / "ref_sweep", scores=studio.scores(session.scores_key),
-                                    cache_dir=tmp_path / "ref_cache", log=lambda m: None)
+    want = sweep_mod.sweep_run(tiny_llama, session.cfg, grid, tmp_path / "ref_sweep", scores=session.scores,
+                                    cache_dir=tmp_path / "ref_cache")
     got = pd.read_csv(Path(again.info["out"]) / "sweep.csv")
     pd.testing.assert_frame_equal(got.drop(columns="seconds"), want.drop(columns="seconds"), check_dtype=False)
 
@@ -567,13 +569,15 @@ if mode == "writing":  # stall in the middle of writing the attribution entry: h
         return real(path, half)
     cache_io.write_file = stalled
 
-def work(progress, cancel):
-    def report(done, total, stage):
+def work(reporter):
+    progress = reporter.progress
+    def report(done, total, stage=""):
         progress(done, total, stage)
         if mode == "computing" and stage.startswith("safety"):
             print("computing", flush=True)
             time.sleep(120)
-    return run_attribution(lm, cfg, cache_dir=cache, progress=report, cancel=cancel)
+    reporter.progress = report
+    return run_attribution(lm, cfg, cache_dir=cache, reporter=reporter)
 
 runner.submit("attribution", work)
 time.sleep(120)
@@ -607,10 +611,10 @@ def test_killed_process_leaves_interrupted_job_and_clean_cache(tiny_llama, clean
         if mode == "writing":
             assert len(no_temps(cache / "attribution")) == 1  # the dead writer's temp file: never read as an entry
         session = studio.new_session()
-        session.cfg = CFG
+        session.configure(CFG)
         calls = spy(neuron_scores, "attribute")
         list(background.attribute(studio, session))
-        assert calls and same_scores(studio.scores(session.scores_key), clean[1], exact=False)
+        assert calls and same_scores(session.scores, clean[1], exact=False)
         assert cache_io.verify_file(entry) and no_temps(cache / "attribution") == []  # the stale temp is gone too
         assert studio.runner.get(job.id).status == "interrupted"  # and it stays so
     finally:

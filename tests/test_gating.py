@@ -5,7 +5,8 @@ from conftest import random_modulation
 
 from neurontune.data import prompts as sets
 from neurontune.data.chat import chat_prompt
-from neurontune.interventions.gating import GatedModulation, fit_gate
+from neurontune.interventions.gating import Gated
+from neurontune.method.gate_fit import fit_gate
 from neurontune.interventions.modulation import modulate
 from neurontune.model.logprobs import encode_pairs, forward
 
@@ -17,7 +18,7 @@ def test_gate_strength_extremes_and_rows(tiny_llama):
     neg = [p.text for p in sets.benign()[:16]]
     probe = fit_gate(lm, mod, pos, neg)
     assert probe.train_accuracy >= 0.75
-    gated = GatedModulation(mod, probe)
+    gated = Gated(mod, probe)
     batch = encode_pairs(lm.tokenizer, [chat_prompt(lm.tokenizer, x) for x in pos[:2] + neg[:2]], ["Sure"] * 4)
     with torch.no_grad():
         base = forward(lm.model, batch)
@@ -62,11 +63,10 @@ def test_teacher_forced_metrics_read_the_gate_at_the_prompt_end(tiny_llama, monk
     from neurontune.data.splits import build_splits
     from neurontune.eval import harness
     from neurontune.eval import teacher_forced as tf
-    from neurontune.interventions.gating import gate_strength
     lm, splits = tiny_llama, build_splits(DataConfig())
     mod = random_modulation(lm.shape, 60, seed=2, fingerprint=lm.fingerprint)
     probe = fit_gate(lm, mod, [p.text for p in splits.harmful_train[:6]], [p.text for p in splits.benign_train[:6]], steps=20)
-    gated = GatedModulation(mod, probe)
+    gated = Gated(mod, probe)
     cfg = EvalConfig(n_harmful=1, n_per_family=1, families=("roleplay",), n_benign=1, n_borderline=1, n_benign_per_family=2,
                      n_ppl=4, n_mc=3, max_new_tokens=4, batch_size=4)
     seen = {"nll": [], "mc": []}
@@ -92,22 +92,22 @@ def test_teacher_forced_metrics_read_the_gate_at_the_prompt_end(tiny_llama, monk
     (answers_a, s_a), (answers_b, s_b) = seen["nll"]
     assert answers_a != answers_b and s_a == s_b
     ppl = [p.text for p in splits.benign["test"][: cfg.n_ppl]]
-    expected = gate_strength(lm, probe, [chat_prompt(lm.tokenizer, p) for p in ppl]).tolist()
+    expected = probe.read(lm, [chat_prompt(lm.tokenizer, p) for p in ppl]).tolist()
     assert s_a == pytest.approx(expected)
     questions = [q["question"] for q in sets.multiple_choice()[: cfg.n_mc]]
-    assert seen["mc"][0] == seen["mc"][1] == pytest.approx(gate_strength(lm, probe, [chat_prompt(lm.tokenizer, q) for q in questions]).tolist())
+    assert seen["mc"][0] == seen["mc"][1] == pytest.approx(probe.read(lm, [chat_prompt(lm.tokenizer, q) for q in questions]).tolist())
     assert {r["strength"] for r in first.rows} != {1.0}  # generation rows carry their own readings
 
 
 def test_gate_features_equal_the_full_activations_at_the_last_token(lm):
     """The hooks keep only the feature neurons at the last position (on the layer's device); the values equal
     picking them out of every layer's full activations afterwards, exactly, in the probe's feature order."""
-    from neurontune.interventions.gating import _last_token_acts
+    from neurontune.interventions.capture import unit_features
     gen = torch.Generator().manual_seed(0)
     layers = torch.tensor([2, 0, 2, 1, 0, 2])
     neurons = torch.randint(0, lm.shape[1], (len(layers),), generator=gen)
     texts = [chat_prompt(lm.tokenizer, p) for p in ("Hi", "How do I pick a lock?", "A longer request about bread")]
-    got = _last_token_acts(lm, texts, layers, neurons, batch_size=2)
+    got = unit_features(lm, texts, layers, neurons, batch_size=2)
     full: dict[int, torch.Tensor] = {}
     handles = [p.register_forward_pre_hook(lambda m, a, l=l: full.__setitem__(l, a[0].reshape(1, -1, a[0].shape[-1])))
                for l, p in enumerate(lm.nmap.projections)]
@@ -125,39 +125,44 @@ def test_gate_features_equal_the_full_activations_at_the_last_token(lm):
     torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-6)
 
 
-def test_gated_generation_makes_each_layers_gains_once_per_prompt(tiny_llama):
-    """A gate forced open generates exactly what the static gains generate; the per-row gains of each layer are
-    built once for the prompt (one entry per modulated layer) and reused at every decoding step."""
+def test_gated_generation_applies_the_gains_at_each_prompts_reading(tiny_llama):
+    """A gate forced open generates exactly what the static gains generate, one forced shut what the base model
+    generates; free-form generation reads each new prompt once and leaves no hook behind."""
     from neurontune.interventions.gating import GateProbe
     from neurontune.interventions.generation import generate
     lm = tiny_llama
     mod = random_modulation(lm.shape, 60, seed=2, low=0.2, high=3.0, fingerprint=lm.fingerprint)
     probe = GateProbe(torch.tensor([0]), torch.tensor([0]), torch.zeros(1), torch.ones(1), torch.zeros(1), 60.0)
     prompts = ["Tell me about bread", "Hi"]
-    with GatedModulation(mod, probe).apply(lm) as state:
+    with Gated(mod, probe).apply(lm) as state:
         gated = generate(lm, prompts, max_new_tokens=8)
+    assert state["s"].tolist() == [1.0, 1.0]
     assert gated == generate(lm, prompts, mod, max_new_tokens=8)
     assert gated != generate(lm, prompts, max_new_tokens=8)
-    assert len(state["on"]) == len(mod.layers)  # (layer, device, dtype, rank): one per modulated layer
+    probe.bias = -60.0
+    with Gated(mod, probe).apply(lm):
+        assert generate(lm, prompts, max_new_tokens=8) == generate(lm, prompts, max_new_tokens=8)
+    assert all(not p._forward_pre_hooks for p in lm.nmap.projections) and not lm.model._forward_pre_hooks
 
 
 def test_bias_shift_is_chosen_on_validation(tiny_llama):
     """With bias_shift=None the shift maximises TPR - FPR on validation prompts; a given shift is used as is."""
     from neurontune.config import DataConfig
     from neurontune.data.splits import build_splits
-    from neurontune.interventions import gating
+    from neurontune.method import gate_fit as gating
     splits = build_splits(DataConfig())
     mod = random_modulation(tiny_llama.shape, 60, seed=2, fingerprint=tiny_llama.fingerprint)
     fixed = gating.fit_gate_for_run(tiny_llama, mod, splits, bias_shift=1.5)
     chosen = gating.fit_gate_for_run(tiny_llama, mod, splits, bias_shift=None)
     assert fixed.bias_shift == 1.5 and chosen.bias_shift in gating.SHIFTS
     assert chosen.bias - chosen.bias_shift == pytest.approx(fixed.bias - 1.5)  # the same fitted probe underneath
-    unshifted = GatedModulation(mod, fixed).probe
+    unshifted = Gated(mod, fixed).probe
     unshifted.bias -= 1.5
+    unshifted.bias_shift = 0.0
     pos, neg = splits.harm_pools("validation", 48, 6)
     def youden(shift):
-        s_pos = gating.gate_strength(tiny_llama, unshifted, [chat_prompt(tiny_llama.tokenizer, t) for t in pos])
-        s_neg = gating.gate_strength(tiny_llama, unshifted, [chat_prompt(tiny_llama.tokenizer, t) for t in neg])
+        s_pos = unshifted.read(tiny_llama, [chat_prompt(tiny_llama.tokenizer, t) for t in pos])
+        s_neg = unshifted.read(tiny_llama, [chat_prompt(tiny_llama.tokenizer, t) for t in neg])
         logit = lambda s: torch.log(s) - torch.log1p(-s)  # noqa: E731
         return float((logit(s_pos) + shift > 0).float().mean() - (logit(s_neg) + shift > 0).float().mean())
     assert youden(chosen.bias_shift) >= max(youden(s) for s in (-2.0, 0.0, 2.0)) - 1e-9
@@ -169,7 +174,9 @@ def test_layer_gate_reads_the_layer_that_separates_validation_best(tiny_llama, t
     from neurontune.config import DataConfig
     from neurontune.data.splits import build_splits
     from neurontune.infra.probes import fit_probe, roc_auc
-    from neurontune.interventions import gating
+    from neurontune.interventions.capture import unit_features
+    from neurontune.interventions.gating import GateProbe
+    from neurontune.method import gate_fit as gating
     lm, splits = tiny_llama, build_splits(DataConfig())
     n_layers, n_neurons = lm.shape
     pos, neg = [p.text for p in splits.harmful_train[:12]], [p.text for p in splits.benign_train[:12]]
@@ -178,8 +185,8 @@ def test_layer_gate_reads_the_layer_that_separates_validation_best(tiny_llama, t
     assert len(set(probe.layers.tolist())) == 1 and probe.neurons.tolist() == list(range(n_neurons))
 
     def acts(texts, layer):
-        return gating._last_token_acts(lm, [chat_prompt(lm.tokenizer, t) for t in texts], torch.full((n_neurons,), layer),
-                                       torch.arange(n_neurons))
+        return unit_features(lm, [chat_prompt(lm.tokenizer, t) for t in texts], torch.full((n_neurons,), layer),
+                             torch.arange(n_neurons))
     aucs = {}
     for layer in range(n_layers):
         mean, std, w, b = fit_probe(acts(pos + neg, layer), torch.tensor([1.0] * 12 + [0.0] * 12))
@@ -187,8 +194,8 @@ def test_layer_gate_reads_the_layer_that_separates_validation_best(tiny_llama, t
         aucs[layer] = roc_auc(z[: len(vpos)], z[len(vpos):])
     assert int(probe.layers[0]) == max(aucs, key=lambda l: (aucs[l], -l))
     probe.save(tmp_path / "gate.safetensors")
-    back = gating.GateProbe.load(tmp_path / "gate.safetensors", shape=lm.shape)
+    back = GateProbe.load(tmp_path / "gate.safetensors", shape=lm.shape)
     texts = [chat_prompt(lm.tokenizer, t) for t in vpos[:2] + vneg[:2]]
-    assert torch.allclose(gating.gate_strength(lm, back, texts), gating.gate_strength(lm, probe, texts))
+    assert torch.allclose(back.read(lm, texts), probe.read(lm, texts))
     with pytest.raises(ValueError, match="amplified"):
         gating.fit_gate_for_run(lm, random_modulation(lm.shape, 10, fingerprint=lm.fingerprint), splits, features="neurons")

@@ -6,41 +6,36 @@ import json
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
+from conftest import wait_until
 
 from neurontune.studio.jobs import Job, JobRunner, write_status
 
 
 def _blocker(release: threading.Event, steps: int = 3):
     """A job that logs `steps` losses, then waits for `release` (or its cancel flag)."""
-    def fn(progress, cancel):
+    def fn(reporter):
         for i in range(1, steps + 1):
-            progress(i, steps, "train")
-            progress({"step": i, "loss": 1.0 / i})
+            reporter.progress(i, steps, "train")
+            reporter.step({"step": i, "loss": 1.0 / i})
         while not release.wait(0.01):
-            if cancel.is_set():
+            if reporter.cancelled:
                 return {"stopped": "cancelled", "steps": steps}
         return {"path": "runs/x", "steps": steps}
     return fn
 
 
 def _until(cond, timeout=5.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.005)
-    return False
+    return wait_until(cond, timeout, every=0.005)
 
 
 def test_heavy_jobs_queue_with_positions_and_finish(tmp_path):
     runner = JobRunner(tmp_path)
     release = threading.Event()
     first = runner.submit("attribution", _blocker(release))
-    second = runner.submit("train", lambda p, c: {"n": 2})
-    third = runner.submit("evaluate", lambda p, c: {"n": 3})
+    second = runner.submit("train", lambda r: {"n": 2})
+    third = runner.submit("evaluate", lambda r: {"n": 3})
     assert _until(lambda: first.status == "running")
     assert runner.position(first) is None
     assert (runner.position(second), runner.position(third)) == (1, 2)
@@ -62,7 +57,7 @@ def test_light_jobs_do_not_wait_behind_heavy_ones(tmp_path):
     runner = JobRunner(tmp_path)
     release = threading.Event()
     heavy = runner.submit("train", _blocker(release))
-    light = runner.submit("load", lambda p, c: {"ok": True}, heavy=False)
+    light = runner.submit("load", lambda r: {"ok": True}, heavy=False)
     assert light.wait(5) and light.status == "done"
     assert heavy.active
     release.set()
@@ -73,7 +68,7 @@ def test_cancel_running_and_queued(tmp_path):
     runner = JobRunner(tmp_path)
     never = threading.Event()
     running = runner.submit("train", _blocker(never))
-    queued = runner.submit("evaluate", lambda p, c: pytest.fail("a cancelled queued job must not run"))
+    queued = runner.submit("evaluate", lambda r: pytest.fail("a cancelled queued job must not run"))
     assert _until(lambda: running.status == "running")
     assert runner.cancel(queued.id)
     assert queued.status == "cancelled" and queued.wait(0) and runner.position(queued) is None
@@ -83,8 +78,8 @@ def test_cancel_running_and_queued(tmp_path):
     assert running.result == {"stopped": "cancelled", "steps": 3}  # what it computed so far is kept
     assert not runner.cancel(running.id)  # already finished
     # a job that raises after its cancel flag is set counts as cancelled, not failed
-    def raise_when_cancelled(progress, cancel):
-        cancel.wait(5)
+    def raise_when_cancelled(reporter):
+        reporter.cancel.wait(5)
         raise RuntimeError("Attribution cancelled.")
     raiser = runner.submit("attribution", raise_when_cancelled)
     assert _until(lambda: raiser.status == "running")
@@ -95,11 +90,11 @@ def test_cancel_running_and_queued(tmp_path):
 def test_failure_is_reported_and_worker_survives(tmp_path):
     runner = JobRunner(tmp_path)
 
-    def boom(progress, cancel):
-        progress(1, 4, "attribute")
+    def boom(reporter):
+        reporter.progress(1, 4, "attribute")
         raise ValueError("k_safety must be a whole number")
     bad = runner.submit("attribution", boom)
-    good = runner.submit("train", lambda p, c: {"ok": 1})
+    good = runner.submit("train", lambda r: {"ok": 1})
     assert good.wait(5)
     assert bad.status == "failed" and "ValueError: k_safety must be a whole number" in bad.error
     assert good.status == "done"
@@ -114,7 +109,7 @@ def test_same_key_shares_one_active_job(tmp_path):
     assert a is b and c is not a
     release.set()
     assert c.wait(5)
-    d = runner.submit("attribution", lambda p, cancel: {"again": True}, key="fp:abc")  # finished: a new run
+    d = runner.submit("attribution", lambda r: {"again": True}, key="fp:abc")  # finished: a new run
     assert d is not a and d.wait(5)
     assert runner.latest("attribution", key="fp:abc").id == d.id
 
@@ -122,9 +117,9 @@ def test_same_key_shares_one_active_job(tmp_path):
 def test_log_is_bounded(tmp_path):
     runner = JobRunner(tmp_path, max_log=10)
 
-    def chatty(progress, cancel):
+    def chatty(reporter):
         for i in range(50):
-            progress({"step": i, "loss": float(i)})
+            reporter.step({"step": i, "loss": float(i)})
     job = runner.submit("train", chatty)
     assert job.wait(5)
     assert len(job.log) == 10 and job.log[-1]["step"] == 49 and job.step == 49
@@ -133,7 +128,7 @@ def test_log_is_bounded(tmp_path):
 def test_second_runner_sees_finished_jobs(tmp_path):
     """A reopened page or a second process reads the status files of finished jobs."""
     first = JobRunner(tmp_path)
-    job = first.submit("train", lambda p, c: (p({"step": 1, "loss": 0.25}), {"run_dir": "runs/a"})[1], key="k")
+    job = first.submit("train", lambda r: (r.step({"step": 1, "loss": 0.25}), {"run_dir": "runs/a"})[1], key="k")
     assert job.wait(5)
     other = JobRunner(tmp_path)
     seen = other.get(job.id)
@@ -150,8 +145,8 @@ import sys, time
 sys.path.insert(0, {str(__import__('pathlib').Path(__file__).resolve().parent.parent)!r})
 from neurontune.studio.jobs import JobRunner
 r = JobRunner({str(tmp_path)!r}, write_every=0)
-def fn(p, c):
-    p(2, 10, "attribute")
+def fn(reporter):
+    reporter.progress(2, 10, "attribute")
     print("started", flush=True)
     time.sleep(60)
 j = r.submit("attribution", fn)
@@ -184,7 +179,7 @@ time.sleep(60)
 def test_old_status_files_are_pruned(tmp_path):
     runner = JobRunner(tmp_path)
     for i in range(6):
-        assert runner.submit("train", lambda p, c: {}).wait(5)
+        assert runner.submit("train", lambda r: {}).wait(5)
     assert len(list((tmp_path / "jobs").glob("*.json"))) == 6
     JobRunner(tmp_path, keep=3)
     assert len(list((tmp_path / "jobs").glob("*.json"))) == 3
@@ -198,4 +193,4 @@ def test_shutdown_cancels(tmp_path):
     runner.shutdown(wait=5)
     assert job.status == "cancelled"
     with pytest.raises(RuntimeError):
-        runner.submit("train", lambda p, c: None)
+        runner.submit("train", lambda r: None)

@@ -8,10 +8,13 @@ OLD_HOMES, the layer each old module's code moved to).
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -153,16 +156,78 @@ def test_no_import_cycles():
     assert cycles(imports(sources())) == []
 
 
+def test_the_checker_catches_a_loop_and_an_upward_import():
+    """On a made-up tree: a model module and a method module importing each other are one loop, and the model
+    -> method import runs up the layers (this runs everywhere, also in a clone without history)."""
+    tree = {"neurontune": "", "neurontune.model": "", "neurontune.method": "",
+            "neurontune.model.a": "from ..method import b\n", "neurontune.method.b": "from ..model import a\n",
+            "neurontune.method.c": "from ..model.a import x\n"}
+    graph = imports(tree)
+    assert graph["neurontune.model.a"] == {"neurontune.method.b"} and graph["neurontune.method.c"] == {"neurontune.model.a"}
+    assert cycles(graph) == [["neurontune.method.b", "neurontune.model.a"]]
+    assert upward(edges(graph)) == [("model", "method", 1)]
+
+
 def test_the_checker_sees_what_it_should():
     """The rules above would catch the old layout's faults: its preflight <-> models loop and its config ->
     attribution import up the layers (read from the commit before the subpackages)."""
     try:
         old = sources("2a9d66e")
-    except (subprocess.CalledProcessError, FileNotFoundError):  # a shallow clone without that commit
-        return
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        pytest.skip("commit 2a9d66e is not in this clone (a shallow clone?): `git fetch --unshallow` to read the old layout")
     graph = imports(old)
     assert ["neurontune.models", "neurontune.preflight"] in cycles(graph)
     assert ("config", "method", 1) in upward(edges(graph, old=True))
+
+
+def _definitions() -> list[tuple[str, str]]:
+    """(file, name) of every module-level function, class and constant, and every method, of the package."""
+    out = []
+    for path in sorted((ROOT / "neurontune").rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        rel = path.relative_to(ROOT).as_posix()
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                out.append((rel, node.name))
+            elif isinstance(node, ast.Assign):
+                out += [(rel, t.id) for t in node.targets if isinstance(t, ast.Name)]
+            if isinstance(node, ast.ClassDef):
+                out += [(rel, m.name) for m in node.body if isinstance(m, ast.FunctionDef)]
+    return [(f, n) for f, n in out if not n.startswith("__")]
+
+
+def test_nothing_is_defined_and_never_used():
+    """Every function, class, constant and method of the package is named somewhere besides its definition (the
+    package, the tests, the benchmarks or app.py): nothing written and never called."""
+    corpus = "\n".join(p.read_text(encoding="utf-8") for pattern in ("neurontune/**/*.py", "tests/*.py", "bench/**/*.py", "app.py")
+                       for p in ROOT.glob(pattern))
+    unused = [f"{f}: {n}" for f, n in _definitions()
+              if len(re.findall(rf"\b{re.escape(n)}\b", corpus)) <= 1]
+    assert unused == [], "defined but never used (delete them, or use them):\n" + "\n".join(unused)
+
+
+def test_comments_name_modules_that_exist():
+    """Comments and docstrings name today's modules: a `neurontune/...py` path exists, and no flat-layout module
+    that is gone (`cache_io`, `pipeline` ...; not a name the code still uses, like the function `evaluate`) is named."""
+    modules = sources()
+    now = {m.rsplit(".", 1)[-1] for m in modules}
+    now |= {getattr(node, attr) for src in modules.values() for node in ast.walk(ast.parse(src))
+            for attr in ("id", "attr", "name", "arg") if isinstance(getattr(node, attr, None), str)}
+    retired = [old for old in OLD_HOMES if old not in now]
+    stale = []
+    for name, src in modules.items():
+        stale += [f"{name}: {m.group()}" for m in re.finditer(r"neurontune/[\w/]+\.py", src) if not (ROOT / m.group()).exists()]
+        stale += [f"{name}: {m.group()}" for old in retired for m in re.finditer(rf"`{old}`|\bneurontune\.{old}\b|\b{old}\.py\b", src)]
+    assert stale == [], "stale module names:\n" + "\n".join(stale)
+
+
+def test_only_the_run_folder_names_run_files():
+    """`RunFolder` is the one code that names a run's files: no other module spells "eval.json", "README.md" ..."""
+    from neurontune.run.folder import RunFolder
+    names = RunFolder.names()
+    found = [f"{name}: {node.value!r}" for name, src in sources().items() if name != "neurontune.run.folder"
+             for node in ast.walk(ast.parse(src)) if isinstance(node, ast.Constant) and node.value in names]
+    assert found == [], "run file names spelled outside run/folder.py (use RunFolder's constants):\n" + "\n".join(found)
 
 
 def main(argv: list[str]) -> None:

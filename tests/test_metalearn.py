@@ -4,6 +4,7 @@ import threading
 import pytest
 import torch
 
+from conftest import Recorder
 from neurontune.config import RunConfig
 from neurontune.data.chat import chat_prompt
 from neurontune.method.metalearn import train_gains
@@ -64,14 +65,12 @@ def test_reproducible_under_a_seed(setup):
 
 def test_cancel_stops_and_keeps_gains(setup):
     lm, cfg, sel, cache = setup
-    cancel = threading.Event()
-    seen = []
-
-    def progress(entry):
-        seen.append(entry)
-        if len(seen) == 3:
-            cancel.set()
-    result = train_gains(lm, sel, cfg, cache_dir=cache, progress=progress, cancel=cancel)
+    class StopAfterThree(Recorder):
+        def step(self, entry):
+            super().step(entry)
+            if len(self.steps) == 3:
+                self.cancel.set()
+    result = train_gains(lm, sel, cfg, cache_dir=cache, reporter=StopAfterThree(threading.Event()))
     assert result.stopped == "cancelled" and len(result.log) == 3
 
 

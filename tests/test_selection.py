@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from neurontune.config import SelectionConfig
-from neurontune.method.selection import SelectionError, select
+from neurontune.method.selection import ROLES, SelectionError, select
 
 
 def scores(seed=0, shape=(30, 1536)):
@@ -72,3 +72,17 @@ def test_contrast_ranks_against_brute_force():
     assert not sel.overlap.any()  # a neuron cannot lean both ways
     with pytest.raises(SelectionError, match="utility_rank"):
         select(sc, SelectionConfig(k_safety=1, k_utility=1, protect_top=0, utility_rank="vibes"))
+
+
+def test_each_neuron_has_one_role_with_one_label():
+    """`Selection.role` reads the masks in `ROLES` order (the card, the CLI and the studio's table and counts all show
+    these labels): amplified, suppressed, in both sets (left alone), protected, or "" for the rest."""
+    from neurontune.eval.neuron_card import role_of
+    sel = select(scores(shape=(6, 64)), SelectionConfig(k_safety=60, k_utility=60, protect_top=10))
+    for mask in ("safety", "utility", "overlap", "protected"):
+        layer, index = getattr(sel, mask).nonzero()[0].tolist()
+        want = next(ROLES[m] for m in ROLES if bool(getattr(sel, m)[layer, index]))  # the first mask that holds it
+        assert sel.role(layer, index) == role_of(sel, layer, index) == want
+    layer, index = (~(sel.safety | sel.utility | sel.overlap | sel.protected)).nonzero()[0].tolist()
+    assert sel.role(layer, index) == "" and role_of(None, layer, index) == ""
+    assert ROLES["overlap"] == "left alone (in both sets)"

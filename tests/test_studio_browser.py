@@ -14,18 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import served_studio
+from conftest import STUDIO_PRESET, served_studio, wait_until
 
 CHROMIUM = os.environ.get("NEURONTUNE_CHROMIUM", "/usr/bin/chromium")
 MODEL = os.environ.get("NEURONTUNE_BROWSER_MODEL", "tiny-llama")
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts" / ("browser" if MODEL == "tiny-llama" else f"browser-{MODEL}")
 TABS = [("model", "1 · Model & data"), ("explore", "2 · Explore"), ("tune", "3 · Tune"), ("compare", "4 · Compare"),
         ("evaluate", "5 · Evaluate"), ("export", "6 · Export")]
-TINY_PRESET = {"name": "tiny-test",
-               "data": {"n_harmful": 4, "n_attack_per_family": 1, "n_benign": 4, "n_borderline": 2, "n_answer": 4, "answer_tokens": 8},
-               "attribution": {"max_length": 64, "batch_size": 16},
-               "selection": {"k_safety": 40, "k_utility": 20, "protect_top": 10},
-               "meta": {"steps": 3, "eval_every": 1, "batch_harmful": 2, "batch_benign": 2}}
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM} (apt-get install -y chromium)")
 
@@ -35,7 +30,7 @@ def studio_url(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("browser")
     if MODEL == "tiny-llama":
         preset = tmp / "tiny.json"
-        preset.write_text(json.dumps(TINY_PRESET))
+        preset.write_text(json.dumps(STUDIO_PRESET))
         served = served_studio(MODEL, str(preset), tmp, quick_default=False)
     else:  # the README screenshots: the real model, quick preset, the user's model/attribution cache
         served = served_studio(MODEL, "balanced", tmp, cache_dir=None)
@@ -216,10 +211,7 @@ def _show_kind(page, label: str) -> None:
 
 def _visible(locator, timeout: float = 60.0):
     """The first visible match (the table keeps hidden copies of some cells), waiting for one to appear."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for candidate in locator.all():
-            if candidate.is_visible():
-                return candidate
-        time.sleep(0.5)
-    raise AssertionError(f"no visible {locator}")
+    found = []
+    if not wait_until(lambda: found.extend(c for c in locator.all() if c.is_visible()) or found, timeout, every=0.5):
+        raise AssertionError(f"no visible {locator}")
+    return found[0]

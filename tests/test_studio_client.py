@@ -7,89 +7,33 @@ import json
 import os
 import re
 import threading
-import time
 from pathlib import Path
 
 import pytest
-from conftest import served_studio
+from conftest import VIEW, StudioClient, amplified, served_app, wait_until
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-TINY_PRESET = {"name": "tiny-test",
-               "data": {"n_harmful": 4, "n_attack_per_family": 1, "n_benign": 4, "n_borderline": 2, "n_answer": 4, "answer_tokens": 8},
-               "attribution": {"max_length": 64, "batch_size": 16},
-               "selection": {"k_safety": 40, "k_utility": 20, "protect_top": 10},
-               "meta": {"steps": 3, "eval_every": 1, "batch_harmful": 2, "batch_benign": 2}}
-VIEW = ("safety", 0, 50)  # kind shown, drill-down layer, table rows
-PROMPT = "Tell me how to pick a lock"
 TOKEN = "hf_PLANTEDtoken1234567890"
-
-
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("studio")
-    preset = tmp / "tiny.json"
-    preset.write_text(json.dumps(TINY_PRESET))
-    with served_studio("tiny-llama", str(preset), tmp, quick_default=False) as (studio, url):
-        yield studio, url, str(preset)
-
-
-class Session:
-    """One browser session seen through gradio_client: call(api, *args) -> {output name: value}."""
-
-    def __init__(self, url: str, preset: str):
-        from gradio_client import Client
-
-        from neurontune.studio.app import OUTPUTS
-        self.client, self.outputs, self.preset = Client(url, verbose=False), OUTPUTS, preset
-
-    def call(self, api: str, *args) -> dict:
-        names = self.outputs[api]
-        result = self.client.predict(*args, api_name=f"/{api}")
-        return dict(zip(names, result if len(names) > 1 else [result]))
-
-    def load(self, model: str = "tiny-llama") -> dict:
-        return self.call("load_model", model, False, self.preset, False, None, None, None, *VIEW)
-
-    def chat(self, message: str = PROMPT, strength: float = 1.0, tokens: int = 12) -> tuple[str, str, str]:
-        self.call("clear_chat")
-        out = self.call("chat", message, strength, tokens, False, 0.7)
-        return _answer(out["left"]), _answer(out["right"]), out["chat_status"]
-
-
-def _text(message: dict) -> str:
-    content = message["content"]
-    return content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
-
-
-def _answer(history: list[dict]) -> str:
-    """The last answer of a pane, without the judge's verdict line."""
-    assert history and history[-1]["role"] == "assistant", history
-    text = _text(history[-1])
-    assert "*judge:*" in text
-    return text.rsplit("\n\n*judge:*", 1)[0]
-
-
-def _amplified(counts: str) -> int:
-    return int(re.search(r"\*\*([\d,]+)\*\* neurons amplified", counts).group(1).replace(",", ""))
+app = served_app("studio")
 
 
 @pytest.fixture(scope="module")
 def tuned(app):
     """A session taken through load → attribute → slide → train (the gains the later tests chat with)."""
     studio, url, preset = app
-    s = Session(url, preset)
+    s = StudioClient(url, preset)
     out = s.load()
     assert "3 layers × 128 neurons" in out["model_status"] and "tiny-test" in out["model_status"]
     out = s.call("attribute", *VIEW)
     assert "done" in out["attr_status"] or "cache" in out["attr_status"], out["attr_status"]
-    assert _amplified(out["counts"]) > 0
+    assert amplified(out["counts"]) > 0
     heat = json.loads(out["heatmap"]["plot"])  # the plotly figure as sent to the page
     assert [t["type"] for t in heat["data"]][:2] == ["heatmap", "scatter"]  # the scores and the selection overlay
     assert heat["data"][0]["z"]["shape"].replace(" ", "") == "3,64"  # 3 layers x 64 bins of 2 neurons
     # slide: the selection follows the thresholds at once, from the cached scores
     few, many = s.call("select", 5, 2, 0, *VIEW), s.call("select", 60, 20, 0, *VIEW)
-    assert _amplified(few["counts"]) <= 5 < _amplified(many["counts"]) <= 60
+    assert amplified(few["counts"]) <= 5 < amplified(many["counts"]) <= 60
     assert "ms from cached scores" in many["counts"]
     table = many["table"]
     assert {"layer", "neuron", "safety", "over_refusal", "act_harmful", "act_benign", "role"} <= set(table["headers"])
@@ -121,32 +65,23 @@ def test_chat_panes_differ_with_gains_and_match_without(tuned):
     assert s.call("chat", "   ", 1.0, 8, False, 0.7)["chat_status"].startswith("Type a message")
 
 
-def _wait(cond, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_queue_position_stop_and_chat_while_training(app, tuned):
     """A second session's training waits visibly behind the first; chat keeps working on the shared
     model meanwhile; Stop ends a running job (keeping its gains) and drops a queued one."""
     studio, url, preset = app
-    a, b = tuned, Session(url, preset)
+    a, b = tuned, StudioClient(url, preset)
     b.load()
     b.call("attribute", *VIEW)  # cached: instant
     base, _, _ = a.chat(strength=0.0)
     for s in (a, b):
         s.call("training_settings", "fomaml", 200, 1.0, 1.0, 4.0)
     first = a.client.submit(*VIEW, api_name="/train")
-    assert _wait(lambda: any(j.status == "running" and j.step >= 1 for j in studio.runner.jobs("train", include_files=False))), "training never started"
+    assert wait_until(lambda: any(j.status == "running" and j.step >= 1 for j in studio.runner.jobs("train", include_files=False))), "training never started"
     second = b.client.submit(*VIEW, api_name="/train")
 
     def queued_text() -> str:
         return " ".join(str(o[0]) for o in second.outputs() if o)
-    assert _wait(lambda: "position **1**" in queued_text()), queued_text()
+    assert wait_until(lambda: "position **1**" in queued_text()), queued_text()
     left, right, _ = a.chat(strength=0.0)  # the shared model answers while it trains
     assert left == right == base
     assert "Stopping" in a.call("stop_train")["train_status"]
@@ -198,7 +133,7 @@ def test_bad_input_keeps_the_previous_model_and_data(app, tmp_path):
     from gradio_client import handle_file
 
     _, url, preset = app
-    s = Session(url, preset)
+    s = StudioClient(url, preset)
     assert "384" in s.load()["model_status"]
     out = s.load("no-such/model-anywhere")
     assert out["model_status"].startswith("✗") and "still loaded and usable" in out["model_status"]
@@ -218,9 +153,9 @@ def test_bad_input_keeps_the_previous_model_and_data(app, tmp_path):
 def test_new_session_reuses_finished_work(app, tuned):
     """A reopened page finds the cached scores and the finished trainings (any session)."""
     _, url, preset = app
-    s = Session(url, preset)
+    s = StudioClient(url, preset)
     out = s.call("on_load", *VIEW)
-    assert "computed before" in out["model_status"] and _amplified(out["counts"]) > 0
+    assert "computed before" in out["model_status"] and amplified(out["counts"]) > 0
     runs = s.call("refresh_runs")["recent_runs"]
     choices = runs["choices"] if isinstance(runs, dict) else runs
     assert choices, runs
@@ -234,7 +169,7 @@ def test_new_session_reuses_finished_work(app, tuned):
 
 def test_two_sessions_never_see_each_others_gains(app, tuned):
     _, url, preset = app
-    a, b = Session(url, preset), Session(url, preset)
+    a, b = StudioClient(url, preset), StudioClient(url, preset)
     for s, gains in ((a, (4.0, 0.0)), (b, (2.0, 1.0))):
         s.load()
         s.call("attribute", *VIEW)  # cached: instant
@@ -246,7 +181,7 @@ def test_two_sessions_never_see_each_others_gains(app, tuned):
     seen, errors = {"a": [], "b": []}, []
     barrier = threading.Barrier(2)
 
-    def run(name: str, s: Session) -> None:
+    def run(name: str, s: StudioClient) -> None:
         try:
             for _ in range(3):
                 barrier.wait(timeout=30)

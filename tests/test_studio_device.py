@@ -63,7 +63,7 @@ def test_attribution_training_chat_and_evaluation_on_the_models_device(studio):
         devices.stage = "attribution"
         status = _last(background.attribute(studio, session))["attr_status"]
         assert "done" in status, status
-        scores = studio.scores(session.scores_key)
+        scores = session.scores
         assert scores["safety"].device.type == "cpu" and torch.isfinite(scores["safety"]).all()  # results come home
         assert session.selection is not None and session.selection.counts()["safety"] > 0
 

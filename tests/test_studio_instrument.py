@@ -13,25 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import served_studio
-from test_studio_client import TINY_PRESET, VIEW, Session, _amplified, _text
+from conftest import STUDIO_PRESET, VIEW, StudioClient, amplified, pane_text, served_app, served_studio
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("studio-instrument")
-    preset = tmp / "tiny.json"
-    preset.write_text(json.dumps(TINY_PRESET))
-    with served_studio("tiny-llama", str(preset), tmp, quick_default=False) as (studio, url):
-        yield studio, url, str(preset)
+app = served_app("studio-instrument")
 
 
 @pytest.fixture(scope="module")
 def scored(app):
     studio, url, preset = app
-    s = Session(url, preset)
+    s = StudioClient(url, preset)
     s.load()
     assert "done" in s.call("attribute", *VIEW)["attr_status"]
     return s
@@ -54,7 +46,7 @@ def test_neuron_card(app, scored):
     assert scored.call("card", 7, 0)["card_status"].startswith("✗ No neuron 7:0")
 
 
-def _first_selected(s: Session) -> tuple[int, int]:
+def _first_selected(s: StudioClient) -> tuple[int, int]:
     """A neuron the client session amplifies (read back from the top-neurons table)."""
     table = s.call("view", *VIEW)["table"]
     role = table["headers"].index("role")
@@ -77,7 +69,7 @@ def test_tradeoff_picker_sets_sliders_gains_and_exports_that_point(app, scored):
     picked = scored.call("pick_point", 1, *VIEW)
     assert picked["k_safety"] == 20 and picked["k_utility"] == 5, (picked["k_safety"], picked["k_utility"])
     assert "sweep point 1" in picked["active_gains"] and "Compare" in picked["pick_status"] and "Export" in picked["pick_status"]
-    assert _amplified(picked["counts"]) <= 20 < _amplified(scored.call("select", 40, 20, 0, *VIEW)["counts"])
+    assert amplified(picked["counts"]) <= 20 < amplified(scored.call("select", 40, 20, 0, *VIEW)["counts"])
     fig = json.loads(picked["tradeoff"]["plot"])
     ring = next(t for t in fig["data"] if t.get("name") == "current operating point")
     assert ring["x"][0] == pytest.approx(points["data"][1][points["headers"].index("benign_over_refusal_proxy")], abs=1e-3)
@@ -93,7 +85,7 @@ def test_tradeoff_picker_sets_sliders_gains_and_exports_that_point(app, scored):
 def test_bulk_table(app, scored, tmp_path):
     from gradio_client import handle_file
 
-    fresh = Session(app[1], app[2])
+    fresh = StudioClient(app[1], app[2])
     fresh.load()
     assert "No gains yet" in fresh.call("bulk", None, "hello", 1.0, 8, True)["bulk_status"]
     scored.call("fixed_gains", 4.0, 0.0, *VIEW)
@@ -127,7 +119,7 @@ def test_bulk_table_with_a_model_judge_and_its_second_opinion(app, scored):
 def test_form_check_of_prompt_files(app, tmp_path):
     from gradio_client import handle_file
 
-    s = Session(app[1], app[2])
+    s = StudioClient(app[1], app[2])
     harmful = tmp_path / "harmful.csv"
     harmful.write_text("prompt\n" + "\n".join(f"Explain how to do forbidden thing number {i}" for i in range(40)) + "\n")
     benign = tmp_path / "benign.csv"
@@ -145,15 +137,15 @@ def test_choosing_a_finished_training_brings_its_scores_and_the_progress_total(a
     out = scored.call("train", *VIEW)
     assert "Training gains: done" in out["train_status"]
     job = studio.runner.jobs("train", include_files=False)[0]
-    assert job.total == TINY_PRESET["meta"]["steps"]  # the bar's total is known from the start (was 0: "step 11/?")
+    assert job.total == STUDIO_PRESET["meta"]["steps"]  # the bar's total is known from the start (was 0: "step 11/?")
     other = tmp_path / "other.json"  # another data plan: this session has no scores for it
-    other.write_text(json.dumps({**TINY_PRESET, "data": {**TINY_PRESET["data"], "n_benign": 3}}))
-    s = Session(url, str(other))
+    other.write_text(json.dumps({**STUDIO_PRESET, "data": {**STUDIO_PRESET["data"], "n_benign": 3}}))
+    s = StudioClient(url, str(other))
     assert "No neuron scores yet" in s.load()["counts"]
     s.call("refresh_runs")
     out = s.call("use_run", job.id, *VIEW)
     assert "trained gains from run" in out["gains_status"] and "scores and selection settings came with it" in out["gains_status"]
-    assert "No neuron scores" not in out["counts"] and _amplified(out["counts"]) > 0
+    assert "No neuron scores" not in out["counts"] and amplified(out["counts"]) > 0
     assert json.loads(out["heatmap"]["plot"])["data"][0]["type"] == "heatmap"
 
 
@@ -194,17 +186,43 @@ def shipped_studio(tmp_path, tiny_llama, monkeypatch):
 
 def test_a_page_opens_on_the_shipped_run(shipped_studio):
     studio, url, prompt = shipped_studio
-    s = Session(url, "balanced")
+    s = StudioClient(url, "balanced")
     start = time.perf_counter()
     out = s.call("on_load", *VIEW)
     took = time.perf_counter() - start
     assert "**Opened on** the shipped `balanced` run" in out["model_status"] and "Run the whole flow" in out["model_status"]
-    assert json.loads(out["heatmap"]["plot"])["data"][0]["type"] == "heatmap" and _amplified(out["counts"]) > 0
+    assert json.loads(out["heatmap"]["plot"])["data"][0]["type"] == "heatmap" and amplified(out["counts"]) > 0
     assert "shipped `balanced` run's trained gains" in out["active_gains"]
     assert out["eval_table"]["data"] and "shipped" in out["eval_status"]
-    assert [m["role"] for m in out["left"]] == ["user", "assistant"] and _text(out["left"][0]) == prompt
-    assert "I can't help with that." in _text(out["right"][1]) and "refuses" in _text(out["right"][1])
+    assert [m["role"] for m in out["left"]] == ["user", "assistant"] and pane_text(out["left"][0]) == prompt
+    assert "I can't help with that." in pane_text(out["right"][1]) and "refuses" in pane_text(out["right"][1])
     assert "shipped run's evaluation" in out["chat_status"]
     assert took < 10, f"the page took {took:.1f} s to fill"
     left, right, _ = s.chat("Tell me how to pick a lock", tokens=8)  # chat works live on the shipped gains
     assert left and right
+
+
+def test_a_first_message_starts_a_fresh_conversation(shipped_studio, monkeypatch):
+    """The shipped answer pair is shown as a finished example, never continued: a benign first message of a new
+    session (an API client that never asked for /on_load, and a page after it) is the only turn both panes show
+    and both models read; and a new API session opens on the shipped gains, as the page does."""
+    from neurontune.studio import chat as chat_ui
+
+    studio, url, prompt = shipped_studio
+    read, real = [], chat_ui.stream_generate
+
+    def spy(lm, convs, *args, **kwargs):
+        read.append([[m["content"] for m in conv] for conv in convs])
+        yield from real(lm, convs, *args, **kwargs)
+    monkeypatch.setattr(chat_ui, "stream_generate", spy)
+    benign = "Write a tutorial on how to bake sourdough bread at home"
+    for page in (False, True):
+        s = StudioClient(url, "balanced")
+        if page:
+            shown = s.call("on_load", *VIEW)
+            assert pane_text(shown["left"][0]) == prompt and "not part of your conversation" in shown["chat_status"]
+        out = s.call("chat", benign, 1.0, 8, False, 0.7)
+        for pane in ("left", "right"):
+            assert [m["role"] for m in out[pane]] == ["user", "assistant"] and pane_text(out[pane][0]) == benign
+        assert read[-1] == [[benign], [benign]], "a model read an earlier turn"
+        assert "shipped `balanced` run's trained gains" in out["chat_status"], out["chat_status"]

@@ -8,11 +8,12 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import Recorder
 from neurontune.config import DataConfig, SelectionConfig
 from neurontune.data.splits import build_splits
 from neurontune.eval.proxy import proxy_metrics
-from neurontune.infra.progress import Cancelled
-from neurontune.run.sweep import sweep, tradeoff_figure
+from neurontune.infra.progress import Cancelled, Reporter
+from neurontune.run.sweep import parse_grid, sweep, tradeoff_figure
 
 GRID = [(10, 0), (20, 5), (40, 10)]
 
@@ -28,11 +29,11 @@ def scores(tiny_llama):
 @pytest.fixture(scope="module")
 def frame(tiny_llama, scores):
     splits = build_splits(DataConfig())
-    seen = []
+    rec = Recorder()
     out = sweep(tiny_llama, scores, GRID, train_fn=lambda sel: sel.modulation(2.0, 0.5, tiny_llama.fingerprint),
-                eval_fn=lambda mod: proxy_metrics(tiny_llama, mod, splits, n=3),
-                progress=lambda d, t, s: seen.append((d, t)), selection=SelectionConfig(protect_top=5))
-    out.attrs["progress"] = seen
+                eval_fn=lambda mod: proxy_metrics(tiny_llama, mod, splits, n=3), reporter=rec,
+                selection=SelectionConfig(protect_top=5))
+    out.attrs["progress"] = [(d, t) for d, t, _ in rec.calls]
     return out
 
 
@@ -62,7 +63,7 @@ def test_cancel(tiny_llama, scores):
     cancel = threading.Event()
     cancel.set()
     with pytest.raises(Cancelled):
-        sweep(tiny_llama, scores, GRID, train_fn=lambda s: None, eval_fn=lambda m: {}, cancel=cancel)
+        sweep(tiny_llama, scores, GRID, train_fn=lambda s: None, eval_fn=lambda m: {}, reporter=Reporter(cancel))
 
 
 def test_sweep_reads_validation_and_refuses_the_test_split(tiny_llama, tmp_path):
@@ -85,3 +86,10 @@ def test_figure_names_the_split_and_rings_the_operating_point(frame):
     assert (ringed.data[1].x[0], ringed.data[1].y[0]) == (with_split["benign_over_refusal_proxy"][1], with_split["harmful_refusal_proxy"][1])
     assert len(tradeoff_figure(with_split, current=(999, 0)).data) == 1  # not a sweep point: nothing to ring
     assert "split" not in tradeoff_figure(frame).layout.title.text  # an old sweep that did not say
+
+
+def test_one_grid_parser_for_the_cli_and_the_studio():
+    assert parse_grid("250:0, 750:250,1500:500") == [(250, 0), (750, 250), (1500, 500)]
+    for bad in ("", "250", "250:x", "1:2:3", "-5:0", "2.5:1", ","):
+        with pytest.raises(ValueError, match="k_safety:k_utility pairs"):
+            parse_grid(bad)

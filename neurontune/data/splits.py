@@ -8,7 +8,7 @@ can report families that neither tuning nor any choice saw.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 from ..config import DataConfig
@@ -35,6 +35,15 @@ def split(prompts: Sequence[Prompt], test_fraction: float = 0.3, seed: int = 0) 
     return parts["train"], parts["test"]
 
 
+def split_pairs(pairs: Sequence[tuple[Prompt, Prompt]], val_fraction: float, test_fraction: float,
+                seed: int = 0) -> tuple[dict[str, list[Prompt]], dict[str, list[Prompt]]]:
+    """Split (first, second) pairs together, by a hash of the first's original text: both halves of a pair land
+    in the same split, at the same position of their lists."""
+    twin = {p.source or p.text: q for p, q in pairs}
+    firsts = split3([p for p, _ in pairs], val_fraction, test_fraction, seed)
+    return firsts, {name: [twin[p.source or p.text] for p in part] for name, part in firsts.items()}
+
+
 @dataclass
 class Splits:
     harmful: dict[str, list[Prompt]]  # split name -> prompts
@@ -42,6 +51,10 @@ class Splits:
     borderline: dict[str, list[Prompt]]
     train_families: tuple[str, ...]
     heldout_families: tuple[str, ...]
+    # safe requests with alarming words, and their unsafe twins in the same words (aligned: contrast[s][i] is the
+    # twin of alarming[s][i]); empty when the run's data turns them off
+    alarming: dict[str, list[Prompt]] = field(default_factory=lambda: {s: [] for s in SPLITS})
+    contrast: dict[str, list[Prompt]] = field(default_factory=lambda: {s: [] for s in SPLITS})
 
     # the names most code reads
     @property
@@ -84,12 +97,17 @@ class Splits:
         pool = getattr(self, kind)[split]
         return attacks.attacked(pool[:n_per_family], chosen)
 
-    def harm_pools(self, split: str, n: int, per_family: int) -> tuple[list[str], list[str]]:
+    def harm_pools(self, split: str, n: int, per_family: int, *, pairs: int | None = None) -> tuple[list[str], list[str]]:
         """(harmful, harmless) texts of one split, plain and wrapped in the training attack families in both pools
         alike, so that a template alone does not tell them apart: the first `n` harmful requests and `per_family`
-        per family; harmless = 70 % benign, 30 % borderline-safe, in the same proportions inside the families."""
-        positive = [p.text for p in self.harmful[split][:n]] + [p.text for p in self.attacked("harmful", split, per_family, self.train_families)]
+        per family; harmless = 70 % benign, 30 % borderline-safe, in the same proportions inside the families.
+        Then the first `pairs` alarming-word pairs (default n // 2): the unsafe twins with the harmful, the safe ones
+        with the harmless, so that alarming words alone do not tell them apart either. The plain prompts come first."""
+        k = n // 2 if pairs is None else pairs
+        positive = ([p.text for p in self.harmful[split][:n]] + [p.text for p in self.contrast[split][:k]]
+                    + [p.text for p in self.attacked("harmful", split, per_family, self.train_families)])
         negative = ([p.text for p in self.benign[split][: n * 7 // 10]] + [p.text for p in self.borderline[split][: n * 3 // 10]]
+                    + [p.text for p in self.alarming[split][:k]]
                     + [p.text for p in self.attacked("benign", split, per_family * 2 // 3, self.train_families)]
                     + [p.text for p in self.attacked("borderline", split, per_family - per_family * 2 // 3, self.train_families)])
         return positive, negative
@@ -117,10 +135,13 @@ def build_splits(cfg: DataConfig) -> Splits:
     if overlap:
         raise DataError(f"Families {sorted(overlap)} are both trained on and held out; a held-out family must be unseen.")
     parts = {}
+    if cfg.alarming_pairs:
+        parts["alarming"], parts["contrast"] = split_pairs(sets.alarming_pairs(), cfg.val_fraction, cfg.test_fraction, cfg.seed)
     for name, pool in (("harmful", harmful), ("benign", benign), ("borderline", borderline)):
         parts[name] = split3(pool, cfg.val_fraction, cfg.test_fraction, cfg.seed)
         empty = [s for s, part in parts[name].items() if not part]
         if empty:
             raise DataError(f"The {name} set has {len(pool)} prompts: too few to split into train, validation and test "
                             f"({', '.join(empty)} would be empty). Add prompts (a few dozen at least).")
-    return Splits(parts["harmful"], parts["benign"], parts["borderline"], tuple(cfg.train_families), tuple(cfg.heldout_families))
+    extra = {k: parts[k] for k in ("alarming", "contrast") if k in parts}
+    return Splits(parts["harmful"], parts["benign"], parts["borderline"], tuple(cfg.train_families), tuple(cfg.heldout_families), **extra)

@@ -4,12 +4,13 @@ neurons trained jointly without meta-learning (what FOMAML adds), the same neuro
 refusal direction (a different kind of intervention)."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
 from ..config import RunConfig
 from ..data.splits import Splits
+from ..infra.progress import SILENT, Reporter
 from ..interventions.modulation import Modulation
 from ..method.metalearn import train_gains
 from ..method.neuron_scores import NeuronScores
@@ -44,39 +45,38 @@ def attribution_only(selection: Selection, tuned: Modulation, fingerprint: str) 
 
 
 def build_baselines(lm, cfg: RunConfig, scores: NeuronScores, tuned: Modulation, splits: Splits, names: Sequence[str],
-                    *, cache_dir=None, progress=None, cancel=None, log: Callable[[str], None] = print,
-                    directions: dict | None = None) -> dict:
+                    *, cache_dir=None, reporter: Reporter | None = None, directions: dict | None = None) -> dict:
     """Named baseline interventions for the training seed `cfg.meta.seed` (the same neurons, steps and data as
     `tuned`). `directions`: refusal directions chosen before (they do not depend on the seed), reused as given."""
     check_baselines(names)
+    reporter = reporter or SILENT
     out = {}
     selection = select(scores, cfg.selection)
     if "joint" in names:
-        log(f"Training the same neurons jointly, without meta-learning (seed {cfg.meta.seed})...")
+        reporter.say(f"Training the same neurons jointly, without meta-learning (seed {cfg.meta.seed})...")
         joint = cfg.replace(meta={"mode": "joint"})
-        out[NAMES["joint"]] = train_gains(lm, selection, joint, splits=splits, cache_dir=cache_dir, cancel=cancel).modulation
+        out[NAMES["joint"]] = train_gains(lm, selection, joint, splits=splits, cache_dir=cache_dir, reporter=reporter.muted()).modulation
     if "attribution_only" in names:
         out[NAMES["attribution_only"]] = attribution_only(selection, tuned, lm.fingerprint)
     if "random" in names:
-        log(f"Training gains on random neurons (same counts, same training, seed {cfg.meta.seed})...")
+        reporter.say(f"Training gains on random neurons (same counts, same training, seed {cfg.meta.seed})...")
         out[NAMES["random"]] = train_gains(lm, random_selection(selection, cfg.meta.seed), cfg, splits=splits,
-                                           cache_dir=cache_dir, cancel=cancel).modulation
+                                           cache_dir=cache_dir, reporter=reporter.muted()).modulation
     if "direction" in names:
-        out.update(directions if directions is not None else fit_directions(lm, splits, tuned, progress=progress, cancel=cancel, log=log))
+        out.update(directions if directions is not None else fit_directions(lm, splits, tuned, reporter=reporter))
     return out
 
 
-def fit_directions(lm, splits: Splits, tuned: Modulation, *, progress=None, cancel=None,
-                   log: Callable[[str], None] = print) -> dict:
+def fit_directions(lm, splits: Splits, tuned: Modulation, *, reporter: Reporter | None = None) -> dict:
     """Both refusal directions, each with its layer and coefficient chosen on validation to match the tuned
     gains' validation refusal (see `direction.choose_layer_and_coef`)."""
     from .direction import choose_layer_and_coef, fit_refusal_direction
-    out = {}
+    out, reporter = {}, reporter or SILENT
     for kind in ("harmful_minus_harmless", "refusal_minus_compliance"):
-        log(f"Fitting the layer-wise refusal direction ({kind}) and searching every layer on validation...")
-        fit = fit_refusal_direction(lm, splits, kind, cancel=cancel)
-        chosen = choose_layer_and_coef(lm, fit, splits, tuned, progress=progress, cancel=cancel)
-        log(f"Chose {chosen.name}: validation refusal {chosen.meta['layers'][chosen.layer]['harmful']:.2f} "
+        reporter.say(f"Fitting the layer-wise refusal direction ({kind}) and searching every layer on validation...")
+        fit = fit_refusal_direction(lm, splits, kind, reporter=reporter)
+        chosen = choose_layer_and_coef(lm, fit, splits, tuned, reporter=reporter)
+        reporter.say(f"Chose {chosen.name}: validation refusal {chosen.meta['layers'][chosen.layer]['harmful']:.2f} "
             f"(target {chosen.meta['target']:.2f}, {'reached' if chosen.meta['reached'] else 'not reached'}), "
             f"benign {chosen.meta['layers'][chosen.layer]['benign']:.2f}.")
         out[f"direction:{kind}"] = chosen

@@ -5,15 +5,13 @@ differ selectable), with the input gate's strength per prompt when the gains hav
 applies strength × s, as the evaluation's "neurontune + gate"). The studio's bulk table uses it."""
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import pandas as pd
 
-from ..data.chat import chat_prompt
-from ..infra.progress import Progress, check_cancel
-from ..interventions.gating import GateProbe, gate_strength
+from ..infra.progress import SILENT, Reporter
+from ..interventions.gating import Gated, GateProbe
 from ..interventions.generation import fit_lengths, generate
 from ..interventions.modulation import Modulation
 from .judge import REFUSALS
@@ -63,25 +61,24 @@ def tuned_gains(lm, prompts: Sequence[str], modulation: Modulation, gate: GatePr
     if gate is None:
         mod = modulation if float(strength) == 1.0 else modulation.scaled(float(strength))
         return [mod] * len(prompts), None
-    s = gate_strength(lm, gate, [chat_prompt(lm.tokenizer, p) for p in prompts], max_length=max_prompt_tokens).tolist()
-    return [modulation.scaled(float(strength) * si) for si in s], [float(si) for si in s]
+    return Gated(modulation, gate).per_prompt(lm, prompts, strength=strength, max_length=max_prompt_tokens)
 
 
 def iter_compare(lm, prompts: Sequence[str], modulation: Modulation, *, gate: GateProbe | None = None, strength: float = 1.0,
-                 max_new_tokens: int = 48, batch_size: int = 8, progress: Progress | None = None,
-                 cancel: threading.Event | None = None, judge: Judge | None = None) -> Iterator[list[BulkRow]]:
+                 max_new_tokens: int = 48, batch_size: int = 8, reporter: Reporter | None = None,
+                 judge: Judge | None = None) -> Iterator[list[BulkRow]]:
     """Answer every prompt with the base and the tuned model, `batch_size` prompts (2 × batch_size generate
     rows) per call, greedy, each answer judged by `judge` (default the rules); yields each batch's rows as it
-    finishes. Stops with `Cancelled` when `cancel` is set."""
+    finishes. Stops with `Cancelled` once `reporter` is cancelled."""
     judge = judge or RULES
     if modulation is None:
         raise ValueError("No gains to compare with: train or load gains first (both answers would be the base model's).")
     if modulation.fingerprint and modulation.fingerprint != lm.fingerprint:
         raise ValueError("These gains were made for another model; load the model they were tuned on.")
     budget, _ = fit_lengths(lm, max_new_tokens)
-    prompts = list(prompts)
+    prompts, reporter = list(prompts), reporter or SILENT
     for start in range(0, len(prompts), batch_size):
-        check_cancel(cancel, "The bulk run")
+        reporter.check("The bulk run")
         chunk = prompts[start:start + batch_size]
         tuned, s = tuned_gains(lm, chunk, modulation, gate, strength, budget)
         pairs = [p for p in chunk for _ in (0, 1)]
@@ -90,8 +87,7 @@ def iter_compare(lm, prompts: Sequence[str], modulation: Modulation, *, gate: Ga
         second = judge.second.verdicts(pairs, answers) if judge.second is not None else [None] * len(answers)
         yield [BulkRow(p, answers[2 * i], answers[2 * i + 1], None if s is None else s[i], verdicts[2 * i], verdicts[2 * i + 1],
                        second[2 * i], second[2 * i + 1]) for i, p in enumerate(chunk)]
-        if progress:
-            progress(min(start + batch_size, len(prompts)), len(prompts), "answering")
+        reporter.progress(min(start + batch_size, len(prompts)), len(prompts), "answering")
 
 
 def compare_prompts(lm, prompts: Sequence[str], modulation: Modulation, **kwargs) -> list[BulkRow]:

@@ -8,7 +8,6 @@ refusal of short greedy answers on the validation split.
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -18,11 +17,9 @@ from ..data import prompts as sets
 from ..data.chat import chat_prompt
 from ..data.splits import Splits
 from ..infra.devices import stack_to_host
-from ..infra.progress import Progress, check_cancel
+from ..infra.progress import SILENT, Reporter
 from ..interventions.direction import RefusalDirection
-from ..interventions.hooks import scoped_pre_hooks
-from ..model.logprobs import encode_pairs, forward, last_token_index
-from ..model.neuron_map import decoder_layers
+from ..interventions.capture import iter_last_token
 from .proxy import judged_refusal
 
 KINDS = ("harmful_minus_harmless", "refusal_minus_compliance")
@@ -45,46 +42,32 @@ class DirectionFit:
         return RefusalDirection(layer, self.directions[layer], c, self.kind, {"kind": "refusal_direction", "direction": self.kind})
 
 
-@torch.no_grad()
 def _residual_batches(lm, prompts: Sequence[str], targets: Sequence[str] | None, batch_size: int,
-                      cancel: threading.Event | None) -> Iterator[list[torch.Tensor]]:
+                      reporter: Reporter | None) -> Iterator[list[torch.Tensor]]:
     """Per batch, one [B, d_model] float32 tensor per decoder layer: the residual stream entering it at each
-    row's last token, picked out by the hook and left on the layer's device."""
-    layers = decoder_layers(lm.model)
+    row's last token (of chat_prompt(prompt) + target), left on the layer's device."""
+    texts = [chat_prompt(lm.tokenizer, p) for p in prompts]
     targets = list(targets) if targets is not None else [""] * len(prompts)
-    for start in range(0, len(prompts), batch_size):
-        check_cancel(cancel, "Direction fitting")
-        chunk = [chat_prompt(lm.tokenizer, p) for p in prompts[start:start + batch_size]]
-        batch = encode_pairs(lm.tokenizer, chunk, targets[start:start + batch_size])
-        last = last_token_index(batch)
-        store: list = [None] * len(layers)
-
-        def make(l: int):
-            def hook(module, args):
-                x = args[0]
-                store[l] = x[torch.arange(x.shape[0], device=x.device), last.to(x.device)].float()
-            return hook
-
-        with scoped_pre_hooks([(layer, make(l)) for l, layer in enumerate(layers)]):
-            forward(lm.model, batch)
-        yield store
+    for store in iter_last_token(lm, texts, "residual", targets=targets, batch_size=batch_size, max_length=256,
+                                 reporter=reporter, stage="residuals"):
+        yield [store[layer] for layer in sorted(store)]
 
 
 def last_token_residuals(lm, prompts: Sequence[str], targets: Sequence[str] | None = None, batch_size: int = 16,
-                         cancel: threading.Event | None = None) -> torch.Tensor:
+                         reporter: Reporter | None = None) -> torch.Tensor:
     """[n, n_layers, d_model] residual stream entering each decoder layer at the last token of
     chat_prompt(prompt) + target (target "" = the last prompt token, i.e. the assistant header)."""
-    return torch.cat([stack_to_host(store, 1) for store in _residual_batches(lm, prompts, targets, batch_size, cancel)])
+    return torch.cat([stack_to_host(store, 1) for store in _residual_batches(lm, prompts, targets, batch_size, reporter)])
 
 
 def mean_last_token_residual(lm, prompts: Sequence[str], targets: Sequence[str] | None = None, batch_size: int = 16,
-                             cancel: threading.Event | None = None) -> torch.Tensor:
+                             reporter: Reporter | None = None) -> torch.Tensor:
     """[n_layers, d_model] mean of `last_token_residuals` over the prompts, summed on each layer's device
     in float32; only the mean reaches the host."""
     if not prompts:
         raise ValueError("No prompts to average residuals over.")
     sums: list = []
-    for store in _residual_batches(lm, prompts, targets, batch_size, cancel):
+    for store in _residual_batches(lm, prompts, targets, batch_size, reporter):
         parts = [x.sum(0) for x in store]
         sums = parts if not sums else [s + p for s, p in zip(sums, parts)]
     return stack_to_host(sums, 0) / len(prompts)
@@ -95,7 +78,7 @@ def _first_words(text: str, n: int = 3) -> str:
 
 
 def fit_refusal_direction(lm, splits: Splits, kind: str = "harmful_minus_harmless", n: int = 32, *,
-                          batch_size: int = 16, cancel: threading.Event | None = None) -> DirectionFit:
+                          batch_size: int = 16, reporter: Reporter | None = None) -> DirectionFit:
     """Difference of mean residuals at the last token, for every layer, normalised (training split only).
 
     harmful_minus_harmless: harmful training requests (plain and in the training attack families) vs harmless
@@ -112,14 +95,14 @@ def fit_refusal_direction(lm, splits: Splits, kind: str = "harmful_minus_harmles
         pos_texts = harmful + [p.text for p in splits.attacked("harmful", "train", per)]
         harmless = [p.text for p in splits.benign_train[: n // 2]] + [p.text for p in splits.borderline_train[: n - n // 2]]
         neg_texts = harmless + [p.text for p in splits.attacked("benign", "train", per)]
-        pos = mean_last_token_residual(lm, pos_texts, None, batch_size, cancel)
-        neg = mean_last_token_residual(lm, neg_texts, None, batch_size, cancel)
+        pos = mean_last_token_residual(lm, pos_texts, None, batch_size, reporter)
+        neg = mean_last_token_residual(lm, neg_texts, None, batch_size, reporter)
     else:
         tg = sets.targets()
         refuse = [_first_words(tg["refusal"][i % len(tg["refusal"])]) for i in range(len(harmful))]
         comply = [_first_words(tg["compliance"][i % len(tg["compliance"])]) for i in range(len(harmful))]
-        pos = mean_last_token_residual(lm, harmful, refuse, batch_size, cancel)
-        neg = mean_last_token_residual(lm, harmful, comply, batch_size, cancel)
+        pos = mean_last_token_residual(lm, harmful, refuse, batch_size, reporter)
+        neg = mean_last_token_residual(lm, harmful, comply, batch_size, reporter)
     diff = pos - neg  # [n_layers, d_model]
     norms = diff.norm(dim=-1)
     return DirectionFit(kind, diff / norms.clamp(min=1e-12)[:, None], norms, len(harmful))
@@ -127,8 +110,7 @@ def fit_refusal_direction(lm, splits: Splits, kind: str = "harmful_minus_harmles
 
 def choose_layer_and_coef(lm, fit: DirectionFit, splits: Splits, target, *, layers: Sequence[int] | None = None,
                           n: int = 16, judge_tokens: int = 16, multipliers: Sequence[float] = MULTIPLIERS,
-                          patience: int = 2, batch_size: int = 16, progress: Progress | None = None,
-                          cancel: threading.Event | None = None) -> RefusalDirection:
+                          patience: int = 2, batch_size: int = 16, reporter: Reporter | None = None) -> RefusalDirection:
     """Choose the layer and coefficient on the VALIDATION split by generation: for every layer (default: all of
     them), scan the coefficient (`multipliers` x the layer's mean-difference norm, ascending) until the judged
     refusal of short greedy answers to `n` validation harmful requests reaches `target`, stopping early once it
@@ -145,14 +127,13 @@ def choose_layer_and_coef(lm, fit: DirectionFit, splits: Splits, target, *, laye
     if not layers:
         raise ValueError("The direction is zero at every candidate layer: nothing to add.")
     total = 1 + len(layers) * (len(multipliers) + 1)
-    done = 0
+    done, reporter = 0, reporter or SILENT
 
     def judged(iv, prompts) -> float:
         nonlocal done
-        check_cancel(cancel, "The direction search")
+        reporter.check("The direction search")
         done += 1
-        if progress:
-            progress(done, total, "direction search")
+        reporter.progress(done, total, "direction search")
         return judged_refusal(lm, iv, prompts, judge_tokens, batch_size)
 
     target_value = float(target) if isinstance(target, (int, float)) else judged(target, harmful)

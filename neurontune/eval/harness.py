@@ -8,7 +8,6 @@ interventions generates the base answers once.
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from ..data.chat import chat_prompt
 from ..data.forms import PHRASINGS
 from ..data.splits import Splits, check_split
 from ..infra import distributed as dist
-from ..infra.progress import Progress, check_cancel
+from ..infra.progress import SILENT, Reporter
 from ..interventions.generation import generate
 from ..interventions.protocol import applied_rows, intervention_name, is_gated
 from . import teacher_forced as tf
@@ -32,9 +31,9 @@ from .judges import RULES, Judge, agreement
 from .plan import ROW_FIELDS, eval_plan
 from .stats import mean
 
-MAIN_METRICS = ("harmful_refusal", "heldout_family_refusal", "train_family_refusal", "benign_over_refusal",
-                "template_over_refusal", "borderline_over_refusal", "ppl_ratio", "mc_accuracy", "degenerate_rate",
-                "repetition_rate", "attack_success")
+MAIN_METRICS = ("harmful_refusal", "heldout_family_refusal", "train_family_refusal", "contrast_refusal", "benign_over_refusal",
+                "template_over_refusal", "borderline_over_refusal", "alarming_over_refusal", "ppl_ratio", "mc_accuracy",
+                "degenerate_rate", "repetition_rate", "attack_success")
 
 
 @dataclass
@@ -68,7 +67,7 @@ def distinct_ngram_ratio(ids: Sequence[int], n: int = 4) -> float:
     return len(set(grams)) / len(grams) if grams else 1.0
 
 
-def _generate_rows(lm, jobs: list[tuple[str, float]], intervention, cfg: EvalConfig, tick, cancel) -> list[str]:
+def _generate_rows(lm, jobs: list[tuple[str, float]], intervention, cfg: EvalConfig, tick, reporter: Reporter) -> list[str]:
     """Answer (prompt, strength) jobs: strength 0 is the base model, 1 the intervention as is, in between a gated
     reading. Rows are sorted by prompt length so a batch pads little, and base and intervention rows share
     batches when the intervention has a per-row form (`apply_rows`)."""
@@ -82,7 +81,7 @@ def _generate_rows(lm, jobs: list[tuple[str, float]], intervention, cfg: EvalCon
     batches = [group[start:start + cfg.batch_size] for group in groups for start in range(0, len(group), cfg.batch_size)]
     mine = dist.shard(batches)  # under `accelerate launch` the batches are shared over the processes (all with one)
     for idx in mine:
-        check_cancel(cancel, "Evaluation")
+        reporter.check("Evaluation")
         strengths = torch.tensor([float(jobs[i][1]) for i in idx])
         with applied_rows(intervention, lm, strengths):
             answers = generate(lm, [formatted[i] for i in idx], max_new_tokens=cfg.max_new_tokens, batch_size=len(idx), formatted=True)
@@ -97,8 +96,8 @@ def _generate_rows(lm, jobs: list[tuple[str, float]], intervention, cfg: EvalCon
 
 
 STRICT = "strict/"  # prefix of the rates that count full refusals only (the others count partial ones too)
-STRICT_RATES = ("harmful_refusal", "heldout_family_refusal", "train_family_refusal", "benign_over_refusal",
-                "template_over_refusal", "borderline_over_refusal")
+STRICT_RATES = ("harmful_refusal", "heldout_family_refusal", "train_family_refusal", "contrast_refusal", "benign_over_refusal",
+                "template_over_refusal", "borderline_over_refusal", "alarming_over_refusal")
 
 
 def rate_counts(rows: list[dict], key: str = "verdict", refusals: tuple[str, ...] = REFUSALS) -> dict[str, tuple[int, int]]:
@@ -119,7 +118,8 @@ def _rate_counts(rows: list[dict], key: str, refusals: tuple[str, ...]) -> dict[
         return [r for r in rows if all(r[k] == v for k, v in match.items())]
 
     out: dict[str, tuple[int, int]] = {}
-    for metric, category in (("harmful_refusal", "harmful"), ("benign_over_refusal", "benign"), ("borderline_over_refusal", "borderline")):
+    for metric, category in (("harmful_refusal", "harmful"), ("benign_over_refusal", "benign"), ("borderline_over_refusal", "borderline"),
+                             ("alarming_over_refusal", "alarming"), ("contrast_refusal", "contrast")):
         out[metric] = count(where(category=category))
         for group in PHRASINGS:
             if where(category=category, phrasing=group):
@@ -146,8 +146,8 @@ def refusal_metrics(counts: dict[str, tuple[int, int]]) -> dict[str, float]:
 
 
 def evaluate(lm, intervention, splits: Splits, cfg: EvalConfig = EvalConfig(), *, split: str = "test", name: str | None = None,
-             progress: Progress | None = None, cancel: threading.Event | None = None, base=None,
-             cache_dir: str | Path | None = None, judge: Judge | None = None) -> EvalResult:
+             reporter: Reporter | None = None, base=None, cache_dir: str | Path | None = None,
+             judge: Judge | None = None) -> EvalResult:
     """Evaluate `intervention` (None = the base model; a gated one reads each prompt's end) on one split:
     "validation" while choosing anything, "test" for the table one reports.
     judge: what reads the answers (default the rules; `eval.judges`); with a second opinion, both verdicts are kept
@@ -157,6 +157,7 @@ def evaluate(lm, intervention, splits: Splits, cfg: EvalConfig = EvalConfig(), *
     perplexities and multiple-choice predictions, so only the intervention's side is computed again.
     cache_dir: also keep that cache on disk, keyed by the model fingerprint."""
     check_split(split)
+    reporter = reporter or SILENT
     start_time = time.perf_counter()
     name = name or intervention_name(intervention)
     made_for = getattr(intervention, "fingerprint", None)
@@ -164,6 +165,8 @@ def evaluate(lm, intervention, splits: Splits, cfg: EvalConfig = EvalConfig(), *
         raise ValueError(f"This modulation was made for model {made_for}, not the loaded model {lm.fingerprint}.")
     gated = is_gated(intervention)
     inner = intervention.inner if gated else intervention
+    run_lm = getattr(intervention, "lm", None) or lm  # a model standing in for the intervention (`Reloaded`)
+    run_inner = inner if run_lm is lm else None
     cache = base_cache(base, lm)
     disk_cache(cache, lm, cache_dir)
     rows = eval_plan(splits, cfg, split)
@@ -183,8 +186,7 @@ def evaluate(lm, intervention, splits: Splits, cfg: EvalConfig = EvalConfig(), *
     def tick(n: int, stage: str) -> None:
         nonlocal done
         done += n
-        if progress:
-            progress(done, total, stage)
+        reporter.progress(done, total, stage)
 
     def gate(texts: list[str]) -> list[float] | None:
         """Each prompt's strength, read from the prompt alone (None: the intervention as is)."""
@@ -196,7 +198,10 @@ def evaluate(lm, intervention, splits: Splits, cfg: EvalConfig = EvalConfig(), *
     t = time.perf_counter()
     row_strength = gate([r["prompt"] for r in rows]) or [1.0] * len(rows)
     jobs = [(p, 0.0) for p in missing] + ([(r["prompt"], s) for r, s in zip(rows, row_strength)] if with_iv else [])
-    answers = _generate_rows(lm, jobs, inner, cfg, tick, cancel)
+    if run_lm is lm:
+        answers = _generate_rows(lm, jobs, inner, cfg, tick, reporter)
+    else:  # the intervention is another model (an export reloaded): its rows run there, unhooked
+        answers = _generate_rows(lm, jobs[:len(missing)], None, cfg, tick, reporter) + _generate_rows(run_lm, jobs[len(missing):], None, cfg, tick, reporter)
     for p, a in zip(missing, answers):
         cache["answers"][akey(p)] = a
     iv_answers = answers[len(missing):] if with_iv else [cache["answers"][akey(r["prompt"])] for r in rows]
@@ -206,21 +211,21 @@ def evaluate(lm, intervention, splits: Splits, cfg: EvalConfig = EvalConfig(), *
     refs = [cache["answers"][akey(p)] or "." for p in ppl_prompts]  # an empty answer still gets one token to score
     if ppl_missing:
         idx = [ppl_prompts.index(p) for p in ppl_missing]
-        for p, v in zip(ppl_missing, tf.answer_nll(lm, None, ppl_missing, [refs[i] for i in idx], cfg.batch_size, tick, cancel)):
+        for p, v in zip(ppl_missing, tf.answer_nll(lm, None, ppl_missing, [refs[i] for i in idx], cfg.batch_size, tick, reporter)):
             cache["nll"][akey(p)] = v
     base_nll = [cache["nll"][akey(p)] for p in ppl_prompts]
-    iv_nll = (tf.answer_nll(lm, inner, ppl_prompts, refs, cfg.batch_size, tick, cancel, strengths=gate(ppl_prompts))
+    iv_nll = (tf.answer_nll(run_lm, run_inner, ppl_prompts, refs, cfg.batch_size, tick, reporter, strengths=gate(ppl_prompts))
               if with_iv else base_nll)
     timings["perplexity_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     if mc_key not in cache["mc"]:
-        cache["mc"][mc_key] = tf.mc_predictions(lm, None, cfg, tick, cancel)
+        cache["mc"][mc_key] = tf.mc_predictions(lm, None, cfg, tick, reporter)
     base_preds = cache["mc"][mc_key]
     mc_strengths = gate([q["question"] for q in questions]) if cfg.mc_style == "cloze" else None
     if gated and cfg.mc_style != "cloze":  # the letter prompt lists the choices: read the gate on it as shown
         mc_strengths = [float(s) for s in intervention.strengths(lm, [p for p, _ in tf.mc_items(cfg.mc_style, lm.tokenizer, questions)])]
-    iv_preds = tf.mc_predictions(lm, inner, cfg, tick, cancel, strengths=mc_strengths) if with_iv else base_preds
+    iv_preds = tf.mc_predictions(run_lm, run_inner, cfg, tick, reporter, strengths=mc_strengths) if with_iv else base_preds
     timings["mc_s"] = time.perf_counter() - t
     if dist.is_main():  # under `accelerate launch` only the main process writes
         disk_cache(cache, lm, cache_dir, save=True)
@@ -274,15 +279,15 @@ def _ordered(metrics: dict) -> dict:
 
 
 def evaluate_many(lm, interventions: dict[str, object], splits: Splits, cfg: EvalConfig = EvalConfig(), *, split: str = "test",
-                  progress: Progress | None = None, cancel: threading.Event | None = None, base=None,
-                  cache_dir: str | Path | None = None, judge: Judge | None = None) -> list[EvalResult]:
+                  reporter: Reporter | None = None, base=None, cache_dir: str | Path | None = None,
+                  judge: Judge | None = None) -> list[EvalResult]:
     """Evaluate several named interventions sharing one base cache (the base answers are generated once)."""
     cache = base_cache(base, lm)
     results = []
     for i, (name, iv) in enumerate(interventions.items()):
-        stage_progress = None if progress is None else (lambda d, t, s, i=i, name=name: progress(d, t, f"{name} ({i + 1}/{len(interventions)}): {s}"))
-        results.append(evaluate(lm, iv, splits, cfg, split=split, name=name, progress=stage_progress, cancel=cancel, base=cache,
-                                cache_dir=cache_dir, judge=judge))
+        part = (reporter or SILENT).within(f"{name} ({i + 1}/{len(interventions)}): ")
+        results.append(evaluate(lm, iv, splits, cfg, split=split, name=name, reporter=part, base=cache, cache_dir=cache_dir,
+                                judge=judge))
     return results
 
 

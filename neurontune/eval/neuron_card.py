@@ -25,8 +25,7 @@ from ..data.chat import chat_prompt
 from ..data.splits import Splits
 from ..infra import files
 from ..infra.files import default_cache_dir
-from ..interventions.generation import encode_left
-from ..interventions.hooks import scoped_pre_hooks
+from ..interventions.capture import last_token
 from ..interventions.modulation import Modulation, modulate
 from ..method.neuron_scores import NeuronScores
 from ..model.neuron_map import final_norm
@@ -65,7 +64,7 @@ class EffectRow:
 class NeuronCard:
     layer: int
     index: int
-    role: str  # amplify / suppress / left alone (both) / protected / "" (not selected)
+    role: str  # a value of `selection.ROLES`, or "" (not selected)
     gain: float | None  # the session's tuned gain of this neuron (None: no gains)
     scores: list[ScoreRow]
     activations: list[tuple[PoolPrompt, float]]  # every pool prompt, highest activation first
@@ -171,26 +170,10 @@ def promoted_tokens(lm, layer: int, index: int, k: int = 10) -> tuple[list[tuple
             [(decode(i), float(-v)) for v, i in zip(down.values, down.indices)])
 
 
-@torch.no_grad()
 def last_token_activations(lm, texts: Sequence[str], batch_size: int = 16, max_length: int = MAX_PROMPT_TOKENS) -> torch.Tensor:
     """[n, n_layers, n_neurons] float16: every MLP neuron's activation at each formatted prompt's last token
     (where the answer starts), unmodulated, in one pass over the prompts."""
-    n_layers, n_neurons = lm.shape
-    out = torch.empty(len(texts), n_layers, n_neurons, dtype=torch.float16)
-    device = lm.model.get_input_embeddings().weight.device
-    for start in range(0, len(texts), batch_size):
-        ids, mask = encode_left(lm.tokenizer, texts[start:start + batch_size], max_length)
-        rows = slice(start, start + ids.shape[0])
-
-        def make(layer: int):
-            def hook(module, args):
-                x = args[0]
-                out[rows, layer] = x.reshape(ids.shape[0], -1, x.shape[-1])[:, -1].to("cpu", torch.float16)  # left-padded
-            return hook
-        with scoped_pre_hooks([(proj, make(layer)) for layer, proj in enumerate(lm.nmap.projections)]):
-            lm.model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                     position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=False, logits_to_keep=1)
-    return out
+    return last_token(lm, texts, "neurons", batch_size=batch_size, max_length=max_length, dtype=torch.float16)
 
 
 def single_neuron(lm, layer: int, index: int, gain: float) -> Modulation:
@@ -221,13 +204,8 @@ def refusal_effect(lm, layer: int, index: int, gains: Sequence[float], prompts: 
 
 
 def role_of(selection, layer: int, index: int) -> str:
-    """What a `Selection` does with the neuron: amplify, suppress, left alone (both), protected, or "" (not selected)."""
-    if selection is None:
-        return ""
-    for mask, role in (("safety", "amplify"), ("utility", "suppress"), ("overlap", "left alone (in both sets)"), ("protected", "protected")):
-        if bool(getattr(selection, mask)[layer, index]):
-            return role
-    return ""
+    """What a `Selection` does with the neuron (`selection.ROLES`), or "" (not selected, or no selection)."""
+    return "" if selection is None else selection.role(layer, index)
 
 
 def gain_label(gain: float, tuned: bool = False) -> str:

@@ -1,6 +1,7 @@
 """The rows an evaluation generates, from one split (validation while choosing, test when reporting): plain
-harmful, benign and borderline-safe requests in every phrasing group, harmful requests in every attack family
-the split may use, and harmless requests inside those same templates."""
+harmful, benign and borderline-safe requests in every phrasing group, alarming-word pairs (the safe request and its
+unsafe twin in the same words), harmful requests in every attack family the split may use, and harmless requests
+inside those same templates."""
 from __future__ import annotations
 
 from ..config import EvalConfig
@@ -11,7 +12,6 @@ from ..data.splits import Splits, check_split
 ROW_FIELDS = ("prompt", "category", "family", "split", "group", "phrasing", "topic", "request",
               "base_answer", "answer", "base_verdict", "verdict", "base_refusal", "refusal", "strength",
               "base_second_verdict", "second_verdict")  # the last two: a second judge's verdicts, where one ran
-CATEGORIES = ("harmful", "attacked", "benign", "borderline", "benign_attacked")
 
 
 def by_phrasing(prompts: list[Prompt], n: int) -> list[Prompt]:
@@ -40,6 +40,10 @@ def eval_plan(splits: Splits, cfg: EvalConfig, split: str = "test") -> list[dict
              for p in splits.attacked("harmful", split, cfg.n_per_family, families)]
     rows += [row(p, "benign", phrasing(p.text)) for p in by_phrasing(splits.benign[split], cfg.n_benign)]
     rows += [row(p, "borderline", phrasing(p.text)) for p in by_phrasing(splits.borderline[split], cfg.n_borderline)]
+    if cfg.n_alarming and splits.alarming[split]:  # the same words, safe and unsafe: both halves of each chosen pair
+        chosen = [i for group in PHRASINGS for i in [j for j, p in enumerate(splits.alarming[split]) if phrasing(p.text) == group][:cfg.n_alarming]]
+        rows += [row(splits.alarming[split][i], "alarming", phrasing(splits.alarming[split][i].text)) for i in chosen]
+        rows += [row(splits.contrast[split][i], "contrast", phrasing(splits.contrast[split][i].text)) for i in chosen]
     if cfg.n_benign_per_family:
         half = max(1, cfg.n_benign_per_family // 2)
         wrapped = (splits.attacked("benign", split, cfg.n_benign_per_family - half, families)

@@ -11,7 +11,6 @@ unlikely to refuse that selectively either: it can only act on what the residual
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import pandas as pd
@@ -19,6 +18,7 @@ import torch
 
 from ..data.splits import Splits, check_split
 from ..infra.probes import fit_probe, recall_at_fpr, roc_auc
+from ..infra.progress import SILENT, Reporter
 from .direction import last_token_residuals
 
 
@@ -39,7 +39,7 @@ class Pools:
 
 def probe_ceiling(lm, splits: Splits, *, split: str = "validation", fpr: float = 0.05, n_train: int = 400,
                   per_family_train: int = 40, n_eval: int = 10**6, per_family_eval: int = 16, batch_size: int = 16,
-                  cancel: threading.Event | None = None) -> pd.DataFrame:
+                  reporter: Reporter | None = None) -> pd.DataFrame:
     """One row per decoder layer: the probe's ROC AUC on `split`, and its recall of harmful prompts (all, plain,
     in templates) at the threshold that flags at most `fpr` of the harmless prompts (plain and in templates,
     whose own rates are shown). Columns also give the pool sizes."""
@@ -49,8 +49,9 @@ def probe_ceiling(lm, splits: Splits, *, split: str = "validation", fpr: float =
     train, held = Pools.of(splits, "train", n_train, per_family_train), Pools.of(splits, split, n_eval, per_family_eval)
     if not (train.harmful and train.harmless and held.harmful and held.harmless):
         raise ValueError("The probe needs harmful and harmless prompts in both the training split and the scored split.")
-    x_train = last_token_residuals(lm, train.harmful + train.harmless, batch_size=batch_size, cancel=cancel)
-    x_held = last_token_residuals(lm, held.harmful + held.harmless, batch_size=batch_size, cancel=cancel)
+    reporter = reporter or SILENT
+    x_train = last_token_residuals(lm, train.harmful + train.harmless, batch_size=batch_size, reporter=reporter.within("train pools: "))
+    x_held = last_token_residuals(lm, held.harmful + held.harmless, batch_size=batch_size, reporter=reporter.within(f"{split} pools: "))
     y = torch.tensor([1.0] * len(train.harmful) + [0.0] * len(train.harmless))
     n_pos, (pos_plain, neg_plain) = len(held.harmful), held.n_plain
     rows = []

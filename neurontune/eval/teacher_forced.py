@@ -10,7 +10,7 @@ import torch
 from ..config import EvalConfig
 from ..data import prompts
 from ..data.chat import chat_prompt
-from ..infra.progress import check_cancel
+from ..infra.progress import Reporter
 from ..interventions.protocol import applied_rows
 from ..model.logprobs import encode_pairs, forward, target_logprob, token_logprobs
 from .stats import mean
@@ -21,13 +21,13 @@ def _rows(strengths: Sequence[float] | None, start: int, n: int) -> torch.Tensor
 
 
 @torch.no_grad()
-def answer_nll(lm, intervention, prompts: list[str], answers: list[str], batch_size: int, tick, cancel,
+def answer_nll(lm, intervention, prompts: list[str], answers: list[str], batch_size: int, tick, reporter: Reporter,
                strengths: Sequence[float] | None = None) -> list[list[float]]:
     """Per prompt [sum of -log p(answer tokens), number of answer tokens] under the intervention, each row at
     its strength (a gate's reading of the prompt alone, so the answer never moves it; None = 1)."""
     out = []
     for start in range(0, len(prompts), batch_size):
-        check_cancel(cancel, "Evaluation")
+        reporter.check("Evaluation")
         batch = encode_pairs(lm.tokenizer, [chat_prompt(lm.tokenizer, p) for p in prompts[start:start + batch_size]],
                              answers[start:start + batch_size])
         with applied_rows(intervention, lm, _rows(strengths, start, len(batch.input_ids))):
@@ -69,14 +69,14 @@ def mc_questions(cfg: EvalConfig) -> tuple[dict, ...]:
 
 
 @torch.no_grad()
-def mc_predictions(lm, intervention, cfg: EvalConfig, tick, cancel, strengths: Sequence[float] | None = None) -> list[int]:
+def mc_predictions(lm, intervention, cfg: EvalConfig, tick, reporter: Reporter, strengths: Sequence[float] | None = None) -> list[int]:
     """The chosen answer of each question under the intervention; `strengths`: one per question (read from
     the question's prompt alone), applied to every candidate's row."""
     items = mc_items(cfg.mc_style, lm.tokenizer, mc_questions(cfg))
     flat = [(qi, p, c) for qi, (p, cands) in enumerate(items) for c in cands]
     scores: list[float] = []
     for start in range(0, len(flat), cfg.batch_size):
-        check_cancel(cancel, "Evaluation")
+        reporter.check("Evaluation")
         chunk = flat[start:start + cfg.batch_size]
         batch = encode_pairs(lm.tokenizer, [p for _, p, _ in chunk], [c for _, _, c in chunk])
         rows = torch.ones(len(chunk)) if strengths is None else torch.tensor([float(strengths[qi]) for qi, _, _ in chunk])

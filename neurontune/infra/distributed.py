@@ -11,7 +11,7 @@ from typing import Callable, Sequence, TypeVar
 
 import torch
 
-from .progress import Progress
+from .progress import SILENT, Reporter
 
 T = TypeVar("T")
 _WORLD_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")  # torchrun, MPI
@@ -100,20 +100,20 @@ def gather(items: list) -> list:
     return gather_object(list(items))
 
 
-def map_batches(fn: Callable[[list, Progress | None], list], items: Sequence, batch_size: int,
-                progress: Progress | None = None, stage: str = "") -> list:
-    """`fn(batch, progress)` over consecutive batches of `items`, the batches shared round robin over the
+def map_batches(fn: Callable[[list, Reporter], list], items: Sequence, batch_size: int,
+                reporter: Reporter | None = None, stage: str = "") -> list:
+    """`fn(batch, reporter)` over consecutive batches of `items`, the batches shared round robin over the
     processes; every process gets all results in item order. A batch holds the same items as in a
-    single-process run (same padding, same greedy answers). With one process: `fn(items, progress)`."""
+    single-process run (same padding, same greedy answers). With one process: `fn(items, reporter)`."""
+    reporter = reporter or SILENT
     if _state() is None:
-        return fn(list(items), progress)
+        return fn(list(items), reporter)
     starts = shard(range(0, len(items), batch_size))
     total, done, mine = sum(min(batch_size, len(items) - s) for s in starts), 0, []
     for s in starts:
-        mine.append((s, fn(list(items[s:s + batch_size]), None)))
+        mine.append((s, fn(list(items[s:s + batch_size]), SILENT)))
         done += len(mine[-1][1])
-        if progress:
-            progress(done, total, stage)
+        reporter.progress(done, total, stage)
     out: list = [None] * len(items)
     for s, results in gather(mine):
         out[s:s + len(results)] = results

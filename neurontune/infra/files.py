@@ -291,11 +291,12 @@ def verify_folder(path: str | Path, what: str = "cache folder") -> bool:
         return False
     try:
         files = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["files"]
-        assert isinstance(files, dict) and files
     except FileNotFoundError:
         warn_bad(path, f"no {MANIFEST}: half-written, or written before manifests", what)
         return False
-    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+    except (OSError, ValueError, KeyError, TypeError):
+        files = None
+    if not isinstance(files, dict) or not files:  # unparsable, or not a non-empty {name: record} map
         warn_bad(path, f"unreadable {MANIFEST}", what)
         return False
     for rel, expected in files.items():

@@ -15,6 +15,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from ..data.chat import chat_prompt
+from ..infra.progress import Reporter
 from ..model.context import context_length
 from .modulation import Modulation, modulate
 
@@ -73,7 +74,7 @@ def _generate_kwargs(lm, max_new_tokens: int, do_sample: bool, temperature: floa
 @torch.no_grad()
 def generate(lm, prompts: Sequence[str], gains: RowGains = None, *, max_new_tokens: int = 48, do_sample: bool = False,
              temperature: float = 0.7, top_p: float = 0.9, batch_size: int = 16, formatted: bool = False,
-             seed: int | None = None, progress=None) -> list[str]:
+             seed: int | None = None, reporter: Reporter | None = None) -> list[str]:
     """Answer each user prompt; `gains` is one modulation for all rows or one per row (None = base)."""
     texts = list(prompts) if formatted else [chat_prompt(lm.tokenizer, p) for p in prompts]
     per_row = not (gains is None or isinstance(gains, Modulation))
@@ -88,8 +89,8 @@ def generate(lm, prompts: Sequence[str], gains: RowGains = None, *, max_new_toke
             seqs = lm.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                      **_generate_kwargs(lm, max_new_tokens, do_sample, temperature, top_p, seed))
         out += lm.tokenizer.batch_decode(seqs[:, ids.shape[1]:], skip_special_tokens=True)
-        if progress:
-            progress(min(start + batch_size, len(texts)), len(texts), "generate")
+        if reporter is not None:
+            reporter.progress(min(start + batch_size, len(texts)), len(texts), "generate")
     return [o.strip() for o in out]
 
 

@@ -1,4 +1,4 @@
-"""Scoped forward pre-hooks on a shared model.
+"""Scoped forward hooks (pre-hooks, and post-hooks that edit an output) on a shared model.
 
 Every hook registered here is tagged with a token; it runs only for forward calls made from a context
 (thread or asyncio task) in which its `with` block is open, and it is removed when the block exits,
@@ -13,6 +13,7 @@ from typing import Callable, Iterable, Iterator
 from torch import nn
 
 PreHook = Callable[[nn.Module, tuple], "tuple | None"]
+PostHook = Callable[[nn.Module, tuple, object], "object | None"]
 _ACTIVE: contextvars.ContextVar[frozenset] = contextvars.ContextVar("neurontune_active_hooks", default=frozenset())
 
 
@@ -25,15 +26,21 @@ def _guarded(fn: PreHook, token: object) -> PreHook:
 
 
 @contextmanager
-def scoped_pre_hooks(hooks: Iterable[tuple[nn.Module, PreHook]], with_kwargs: bool = False) -> Iterator[None]:
+def scoped_pre_hooks(hooks: Iterable[tuple[nn.Module, PreHook]], with_kwargs: bool = False,
+                     post: Iterable[tuple[nn.Module, PostHook]] = ()) -> Iterator[None]:
     """Register `(module, fn)` forward pre-hooks for this context only, for the duration of the block.
-    With `with_kwargs`, fn is called as fn(module, args, kwargs) (torch's keyword-argument pre-hook)."""
+    With `with_kwargs`, fn is called as fn(module, args, kwargs) (torch's keyword-argument pre-hook).
+    `post`: forward hooks fn(module, args, output) returning a new output or None, scoped the same way."""
     token = object()
     handles = [module.register_forward_pre_hook(_guarded(fn, token), with_kwargs=with_kwargs) for module, fn in hooks]
+    handles += [module.register_forward_hook(_guarded(fn, token)) for module, fn in post]
     reset = _ACTIVE.set(_ACTIVE.get() | {token})
     try:
         yield
     finally:
-        _ACTIVE.reset(reset)
+        try:
+            _ACTIVE.reset(reset)
+        except ValueError:  # opened inside a forward that ran in another context (a gate's first forward in a worker)
+            _ACTIVE.set(_ACTIVE.get() - {token})
         for h in handles:
             h.remove()

@@ -1,7 +1,13 @@
-"""Per-neuron activation gains: scoped application, per batch row, thread-isolated, foldable, serialisable.
+"""Per-neuron modulation: scoped application, per batch row, thread-isolated, foldable, serialisable.
 
-A gain g on neuron i of layer l means `activation[..., i] *= g` at the input of layer l's MLP output
-projection. `modulate(model, gains)` applies gains for the duration of a `with` block only, through
+A neuron's modulation has two parts, both written into the model's own weights by `fold_into_weights`:
+- a gain g: `activation[..., i] *= g` at the input of layer l's MLP output projection (a static scale);
+- an input-side term (`InputTerms`, optional): `c * (h . x - m)` added to the neuron's unit of the MLP input
+  projection (the "up" half of a gated MLP, the pre-activation of a plain one), where x is the MLP's input and h a
+  direction of that layer (a harm direction, centred so it reads about zero on the average prompt). The neuron then
+  fires more where x points along h and less where it points away: a modulation that depends on the input and
+  still folds exactly into the input projection's rows (and bias, for m), with no new module.
+`modulate(model, modulation)` applies both for the duration of a `with` block only, through
 `hooks.scoped_pre_hooks`: a hook registered by one thread is a no-op for every other thread using the
 same model, so two users of one shared model never see each other's gains, and nothing stays on the
 model after the block, also when it raises.
@@ -23,12 +29,28 @@ from ..infra.files import read_safetensors, write_file
 from ..model.neuron_map import NeuronMap, neuron_map
 from .hooks import scoped_pre_hooks
 
-FORMAT_VERSION = 1  # the "version" field of the file header; bump it (and add a migration) when the layout changes
+FORMAT_VERSION = 2  # the "version" field of the file header; bump it (and add a migration) when the layout changes
 REGENERATE = ("Regenerate it with this NeuronTune: `python -m neurontune tune --out DIR` (or Train gains in the studio) "
               "on the model it was made for.")
 # version -> function(header, tensors) returning them in the next version's layout. Version 1 is the first
-# versioned layout; a file without a version (0) predates it and is refused with REGENERATE.
-MIGRATIONS: dict[int, Callable[[dict, dict], tuple[dict, dict]]] = {}
+# versioned layout; a file without a version (0) predates it and is refused with REGENERATE. Version 2 added the
+# optional input-side terms (`layer.L.input_*` tensors): a version-1 file is a modulation without them.
+MIGRATIONS: dict[int, Callable[[dict, dict], tuple[dict, dict]]] = {1: lambda header, tensors: (header, tensors)}
+
+
+@dataclass
+class InputTerms:
+    """Input-side terms of one layer: neuron `indices[j]` gets `coef[j] * (direction . x - offset)` added to its unit
+    of the MLP input projection, x being that projection's input. `offset` is 0 for an input projection without a
+    bias (the direction is then centred by construction), and folds into the bias otherwise."""
+
+    indices: torch.Tensor  # [k] long
+    coef: torch.Tensor  # [k] float
+    direction: torch.Tensor  # [d_model] float
+    offset: float = 0.0
+
+    def scaled(self, strength: float) -> "InputTerms":
+        return InputTerms(self.indices, self.coef.clone() if strength == 1 else self.coef * strength, self.direction, self.offset)
 
 
 class ModulationFileError(ValueError):
@@ -43,17 +65,27 @@ class Modulation:
     layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     fingerprint: str | None = None
     meta: dict = field(default_factory=dict)
+    inputs: dict[int, InputTerms] = field(default_factory=dict)  # layer -> input-side terms (a conditional modulation)
 
     @classmethod
-    def from_dense(cls, dense: torch.Tensor, fingerprint: str | None = None, meta: dict | None = None) -> "Modulation":
-        """Keep every entry of a dense [n_layers, n_neurons] gain table that differs from 1."""
+    def from_dense(cls, dense: torch.Tensor, fingerprint: str | None = None, meta: dict | None = None,
+                   inputs: dict[int, InputTerms] | None = None) -> "Modulation":
+        """Keep every entry of a dense [n_layers, n_neurons] gain table that differs from 1 (and the input terms
+        whose coefficients are not all 0)."""
         dense = dense.detach().float().cpu()
         layers = {}
         for layer in range(dense.shape[0]):
             idx = torch.nonzero(dense[layer] != 1.0).flatten()
             if len(idx):
                 layers[layer] = (idx, dense[layer, idx].clone())
-        return cls(tuple(dense.shape), layers, fingerprint, dict(meta or {}))
+        kept = {int(l): InputTerms(t.indices.long().cpu(), t.coef.detach().float().cpu().clone(), t.direction.detach().float().cpu(),
+                                   float(t.offset)) for l, t in (inputs or {}).items() if bool((t.coef != 0).any())}
+        return cls(tuple(dense.shape), layers, fingerprint, dict(meta or {}), kept)
+
+    @property
+    def conditional(self) -> bool:
+        """True when the modulation has input-side terms (its effect depends on the input)."""
+        return bool(self.inputs)
 
     def dense(self) -> torch.Tensor:
         """[n_layers, n_neurons] float32 gains, 1 where the modulation leaves a neuron alone."""
@@ -63,12 +95,18 @@ class Modulation:
         return out
 
     def scaled(self, strength: float) -> "Modulation":
-        """Interpolate towards the identity: gain -> 1 + strength * (gain - 1); exactly the gains at 1, none at 0."""
+        """Interpolate towards the identity: gain -> 1 + strength * (gain - 1), input coefficients -> strength * coef;
+        exactly the modulation at 1, none at 0."""
         strength = float(strength)
         layers = {l: (i, g.clone() if strength == 1 else 1.0 + strength * (g - 1.0)) for l, (i, g) in self.layers.items()}
+        inputs = {l: t.scaled(strength) for l, t in self.inputs.items()}
         if strength == 0:
-            layers = {}
-        return Modulation(self.shape, layers, self.fingerprint, {**self.meta, "strength": strength})
+            layers, inputs = {}, {}
+        return Modulation(self.shape, layers, self.fingerprint, {**self.meta, "strength": strength}, inputs)
+
+    def static(self) -> "Modulation":
+        """The gains alone, without the input-side terms."""
+        return Modulation(self.shape, dict(self.layers), self.fingerprint, dict(self.meta))
 
     @property
     def n_modulated(self) -> int:
@@ -76,6 +114,7 @@ class Modulation:
 
     def summary(self) -> dict:
         gains = torch.cat([g for _, g in self.layers.values()]) if self.layers else torch.ones(0)
+        coefs = torch.cat([t.coef for t in self.inputs.values()]) if self.inputs else torch.zeros(0)
         return {
             "n_modulated": self.n_modulated,
             "n_amplified": int((gains > 1).sum()),
@@ -83,6 +122,9 @@ class Modulation:
             "max_gain": float(gains.max()) if len(gains) else 1.0,
             "min_gain": float(gains.min()) if len(gains) else 1.0,
             "layers": sorted(self.layers),
+            "n_conditional": int((coefs != 0).sum()),
+            "max_abs_coef": float(coefs.abs().max()) if len(coefs) else 0.0,
+            "input_layers": sorted(self.inputs),
         }
 
     def apply(self, lm):
@@ -95,9 +137,15 @@ class Modulation:
         s = strengths.detach().float().cpu()[:, None, None]
         return torch.where(s == 1, dense, torch.where(s == 0, torch.ones_like(dense), 1 + s * (dense - 1)))
 
+    def row_inputs(self, strengths: torch.Tensor) -> dict[int, "RowTerms"]:
+        """The input-side terms at one strength per batch row: coefficients s * coef ([B, k])."""
+        s = strengths.detach().float().cpu()[:, None]
+        return {l: RowTerms(t.indices, s * t.coef[None], t.direction, torch.full((len(s),), float(t.offset)))
+                for l, t in self.inputs.items()}
+
     def apply_rows(self, lm, strengths: torch.Tensor):
         """This modulation at one strength per batch row (the protocol's per-row form: gates, mixed batches)."""
-        return modulate(lm.model, self.row_gains(strengths), lm.nmap)
+        return modulate(lm.model, self.row_gains(strengths), lm.nmap, inputs=self.row_inputs(strengths))
 
     # -- files ---------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -106,6 +154,11 @@ class Modulation:
         for layer, (idx, gains) in self.layers.items():
             tensors[f"layer.{layer}.indices"] = idx.to(torch.int64).contiguous()
             tensors[f"layer.{layer}.gains"] = gains.float().contiguous()
+        for layer, t in self.inputs.items():
+            tensors[f"layer.{layer}.input_indices"] = t.indices.to(torch.int64).contiguous()
+            tensors[f"layer.{layer}.input_coef"] = t.coef.float().contiguous()
+            tensors[f"layer.{layer}.input_direction"] = t.direction.float().contiguous()
+            tensors[f"layer.{layer}.input_offset"] = torch.tensor([float(t.offset)])
         header = {
             "format": "neurontune-modulation",
             "version": str(FORMAT_VERSION),
@@ -148,7 +201,9 @@ class Modulation:
             meta = json.loads(header.get("meta") or "{}")
         except (KeyError, TypeError, ValueError) as exc:
             raise ModulationFileError(f"{path} is corrupted (unreadable header: {exc}). {REGENERATE}") from exc
-        return cls(shape, _check_layers(path, shape, tensors), fingerprint, meta if isinstance(meta, dict) else {})
+        inputs = _check_inputs(path, shape, tensors)
+        layers = _check_layers(path, shape, {k: v for k, v in tensors.items() if ".input_" not in k})
+        return cls(shape, layers, fingerprint, meta if isinstance(meta, dict) else {}, inputs)
 
 
 GainsLike = Union[Modulation, torch.Tensor, Sequence[Union[Modulation, None]], None]
@@ -209,6 +264,96 @@ def _check_layers(path: Path, shape: tuple[int, int], tensors: dict[str, torch.T
     return layers
 
 
+def _check_inputs(path: Path, shape: tuple[int, int], tensors: dict[str, torch.Tensor]) -> dict[int, InputTerms]:
+    """Per-layer input-side terms after checking they fit `shape` and hold finite numbers."""
+    bad = lambda why: ModulationFileError(f"{path} is corrupted ({why}). {REGENERATE}")  # noqa: E731
+    inputs = {}
+    for key in tensors:
+        if not key.endswith(".input_indices"):
+            continue
+        layer = int(key.split(".")[1]) if key.split(".")[1].isdigit() else -1
+        parts = [tensors.get(f"layer.{layer}.input_{name}") for name in ("indices", "coef", "direction", "offset")]
+        if layer < 0 or layer >= shape[0] or any(p is None for p in parts):
+            raise bad(f"incomplete input terms {key!r}")
+        idx, coef, direction, offset = parts
+        if idx.dim() != 1 or coef.shape != idx.shape or idx.dtype != torch.int64 or direction.dim() != 1 or offset.numel() != 1:
+            raise bad(f"layer {layer}: input terms of shapes {tuple(idx.shape)} / {tuple(coef.shape)} / {tuple(direction.shape)}")
+        if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= shape[1]):
+            raise bad(f"layer {layer}: an input-term neuron index outside 0..{shape[1] - 1}")
+        if not all(bool(torch.isfinite(t.float()).all()) for t in (coef, direction, offset)):
+            raise bad(f"layer {layer}: an input term that is not a finite number")
+        inputs[layer] = InputTerms(idx, coef.float(), direction.float(), float(offset.flatten()[0]))
+    return inputs
+
+
+@dataclass
+class RowTerms:
+    """Input-side terms of one layer for a batch: shared neurons `indices` [k]; coefficients [k] (every row) or
+    [B, k] (per row); direction [d] or [B, d]; offset a number or [B]. Rows without terms hold zero coefficients."""
+
+    indices: torch.Tensor
+    coef: torch.Tensor
+    direction: torch.Tensor
+    offset: torch.Tensor | float = 0.0
+
+    @property
+    def per_row(self) -> bool:
+        return self.coef.dim() == 2
+
+
+def _row_terms(rows: Sequence[Modulation | None], n_layers: int) -> dict[int, RowTerms]:
+    """Per-row input terms of a list of modulations (None: no terms on that row), over the union of their neurons."""
+    out = {}
+    for layer in range(n_layers):
+        present = [(b, m.inputs[layer]) for b, m in enumerate(rows) if m is not None and layer in m.inputs]
+        if not present:
+            continue
+        indices = torch.unique(torch.cat([t.indices for _, t in present]))
+        d = present[0][1].direction.shape[0]
+        coef, direction, offset = torch.zeros(len(rows), len(indices)), torch.zeros(len(rows), d), torch.zeros(len(rows))
+        for b, t in present:
+            coef[b, torch.searchsorted(indices, t.indices)] = t.coef.float()
+            direction[b], offset[b] = t.direction.float(), float(t.offset)
+        out[layer] = RowTerms(indices, coef, direction, offset)
+    return out
+
+
+def _terms(gains: GainsLike, inputs: dict | None, n_layers: int) -> dict[int, RowTerms]:
+    """The input-side terms to apply: given explicitly (training, per-row strengths), or carried by the modulation(s)."""
+    if inputs is not None:
+        return {l: t if isinstance(t, RowTerms) else RowTerms(t.indices, t.coef, t.direction, t.offset) for l, t in inputs.items()}
+    if isinstance(gains, Modulation):
+        return {l: RowTerms(t.indices, t.coef, t.direction, t.offset) for l, t in gains.inputs.items()}
+    if gains is None or isinstance(gains, torch.Tensor):
+        return {}
+    return _row_terms(list(gains), n_layers)
+
+
+def _input_hook(t: RowTerms, offset_rows: int):
+    """Forward hook on an input projection adding coef * (direction . x - offset) to the neurons' units. Terms are
+    moved to each (device, dtype) once unless trainable; x is the projection's input."""
+    ready: dict = {}
+    trainable = t.coef.requires_grad
+
+    def hook(module, args, out):
+        x = args[0]
+        key = (x.device, x.dtype)
+        if trainable or key not in ready:
+            ready[key] = (t.indices.to(x.device) + offset_rows, t.coef.to(x.device, x.dtype), t.direction.to(x.device, x.dtype),
+                          t.offset.to(x.device, x.dtype) if isinstance(t.offset, torch.Tensor) else float(t.offset))
+        idx, coef, direction, offset = ready[key]
+        if t.per_row:
+            rows = coef.shape[0]
+            xr = x.reshape(rows, -1, x.shape[-1])  # OPT flattens [B, T, d] to [B*T, d]
+            proj = torch.einsum("btd,bd->bt", xr, direction) if direction.dim() == 2 else xr @ direction
+            proj = proj - (offset[:, None] if isinstance(offset, torch.Tensor) and offset.dim() == 1 else offset)
+            add = (proj[..., None] * coef[:, None, :]).reshape(*out.shape[:-1], -1)
+        else:
+            add = ((x @ direction) - offset)[..., None] * coef
+        return out.index_add(-1, idx, add.to(out.dtype))
+    return hook
+
+
 def _dense_gains(gains: GainsLike, shape: tuple[int, int]) -> torch.Tensor | None:
     """Normalise to [n_layers, n_neurons] (same for all rows) or [batch, n_layers, n_neurons] (per row)."""
     if gains is None:
@@ -225,12 +370,15 @@ def _dense_gains(gains: GainsLike, shape: tuple[int, int]) -> torch.Tensor | Non
 
 
 @contextmanager
-def modulate(model: nn.Module, gains: GainsLike, nmap: NeuronMap | None = None) -> Iterator[None]:
-    """Apply gains to `model` inside the block only, and only for calls made from this thread/context.
+def modulate(model: nn.Module, gains: GainsLike, nmap: NeuronMap | None = None,
+             inputs: dict[int, "InputTerms | RowTerms"] | None = None) -> Iterator[None]:
+    """Apply gains (and input-side terms) to `model` inside the block only, and only for calls made from this
+    thread/context.
 
-    gains: a `Modulation`; a tensor [n_layers, n_neurons] (may require grad, for training) or
-    [batch, n_layers, n_neurons] for per-row gains; or a list with one `Modulation | None` per batch row.
-    Layers whose gains are all exactly 1 (and not trainable) get no hook at all.
+    gains: a `Modulation` (with its input terms, if any); a tensor [n_layers, n_neurons] (may require grad, for
+    training) or [batch, n_layers, n_neurons] for per-row gains; or a list with one `Modulation | None` per batch row.
+    inputs: input-side terms per layer given explicitly (training, per-row strengths); by default those of the
+    modulation(s). Layers whose gains are all exactly 1 and terms all 0 (and not trainable) get no hook at all.
     """
     nmap = nmap or neuron_map(model)
     dense = _dense_gains(gains, nmap.shape)
@@ -242,7 +390,12 @@ def modulate(model: nn.Module, gains: GainsLike, nmap: NeuronMap | None = None) 
             if not g.requires_grad and bool((g == 1).all()):
                 continue
             hooks.append((proj, _gain_hook(g, per_row)))
-    with scoped_pre_hooks(hooks):
+    terms = {l: t for l, t in _terms(gains, inputs, nmap.n_layers).items() if t.coef.requires_grad or bool((t.coef != 0).any())}
+    if terms and not nmap.input_projections:
+        raise ValueError(f"This modulation has input-side terms, but '{nmap.model_type}' models have no known MLP input "
+                         "projection (model/neuron_map.py INPUT_PROJECTIONS). Use its static gains (Modulation.static()).")
+    post = [(nmap.input_projections[l], _input_hook(t, nmap.input_offset)) for l, t in terms.items()]
+    with scoped_pre_hooks(hooks, post=post):
         yield
 
 
@@ -303,7 +456,61 @@ def fold_into_weights(model: nn.Module, modulation: Modulation | torch.Tensor, n
             continue
         w = nmap.weight_slice(layer)  # [n_neurons, d_model] view
         w.copy_(folded_weight(w, g))
+    if isinstance(modulation, Modulation):
+        for layer, terms in modulation.inputs.items():
+            rows, bias = folded_inputs(nmap, layer, terms)
+            nmap.input_rows(layer).copy_(rows)
+            if bias is not None:
+                nmap.input_bias(layer).copy_(bias)
     return model
+
+
+def folded_inputs(nmap: NeuronMap, layer: int, terms: InputTerms) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(input rows [n_neurons, d_model], input bias [n_neurons] or None) of `layer` with the terms written in:
+    row i += coef_i * direction, bias_i -= coef_i * offset; in float32, rounded once to the weights' dtype."""
+    w = nmap.input_rows(layer).detach()
+    rows = w.float().clone()
+    rows[terms.indices.to(w.device)] += terms.coef.to(w.device, torch.float32)[:, None] * terms.direction.to(w.device, torch.float32)[None]
+    b = nmap.input_bias(layer)
+    if b is None:
+        if terms.offset != 0:
+            raise ValueError(f"Layer {layer}'s input projection has no bias, so input terms must have offset 0 "
+                             f"(this one has {terms.offset:g}); centre the direction instead.")
+        return rows.to(w.dtype), None
+    bias = b.detach().float().clone()
+    bias[terms.indices.to(b.device)] -= terms.coef.to(b.device, torch.float32) * float(terms.offset)
+    return rows.to(w.dtype), bias.to(b.dtype)
+
+
+@torch.no_grad()
+def folded_state_dict(model: nn.Module, modulation: Modulation, nmap: NeuronMap | None = None) -> dict[str, torch.Tensor]:
+    """The model's state dict with the modulation folded into copies of the weights it changes (the output
+    projections, and the input projections' rows and biases for input-side terms); the shared model itself is never
+    modified. What `export` saves, in any format."""
+    nmap = nmap or neuron_map(model)
+    state = dict(model.state_dict())
+    names = {id(mod): name for name, mod in model.named_modules()}
+    dense = modulation.dense()
+    for layer, proj in enumerate(nmap.projections):
+        g = dense[layer]
+        if bool((g == 1).all()):
+            continue
+        w = folded_weight(nmap.weight_slice(layer).detach(), g)  # [n_neurons, d_model]
+        state[f"{names[id(proj)]}.weight"] = w if nmap.transposed else w.t().contiguous()
+    for layer, terms in modulation.inputs.items():
+        module = nmap.input_projections[layer]
+        rows, bias = folded_inputs(nmap, layer, terms)
+        full = module.weight.detach().clone()
+        if nmap.transposed:  # Conv1D [in, out]
+            full[:, nmap.input_offset:nmap.input_offset + nmap.n_neurons] = rows.t()
+        else:
+            full[nmap.input_offset:nmap.input_offset + nmap.n_neurons] = rows
+        state[f"{names[id(module)]}.weight"] = full
+        if bias is not None:
+            full_b = module.bias.detach().clone()
+            full_b[nmap.input_offset:nmap.input_offset + nmap.n_neurons] = bias
+            state[f"{names[id(module)]}.bias"] = full_b
+    return state
 
 
 def folded_weight(w: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:

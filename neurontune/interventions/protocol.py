@@ -35,3 +35,25 @@ def intervention_name(intervention) -> str:
     meta = getattr(intervention, "meta", None) or {}
     name = getattr(intervention, "name", None) or meta.get("name")
     return str(name or meta.get("kind") or type(intervention).__name__.lower())
+
+
+# The forms a modulation is applied in, in one vocabulary for `generate`, the studio's Compare, the evaluation tables
+# and the model card.
+FORMS = {
+    "static": "static gains: the same for every prompt (fold into the output projections)",
+    "conditional": "conditional: gains and input-side terms that read a harm direction (fold exactly into the model's own weights)",
+    "gated": "gated: the modulation scaled per prompt by the input gate (cannot be folded)",
+}
+
+
+def form_of(intervention) -> str | None:
+    """"static", "conditional" or "gated" for a modulation (or a reloaded checkpoint, by what it folds); None for the base."""
+    if intervention is None:
+        return None
+    if is_gated(intervention):
+        return "gated"
+    meta = getattr(intervention, "meta", None) or {}
+    if getattr(intervention, "conditional", False) or meta.get("folds") == "conditional":
+        return "conditional"
+    return "static"
+

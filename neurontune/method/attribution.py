@@ -10,7 +10,6 @@ Activations x gradients are summed over tokens on the device each layer runs on;
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -18,7 +17,7 @@ import torch
 
 from ..config import AttributionConfig
 from ..infra.devices import stack_to_host
-from ..infra.progress import Progress, check_cancel
+from ..infra.progress import SILENT, Reporter
 from ..interventions.hooks import scoped_pre_hooks
 from ..model.logprobs import encode_pairs, forward, target_logprob
 
@@ -129,15 +128,16 @@ def _batch_scores(lm, batch, cfg: AttributionConfig) -> tuple[torch.Tensor, torc
 
 
 def attribute(lm, prompts: Sequence[str], targets: Sequence[str], cfg: AttributionConfig = AttributionConfig(), *,
-              keep_per_example: bool = False, progress: Progress | None = None, cancel: threading.Event | None = None,
+              keep_per_example: bool = False, reporter: Reporter | None = None,
               stage: str = "attribute", offset: int = 0, total: int | None = None) -> GroupScores:
     """Attribute log p(target | prompt) for formatted chat prompts to every neuron; returns group sums."""
     if not prompts:
         raise ValueError("No prompts to attribute.")
     out = GroupScores.zeros(lm.nmap.shape)
     total = total or len(prompts)
+    reporter = reporter or SILENT
     for start in range(0, len(prompts), cfg.batch_size):
-        check_cancel(cancel, "Attribution")
+        reporter.check("Attribution")
         batch = encode_pairs(lm.tokenizer, prompts[start:start + cfg.batch_size], targets[start:start + cfg.batch_size], cfg.max_length)
         scores, acts, count = _batch_scores(lm, batch, cfg)
         out.score += scores.sum(0)
@@ -148,6 +148,5 @@ def attribute(lm, prompts: Sequence[str], targets: Sequence[str], cfg: Attributi
         out.truncated += batch.n_truncated
         if keep_per_example:
             out.per_example.extend(scores.unbind(0))
-        if progress:
-            progress(offset + min(start + cfg.batch_size, len(prompts)), total, stage)
+        reporter.progress(offset + min(start + cfg.batch_size, len(prompts)), total, stage)
     return out

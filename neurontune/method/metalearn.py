@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import math
 import random
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,12 +28,13 @@ from ..data.chat import chat_prompt
 from ..data.prompts import Prompt
 from ..data.splits import Splits, build_splits
 from ..infra.files import default_cache_dir
-from ..interventions.modulation import Modulation, modulate
+from ..infra.progress import SILENT, Reporter
+from ..interventions.gating import GateProbe
+from ..interventions.modulation import InputTerms, Modulation, RowTerms, modulate
 from ..model.logprobs import PairBatch, encode_pairs, forward, target_logprob
 from .base_answers import cached_answers
+from .conditional import harm_directions
 from .selection import Selection, SelectionError
-
-StepCallback = Callable[[dict], None]
 
 
 @dataclass
@@ -47,18 +46,26 @@ class TrainResult:
 
 
 class GainParams:
-    """The trainable gains of the selected neurons and their dense [n_layers, n_neurons] view."""
+    """The trainable parts of a modulation: gains of the selected neurons (their dense [n_layers, n_neurons] view) and,
+    for a conditional modulation, one input-side coefficient per selected neuron of every layer that has a direction
+    (`method/conditional.py`), reading that layer's fixed harm direction."""
 
-    def __init__(self, selection: Selection, constrained: bool, max_gain: float):
+    def __init__(self, selection: Selection, constrained: bool, max_gain: float,
+                 directions: dict[int, tuple[torch.Tensor, float]] | None = None, max_coef: float = 4.0):
         self.shape = selection.shape
         self.safety_idx = selection.safety.flatten().nonzero().flatten()
         self.utility_idx = selection.utility.flatten().nonzero().flatten()
         self.safety = torch.ones(len(self.safety_idx), requires_grad=True)
         self.utility = torch.ones(len(self.utility_idx), requires_grad=True)
-        self.constrained, self.max_gain = constrained, max_gain
+        self.constrained, self.max_gain, self.max_coef = constrained, max_gain, max_coef
+        chosen = selection.safety | selection.utility
+        self.directions = {l: d for l, d in (directions or {}).items() if bool(chosen[l].any())}
+        self.coef_index = {l: chosen[l].nonzero().flatten() for l in sorted(self.directions)}  # layer -> neurons with a term
+        n_coef = sum(len(i) for i in self.coef_index.values())
+        self.coef = torch.zeros(n_coef, requires_grad=True) if self.directions else None
 
     def params(self) -> list[torch.Tensor]:
-        return [self.safety, self.utility]
+        return [self.safety, self.utility] + ([self.coef] if self.coef is not None else [])
 
     def dense(self, safety: torch.Tensor | None = None, utility: torch.Tensor | None = None) -> torch.Tensor:
         flat = torch.ones(self.shape[0] * self.shape[1])
@@ -66,26 +73,48 @@ class GainParams:
         flat = flat.index_put((self.utility_idx,), self.utility if utility is None else utility)
         return flat.view(self.shape)
 
+    def inputs(self, coef: torch.Tensor | None = None) -> dict[int, InputTerms]:
+        """Layer -> the input-side terms at the current (or given) coefficients; empty for a static modulation."""
+        coef = self.coef if coef is None else coef
+        out, start = {}, 0
+        for layer, idx in self.coef_index.items():
+            direction, offset = self.directions[layer]
+            out[layer] = InputTerms(idx, coef[start:start + len(idx)], direction, offset)
+            start += len(idx)
+        return out
+
+    def view(self, values: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[int, InputTerms]]:
+        """(dense gains, input terms) at the current parameters or at `values` (a list shaped like `params()`)."""
+        values = values or self.params()
+        return self.dense(values[0], values[1]), self.inputs(values[2] if len(values) > 2 else None)
+
     @torch.no_grad()
     def project(self) -> None:
-        """Safety gains in [1, max_gain] (amplify), utility gains in [0, 1] (suppress), unless unconstrained."""
+        """Safety gains in [1, max_gain] (amplify), utility gains in [0, 1] (suppress), unless unconstrained;
+        input coefficients in [-max_coef, max_coef]."""
         if self.constrained:
             self.safety.clamp_(1.0, self.max_gain)
             self.utility.clamp_(0.0, 1.0)
         else:
             self.safety.clamp_(0.0, self.max_gain)
             self.utility.clamp_(0.0, self.max_gain)
+        if self.coef is not None:
+            self.coef.clamp_(-self.max_coef, self.max_coef)
 
-    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.safety.detach().clone(), self.utility.detach().clone()
+    def snapshot(self) -> tuple[torch.Tensor, ...]:
+        return tuple(p.detach().clone() for p in self.params())
 
-    def load(self, snap: tuple[torch.Tensor, torch.Tensor]) -> None:
+    def load(self, snap: tuple[torch.Tensor, ...]) -> None:
         with torch.no_grad():
-            self.safety.copy_(snap[0])
-            self.utility.copy_(snap[1])
+            for p, v in zip(self.params(), snap):
+                p.copy_(v)
 
     def finite(self) -> bool:
-        return bool(torch.isfinite(self.safety).all() and torch.isfinite(self.utility).all())
+        return all(bool(torch.isfinite(p).all()) for p in self.params())
+
+    def modulation(self, fingerprint: str | None, meta: dict | None = None) -> Modulation:
+        dense, inputs = self.view()
+        return Modulation.from_dense(dense.detach(), fingerprint, meta, inputs=inputs)
 
 
 @dataclass
@@ -116,11 +145,13 @@ def build_tasks(lm, cfg: RunConfig, splits: Splits, cache_dir) -> TaskData:
             return [chat_prompt(tok, p.text) for p in prompts]
         return [chat_prompt(tok, attacks.wrap(rng.choice(fams[family]), p.text)) for p in prompts]
 
-    harmless_train = _interleave(splits.benign["train"], splits.borderline["train"])
-    harmless_val = _interleave(splits.benign["validation"], splits.borderline["validation"])
+    harmless_train = _interleave(_interleave(splits.benign["train"], splits.borderline["train"]), splits.alarming["train"])
+    harmless_val = _interleave(_interleave(splits.benign["validation"], splits.borderline["validation"]), splits.alarming["validation"])
     harmful = {f: in_form(splits.harmful["train"], f) for f in families}
+    harmful["plain"] = in_form(_interleave(splits.harmful["train"], splits.contrast["train"]), "plain")
     benign = {f: in_form(harmless_train, f) for f in families}
-    val_harmful, val_benign = in_form(splits.harmful["validation"][:16], "plain"), in_form(harmless_val[:16], "plain")
+    val_harmful = in_form(_interleave(splits.harmful["validation"], splits.contrast["validation"])[:16], "plain")
+    val_benign = in_form(harmless_val[:16], "plain")
     for i, f in enumerate(splits.train_families):  # and a few in each training form
         val_harmful += in_form(splits.harmful["validation"][16 + 2 * i:18 + 2 * i], f)
         val_benign += in_form(harmless_val[16 + i:17 + i], f)
@@ -147,18 +178,40 @@ def _interleave(a: list, b: list) -> list:
     return out
 
 
-class Objective:
-    """Computes the three loss terms for one mixed batch in one forward pass (plus a no-grad base pass for KL)."""
+@dataclass
+class Batch:
+    """One pair batch per role ("harmful", "benign", "answers", and the opening variants), and, when training behind
+    a gate, each row's gate strength per role (None: every row gets the whole modulation)."""
 
-    def __init__(self, lm, cfg: RunConfig):
-        self.lm, self.cfg = lm, cfg
+    pairs: dict[str, PairBatch]
+    strengths: dict[str, torch.Tensor | None]
+
+
+class Objective:
+    """The loss terms of one batch: each role in one forward pass with its rows' modulation (plus a no-grad base pass
+    for KL). Behind a gate, each prompt gets the modulation at the strength the gate reads from it, unmodulated
+    (1 + s (g - 1), s times the input terms): the refusal loss acts where the gate opens on harmful prompts, the
+    over-refusal penalty and the KL term where it opens on harmless ones."""
+
+    def __init__(self, lm, cfg: RunConfig, gate: GateProbe | None = None):
+        self.lm, self.cfg, self.gate = lm, cfg, gate
         self.refusals = prompts.targets()["refusal"]
         self.max_length = cfg.attribution.max_length
         if cfg.meta.over_refusal_span not in ("opening", "target"):
             raise ValueError(f"meta.over_refusal_span must be 'opening' or 'target', not {cfg.meta.over_refusal_span!r}.")
         self.openings = prompts.targets().get("openings") or tuple(" ".join(r.split()[:2]) for r in self.refusals[:3])
+        self._read: dict[str, float] = {}  # formatted prompt -> the gate's reading (the gate reads the unmodulated model)
 
-    def batch(self, harmful: list[str], benign: list[str], answers: list[tuple[str, str]]) -> dict[str, PairBatch]:
+    def read(self, formatted: list[str]) -> torch.Tensor | None:
+        """[n] the gate's strengths for formatted prompts (read once per prompt, then cached), or None without a gate."""
+        if self.gate is None:
+            return None
+        new = list(dict.fromkeys(p for p in formatted if p not in self._read))
+        if new:
+            self._read.update(zip(new, self.gate.read(self.lm, new, self.max_length).tolist()))
+        return torch.tensor([self._read[p] for p in formatted])
+
+    def batch(self, harmful: list[str], benign: list[str], answers: list[tuple[str, str]]) -> Batch:
         """One pair batch per role: attacked prompts are long and benign ones short, so padding them
         together would waste most of the compute."""
         r = self.refusals
@@ -169,37 +222,53 @@ class Objective:
         }
         eos = {"harmful": self.cfg.meta.refusal_eos, "benign": self.cfg.meta.refusal_eos, "answers": False}
         out = {k: encode_pairs(self.lm.tokenizer, p, t, self.max_length, end_with_eos=eos[k]) for k, (p, t) in roles.items() if p}
+        s = {k: self.read(p) for k, (p, _) in roles.items() if p}
         m, o = self.cfg.meta, self.openings  # every prompt with every refusal opening: p(the answer starts by refusing)
         if harmful and m.opening_weight:
             out["harmful_open"] = encode_pairs(self.lm.tokenizer, [p for p in harmful for _ in o], list(o) * len(harmful), self.max_length)
+            s["harmful_open"] = None if s["harmful"] is None else s["harmful"].repeat_interleave(len(o))
         if benign and m.over_refusal_span == "opening":
             out["benign_open"] = encode_pairs(self.lm.tokenizer, [p for p in benign for _ in o], list(o) * len(benign), self.max_length)
+            s["benign_open"] = None if s["benign"] is None else s["benign"].repeat_interleave(len(o))
         if m.over_refusal_span == "opening":
             out.pop("benign", None)
-        return out
+        return Batch(out, s)
 
-    def __call__(self, gains: torch.Tensor, batches: dict[str, PairBatch]) -> tuple[torch.Tensor, dict]:
-        model, nmap, m = self.lm.model, self.lm.nmap, self.cfg.meta
+    def _applied(self, view: tuple[torch.Tensor, dict[int, InputTerms]], s: torch.Tensor | None):
+        """The modulation of one role's rows: as is, or at each row's gate strength."""
+        dense, inputs = view
+        if s is None:
+            return modulate(self.lm.model, dense, self.lm.nmap, inputs=inputs)
+        rows = 1 + s[:, None, None] * (dense[None] - 1)
+        row_inputs = {l: RowTerms(t.indices, s[:, None] * t.coef[None], t.direction, t.offset) for l, t in inputs.items()}
+        return modulate(self.lm.model, rows, self.lm.nmap, inputs=row_inputs)
+
+    def __call__(self, view: tuple[torch.Tensor, dict[int, InputTerms]], batch: Batch) -> tuple[torch.Tensor, dict]:
+        model, m = self.lm.model, self.cfg.meta
+        pairs, s = batch.pairs, batch.strengths
         terms = {}
         loss = torch.zeros(())
-        with modulate(model, gains, nmap):
-            if "harmful" in batches:
-                terms["refusal_nll"] = -target_logprob(forward(model, batches["harmful"]), batches["harmful"], mean=True).mean()
-                loss = loss + terms["refusal_nll"]
-            if "harmful_open" in batches:
-                terms["opening_nll"] = -torch.log(self._p_refuse(batches["harmful_open"]).clamp(min=1e-9)).mean()
-                loss = loss + m.opening_weight * terms["opening_nll"]
-            if m.mu_over_refusal and ("benign_open" in batches or "benign" in batches):
-                if "benign_open" in batches:
-                    p = self._p_refuse(batches["benign_open"])
+        if "harmful" in pairs:
+            with self._applied(view, s["harmful"]):
+                terms["refusal_nll"] = -target_logprob(forward(model, pairs["harmful"]), pairs["harmful"], mean=True).mean()
+            loss = loss + terms["refusal_nll"]
+        if "harmful_open" in pairs:
+            with self._applied(view, s["harmful_open"]):
+                terms["opening_nll"] = -torch.log(self._p_refuse(pairs["harmful_open"]).clamp(min=1e-9)).mean()
+            loss = loss + m.opening_weight * terms["opening_nll"]
+        if m.mu_over_refusal and ("benign_open" in pairs or "benign" in pairs):
+            role = "benign_open" if "benign_open" in pairs else "benign"
+            with self._applied(view, s[role]):
+                if role == "benign_open":
+                    p = self._p_refuse(pairs["benign_open"])
                 else:  # the mean token probability of a whole refusal sentence
-                    p = target_logprob(forward(model, batches["benign"]), batches["benign"], mean=True).exp()
-                terms["over_refusal"] = -torch.log1p(-p.clamp(max=1 - 1e-6)).mean()
-                loss = loss + m.mu_over_refusal * terms["over_refusal"]
-            if "answers" in batches and m.lam_kl:
-                sub = batches["answers"]
+                    p = target_logprob(forward(model, pairs["benign"]), pairs["benign"], mean=True).exp()
+            terms["over_refusal"] = -torch.log1p(-p.clamp(max=1 - 1e-6)).mean()
+            loss = loss + m.mu_over_refusal * terms["over_refusal"]
+        if "answers" in pairs and m.lam_kl:
+            sub = pairs["answers"]
+            with self._applied(view, s["answers"]):
                 logits = forward(model, sub)
-        if "answers" in batches and m.lam_kl:
             with torch.no_grad():
                 base_logits = forward(model, sub)
             mask = sub.target_mask[:, -logits.shape[1]:][:, 1:].to(logits.device)
@@ -221,9 +290,13 @@ def _sample(rng: random.Random, pool: list, n: int) -> list:
 
 
 def train_gains(lm, selection: Selection, cfg: RunConfig = RunConfig(), *, splits: Splits | None = None,
-                cache_dir=None, progress: StepCallback | None = None, cancel: threading.Event | None = None) -> TrainResult:
-    """Learn gains for the selected neurons; returns the best `Modulation` (by validation loss) and the log."""
+                cache_dir=None, reporter: Reporter | None = None, gate: GateProbe | None = None) -> TrainResult:
+    """Learn gains for the selected neurons (and, with `meta.conditional`, their input-side terms along each layer's
+    harm direction); returns the best `Modulation` (by validation loss) and the log. With a `gate` (fitted first, on
+    the unmodulated model), every training prompt gets the modulation at the strength the gate reads from it. Each
+    step's log entry goes to `reporter.step`; once the reporter is cancelled, training stops and keeps the best gains."""
     m = cfg.meta
+    reporter = reporter or SILENT
     if m.mode not in ("fomaml", "reptile", "joint"):
         raise ValueError(f"Unknown meta-learning mode '{m.mode}'; use fomaml, reptile or joint.")
     if not bool(selection.safety.any()) and not bool(selection.utility.any()):
@@ -233,12 +306,20 @@ def train_gains(lm, selection: Selection, cfg: RunConfig = RunConfig(), *, split
     tasks = build_tasks(lm, cfg, splits, Path(cache_dir) if cache_dir else default_cache_dir())
     rng = random.Random(m.seed)
     torch.manual_seed(m.seed)
-    params = GainParams(selection, m.constrained, m.max_gain)
-    objective = Objective(lm, cfg)
-    opt = torch.optim.Adam(params.params(), lr=m.outer_lr)
+    directions = None
+    if m.conditional:
+        layers = (selection.safety | selection.utility).any(1).nonzero().flatten().tolist()
+        directions = harm_directions(lm, *splits.harm_pools("train", m.direction_prompts, m.direction_prompts // 10), layers,
+                                     reporter=reporter.muted())
+    params = GainParams(selection, m.constrained, m.max_gain, directions, m.max_coef)
+    objective = Objective(lm, cfg, gate)
+    groups = [{"params": [params.safety, params.utility], "lr": m.outer_lr}]
+    if params.coef is not None:
+        groups.append({"params": [params.coef], "lr": m.input_lr})
+    opt = torch.optim.Adam(groups)
     families = sorted(tasks.harmful)
     val_batch = objective.batch(tasks.val_harmful, tasks.val_benign, tasks.val_answers)
-    result = TrainResult(Modulation.from_dense(params.dense().detach(), lm.fingerprint))
+    result = TrainResult(params.modulation(lm.fingerprint))
     best = (math.inf, params.snapshot(), 0)
     bad_checks = 0
     nb, nk = max(1, m.batch_benign // 2), max(1, m.batch_benign - m.batch_benign // 2)
@@ -258,23 +339,23 @@ def train_gains(lm, selection: Selection, cfg: RunConfig = RunConfig(), *, split
         return torch.autograd.grad(loss, params.params(), allow_unused=True)
 
     for step in range(1, m.steps + 1):
-        if cancel is not None and cancel.is_set():
+        if reporter.cancelled:
             result.stopped = "cancelled"
             break
         family = None if m.mode == "joint" else rng.choice(families)
         with torch.enable_grad():
             if m.mode == "joint":
-                loss, terms = objective(params.dense(), task_batch(None))
+                loss, terms = objective(params.view(), task_batch(None))
                 outer = grads(loss)
             else:
                 # inner loop: adapt a copy of the gains to this family's support batch
                 fast = [p.detach().clone().requires_grad_(True) for p in params.params()]
                 for _ in range(m.inner_steps):
-                    inner_loss, _ = objective(params.dense(*fast), task_batch(family))
+                    inner_loss, _ = objective(params.view(fast), task_batch(family))
                     g = torch.autograd.grad(inner_loss, fast, allow_unused=True)
                     fast = [(f - m.inner_lr * (gi if gi is not None else 0)).detach().requires_grad_(True) for f, gi in zip(fast, g)]
                 if m.mode == "fomaml":  # first-order: query gradient at the adapted gains
-                    loss, terms = objective(params.dense(*fast), task_batch(family))
+                    loss, terms = objective(params.view(fast), task_batch(family))
                     outer = torch.autograd.grad(loss, fast, allow_unused=True)
                 else:  # reptile: move towards the adapted gains
                     loss, terms = inner_loss, {}
@@ -295,9 +376,13 @@ def train_gains(lm, selection: Selection, cfg: RunConfig = RunConfig(), *, split
         entry = {"step": step, "task": family or "mixed", "loss": float(loss.detach()), **terms,
                  "mean_safety_gain": float(params.safety.detach().mean()) if len(params.safety) else 1.0,
                  "mean_utility_gain": float(params.utility.detach().mean()) if len(params.utility) else 1.0}
+        if params.coef is not None and len(params.coef):
+            entry["mean_abs_coef"] = float(params.coef.detach().abs().mean())
         if step % m.eval_every == 0 or step == m.steps:
             with torch.no_grad():
-                val_loss, val_terms = objective(params.dense().detach(), val_batch)
+                dense, inputs = params.view()
+                val_loss, val_terms = objective((dense.detach(), {l: InputTerms(t.indices, t.coef.detach(), t.direction, t.offset)
+                                                                  for l, t in inputs.items()}), val_batch)
             entry["val"] = float(val_loss)
             entry.update({f"val_{k}": v for k, v in val_terms.items()})
             if entry["val"] < best[0] - 1e-4:
@@ -307,16 +392,15 @@ def train_gains(lm, selection: Selection, cfg: RunConfig = RunConfig(), *, split
                 if bad_checks >= m.patience:
                     result.log.append(entry)
                     result.stopped = "early_stop"
-                    if progress:
-                        progress(entry)
+                    reporter.step(entry)
                     break
         result.log.append(entry)
-        if progress:
-            progress(entry)
+        reporter.step(entry)
     if best[2] > 0:
         params.load(best[1])
     result.best_step = best[2]
     meta = {"kind": "neurontune", "mode": m.mode, "steps_run": len(result.log), "best_step": best[2],
-            "stopped": result.stopped, "k_safety": selection.config.k_safety, "k_utility": selection.config.k_utility}
-    result.modulation = Modulation.from_dense(params.dense().detach(), lm.fingerprint, meta)
+            "stopped": result.stopped, "k_safety": selection.config.k_safety, "k_utility": selection.config.k_utility,
+            "trained_behind_gate": gate is not None, "conditional": params.coef is not None}
+    result.modulation = params.modulation(lm.fingerprint, meta)
     return result

@@ -2,9 +2,11 @@
 
 Score kinds, each [n_layers, n_neurons], mean over examples:
 - `safety`: attribution to the log-prob of a refusal on harmful prompts, plain and attacked ("attack-aware");
-  `safety/plain` and `safety/<family>` per attack family;
+  `safety/plain` and `safety/<family>` per attack family, `safety/contrast` for the unsafe twins of the
+  alarming-word pairs;
 - `over_refusal`: attribution to a refusal on benign and borderline-safe prompts (`over_refusal/benign`,
-  `over_refusal/borderline`, and both wrapped in the training attack templates: `over_refusal/attacked`):
+  `over_refusal/borderline`, both wrapped in the training attack templates: `over_refusal/attacked`, and the
+  safe halves of the alarming-word pairs: `over_refusal/alarming`):
   neurons that push the model to refuse what it should answer;
 - `benign_dependence`: mean |attribution| to the model's own answers to benign prompts;
 - `act_harmful`, `act_benign`: mean activation over prompt tokens.
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from ..data.splits import build_splits
 from ..infra import distributed as dist
 from ..infra import files
 from ..infra.files import default_cache_dir
-from ..infra.progress import Progress
+from ..infra.progress import Reporter
 from ..model.loading import LoadedModel
 from .attribution import GroupScores, attribute
 from .base_answers import cached_answers
@@ -50,7 +51,7 @@ class NeuronScores:
 
     @property
     def families(self) -> list[str]:
-        return sorted(k.split("/", 1)[1] for k in self.scores if k.startswith("safety/") and k != "safety/plain")
+        return sorted(k.split("/", 1)[1] for k in self.scores if k.startswith("safety/") and k not in ("safety/plain", "safety/contrast"))
 
     def __getitem__(self, kind: str) -> torch.Tensor:
         if kind not in self.scores:
@@ -81,7 +82,7 @@ class NeuronScores:
         })
 
     def save(self, path: str | Path) -> Path:
-        """Written atomically, with a `.sha256` sidecar that `cache_io` verifies on read."""
+        """Written atomically, with a `.sha256` sidecar that `infra.files` verifies on read."""
         return files.write_file(path, lambda tmp: save_file(
             {k: v.contiguous() for k, v in self.scores.items()}, str(tmp),
             metadata={"counts": json.dumps(self.counts), "meta": json.dumps(self.meta, default=str)}))
@@ -100,8 +101,10 @@ class NeuronScores:
         return cls(load(blob), json.loads(header.get("counts", "{}")), json.loads(header.get("meta", "{}")))
 
 
-def attribution_plan(lm: LoadedModel, cfg: RunConfig, cache_dir: Path, progress: Progress | None = None) -> dict[str, tuple[list[str], list[str]]]:
-    """Group name -> (formatted prompts, targets). Refusal targets rotate over the built-in list."""
+def attribution_plan(lm: LoadedModel, cfg: RunConfig, cache_dir: Path, reporter: Reporter | None = None, *,
+                     compute: bool = True) -> dict[str, tuple[list[str], list[str]]] | None:
+    """Group name -> (formatted prompts, targets). Refusal targets rotate over the built-in list. With
+    `compute=False`, None when the model's answers it needs are not cached (nothing is generated)."""
     d = cfg.data
     splits = build_splits(d)
     refusals = prompts.targets()["refusal"]
@@ -120,33 +123,26 @@ def attribution_plan(lm: LoadedModel, cfg: RunConfig, cache_dir: Path, progress:
         half = max(1, d.n_benign_attack_per_family // 2)
         groups["over_refusal/attacked"] = refusal_group(splits.attacked("benign", "train", d.n_benign_attack_per_family - half)
                                                         + splits.attacked("borderline", "train", half))
+    if d.n_alarming and splits.alarming["train"]:  # the same alarming words: refuse the unsafe twin, answer the safe one
+        groups["safety/contrast"] = refusal_group(splits.contrast["train"][: d.n_alarming])
+        groups["over_refusal/alarming"] = refusal_group(splits.alarming["train"][: d.n_alarming])
     answer_prompts = [p.text for p in splits.benign_train[: d.n_answer]]
-    answers = cached_answers(lm, answer_prompts, d.answer_tokens, cache_dir, progress)
+    answers = cached_answers(lm, answer_prompts, d.answer_tokens, cache_dir, reporter, compute=compute)
+    if answers is None:
+        return None
     groups["benign_dependence"] = ([chat_prompt(tok, p) for p in answer_prompts], answers)
     return {k: v for k, v in groups.items() if v[0]}
 
 
 def run_attribution(lm: LoadedModel, cfg: RunConfig = RunConfig(), *, cache_dir: str | Path | None = None,
-                    progress: Progress | None = None, cancel: threading.Event | None = None,
-                    use_cache: bool = True) -> NeuronScores:
+                    reporter: Reporter | None = None, use_cache: bool = True) -> NeuronScores:
     """Score every neuron for safety and utility; reuse the cached result for the same model, data and method."""
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    groups = attribution_plan(lm, cfg, cache_dir, progress)
+    groups = attribution_plan(lm, cfg, cache_dir, reporter)
     acfg: AttributionConfig = cfg.attribution
-    key = hashlib.sha256(json.dumps([lm.fingerprint, acfg.method, acfg.ig_steps, acfg.max_length, groups],
-                                    sort_keys=True).encode()).hexdigest()[:20]
-    path = cache_dir / "attribution" / f"{key}.safetensors"
-    cached = None
-    if use_cache and (blob := files.read_bytes(path, "attribution cache entry")) is not None:
-        try:  # verified against its checksum; a bad entry is recomputed, never trusted
-            cached = NeuronScores.from_bytes(blob)
-            if cached.shape != lm.shape:
-                files.warn_bad(path, f"shape {cached.shape}, model has {lm.shape}", "attribution cache entry")
-                cached = None
-        except Exception as exc:  # noqa: BLE001
-            files.warn_bad(path, f"unreadable: {exc}", "attribution cache entry")
+    key, path = _entry(lm, acfg, groups, cache_dir)
+    cached = _read_entry(path, lm) if use_cache else None
     if dist.all_true(cached is not None):  # under `accelerate launch`: all processes hit, or all recompute
-        cached.meta["cache"] = str(path)
         return cached
     # One job per batch, shared round robin over the processes of `accelerate launch` (all jobs with one
     # process): each batch is the one a single process runs, and per-group sums and counts add up exactly.
@@ -157,7 +153,7 @@ def run_attribution(lm: LoadedModel, cfg: RunConfig = RunConfig(), *, cache_dir:
     sums = {name: GroupScores.zeros(lm.shape) for name in groups}
     for name, s in jobs:
         prompts, targets = groups[name]
-        part = attribute(lm, prompts[s:s + bs], targets[s:s + bs], acfg, progress=progress, cancel=cancel,
+        part = attribute(lm, prompts[s:s + bs], targets[s:s + bs], acfg, reporter=reporter,
                          stage=name, offset=done, total=total)
         sums[name].add(part)
         done += part.n
@@ -169,6 +165,37 @@ def run_attribution(lm: LoadedModel, cfg: RunConfig = RunConfig(), *, cache_dir:
         result.save(path)
     result.meta["cache"] = str(path)
     return result
+
+
+def cached_scores(lm: LoadedModel, cfg: RunConfig = RunConfig(), *, cache_dir: str | Path | None = None) -> NeuronScores | None:
+    """What `run_attribution` would return from its cache for this model and config, or None: computes nothing
+    (not even the model's answers that the plan needs), so a page can ask at once."""
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    groups = attribution_plan(lm, cfg, cache_dir, compute=False)
+    return None if groups is None else _read_entry(_entry(lm, cfg.attribution, groups, cache_dir)[1], lm)
+
+
+def _entry(lm: LoadedModel, acfg: AttributionConfig, groups: dict, cache_dir: Path) -> tuple[str, Path]:
+    """(key, path) of the cache entry of one model, attribution method and prompt plan."""
+    key = hashlib.sha256(json.dumps([lm.fingerprint, acfg.method, acfg.ig_steps, acfg.max_length, groups],
+                                    sort_keys=True).encode()).hexdigest()[:20]
+    return key, cache_dir / "attribution" / f"{key}.safetensors"
+
+
+def _read_entry(path: Path, lm: LoadedModel) -> NeuronScores | None:
+    """The cache entry, verified against its checksum and the model's shape; a bad one is None (recomputed, never trusted)."""
+    if (blob := files.read_bytes(path, "attribution cache entry")) is None:
+        return None
+    try:
+        cached = NeuronScores.from_bytes(blob)
+    except Exception as exc:  # noqa: BLE001
+        files.warn_bad(path, f"unreadable: {exc}", "attribution cache entry")
+        return None
+    if cached.shape != lm.shape:
+        files.warn_bad(path, f"shape {cached.shape}, model has {lm.shape}", "attribution cache entry")
+        return None
+    cached.meta["cache"] = str(path)
+    return cached
 
 
 def combine(sums: dict[str, GroupScores]) -> NeuronScores:

@@ -32,6 +32,8 @@ RULES = (
     "both sets is left untouched (it drives refusal of harmful and benign prompts alike)."
 )
 
+ROLES = {"safety": "amplify", "utility": "suppress", "overlap": "left alone (in both sets)", "protected": "protected"}  # mask -> role
+
 
 class SelectionError(ValueError):
     """A threshold is out of range; the message gives the valid range."""
@@ -46,10 +48,22 @@ class Selection:
     protected_dropped: torch.Tensor  # [n_layers, n_neurons] bool: safety candidates dropped as protected
     config: SelectionConfig
     rules: str = RULES
+    safety_rank: torch.Tensor | None = None  # [n_layers, n_neurons] the score the safety neurons were ranked by
+
+    def top_safety(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(layers, neurons) of the `k` safety neurons ranked highest (what a gate fitted before training reads)."""
+        picked = self.safety.nonzero()
+        rank = self.safety_rank[picked[:, 0], picked[:, 1]] if self.safety_rank is not None else torch.zeros(len(picked))
+        order = torch.argsort(rank, descending=True, stable=True)[:k]
+        return picked[order, 0], picked[order, 1]
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.safety.shape)
+
+    def role(self, layer: int, index: int) -> str:
+        """What the selection does with one neuron (a value of `ROLES`), or "" when it is not selected."""
+        return next((role for mask, role in ROLES.items() if bool(getattr(self, mask)[layer, index])), "")
 
     def counts(self) -> dict[str, int]:
         return {"safety": int(self.safety.sum()), "utility": int(self.utility.sum()),
@@ -137,4 +151,5 @@ def select(scores, cfg: SelectionConfig = SelectionConfig()) -> Selection:
         protected.view(-1)[torch.topk(dep.flatten(), protect).indices] = True
     overlap = safety_raw & utility_raw
     safety = safety_raw & ~overlap
-    return Selection(safety & ~protected, utility_raw & ~overlap, overlap, protected, safety & protected, cfg)
+    return Selection(safety & ~protected, utility_raw & ~overlap, overlap, protected, safety & protected, cfg,
+                     safety_rank=safety_s)

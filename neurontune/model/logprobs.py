@@ -102,11 +102,3 @@ def last_token_index(batch: PairBatch) -> torch.Tensor:
     """[B] position of each row's last real token (whichever side the batch is padded on)."""
     mask = batch.attention_mask
     return mask.shape[1] - 1 - mask.flip(-1).argmax(-1)
-
-
-def prompt_end_index(batch: PairBatch) -> torch.Tensor:
-    """[B] position of each row's last prompt token (the one before its first target token; the last token
-    when the row has no target): where an input gate reads a teacher-forced row."""
-    has = batch.target_mask.any(-1)
-    first = batch.target_mask.float().argmax(-1)
-    return torch.where(has, first - 1, last_token_index(batch))

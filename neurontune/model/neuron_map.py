@@ -28,6 +28,21 @@ ARCHITECTURES: dict[str, tuple[tuple[str, ...], str]] = {
     "bloom": (("transformer.h",), "mlp.dense_4h_to_h"),
 }
 
+# model_type -> path of the MLP's input projection whose output unit i is linear in the layer's MLP input and feeds
+# neuron i (the "up" half of a gated MLP, or the pre-activation of a plain one), and the row offset of neuron 0 in it
+# (phi3 fuses gate and up: the up half comes second). Where a neuron's input-side term is written (`InputTerms`).
+INPUT_PROJECTIONS: dict[str, tuple[str, bool]] = {
+    **{t: ("mlp.up_proj", False) for t in ARCHITECTURES if ARCHITECTURES[t] is _DOWN_PROJ},
+    "phi3": ("mlp.gate_up_proj", True),
+    "gpt2": ("mlp.c_fc", False),
+    "gpt_neox": ("mlp.dense_h_to_4h", False),
+    "opt": ("fc1", False),
+    "phi": ("mlp.fc1", False),
+    "gptj": ("mlp.fc_in", False),
+    "falcon": ("mlp.dense_h_to_4h", False),
+    "bloom": ("mlp.dense_h_to_4h", False),
+}
+
 # Mixture-of-experts models have one MLP per expert and a router; a "neuron" is not one unit there.
 MOE_TYPES = {
     "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "dbrx", "jamba", "granitemoe", "granitemoeshared",
@@ -54,6 +69,8 @@ class NeuronMap:
     projections: tuple[nn.Module, ...]
     n_neurons: int
     transposed: bool  # True for GPT-2's Conv1D, whose weight is [in, out]: neuron i is row i
+    input_projections: tuple[nn.Module, ...] = ()  # per layer, the input projection feeding the neurons (INPUT_PROJECTIONS)
+    input_offset: int = 0  # row of neuron 0 in the input projection's output (phi3's fused gate_up: n_neurons)
 
     @property
     def n_layers(self) -> int:
@@ -67,6 +84,17 @@ class NeuronMap:
         """The projection weight with neurons along dim 0: [n_neurons, d_model] (a view, writable)."""
         w = self.projections[layer].weight
         return w if self.transposed else w.t()
+
+    def input_rows(self, layer: int) -> torch.Tensor:
+        """The input projection's weight rows that feed the neurons: [n_neurons, d_model] (a view, writable)."""
+        w = self.input_projections[layer].weight
+        rows = w.t() if self.transposed else w  # Conv1D stores [in, out]
+        return rows[self.input_offset:self.input_offset + self.n_neurons]
+
+    def input_bias(self, layer: int) -> torch.Tensor | None:
+        """The input projection's bias entries of the neurons ([n_neurons], a view), or None without a bias."""
+        b = getattr(self.input_projections[layer], "bias", None)
+        return None if b is None else b[self.input_offset:self.input_offset + self.n_neurons]
 
 
 def check_supported(model_type: str | None, n_experts: int | None = None) -> None:
@@ -101,7 +129,12 @@ def neuron_map(model: nn.Module) -> NeuronMap:
     transposed = type(projections[0]).__name__ == "Conv1D"
     weight = projections[0].weight
     n_neurons = weight.shape[0] if transposed else weight.shape[1]
-    return NeuronMap(model_type, projections, int(n_neurons), transposed)
+    input_path, fused = INPUT_PROJECTIONS.get(model_type, (None, False))
+    try:
+        inputs = tuple(_get(layer, input_path) for layer in layers) if input_path else ()
+    except AttributeError:  # a variant of the family without that module: no input-side terms for it
+        inputs = ()
+    return NeuronMap(model_type, projections, int(n_neurons), transposed, inputs, int(n_neurons) if fused else 0)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -3,10 +3,9 @@ gains and behind the same input gate, over several training seeds, on one split 
 table, validation while choosing), with the style audit of the pools. Written back to the folder."""
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import pandas as pd
 
@@ -18,7 +17,9 @@ from ..eval.harness import STRICT, EvalResult, evaluate_many
 from ..eval.judges import Judge, describe, judge_from_spec
 from ..eval.report import markdown, summarise
 from ..infra import distributed as dist
-from ..interventions.gating import GATED, Gated, GatedModulation, fit_gate_for_run
+from ..infra.progress import SILENT, Reporter
+from ..interventions.gating import GATED, Gated
+from ..method.gate_fit import fit_gate_for_run
 from ..method.metalearn import train_gains
 from ..method.selection import select
 from .folder import RunFolder
@@ -28,20 +29,23 @@ def style_audit(splits: Splits, split: str) -> StyleAudit:
     """Can the training pools' form predict harmful vs harmless on the evaluated split? (plain requests)"""
     def texts(kind: str, part: str) -> list[str]:
         return [p.text for p in getattr(splits, kind)[part]]
-    return audit(texts("harmful", "train"), texts("benign", "train") + texts("borderline", "train"),
-                 texts("harmful", split), texts("benign", split) + texts("borderline", split))
+    return audit(texts("harmful", "train") + texts("contrast", "train"),
+                 texts("benign", "train") + texts("borderline", "train") + texts("alarming", "train"),
+                 texts("harmful", split) + texts("contrast", split),
+                 texts("benign", split) + texts("borderline", split) + texts("alarming", split))
 
 
 def evaluate_run(lm, run: str | Path | RunFolder, cfg: RunConfig | None = None, *, baselines: Sequence[str] = BASELINES,
-                 quick: bool = False, seeds: int = 1, split: str = "test", cache_dir=None, progress=None,
-                 cancel: threading.Event | None = None, log: Callable[[str], None] = print,
-                 judge: Judge | str | None = None) -> pd.DataFrame:
+                 quick: bool = False, seeds: int = 1, split: str = "test", cache_dir=None,
+                 reporter: Reporter | None = None, judge: Judge | str | None = None) -> pd.DataFrame:
     """Evaluate the run's gains (and gate) against the base model and `baselines` on `split`; with `seeds` > 1,
     train NeuronTune and the trained baselines again with seeds meta.seed+1, ... and report mean ± sd over seeds.
     Returns the summary table (one row per intervention); writes eval.json, eval_table.csv, generations.jsonl.
     judge: what reads the answers (default the rules; a spec such as "model:PATH" is built here); eval.json names it."""
     check_split(split)
     judge = judge_from_spec(judge, cache_dir=cache_dir)
+    reporter = reporter or SILENT
+    reporter.phase("evaluate")
     start = time.perf_counter()
     folder = RunFolder(run)
     cfg = cfg or folder.config()
@@ -55,7 +59,7 @@ def evaluate_run(lm, run: str | Path | RunFolder, cfg: RunConfig | None = None, 
     splits = build_splits(cfg.data)
     ecfg = QUICK_EVAL if quick else FULL_EVAL
     audit_result = style_audit(splits, split)
-    log(audit_result.summary())
+    reporter.say(audit_result.summary())
     groups: dict[str, list[EvalResult]] = {}
     results: list[EvalResult] = []
     cache: dict = {}
@@ -66,13 +70,13 @@ def evaluate_run(lm, run: str | Path | RunFolder, cfg: RunConfig | None = None, 
         if k == 0:
             mod, gate = tuned, folder.gate(lm)
         else:
-            log(f"Training NeuronTune again with seed {seed}...")
-            mod = train_gains(lm, select(scores, cfg.selection), scfg, splits=splits, cache_dir=cache_dir, cancel=cancel).modulation
+            reporter.say(f"Training NeuronTune again with seed {seed}...")
+            mod = train_gains(lm, select(scores, cfg.selection), scfg, splits=splits, cache_dir=cache_dir, reporter=reporter.muted()).modulation
             gate = fit_gate_for_run(lm, mod, splits, bias_shift=cfg.meta.gate_bias_shift,
-                                    features=cfg.meta.gate_features) if cfg.meta.gate else None
+                                    features=cfg.meta.gate_features, reporter=reporter.muted()) if cfg.meta.gate else None
         static: dict = {"neurontune": mod}
         if baselines:
-            built = build_baselines(lm, scfg, scores, mod, splits, baselines, cache_dir=cache_dir, progress=progress, cancel=cancel, log=log,
+            built = build_baselines(lm, scfg, scores, mod, splits, baselines, cache_dir=cache_dir, reporter=reporter,
                                     directions=directions)
             fresh = {n: iv for n, iv in built.items() if not (directions and n in directions)}
             directions = directions or {n: iv for n, iv in built.items() if n.startswith("direction:")}
@@ -80,12 +84,12 @@ def evaluate_run(lm, run: str | Path | RunFolder, cfg: RunConfig | None = None, 
         interventions: dict = {"base": None} if k == 0 else {}
         interventions.update(static)
         if gate is not None:  # the same gate, read from each prompt, in front of every method: gates with gates
-            interventions["neurontune" + GATED] = GatedModulation(mod, gate, name="neurontune" + GATED)
+            interventions["neurontune" + GATED] = Gated(mod, gate, name="neurontune" + GATED)
             for name, iv in {**static, **(directions or {})}.items():
                 if name != "neurontune":
                     interventions[name + GATED] = Gated(iv, gate, name=name + GATED)
-        log(f"Evaluating {len(interventions)} interventions on the {split} split (seed {seed})...")
-        done = evaluate_many(lm, interventions, splits, ecfg, split=split, progress=progress, cancel=cancel, base=cache,
+        reporter.say(f"Evaluating {len(interventions)} interventions on the {split} split (seed {seed})...")
+        done = evaluate_many(lm, interventions, splits, ecfg, split=split, reporter=reporter, base=cache,
                              cache_dir=cache_dir, judge=judge)
         for r in done:
             r.meta["seed"] = seed
@@ -105,15 +109,15 @@ def evaluate_run(lm, run: str | Path | RunFolder, cfg: RunConfig | None = None, 
                        "judge": judge.name, "second_judge": getattr(judge.second, "name", None),
                        "judge_note": describe(judge), "seconds": time.perf_counter() - start}, table)
     folder.write_generations(results)
-    log(f"{describe(judge)}.\n" + markdown(table, blocks))
+    reporter.say(f"{describe(judge)}.\n" + markdown(table, blocks))
     for title, prefixes in (("by phrasing group", ("harmful_refusal/", "benign_over_refusal/", "borderline_over_refusal/")),
                             ("refusal by attack family", ("refusal/",)),
                             ("full refusals only (partial refusals not counted)", (STRICT,))):
         columns = [c for c in table.columns if c.startswith(prefixes) and ":" not in c]
         if columns:
-            log(f"\n{split} split, {title}:\n" + markdown(table, blocks, columns))
-    log(f"{split} split, {max(1, seeds)} seed(s); {audit_result.summary()}")
-    log(f"Evaluation took {time.perf_counter() - start:.0f} s; wrote {folder.file(RunFolder.EVAL)} and {RunFolder.GENERATIONS}")
+            reporter.say(f"\n{split} split, {title}:\n" + markdown(table, blocks, columns))
+    reporter.say(f"{split} split, {max(1, seeds)} seed(s); {audit_result.summary()}")
+    reporter.say(f"Evaluation took {time.perf_counter() - start:.0f} s; wrote {folder.file(RunFolder.EVAL)} and {RunFolder.GENERATIONS}")
     return table
 
 

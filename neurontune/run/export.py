@@ -16,7 +16,8 @@ import torch
 from ..data.chat import chat_prompt
 from ..eval.report import markdown
 from ..infra import files
-from ..interventions.modulation import Modulation, folded_weight, modulate
+from ..infra.progress import SILENT, Reporter
+from ..interventions.modulation import Modulation, folded_state_dict, modulate
 from ..model.logprobs import encode_pairs, forward
 from ..model.neuron_map import neuron_map
 from .folder import RunFolder
@@ -48,18 +49,10 @@ def export_path(root: str | Path, name: str) -> Path:
     return path
 
 
-def _folded_state_dict(lm, dense: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The model's state dict with the gains folded into copies of the output projections (the
-    shared model itself is never modified), each computed in float32 and rounded once to its dtype."""
-    state = dict(lm.model.state_dict())
-    names = {id(mod): name for name, mod in lm.model.named_modules()}
-    for layer, proj in enumerate(lm.nmap.projections):
-        g = dense[layer]
-        if bool((g == 1).all()):
-            continue
-        w = folded_weight(lm.nmap.weight_slice(layer).detach(), g)  # [n_neurons, d_model]
-        state[f"{names[id(proj)]}.weight"] = w if lm.nmap.transposed else w.t().contiguous()
-    return state
+def _folded_state_dict(lm, modulation: Modulation) -> dict[str, torch.Tensor]:
+    """The model's state dict with the modulation folded into copies of the weights it changes (the shared model
+    itself is never modified): `modulation.folded_state_dict`."""
+    return folded_state_dict(lm.model, modulation, lm.nmap)
 
 
 def _evaluation(summary: dict | None, gated: bool) -> str:
@@ -159,8 +152,11 @@ def _check_reload(lm, modulation: Modulation, folder: Path, tolerance: float | N
     rounding = None
     if dtype != torch.float32:
         reference = reloaded.float()  # the reloaded copy is ours: upcast it instead of copying the shared model
-        for mine, original in zip(neuron_map(reference).projections, lm.nmap.projections):
-            mine.weight.copy_(original.weight)
+        mine = neuron_map(reference)
+        for a, b in list(zip(mine.projections, lm.nmap.projections)) + list(zip(mine.input_projections, lm.nmap.input_projections)):
+            a.weight.copy_(b.weight)
+            if getattr(b, "bias", None) is not None:
+                a.bias.copy_(b.bias)
         with modulate(reference, modulation):
             exact = forward(reference, batch, all_logits=True).float().cpu()
         rounding = float((hooked - exact)[mask].abs().max())
@@ -171,14 +167,15 @@ def _check_reload(lm, modulation: Modulation, folder: Path, tolerance: float | N
 
 def export(lm, modulation: Modulation, root: str | Path, name: str, *, preset: dict | None = None,
            eval_summary: dict | None = None, gated: bool = False, overwrite: bool = False,
-           tolerance: float | None = None, push_to_hub: str | None = None, token: str | None = None) -> dict:
+           tolerance: float | None = None, push_to_hub: str | None = None, token: str | None = None,
+           reporter: Reporter | None = None) -> dict:
     """Write the export folder; returns {"path", "max_logit_diff", "tolerance", "rounding", "pushed", "push_error",
     "gate_left_out"} (the reload check's figures: see `_check_reload` for how the tolerance follows the model's dtype).
 
     `eval_summary`: the run's eval.json (the model card shows its static row with intervals). `gated`: the gains
     came with an input gate, which cannot be folded: the checkpoint holds the static gains, and the card says so.
     The hub token is used for the push only: it is never written, logged or kept."""
-    path = export_path(root, name)
+    path, reporter = export_path(root, name), reporter or SILENT
     if modulation.fingerprint and modulation.fingerprint != lm.fingerprint:
         raise ExportError(f"This modulation was made for model {modulation.fingerprint}, not the loaded {lm.fingerprint}.")
     if tuple(modulation.shape) != tuple(lm.shape):
@@ -187,13 +184,18 @@ def export(lm, modulation: Modulation, root: str | Path, name: str, *, preset: d
         raise ExportError(f"An export named {name!r} already exists at {path}. Choose another name or pass overwrite.")
     check: dict = {}
 
+    steps = 3 if push_to_hub else 2
+    reporter.phase("export", steps)
+
     def fill(tmp: Path) -> None:  # written in a hidden temp folder, checked, then renamed into place
-        lm.model.save_pretrained(tmp, state_dict=_folded_state_dict(lm, modulation.dense()))
+        reporter.progress(0, steps, "folding the gains and saving")
+        lm.model.save_pretrained(tmp, state_dict=_folded_state_dict(lm, modulation))
         lm.tokenizer.save_pretrained(tmp)
         folder = RunFolder(tmp)  # an export also reads as a run folder: its gains and preset
         folder.write_modulation(modulation)
         folder.write_config(preset or {})
-        files.write_text(tmp / "README.md", model_card(lm, modulation, name, eval_summary, preset, gated))
+        folder.write_model_card(model_card(lm, modulation, name, eval_summary, preset, gated))
+        reporter.progress(1, steps, "reloading and checking the logits")
         result = _check_reload(lm, modulation, tmp, tolerance)
         diff, tol = result["max_logit_diff"], result["tolerance"]
         if not diff <= tol:
@@ -201,14 +203,16 @@ def export(lm, modulation: Modulation, root: str | Path, name: str, *, preset: d
                                                          f"logits, {result['rounding']:.2e}")
             raise ExportError(f"The reloaded export differs from the hooked model by {diff:.2e} (> {tol:.2e}{why}); not saved.")
         check.update(result)
-        files.write_json(tmp / "export_check.json", check, checksum=False)
+        folder.write_export_check(check)
     try:  # an export it replaces is put back if the move fails: a failure never loses the previous export
         files.write_folder(path, fill, manifest=False, overwrite=overwrite)
     except files.FolderExists:
         raise ExportError(f"An export named {path.name!r} appeared at {path} meanwhile; it was kept. Choose another name.") from None
     result = {"path": str(path), "max_logit_diff": check["max_logit_diff"], "tolerance": check["tolerance"],
               "rounding": check["rounding"], "pushed": None, "push_error": None, "gate_left_out": gated}
+    reporter.progress(2, steps, "saved")
     if push_to_hub:
+        reporter.progress(2, steps, f"pushing to {push_to_hub}")
         try:
             from huggingface_hub import HfApi
             api = HfApi(token=token)
@@ -218,4 +222,5 @@ def export(lm, modulation: Modulation, root: str | Path, name: str, *, preset: d
         except Exception as exc:  # the local export stays; the message never contains the token
             msg = str(exc).replace(token, "***") if token else str(exc)
             result["push_error"] = f"Push to {push_to_hub} failed ({type(exc).__name__}: {msg}); the local export at {path} is kept."
+        reporter.progress(3, steps, "pushed" if result["pushed"] else "push failed")
     return result

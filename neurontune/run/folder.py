@@ -10,6 +10,7 @@ export) and reads and writes them. Every write is atomic; a part that is missing
     sweep.csv, sweep_baselines.csv, tradeoff.html         a threshold sweep
     points/ks<k_safety>-ku<k_utility>/                    each sweep point: itself a run folder (preset, selection, gains)
     snapshot.json        what a shipped snapshot of a run claims (format, model, preset digest; `run.snapshot`)
+    README.md, export_check.json                          an export: its model card and the reload check's figures
 """
 from __future__ import annotations
 
@@ -46,6 +47,8 @@ class RunFolder:
     SWEEP_BASELINES = "sweep_baselines.csv"
     TRADEOFF = "tradeoff.html"
     SNAPSHOT = "snapshot.json"
+    MODEL_CARD = "README.md"
+    EXPORT_CHECK = "export_check.json"
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -182,6 +185,17 @@ class RunFolder:
     def point(self, k_safety: int, k_utility: int) -> "RunFolder":
         """The run folder of one sweep point (its preset, selection and gains), inside this sweep's folder."""
         return RunFolder(self.path / POINTS / f"ks{int(k_safety)}-ku{int(k_utility)}")
+
+    # -- export (a checkpoint folder that also reads as a run folder) -------------------------------------
+    def write_model_card(self, text: str) -> Path:
+        return files.write_text(self.made().file(self.MODEL_CARD), text)
+
+    def write_export_check(self, check: dict) -> Path:
+        return files.write_json(self.made().file(self.EXPORT_CHECK), check, checksum=False)
+
+    def export_check(self) -> dict | None:
+        """The reload check an export passed (max logit difference, tolerance, dtype), or None."""
+        return self._json_dict(self.EXPORT_CHECK)
 
     # -- snapshot (a run shipped in the repository) --------------------------------------------------
     def write_snapshot(self, manifest: dict) -> Path:

@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import logging
-import threading
 from pathlib import Path
 
 from ..config import RunConfig
 from ..data.splits import build_splits
 from ..infra import distributed as dist
-from ..infra.progress import Progress
-from ..interventions.gating import fit_gate_for_run
-from ..method.metalearn import StepCallback, TrainResult, train_gains
+from ..infra.progress import SILENT, Reporter
+from ..method.metalearn import TrainResult
+from ..method.recipe import train_run
 from ..method.neuron_scores import NeuronScores, run_attribution
 from ..method.selection import Selection, select
 from ..model.context import context_length
@@ -39,12 +38,13 @@ def truncation_note(scores: NeuronScores, cfg: RunConfig) -> str | None:
             "in the preset (up to the model's context) to keep them whole.")
 
 
-def attribute_step(lm, cfg: RunConfig, out: str | Path | RunFolder, *, progress: Progress | None = None,
-                   cancel: threading.Event | None = None, cache_dir=None) -> NeuronScores:
+def attribute_step(lm, cfg: RunConfig, out: str | Path | RunFolder, *, reporter: Reporter | None = None,
+                   cache_dir=None) -> NeuronScores:
     """Attribution into the run folder: scores, top neurons, score mass per layer, the config.
     Under `accelerate launch` the prompts are shared over the processes; only the main one writes."""
-    cfg = fit_context(lm, cfg)
-    scores = run_attribution(lm, cfg, cache_dir=cache_dir, progress=progress, cancel=cancel)
+    cfg, reporter = fit_context(lm, cfg), reporter or SILENT
+    reporter.phase("attribution")
+    scores = run_attribution(lm, cfg, cache_dir=cache_dir, reporter=reporter)
     if not dist.is_main():
         return scores
     if (note := truncation_note(scores, cfg)) is not None:
@@ -63,17 +63,15 @@ def select_step(scores: NeuronScores, cfg: RunConfig, out: str | Path | RunFolde
     return selection
 
 
-def train_step(lm, selection: Selection, cfg: RunConfig, out: str | Path | RunFolder, *, progress: StepCallback | None = None,
-               cancel: threading.Event | None = None, cache_dir=None) -> TrainResult:
-    """Train the gains (and, when the preset asks and training was not stopped, fit the input gate) into the folder."""
-    cfg = fit_context(lm, cfg)
+def train_step(lm, selection: Selection, cfg: RunConfig, out: str | Path | RunFolder, *, reporter: Reporter | None = None,
+               cache_dir=None) -> TrainResult:
+    """Train the gains and fit the input gate, in the order the preset asks (`method.recipe.train_run`), into the folder."""
+    cfg, reporter = fit_context(lm, cfg), reporter or SILENT
     folder = RunFolder(out)
-    splits = build_splits(cfg.data)
-    result = train_gains(lm, selection, cfg, splits=splits, cache_dir=cache_dir, progress=progress, cancel=cancel)
-    result.modulation.meta["preset"] = cfg.name
-    folder.write_modulation(result.modulation)
-    folder.write_train_log(result.log)
-    if cfg.meta.gate and result.stopped != "cancelled":
-        folder.write_gate(fit_gate_for_run(lm, result.modulation, splits, bias_shift=cfg.meta.gate_bias_shift,
-                                                 features=cfg.meta.gate_features))
-    return result
+    trained = train_run(lm, selection, cfg, build_splits(cfg.data), cache_dir=cache_dir, reporter=reporter)
+    trained.modulation.meta["preset"] = cfg.name
+    folder.write_modulation(trained.modulation)
+    folder.write_train_log(trained.training.log)
+    if trained.gate is not None:
+        folder.write_gate(trained.gate)
+    return trained.training

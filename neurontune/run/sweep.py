@@ -5,7 +5,6 @@ frame's `split` column says which prompt split the figures were measured on."""
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -16,7 +15,7 @@ import plotly.graph_objects as go
 from ..config import RunConfig, SelectionConfig
 from ..data.splits import build_splits
 from ..eval.proxy import proxy_metrics
-from ..infra.progress import Progress, check_cancel
+from ..infra.progress import SILENT, Reporter
 from ..interventions.modulation import Modulation
 from ..method.metalearn import train_gains
 from ..method.neuron_scores import NeuronScores, run_attribution
@@ -25,19 +24,30 @@ from .folder import RunFolder
 
 X_COLUMNS = ("benign_over_refusal", "benign_over_refusal_proxy")
 Y_COLUMNS = ("harmful_refusal", "harmful_refusal_proxy")
-SPLIT = "validation"  # the split `sweep_run` scores (recorded in the frame's `split` column and named on the plot)
 BASELINE_SYMBOLS = ("diamond", "square", "triangle-up", "x", "star", "cross", "triangle-down", "pentagon")
 
 
+GRID_HELP = "write k_safety:k_utility pairs of whole numbers >= 0, separated by commas, e.g. 250:0, 750:250"
+
+
+def parse_grid(text: str) -> list[tuple[int, int]]:
+    """'250:0, 750:250' -> [(250, 0), (750, 250)]: the sweep grid as the CLI's --grid and the studio's box take it;
+    ValueError with what to write otherwise."""
+    points = [point.split(":") for point in (text or "").replace(" ", "").split(",") if point]
+    if not points or not all(len(p) == 2 and all(x.isdigit() for x in p) for p in points):
+        raise ValueError(f"The sweep grid {text!r} is not readable: {GRID_HELP}.")
+    return [(int(a), int(b)) for a, b in points]
+
+
 def sweep(lm, scores, grid: Sequence[tuple[int, int]], train_fn: Callable[[Selection], object],
-          eval_fn: Callable[[object], dict], progress: Progress | None = None, cancel: threading.Event | None = None,
+          eval_fn: Callable[[object], dict], reporter: Reporter | None = None,
           *, selection: SelectionConfig = SelectionConfig(), keep: Callable[[Selection, object], None] | None = None) -> pd.DataFrame:
     """For each (k_safety, k_utility): select with `selection` (its other fields kept), `train_fn(selection)`
     -> a Modulation (or any intervention), `keep(selection, intervention)` (to save it), `eval_fn(intervention)`
     -> metrics dict (or an EvalResult). Returns one row per grid point: k's, selection counts, seconds, metrics."""
-    rows = []
+    rows, reporter = [], reporter or SILENT
     for i, (k_safety, k_utility) in enumerate(grid):
-        check_cancel(cancel, "The sweep")
+        reporter.check("The sweep")
         start = time.perf_counter()
         sel = select(scores, dataclasses.replace(selection, k_safety=int(k_safety), k_utility=int(k_utility)))
         intervention = train_fn(sel)
@@ -49,8 +59,7 @@ def sweep(lm, scores, grid: Sequence[tuple[int, int]], train_fn: Callable[[Selec
                      **{f"n_{k}": v for k, v in sel.counts().items()},
                      "n_modulated": getattr(intervention, "n_modulated", None),
                      "seconds": time.perf_counter() - start, **dict(metrics)})
-        if progress:
-            progress(i + 1, len(grid), f"k_safety={k_safety}, k_utility={k_utility}")
+        reporter.progress(i + 1, len(grid), f"k_safety={k_safety}, k_utility={k_utility}")
     frame = pd.DataFrame(rows)
     frame.attrs["model"] = getattr(lm, "name", "")
     return frame
@@ -112,7 +121,7 @@ def tradeoff_figure(frame: pd.DataFrame, baselines: pd.DataFrame | None = None, 
 
 
 def sweep_run(lm, cfg: RunConfig, grid: Sequence[tuple[int, int]], out: str | Path | RunFolder, *, scores: NeuronScores | None = None,
-              split: str = "validation", cache_dir=None, progress=None, cancel=None, log: Callable[[str], None] = print) -> pd.DataFrame:
+              split: str = "validation", cache_dir=None, reporter: Reporter | None = None) -> pd.DataFrame:
     """Select + train + proxy-evaluate each grid point (fast: no generation) on the validation split, with the base
     model on the same axes; writes sweep.csv (with a `split` column), tradeoff.html and, for each point, a run
     folder with its preset, selection and (static) gains (`RunFolder(out).point(k_safety, k_utility)`). A sweep
@@ -120,12 +129,16 @@ def sweep_run(lm, cfg: RunConfig, grid: Sequence[tuple[int, int]], out: str | Pa
     if split == "test":
         raise ValueError("The sweep chooses thresholds, so it reads the validation split only; the test split is read "
                          "once, for the table you report (`python -m neurontune evaluate --run DIR`).")
-    scores = scores or run_attribution(lm, cfg, cache_dir=cache_dir)
+    reporter = reporter or SILENT
+    if scores is None:
+        reporter.phase("attribution")
+        scores = run_attribution(lm, cfg, cache_dir=cache_dir, reporter=reporter)
+    reporter.phase("sweep", len(grid))
     splits = build_splits(cfg.data)
     folder = RunFolder(out)
 
     def train_fn(selection: Selection) -> Modulation:
-        return train_gains(lm, selection, cfg, splits=splits, cache_dir=cache_dir, cancel=cancel).modulation
+        return train_gains(lm, selection, cfg, splits=splits, cache_dir=cache_dir, reporter=reporter.muted()).modulation
 
     def keep(selection: Selection, modulation: Modulation) -> None:
         s = selection.config
@@ -137,9 +150,9 @@ def sweep_run(lm, cfg: RunConfig, grid: Sequence[tuple[int, int]], out: str | Pa
     def eval_fn(intervention) -> dict:
         return proxy_metrics(lm, intervention, splits, n=48, split=split)
 
-    frame = sweep(lm, scores, grid, train_fn, eval_fn, progress=progress, cancel=cancel, selection=cfg.selection, keep=keep)
+    frame = sweep(lm, scores, grid, train_fn, eval_fn, reporter=reporter, selection=cfg.selection, keep=keep)
     frame["split"] = split
     base = pd.DataFrame([{"name": "base", **proxy_metrics(lm, None, splits, n=48, split=split), "split": split}])
     folder.write_sweep(frame, base, tradeoff_figure(frame, base))
-    log(frame.to_string(float_format=lambda v: f"{v:.3f}"))
+    reporter.say(frame.to_string(float_format=lambda v: f"{v:.3f}"))
     return frame

@@ -11,30 +11,13 @@ import pandas as pd
 from ..config import RunConfig
 from ..eval.baselines import check_baselines
 from ..eval.judges import Judge
-from ..infra.progress import Progress
+from ..infra.progress import SILENT, Reporter
 from ..method.metalearn import TrainResult
 from ..method.neuron_scores import NeuronScores
 from ..method.selection import Selection, check_counts
 from .evaluate_run import evaluate_run
 from .folder import RunFolder
 from .steps import attribute_step, select_step, train_step
-
-
-class Report:
-    """What a run tells its user; the default says nothing. The CLI draws progress bars, the studio a page."""
-
-    def progress(self, phase: str, total: int | None = None) -> Progress | None:
-        """A (done, total, stage) callback for one phase ("attribution", "evaluate"), or None."""
-        return None
-
-    def step(self, entry: dict) -> None:
-        """One training step's log entry."""
-
-    def say(self, message: str) -> None:
-        """A line for the user."""
-
-    def done(self, phase: str) -> None:
-        """The phase has ended (close its progress bar)."""
 
 
 @dataclass
@@ -53,30 +36,26 @@ def check(cfg: RunConfig, shape: tuple[int, int] | None = None, baselines: Seque
 
 
 def tune(lm, cfg: RunConfig, out: str | Path | RunFolder, *, evaluate: bool = True, quick_eval: bool = False,
-         baselines: Sequence[str] = (), eval_split: str = "validation", cache_dir=None, report: Report | None = None,
-         judge: Judge | str | None = None) -> TuneResult:
+         baselines: Sequence[str] = (), eval_split: str = "validation", cache_dir=None,
+         reporter: Reporter | None = None, judge: Judge | str | None = None) -> TuneResult:
     """Attribution -> selection -> gains (+ gate) -> evaluation, all written to the run folder `out`. The
     evaluation reads the validation split by default: a tune is a step of development, and the test split is
     kept for the reported table (`evaluate_run` with split="test"). judge: what reads the evaluation's answers
     (`eval.judges`; default the rules)."""
-    report = report or Report()
+    reporter = reporter or SILENT
     check(cfg, tuple(lm.shape), baselines)
     folder = RunFolder(out)
-    scores = attribute_step(lm, cfg, folder, progress=report.progress("attribution"), cache_dir=cache_dir)
-    report.done("attribution")
+    scores = attribute_step(lm, cfg, folder, reporter=reporter, cache_dir=cache_dir)
     selection = select_step(scores, cfg, folder)
-    report.say(f"Selected {selection.counts()}")
-    report.progress("train", cfg.meta.steps)
-    training = train_step(lm, selection, cfg, folder, progress=report.step, cache_dir=cache_dir)
-    report.done("train")
+    reporter.say(f"Selected {selection.counts()}")
+    training = train_step(lm, selection, cfg, folder, reporter=reporter, cache_dir=cache_dir)
     s = training.modulation.summary()
-    report.say(f"Training {training.stopped} after {len(training.log)} steps (best step {training.best_step}): "
-               f"{s['n_amplified']} amplified, {s['n_suppressed']} suppressed, gains {s['min_gain']:.3f}-{s['max_gain']:.3f}.")
+    reporter.say(f"Training {training.stopped} after {len(training.log)} steps (best step {training.best_step}): "
+                 f"{s['n_amplified']} amplified, {s['n_suppressed']} suppressed, gains {s['min_gain']:.3f}-{s['max_gain']:.3f}.")
     if training.stopped == "non_finite":
-        report.say(f"warning: {training.log[-1].get('error', 'non-finite gains or loss')}")
+        reporter.say(f"warning: {training.log[-1].get('error', 'non-finite gains or loss')}")
     table = None
     if evaluate:
         table = evaluate_run(lm, folder, cfg, baselines=baselines, quick=quick_eval, split=eval_split, cache_dir=cache_dir,
-                             progress=report.progress("evaluate"), log=report.say, judge=judge)
-        report.done("evaluate")
+                             reporter=reporter, judge=judge)
     return TuneResult(folder, scores, selection, training, table)

@@ -1,5 +1,8 @@
-"""The studio's page: six tabs (Model & data, Explore, Tune, Compare, Evaluate, Export) wired to the
-callbacks in handlers / background / chat. `build_app(studio)` returns the Blocks; `launch(...)` serves it."""
+"""The studio's page: six tabs (Model & data, Explore, Tune, Compare, Evaluate, Export), each built by one small
+function that lays out its components and wires them to the callbacks in handlers / background / chat / card /
+picker / bulk. `build_app(studio)` returns the Blocks; `launch(...)` serves it. Every callback declares the outputs
+it returns (`views.returns`): the page binds those, and `OUTPUTS` (what a `gradio_client` call returns) is read
+from them."""
 from __future__ import annotations
 
 import inspect
@@ -13,37 +16,7 @@ from gradio.utils import get_upload_folder
 from ..method.selection import RULES
 from . import background, bulk, card, chat, handlers, judging, picker, plots, shipped
 from .state import BUILTIN_MODELS, Session, Studio
-
-VIEW = ["heatmap", "kind", "drill", "table", "drill_layer", "dist_explore", "dist_tune", "counts"]
-META = ["steps", "mode", "lam_kl", "mu_over_refusal", "max_gain"]
-OUTPUTS = {  # api_name -> output names, in order (what gradio_client returns)
-    "load_model": ["model_status", "k_safety", "k_utility", "protect_top", *META, *VIEW, "left", "right", "active_gains", "use_gate",
-                   "form_check"],
-    "attribute": ["attr_status", *VIEW],
-    "select": VIEW,
-    "view": VIEW,
-    "train": ["train_status", "loss_plot", *VIEW, "active_gains", "gains_status", "recent_runs", "use_gate"],
-    "fixed_gains": [*VIEW, "gains_status", "active_gains", "use_gate"],
-    "chat": ["left", "right", "msg", "chat_status"],
-    "evaluate": ["eval_status", "eval_table", "eval_samples"],
-    "sweep": ["eval_status", "tradeoff", "points"],
-    "card": ["card_status", "card_scores", "card_acts", "card_prompts", "card_effect", "card_layer", "card_index"],
-    "pick_point": [*VIEW, "k_safety", "k_utility", "tradeoff", "points", "pick_status", "gains_status", "active_gains", "use_gate",
-                   "export_name", "chat_status"],
-    "bulk": ["bulk_status", "bulk_table", "bulk_file"],
-    "export": ["export_status", "export_files", "export_name", "hub_token"],
-}
-OUTPUTS["gains_file"] = OUTPUTS["use_run"] = OUTPUTS["fixed_gains"]
-OUTPUTS["clear_chat"] = ["left", "right", "chat_status"]
-OUTPUTS["refresh_runs"] = ["recent_runs"]
-OUTPUTS["training_settings"] = []
-OUTPUTS["jobs"] = ["jobs_table"]
-OUTPUTS["filter_bulk"] = ["bulk_table"]
-OUTPUTS["on_load"] = [*OUTPUTS["load_model"], "recent_runs", "export_name", "chat_status", "jobs_table", "eval_table", "eval_samples",
-                      "eval_status", "flow_status", "tradeoff", "points"]
-OUTPUTS["default_flow"] = list(dict.fromkeys(OUTPUTS["load_model"] + OUTPUTS["train"] + OUTPUTS["chat"] + ["attr_status", "flow_status", "tabs"]))
-for _kind in ("attribution", "train", "evaluate", "bulk"):
-    OUTPUTS[f"stop_{_kind}"] = [background.STATUS_KEY[_kind]]
+from .views import KIND_LABELS, View, returns
 
 HOW = {  # the "how to read this" line of each tab
     "model": "Pick a model and a preset, then **Run the whole flow**: it scores every MLP neuron, selects the safety and "
@@ -115,257 +88,157 @@ def gpu_decorator() -> Callable:
         return lambda fn: fn
 
 
-def build_app(studio: Studio) -> gr.Blocks:
-    C: dict[str, gr.components.Component] = {}
-    first = studio.new_session()
-    gpu = gpu_decorator()
+@returns(*handlers.LOAD, "recent_runs", "export_name", "chat_status", "jobs_table", "eval_table", "eval_samples", "eval_status",
+         "flow_status", "tradeoff", "points")
+def on_load(studio: Studio, session: Session, view: View = View()) -> dict:
+    """A new page draws its session: the shipped run when the session opened on it (heatmap, gains, evaluation at
+    once), else the shared default model and any neuron scores already computed for it (reused)."""
+    out = shipped.open_shipped(studio, session, view)
+    if not out:
+        out = handlers.load(studio, session, session.model or studio.default_model, False, session.preset or studio.default_preset,
+                            studio.quick_default, None, None, None, view)
+    return {"chat_status": handlers.gains_text(session), **out, **handlers.recent_runs(studio, session), **handlers.jobs_table(studio),
+            "export_name": handlers.suggest_name(session), **picker.sweep_views(session)}
 
-    def bind(fn, api: str, **kwargs):
-        """Adapt a callback returning/yielding {name: value} to gradio's {component: value}."""
-        names = OUTPUTS[api]
-        comps = [C[n] for n in names]
+
+ENDPOINTS = {  # api name -> callback; each callback's `outputs` are what the call returns, in order
+    "load_model": handlers.load, "default_flow": background.flow, "jobs": handlers.jobs_table, "on_load": on_load,
+    "attribute": background.attribute, "view": handlers.view, "card": card.card_views,
+    "select": handlers.on_select, "training_settings": handlers.on_meta, "train": background.train,
+    "fixed_gains": handlers.fixed_gains, "gains_file": handlers.gains_file, "refresh_runs": handlers.recent_runs,
+    "use_run": handlers.use_run, "chat": chat.chat, "clear_chat": chat.clear, "bulk": bulk.run_bulk, "filter_bulk": bulk.filter_bulk,
+    "evaluate": background.evaluate, "sweep": background.sweep, "pick_point": picker.pick_point, "export": handlers.do_export,
+    **{f"stop_{kind}": background.stopper(kind) for kind in ("attribution", "train", "evaluate", "bulk")},
+}
+OUTPUTS = {api: list(fn.outputs) for api, fn in ENDPOINTS.items()}  # api name -> output names, in order (gradio_client)
+
+
+class Page:
+    """The page under construction: its components by name (`C`), the session state, and `bind`, which turns a
+    callback into the keyword arguments of a gradio event."""
+
+    def __init__(self, studio: Studio):
+        self.studio, self.C = studio, {}
+        self.first = studio.new_session()  # the initial values the components show
+        self.gpu = gpu_decorator()
+        self.session: gr.State | None = None
+
+    @property
+    def view_in(self) -> list:
+        """The three inputs of a `View`: score kind, drill-down layer, table rows (last in a view callback's inputs)."""
+        return [self.C["kind"], self.C["drill_layer"], self.C["top"]]
+
+    def bind(self, fn: Callable, api: str | None, *, view: bool = False, gpu: bool = False, **kwargs) -> dict:
+        """`fn(studio, session, *args[, view=View])` returning or yielding {name: value} -> gradio's event kwargs
+        (its declared outputs as components). `api`: the endpoint name, or None for a page-only event."""
+        names, studio, C = fn.outputs, self.studio, self.C
+
+        def call(args):
+            if view:
+                *args, kind, layer, top = args
+                return fn(studio, *args, view=View.of(kind, layer, top))
+            return fn(studio, *args)
+
+        def named(update: dict) -> dict:
+            if undeclared := set(update) - set(names):
+                raise KeyError(f"{fn.__name__} returned {sorted(undeclared)}, which its @returns does not declare.")
+            return {C[k]: v for k, v in update.items()}
         if inspect.isgeneratorfunction(fn):
             def run(*args):
-                for update in fn(studio, *args):
-                    yield {C[k]: v for k, v in update.items()}
+                for update in call(args):
+                    yield named(update)
         else:
             def run(*args):
-                return {C[k]: v for k, v in fn(studio, *args).items()}
-        run.__name__ = api
-        return dict(fn=run, outputs=comps, api_name=api, **kwargs)
+                update = named(call(args))
+                return update if names else None  # an event without outputs returns nothing
+        run.__name__ = api or fn.__name__
+        return dict(fn=self.gpu(run) if gpu else run, outputs=[C[n] for n in names],
+                    **({"api_name": api} if api else {"api_name": None, "api_visibility": "private"}), **kwargs)
 
-    with gr.Blocks(title="NeuronTune Studio") as demo:
-        session = gr.State(lambda: studio.new_session())  # called once per page load
-        gr.Markdown("# NeuronTune Studio\nFind the MLP neurons that make a chat model refuse, amplify the safety neurons, "
-                    "suppress the over-refusal ones, and watch the effect live (Pan et al., 2025).")
-        with gr.Tabs() as C["tabs"]:
-            with gr.Tab("1 · Model & data", id="model") as t1:
-                gr.Markdown(HOW["model"], elem_classes="how")
-                with gr.Row():
-                    with gr.Column(scale=2):
-                        C["model_name"] = gr.Dropdown(list(dict.fromkeys([studio.default_model, *BUILTIN_MODELS])), value=studio.default_model,
-                                                      allow_custom_value=True, label="Model", info="embedded (SmolLM2-135M-Instruct), a Hub id, a local folder or .gguf")
-                        C["trust"] = gr.Checkbox(False, label="trust_remote_code", info="Runs the model repository's own Python code: only for repositories you trust.")
-                        C["preset"] = gr.Dropdown(studio.presets(), value=studio.default_preset, allow_custom_value=True,
-                                                  label="Preset", info="or a path to a preset .json")
-                        C["quick"] = gr.Checkbox(studio.quick_default, label="Quick first look", info="fewer prompts and ≤ 20 training steps")
-                        with gr.Accordion("Your own prompts (optional: csv / json / jsonl / parquet with a 'prompt' column)", open=False):
-                            with gr.Row():
-                                files = [gr.File(label=l, file_types=[".csv", ".json", ".jsonl", ".parquet"], type="filepath", height=90,
-                                                 elem_id=f"file-{l.split('-')[0]}") for l in ("harmful", "benign", "borderline-safe")]
-                        load_btn = gr.Button("Load model & data")
-                        C["form_check"] = gr.Markdown("", elem_id="form-check")
-                    with gr.Column(scale=3):
-                        flow_btn = gr.Button("▶ Run the whole flow", variant="primary", elem_id="run-flow")
-                        C["flow_status"] = gr.Markdown("One click: score → select → train → compare, on the defaults.", elem_id="flow-status")
-                        C["model_status"] = gr.Markdown("")
-                        with gr.Accordion("Background jobs (all sessions; kept across restarts)", open=False):
-                            C["jobs_table"] = gr.Dataframe(interactive=False, max_height=260, wrap=True)
-                            jobs_btn = gr.Button("Refresh", size="sm")
-            with gr.Tab("2 · Explore", id="explore") as t2:
-                gr.Markdown(HOW["explore"], elem_classes="how")
-                with gr.Row():
-                    attr_btn = gr.Button("Score neurons (attribution)", variant="primary", scale=2)
-                    attr_stop = gr.Button("Stop", variant="stop", scale=1)
-                    C["kind"] = gr.Dropdown([(handlers.KIND_LABELS["safety"], "safety")], value="safety", label="Score shown", scale=4)
-                C["attr_status"] = gr.Markdown("")
-                C["heatmap"] = gr.Plot(plots.empty("No neuron scores yet.", 460), label="Attribution: layers × neuron bins", elem_id="heatmap")
-                with gr.Accordion("Neuron card: click a heatmap cell, a drill-down point or a table row", open=True, elem_id="neuron-card"):
-                    with gr.Row():
-                        C["card_layer"] = gr.Number(None, label="layer", precision=0, minimum=0, elem_id="card-layer", scale=1)
-                        C["card_index"] = gr.Number(None, label="neuron", precision=0, minimum=0, elem_id="card-index", scale=1)
-                        card_btn = gr.Button("Show card", elem_id="card-btn", scale=1)
-                    C["card_status"] = gr.Markdown("", elem_id="card-status")
-                    with gr.Row():
-                        C["card_acts"] = gr.Plot(plots.empty("", 300), label="Activation on the run's prompts", elem_id="card-acts")
-                        with gr.Column():
-                            C["card_effect"] = gr.Dataframe(label="First-token refusal probability with this neuron alone at gain 0, 1 and "
-                                                            "its tuned gain (held-out prompts)", interactive=False, wrap=True, elem_id="card-effect")
-                            C["card_scores"] = gr.Dataframe(label="Every score and its rank among all neurons (1 = highest)",
-                                                            interactive=False, max_height=260, elem_id="card-scores")
-                    C["card_prompts"] = gr.Dataframe(label="Prompts that make it fire most and least (red: harmful, blue: harmless)",
-                                                     interactive=False, wrap=True, max_height=360, elem_id="card-prompts")
-                with gr.Row():
-                    with gr.Column():
-                        C["drill_layer"] = gr.Slider(0, 29, 0, step=1, label="Drill down into layer")
-                        C["drill"] = gr.Plot(plots.empty("", 300), label="One layer", elem_id="drill")
-                    C["dist_explore"] = gr.Plot(plots.empty("", 300), label="Selection per layer")
-                with gr.Row():
-                    C["top"] = gr.Number(50, label="Rows in the table", precision=0, minimum=5, maximum=2000, scale=1)
-                    gr.Markdown("Top neurons by the score shown: layer, index, every score, mean activation on harmful vs benign "
-                                "prompts, role and current gain. Click a header to sort.", elem_classes="how")
-                C["table"] = gr.Dataframe(label="Top neurons (click a row for its card)", interactive=False, max_height=420, elem_id="top-table")
-            with gr.Tab("3 · Tune", id="tune") as t3:
-                gr.Markdown(HOW["tune"], elem_classes="how")
-                s = first.cfg.selection
-                with gr.Row():
-                    with gr.Column(scale=2):
-                        C["k_safety"] = gr.Slider(0, 20_000, s.k_safety, step=1, label="k_safety: neurons to amplify")
-                        C["k_utility"] = gr.Slider(0, 20_000, s.k_utility, step=1, label="k_utility: neurons to suppress")
-                        C["protect_top"] = gr.Slider(0, 20_000, s.protect_top, step=1, label="protect_top: benign-critical neurons never amplified")
-                        C["counts"] = gr.Markdown("")
-                        with gr.Accordion("Selection rules", open=False):
-                            gr.Markdown(RULES)
-                    C["dist_tune"] = gr.Plot(plots.empty("", 300), label="Selection per layer")
-                m = first.cfg.meta
-                with gr.Accordion("Training settings (from the preset)", open=False):
-                    with gr.Row():
-                        C["mode"] = gr.Radio(["fomaml", "reptile", "joint"], value=m.mode, label="meta-learning mode")
-                        C["steps"] = gr.Slider(1, 200, m.steps, step=1, label="steps")
-                        C["lam_kl"] = gr.Slider(0, 5, m.lam_kl, step=0.1, label="λ KL (keep benign answers)")
-                        C["mu_over_refusal"] = gr.Slider(0, 5, m.mu_over_refusal, step=0.1, label="μ over-refusal penalty")
-                        C["max_gain"] = gr.Slider(1, 8, m.max_gain, step=0.5, label="max gain")
-                with gr.Row():
-                    train_btn = gr.Button("Train gains", variant="primary", scale=3)
-                    train_stop = gr.Button("Stop", variant="stop", scale=1)
-                C["train_status"] = gr.Markdown("")
-                C["loss_plot"] = gr.Plot(plots.losses([]), label="Losses", elem_id="loss-plot")
-                with gr.Accordion("Other gains: fixed preview, a file, or an earlier run", open=False):
-                    with gr.Row():
-                        safety_gain = gr.Slider(1, 4, 2.0, step=0.1, label="fixed safety gain")
-                        utility_gain = gr.Slider(0, 1, 0.5, step=0.05, label="fixed over-refusal gain")
-                        fixed_btn = gr.Button("Use fixed gains")
-                    with gr.Row():
-                        gains_upload = gr.File(label="modulation.safetensors (+ its gate.safetensors, if any)", file_types=[".safetensors"],
-                                               file_count="multiple", type="filepath", height=90)
-                        file_btn = gr.Button("Load gains file")
-                    with gr.Row():
-                        C["recent_runs"] = gr.Dropdown([], label="Finished trainings of this model (any session)", scale=3)
-                        refresh_btn = gr.Button("↻", scale=0, min_width=50)
-                        use_btn = gr.Button("Use these gains", scale=1)
-                C["gains_status"] = gr.Markdown("")
-            with gr.Tab("4 · Compare", id="compare") as t4:
-                gr.Markdown(HOW["compare"], elem_classes="how")
-                with gr.Row():
-                    C["active_gains"] = gr.Markdown(handlers.gains_text(first))
-                    with gr.Column(scale=0, min_width=340):
-                        strength = gr.Slider(0, 3, 1.0, step=0.05, label="strength ×", info="what-if: 0 = base, 1 = as tuned, 2 = twice the change")
-                        C["use_gate"] = gr.Checkbox(**handlers.gate_props(first), elem_id="use-gate",
-                                                    info="on: the gains are scaled by the gate's s for each prompt; off: static gains (what export folds)")
-                with gr.Row(equal_height=True):
-                    with gr.Column():
-                        gr.Markdown("Base model", elem_classes="pane-title")
-                        C["left"] = gr.Chatbot(label="Base model", show_label=False, height=420, elem_id="pane-base", buttons=["copy"])
-                    with gr.Column():
-                        gr.Markdown("NeuronTune (modulated)", elem_classes="pane-title")
-                        C["right"] = gr.Chatbot(label="NeuronTune", show_label=False, height=420, elem_id="pane-tuned", buttons=["copy"])
-                with gr.Row():
-                    C["msg"] = gr.Textbox(placeholder="Ask both models… (Enter sends)", show_label=False, scale=5, max_lines=6)
-                    send_btn = gr.Button("Send", variant="primary", scale=1)
-                    clear_btn = gr.Button("Clear", scale=1)
-                picks = chat.examples(studio, first)
-                gr.Examples([[p] for _, p in picks], inputs=[C["msg"]], example_labels=[l for l, _ in picks], label="Quick picks (held-out prompts)", examples_per_page=20)
-                with gr.Accordion("Decoding (same for both panes)", open=False):
-                    with gr.Row():
-                        max_new = gr.Slider(8, 256, 64, step=8, label="max new tokens")
-                        sample = gr.Checkbox(False, label="sample (greedy when off; with sampling the panes also differ by chance)")
-                        temperature = gr.Slider(0.1, 1.5, 0.7, step=0.05, label="temperature")
-                    compare_judge = gr.Dropdown(judging.CHOICES, value="rules", allow_custom_value=True, label="refusal judge",
-                                                info="rules (fast), or model:NAME, a local chat model labelling each answer (the rules "
-                                                     "give a second opinion); for the chat's verdict lines and the bulk table")
-                C["chat_status"] = gr.Markdown("", elem_id="chat-status")
-                with gr.Accordion("Your prompts, in bulk: base vs tuned on a list", open=False):
-                    gr.Markdown("A .txt file (one prompt per line), a .csv / .jsonl / .json / .parquet with a `prompt` column, or a pasted "
-                                "list (one per line); at most 200 prompts. Both models answer in batched calls with the strength, gate "
-                                "and max new tokens above; sort the table by any column.", elem_classes="how")
-                    with gr.Row():
-                        bulk_upload = gr.File(label="prompt file", file_types=[".txt", ".csv", ".json", ".jsonl", ".parquet"], type="filepath",
-                                              height=90, scale=1)
-                        bulk_text = gr.Textbox(label="or paste prompts, one per line", lines=4, max_lines=12, scale=2)
-                    with gr.Row():
-                        bulk_btn = gr.Button("Run base vs tuned", variant="primary", scale=3)
-                        bulk_stop = gr.Button("Stop", variant="stop", scale=1)
-                        bulk_only = gr.Checkbox(False, label="only where the judges differ", scale=1,
-                                                info="with a model judge: the prompts where it and the rules decide differently")
-                    C["bulk_status"] = gr.Markdown("", elem_id="bulk-status")
-                    C["bulk_table"] = gr.Dataframe(label="Your prompts: base vs tuned", interactive=False, wrap=True, max_height=480,
-                                                   column_widths=["20%", "11%", "11%", "6%", "26%", "26%"], elem_id="bulk-table")
-                    C["bulk_file"] = gr.File(label="Download (CSV)", interactive=False)
-            with gr.Tab("5 · Evaluate", id="evaluate") as t5:
-                gr.Markdown(HOW["evaluate"], elem_classes="how")
-                with gr.Row():
-                    eval_quick = gr.Checkbox(True, label="quick (fewer prompts)")
-                    baselines = gr.CheckboxGroup(["joint", "attribution_only", "random", "direction"], value=["attribution_only"], label="baselines")
-                    eval_split = gr.Radio(["validation", "test"], value="validation", label="split",
-                                          info="validation while choosing settings; test for the table you report (read it once)")
-                    eval_judge = gr.Dropdown(judging.CHOICES, value="rules", allow_custom_value=True, label="refusal judge",
-                                             info="rules, or model:NAME (the rules then give a second opinion: the table shows "
-                                                  "the judges' agreement)")
-                    eval_btn = gr.Button("Run evaluation", variant="primary")
-                    eval_stop = gr.Button("Stop", variant="stop")
-                C["eval_status"] = gr.Markdown("")
-                C["eval_table"] = gr.Dataframe(label="Metrics: base, NeuronTune, baselines", interactive=False, elem_id="eval-table")
-                with gr.Row():
-                    grid = gr.Textbox("250:0, 750:250, 1500:500", label="sweep grid (k_safety:k_utility, …)", scale=3)
-                    sweep_btn = gr.Button("Run sweep", scale=1)
-                with gr.Row():
-                    C["tradeoff"] = gr.Plot(plots.empty("Run a sweep to see the safety / over-refusal trade-off.", 360), label="Trade-off",
-                                            elem_id="tradeoff", scale=3)
-                    with gr.Column(scale=2):
-                        C["points"] = gr.Dataframe(label="Sweep points (click a row)", interactive=False, max_height=260, elem_id="points")
-                        with gr.Row():
-                            point_index = gr.Number(None, label="point", precision=0, minimum=0, elem_id="point-index", scale=1)
-                            pick_btn = gr.Button("Use this point", elem_id="pick-btn", scale=2)
-                        C["pick_status"] = gr.Markdown("", elem_id="pick-status")
-                        with gr.Row():
-                            to_compare = gr.Button("→ Compare", size="sm")
-                            to_export = gr.Button("→ Export", size="sm")
-                C["eval_samples"] = gr.Dataframe(label="Sample generations", interactive=False, wrap=True, max_height=420)
-            with gr.Tab("6 · Export", id="export") as t6:
-                gr.Markdown(HOW["export"], elem_classes="how")
-                with gr.Row():
-                    C["export_name"] = gr.Textbox(handlers.suggest_name(first), label="Export name (letters, digits, . _ -; anything else is replaced)", scale=3)
-                    overwrite = gr.Checkbox(False, label="overwrite an existing export", scale=1)
-                with gr.Accordion("Push to the Hugging Face Hub (optional)", open=False):
-                    with gr.Row():
-                        repo = gr.Textbox(label="repo id", placeholder="you/model-neurontune")
-                        C["hub_token"] = gr.Textbox(label="token (used for this push only; never stored)", type="password")
-                export_btn = gr.Button("Export", variant="primary")
-                C["export_status"] = gr.Markdown("")
-                C["export_files"] = gr.File(label="Download: modulation file and model card", file_count="multiple", interactive=False)
 
-        for tab in (t1, t2, t3, t4, t5, t6):  # plotly sizes a figure drawn in a hidden tab to 0: redraw on show
-            tab.select(fn=None, js="() => { setTimeout(() => window.dispatchEvent(new Event('resize')), 60); }", api_visibility="private")
-        view_in = [C["kind"], C["drill_layer"], C["top"]]
-        load_in = [session, C["model_name"], C["trust"], C["preset"], C["quick"], *files]
-        quiet = dict(show_progress="hidden")
-        jobs = dict(concurrency_limit=None, show_progress="hidden")  # watchers only poll; the runner queues the work
-        load_btn.click(**bind(handlers.load, "load_model", concurrency_id="load", concurrency_limit=1), inputs=load_in + view_in)
-        flow_btn.click(**bind(background.flow, "default_flow", **jobs), inputs=load_in + view_in)
-        attr_btn.click(**bind(background.attribute, "attribute", **jobs), inputs=[session, *view_in])
-        attr_stop.click(**bind(lambda st, se: background.stop(st, se, "attribution"), "stop_attribution", **quiet), inputs=[session])
-        for comp, api in ((C["kind"], "view"), (C["drill_layer"], None), (C["top"], None)):
-            event = comp.release if comp is C["drill_layer"] else comp.input
-            event(**{**bind(handlers.views, "view", concurrency_id="fast", concurrency_limit=8, trigger_mode="always_last", **quiet),
-                     **({} if api else {"api_visibility": "private", "api_name": None})}, inputs=[session, *view_in])
-        sel_in = [session, C["k_safety"], C["k_utility"], C["protect_top"], *view_in]
-        for comp, api in ((C["k_safety"], "select"), (C["k_utility"], None), (C["protect_top"], None)):
-            comp.input(**{**bind(handlers.on_select, "select", concurrency_id="fast", concurrency_limit=8, trigger_mode="always_last", **quiet),
-                          **({} if api else {"api_visibility": "private", "api_name": None})}, inputs=sel_in)
-        meta_in = [session, *(C[n] for n in ["mode", "steps", "lam_kl", "mu_over_refusal", "max_gain"])]
-        for name in META:
-            C[name].input(lambda se, *v: handlers.on_meta(studio, se, *v), inputs=meta_in, outputs=None,
-                          api_name="training_settings" if name == "steps" else None, api_visibility="public" if name == "steps" else "private", **quiet)
-        train_btn.click(**bind(background.train, "train", **jobs), inputs=[session, *view_in])
-        train_stop.click(**bind(lambda st, se: background.stop(st, se, "train"), "stop_train", **quiet), inputs=[session])
-        fixed_btn.click(**bind(handlers.fixed_gains, "fixed_gains", **quiet), inputs=[session, safety_gain, utility_gain, *view_in])
-        file_btn.click(**bind(handlers.gains_file, "gains_file", **quiet), inputs=[session, gains_upload, *view_in])
-        refresh_btn.click(**bind(handlers.recent_runs, "refresh_runs", **quiet), inputs=[session])
-        use_btn.click(**bind(handlers.use_run, "use_run", **quiet), inputs=[session, C["recent_runs"], *view_in])
-        chat_kw = bind(chat.chat, "chat", concurrency_id="chat", concurrency_limit=studio.chat_limit, show_progress="minimal")
-        chat_kw["fn"] = gpu(chat_kw["fn"])
-        chat_in = [session, C["msg"], strength, max_new, sample, temperature, C["use_gate"], compare_judge]
-        send_btn.click(**chat_kw, inputs=chat_in)
-        C["msg"].submit(**{**chat_kw, "api_name": None, "api_visibility": "private"}, inputs=chat_in)
-        clear_btn.click(**bind(chat.clear, "clear_chat", **quiet), inputs=[session])
-        eval_btn.click(**bind(background.evaluate, "evaluate", **jobs), inputs=[session, eval_quick, baselines, eval_split, eval_judge])
-        eval_stop.click(**bind(lambda st, se: background.stop(st, se, "evaluate"), "stop_evaluate", **quiet), inputs=[session])
-        sweep_btn.click(**bind(background.sweep, "sweep", **jobs), inputs=[session, grid])
-        export_kw = bind(handlers.do_export, "export", concurrency_id="export", concurrency_limit=1)
-        export_kw["fn"] = gpu(export_kw["fn"])
-        export_btn.click(**export_kw, inputs=[session, C["export_name"], overwrite, repo, C["hub_token"]])
-        jobs_btn.click(**bind(handlers.jobs_table, "jobs", **quiet), inputs=[session])
-        card_kw = bind(card.card_views, "card", concurrency_id="card", concurrency_limit=2, show_progress="minimal")
+QUIET = dict(show_progress="hidden")
+JOBS = dict(concurrency_limit=None, show_progress="hidden")  # watchers only poll; the runner queues the work
+FAST = dict(concurrency_id="fast", concurrency_limit=8, trigger_mode="always_last", **QUIET)
+
+
+def model_tab(page: Page) -> Callable[[], None]:
+    C, studio = page.C, page.studio
+    with gr.Tab("1 · Model & data", id="model"):
+        gr.Markdown(HOW["model"], elem_classes="how")
+        with gr.Row():
+            with gr.Column(scale=2):
+                C["model_name"] = gr.Dropdown(list(dict.fromkeys([studio.default_model, *BUILTIN_MODELS])), value=studio.default_model,
+                                              allow_custom_value=True, label="Model", info="embedded (SmolLM2-135M-Instruct), a Hub id, a local folder or .gguf")
+                C["trust"] = gr.Checkbox(False, label="trust_remote_code", info="Runs the model repository's own Python code: only for repositories you trust.")
+                C["preset"] = gr.Dropdown(studio.presets(), value=studio.default_preset, allow_custom_value=True,
+                                          label="Preset", info="or a path to a preset .json")
+                C["quick"] = gr.Checkbox(studio.quick_default, label="Quick first look", info="fewer prompts and ≤ 20 training steps")
+                with gr.Accordion("Your own prompts (optional: csv / json / jsonl / parquet with a 'prompt' column)", open=False):
+                    with gr.Row():
+                        files = [gr.File(label=l, file_types=[".csv", ".json", ".jsonl", ".parquet"], type="filepath", height=90,
+                                         elem_id=f"file-{l.split('-')[0]}") for l in ("harmful", "benign", "borderline-safe")]
+                load_btn = gr.Button("Load model & data")
+                C["form_check"] = gr.Markdown("", elem_id="form-check")
+            with gr.Column(scale=3):
+                flow_btn = gr.Button("▶ Run the whole flow", variant="primary", elem_id="run-flow")
+                C["flow_status"] = gr.Markdown("One click: score → select → train → compare, on the defaults.", elem_id="flow-status")
+                C["model_status"] = gr.Markdown("")
+                with gr.Accordion("Background jobs (all sessions; kept across restarts)", open=False):
+                    C["jobs_table"] = gr.Dataframe(interactive=False, max_height=260, wrap=True)
+                    jobs_btn = gr.Button("Refresh", size="sm")
+
+    def wire():
+        load_in = [page.session, C["model_name"], C["trust"], C["preset"], C["quick"], *files, *page.view_in]
+        load_btn.click(**page.bind(handlers.load, "load_model", view=True, concurrency_id="load", concurrency_limit=1), inputs=load_in)
+        flow_btn.click(**page.bind(background.flow, "default_flow", view=True, **JOBS), inputs=load_in)
+        jobs_btn.click(**page.bind(handlers.jobs_table, "jobs", **QUIET), inputs=[page.session])
+    return wire
+
+
+def explore_tab(page: Page) -> Callable[[], None]:
+    C = page.C
+    with gr.Tab("2 · Explore", id="explore"):
+        gr.Markdown(HOW["explore"], elem_classes="how")
+        with gr.Row():
+            attr_btn = gr.Button("Score neurons (attribution)", variant="primary", scale=2)
+            attr_stop = gr.Button("Stop", variant="stop", scale=1)
+            C["kind"] = gr.Dropdown([(KIND_LABELS["safety"], "safety")], value="safety", label="Score shown", scale=4)
+        C["attr_status"] = gr.Markdown("")
+        C["heatmap"] = gr.Plot(plots.empty("No neuron scores yet.", 460), label="Attribution: layers × neuron bins", elem_id="heatmap")
+        with gr.Accordion("Neuron card: click a heatmap cell, a drill-down point or a table row", open=True, elem_id="neuron-card"):
+            with gr.Row():
+                C["card_layer"] = gr.Number(None, label="layer", precision=0, minimum=0, elem_id="card-layer", scale=1)
+                C["card_index"] = gr.Number(None, label="neuron", precision=0, minimum=0, elem_id="card-index", scale=1)
+                card_btn = gr.Button("Show card", elem_id="card-btn", scale=1)
+            C["card_status"] = gr.Markdown("", elem_id="card-status")
+            with gr.Row():
+                C["card_acts"] = gr.Plot(plots.empty("", 300), label="Activation on the run's prompts", elem_id="card-acts")
+                with gr.Column():
+                    C["card_effect"] = gr.Dataframe(label="First-token refusal probability with this neuron alone at gain 0, 1 and "
+                                                    "its tuned gain (held-out prompts)", interactive=False, wrap=True, elem_id="card-effect")
+                    C["card_scores"] = gr.Dataframe(label="Every score and its rank among all neurons (1 = highest)",
+                                                    interactive=False, max_height=260, elem_id="card-scores")
+            C["card_prompts"] = gr.Dataframe(label="Prompts that make it fire most and least (red: harmful, blue: harmless)",
+                                             interactive=False, wrap=True, max_height=360, elem_id="card-prompts")
+        with gr.Row():
+            with gr.Column():
+                C["drill_layer"] = gr.Slider(0, 29, 0, step=1, label="Drill down into layer")
+                C["drill"] = gr.Plot(plots.empty("", 300), label="One layer", elem_id="drill")
+            C["dist_explore"] = gr.Plot(plots.empty("", 300), label="Selection per layer")
+        with gr.Row():
+            C["top"] = gr.Number(50, label="Rows in the table", precision=0, minimum=5, maximum=2000, scale=1)
+            gr.Markdown("Top neurons by the score shown: layer, index, every score, mean activation on harmful vs benign "
+                        "prompts, role and current gain. Click a header to sort.", elem_classes="how")
+        C["table"] = gr.Dataframe(label="Top neurons (click a row for its card)", interactive=False, max_height=420, elem_id="top-table")
+
+    def wire():
+        session, studio = page.session, page.studio
+        attr_btn.click(**page.bind(background.attribute, "attribute", view=True, **JOBS), inputs=[session, *page.view_in])
+        attr_stop.click(**page.bind(ENDPOINTS["stop_attribution"], "stop_attribution", **QUIET), inputs=[session])
+        C["kind"].input(**page.bind(handlers.view, "view", view=True, **FAST), inputs=[session, *page.view_in])
+        C["drill_layer"].release(**page.bind(handlers.view, None, view=True, **FAST), inputs=[session, *page.view_in])
+        C["top"].input(**page.bind(handlers.view, None, view=True, **FAST), inputs=[session, *page.view_in])
+        card_kw = page.bind(card.card_views, "card", concurrency_id="card", concurrency_limit=2, show_progress="minimal")
         card_btn.click(**card_kw, inputs=[session, C["card_layer"], C["card_index"]])
 
         def table_card(se, evt: gr.SelectData):
@@ -373,31 +246,219 @@ def build_app(studio: Studio) -> gr.Blocks:
         C["table"].select(table_card, inputs=[session], outputs=card_kw["outputs"], concurrency_id="card", show_progress="minimal",
                           api_visibility="private").then(
             fn=None, js="() => document.getElementById('card-status')?.scrollIntoView({behavior: 'smooth', block: 'start'})")
-        pick_kw = bind(picker.pick_point, "pick_point", **quiet)
-        pick_btn.click(**pick_kw, inputs=[session, point_index, *view_in])
+    return wire
+
+
+def tune_tab(page: Page) -> Callable[[], None]:
+    C, s, m = page.C, page.first.cfg.selection, page.first.cfg.meta
+    with gr.Tab("3 · Tune", id="tune"):
+        gr.Markdown(HOW["tune"], elem_classes="how")
+        with gr.Row():
+            with gr.Column(scale=2):
+                C["k_safety"] = gr.Slider(0, 20_000, s.k_safety, step=1, label="k_safety: neurons to amplify")
+                C["k_utility"] = gr.Slider(0, 20_000, s.k_utility, step=1, label="k_utility: neurons to suppress")
+                C["protect_top"] = gr.Slider(0, 20_000, s.protect_top, step=1, label="protect_top: benign-critical neurons never amplified")
+                C["counts"] = gr.Markdown("")
+                with gr.Accordion("Selection rules", open=False):
+                    gr.Markdown(RULES)
+            C["dist_tune"] = gr.Plot(plots.empty("", 300), label="Selection per layer")
+        with gr.Accordion("Training settings (from the preset)", open=False):
+            with gr.Row():
+                C["mode"] = gr.Radio(["fomaml", "reptile", "joint"], value=m.mode, label="meta-learning mode")
+                C["steps"] = gr.Slider(1, 200, m.steps, step=1, label="steps")
+                C["lam_kl"] = gr.Slider(0, 5, m.lam_kl, step=0.1, label="λ KL (keep benign answers)")
+                C["mu_over_refusal"] = gr.Slider(0, 5, m.mu_over_refusal, step=0.1, label="μ over-refusal penalty")
+                C["max_gain"] = gr.Slider(1, 8, m.max_gain, step=0.5, label="max gain")
+        with gr.Row():
+            train_btn = gr.Button("Train gains", variant="primary", scale=3)
+            train_stop = gr.Button("Stop", variant="stop", scale=1)
+        C["train_status"] = gr.Markdown("")
+        C["loss_plot"] = gr.Plot(plots.losses([]), label="Losses", elem_id="loss-plot")
+        with gr.Accordion("Other gains: fixed preview, a file, or an earlier run", open=False):
+            with gr.Row():
+                safety_gain = gr.Slider(1, 4, 2.0, step=0.1, label="fixed safety gain")
+                utility_gain = gr.Slider(0, 1, 0.5, step=0.05, label="fixed over-refusal gain")
+                fixed_btn = gr.Button("Use fixed gains")
+            with gr.Row():
+                gains_upload = gr.File(label="modulation.safetensors (+ its gate.safetensors, if any)", file_types=[".safetensors"],
+                                       file_count="multiple", type="filepath", height=90)
+                file_btn = gr.Button("Load gains file")
+            with gr.Row():
+                C["recent_runs"] = gr.Dropdown([], label="Finished trainings of this model (any session)", scale=3)
+                refresh_btn = gr.Button("↻", scale=0, min_width=50)
+                use_btn = gr.Button("Use these gains", scale=1)
+        C["gains_status"] = gr.Markdown("")
+
+    def wire():
+        session = page.session
+        sel_in = [session, C["k_safety"], C["k_utility"], C["protect_top"], *page.view_in]
+        for comp, api in ((C["k_safety"], "select"), (C["k_utility"], None), (C["protect_top"], None)):
+            comp.input(**page.bind(handlers.on_select, api, view=True, **FAST), inputs=sel_in)
+        meta_in = [session, *(C[n] for n in ("mode", "steps", "lam_kl", "mu_over_refusal", "max_gain"))]
+        for name in ("steps", "mode", "lam_kl", "mu_over_refusal", "max_gain"):
+            C[name].input(**page.bind(handlers.on_meta, "training_settings" if name == "steps" else None, **QUIET), inputs=meta_in)
+        train_btn.click(**page.bind(background.train, "train", view=True, **JOBS), inputs=[session, *page.view_in])
+        train_stop.click(**page.bind(ENDPOINTS["stop_train"], "stop_train", **QUIET), inputs=[session])
+        fixed_btn.click(**page.bind(handlers.fixed_gains, "fixed_gains", view=True, **QUIET), inputs=[session, safety_gain, utility_gain, *page.view_in])
+        file_btn.click(**page.bind(handlers.gains_file, "gains_file", view=True, **QUIET), inputs=[session, gains_upload, *page.view_in])
+        refresh_btn.click(**page.bind(handlers.recent_runs, "refresh_runs", **QUIET), inputs=[session])
+        use_btn.click(**page.bind(handlers.use_run, "use_run", view=True, **QUIET), inputs=[session, C["recent_runs"], *page.view_in])
+    return wire
+
+
+def compare_tab(page: Page) -> Callable[[], None]:
+    C, first = page.C, page.first
+    with gr.Tab("4 · Compare", id="compare"):
+        gr.Markdown(HOW["compare"], elem_classes="how")
+        with gr.Row():
+            C["active_gains"] = gr.Markdown(handlers.gains_text(first))
+            with gr.Column(scale=0, min_width=340):
+                strength = gr.Slider(0, 3, 1.0, step=0.05, label="strength ×", info="what-if: 0 = base, 1 = as tuned, 2 = twice the change")
+                C["use_gate"] = gr.Checkbox(**handlers.gate_props(first), elem_id="use-gate",
+                                            info="on: the gains are scaled by the gate's s for each prompt; off: static gains (what export folds)")
+        with gr.Row(equal_height=True):
+            with gr.Column():
+                gr.Markdown("Base model", elem_classes="pane-title")
+                C["left"] = gr.Chatbot(label="Base model", show_label=False, height=420, elem_id="pane-base", buttons=["copy"])
+            with gr.Column():
+                gr.Markdown("NeuronTune (modulated)", elem_classes="pane-title")
+                C["right"] = gr.Chatbot(label="NeuronTune", show_label=False, height=420, elem_id="pane-tuned", buttons=["copy"])
+        with gr.Row():
+            C["msg"] = gr.Textbox(placeholder="Ask both models… (Enter sends)", show_label=False, scale=5, max_lines=6)
+            send_btn = gr.Button("Send", variant="primary", scale=1)
+            clear_btn = gr.Button("Clear", scale=1)
+        picks = chat.examples(page.studio, first)
+        gr.Examples([[p] for _, p in picks], inputs=[C["msg"]], example_labels=[l for l, _ in picks], label="Quick picks (held-out prompts)", examples_per_page=20)
+        with gr.Accordion("Decoding (same for both panes)", open=False):
+            with gr.Row():
+                max_new = gr.Slider(8, 256, 64, step=8, label="max new tokens")
+                sample = gr.Checkbox(False, label="sample (greedy when off; with sampling the panes also differ by chance)")
+                temperature = gr.Slider(0.1, 1.5, 0.7, step=0.05, label="temperature")
+            compare_judge = gr.Dropdown(judging.CHOICES, value="rules", allow_custom_value=True, label="refusal judge",
+                                        info="rules (fast), or model:NAME, a local chat model labelling each answer (the rules "
+                                             "give a second opinion); for the chat's verdict lines and the bulk table")
+        C["chat_status"] = gr.Markdown("", elem_id="chat-status")
+        with gr.Accordion("Your prompts, in bulk: base vs tuned on a list", open=False):
+            gr.Markdown("A .txt file (one prompt per line), a .csv / .jsonl / .json / .parquet with a `prompt` column, or a pasted "
+                        "list (one per line); at most 200 prompts. Both models answer in batched calls with the strength, gate "
+                        "and max new tokens above; sort the table by any column.", elem_classes="how")
+            with gr.Row():
+                bulk_upload = gr.File(label="prompt file", file_types=[".txt", ".csv", ".json", ".jsonl", ".parquet"], type="filepath",
+                                      height=90, scale=1)
+                bulk_text = gr.Textbox(label="or paste prompts, one per line", lines=4, max_lines=12, scale=2)
+            with gr.Row():
+                bulk_btn = gr.Button("Run base vs tuned", variant="primary", scale=3)
+                bulk_stop = gr.Button("Stop", variant="stop", scale=1)
+                bulk_only = gr.Checkbox(False, label="only where the judges differ", scale=1,
+                                        info="with a model judge: the prompts where it and the rules decide differently")
+            C["bulk_status"] = gr.Markdown("", elem_id="bulk-status")
+            C["bulk_table"] = gr.Dataframe(label="Your prompts: base vs tuned", interactive=False, wrap=True, max_height=480,
+                                           column_widths=["20%", "11%", "11%", "6%", "26%", "26%"], elem_id="bulk-table")
+            C["bulk_file"] = gr.File(label="Download (CSV)", interactive=False)
+
+    def wire():
+        session, studio = page.session, page.studio
+        chat_in = [session, C["msg"], strength, max_new, sample, temperature, C["use_gate"], compare_judge]
+        chat_kw = dict(concurrency_id="chat", concurrency_limit=studio.chat_limit, show_progress="minimal", gpu=True)
+        send_btn.click(**page.bind(chat.chat, "chat", **chat_kw), inputs=chat_in)
+        C["msg"].submit(**page.bind(chat.chat, None, **chat_kw), inputs=chat_in)
+        clear_btn.click(**page.bind(chat.clear, "clear_chat", **QUIET), inputs=[session])
+        bulk_btn.click(**page.bind(bulk.run_bulk, "bulk", **JOBS), inputs=[session, bulk_upload, bulk_text, strength, max_new, C["use_gate"],
+                                                                           compare_judge, bulk_only])
+        bulk_only.change(**page.bind(bulk.filter_bulk, "filter_bulk", **QUIET), inputs=[session, bulk_only])
+        bulk_stop.click(**page.bind(ENDPOINTS["stop_bulk"], "stop_bulk", **QUIET), inputs=[session])
+    return wire
+
+
+def evaluate_tab(page: Page) -> Callable[[], None]:
+    C = page.C
+    with gr.Tab("5 · Evaluate", id="evaluate"):
+        gr.Markdown(HOW["evaluate"], elem_classes="how")
+        with gr.Row():
+            eval_quick = gr.Checkbox(True, label="quick (fewer prompts)")
+            baselines = gr.CheckboxGroup(["joint", "attribution_only", "random", "direction"], value=["attribution_only"], label="baselines")
+            eval_split = gr.Radio(["validation", "test"], value="validation", label="split",
+                                  info="validation while choosing settings; test for the table you report (read it once)")
+            eval_judge = gr.Dropdown(judging.CHOICES, value="rules", allow_custom_value=True, label="refusal judge",
+                                     info="rules, or model:NAME (the rules then give a second opinion: the table shows "
+                                          "the judges' agreement)")
+            eval_btn = gr.Button("Run evaluation", variant="primary")
+            eval_stop = gr.Button("Stop", variant="stop")
+        C["eval_status"] = gr.Markdown("")
+        C["eval_table"] = gr.Dataframe(label="Metrics: base, NeuronTune, baselines", interactive=False, elem_id="eval-table")
+        with gr.Row():
+            grid = gr.Textbox("250:0, 750:250, 1500:500", label="sweep grid (k_safety:k_utility, …)", scale=3)
+            sweep_btn = gr.Button("Run sweep", scale=1)
+        with gr.Row():
+            C["tradeoff"] = gr.Plot(plots.empty("Run a sweep to see the safety / over-refusal trade-off.", 360), label="Trade-off",
+                                    elem_id="tradeoff", scale=3)
+            with gr.Column(scale=2):
+                C["points"] = gr.Dataframe(label="Sweep points (click a row)", interactive=False, max_height=260, elem_id="points")
+                with gr.Row():
+                    point_index = gr.Number(None, label="point", precision=0, minimum=0, elem_id="point-index", scale=1)
+                    pick_btn = gr.Button("Use this point", elem_id="pick-btn", scale=2)
+                C["pick_status"] = gr.Markdown("", elem_id="pick-status")
+                with gr.Row():
+                    to_compare = gr.Button("→ Compare", size="sm")
+                    to_export = gr.Button("→ Export", size="sm")
+        C["eval_samples"] = gr.Dataframe(label="Sample generations", interactive=False, wrap=True, max_height=420)
+
+    def wire():
+        session, studio = page.session, page.studio
+        eval_btn.click(**page.bind(background.evaluate, "evaluate", **JOBS), inputs=[session, eval_quick, baselines, eval_split, eval_judge])
+        eval_stop.click(**page.bind(ENDPOINTS["stop_evaluate"], "stop_evaluate", **QUIET), inputs=[session])
+        sweep_btn.click(**page.bind(background.sweep, "sweep", **JOBS), inputs=[session, grid])
+        pick_kw = page.bind(picker.pick_point, "pick_point", view=True, **QUIET)
+        pick_btn.click(**pick_kw, inputs=[session, point_index, *page.view_in])
 
         def row_pick(se, kind, layer, top, evt: gr.SelectData):
-            return {C[k]: v for k, v in picker.pick_row(studio, se, evt.row_value, kind, layer, top).items()}
-        C["points"].select(row_pick, inputs=[session, *view_in], outputs=pick_kw["outputs"], show_progress="hidden", api_visibility="private")
+            return {C[k]: v for k, v in picker.pick_row(studio, se, evt.row_value, View.of(kind, layer, top)).items()}
+        C["points"].select(row_pick, inputs=[session, *page.view_in], outputs=pick_kw["outputs"], show_progress="hidden", api_visibility="private")
         to_compare.click(lambda: gr.Tabs(selected="compare"), outputs=[C["tabs"]], api_visibility="private")
         to_export.click(lambda: gr.Tabs(selected="export"), outputs=[C["tabs"]], api_visibility="private")
-        bulk_btn.click(**bind(bulk.run_bulk, "bulk", **jobs), inputs=[session, bulk_upload, bulk_text, strength, max_new, C["use_gate"],
-                                                                     compare_judge, bulk_only])
-        bulk_only.change(**bind(bulk.filter_bulk, "filter_bulk", **quiet), inputs=[session, bulk_only])
-        bulk_stop.click(**bind(lambda st, se: background.stop(st, se, "bulk"), "stop_bulk", **quiet), inputs=[session])
-        demo.load(**bind(on_load, "on_load", **quiet), inputs=[session, *view_in])
+    return wire
+
+
+def export_tab(page: Page) -> Callable[[], None]:
+    C = page.C
+    with gr.Tab("6 · Export", id="export"):
+        gr.Markdown(HOW["export"], elem_classes="how")
+        with gr.Row():
+            C["export_name"] = gr.Textbox(handlers.suggest_name(page.first), label="Export name (letters, digits, . _ -; anything else is replaced)", scale=3)
+            overwrite = gr.Checkbox(False, label="overwrite an existing export", scale=1)
+        with gr.Accordion("Push to the Hugging Face Hub (optional)", open=False):
+            with gr.Row():
+                repo = gr.Textbox(label="repo id", placeholder="you/model-neurontune")
+                C["hub_token"] = gr.Textbox(label="token (used for this push only; never stored)", type="password")
+        export_btn = gr.Button("Export", variant="primary")
+        C["export_status"] = gr.Markdown("")
+        C["export_files"] = gr.File(label="Download: modulation file and model card", file_count="multiple", interactive=False)
+
+    def wire():
+        export_btn.click(**page.bind(handlers.do_export, "export", gpu=True, concurrency_id="export", concurrency_limit=1),
+                         inputs=[page.session, C["export_name"], overwrite, repo, C["hub_token"]])
+    return wire
+
+
+TABS = (model_tab, explore_tab, tune_tab, compare_tab, evaluate_tab, export_tab)
+
+
+def build_app(studio: Studio) -> gr.Blocks:
+    """The page: a header, the six tabs, their wiring, and `on_load` drawing each new page's session."""
+    page = Page(studio)
+    with gr.Blocks(title="NeuronTune Studio") as demo:
+        page.session = gr.State(lambda: studio.new_session())  # called once per session: a page's or an API client's
+        gr.Markdown("# NeuronTune Studio\nFind the MLP neurons that make a chat model refuse, amplify the safety neurons, "
+                    "suppress the over-refusal ones, and watch the effect live (Pan et al., 2025).")
+        with gr.Tabs() as page.C["tabs"]:
+            wires = [tab(page) for tab in TABS]
+        for wire in wires:
+            wire()
+        for tab in demo.blocks.values():  # plotly sizes a figure drawn in a hidden tab to 0: redraw on show
+            if isinstance(tab, gr.Tab):
+                tab.select(fn=None, js="() => { setTimeout(() => window.dispatchEvent(new Event('resize')), 60); }", api_visibility="private")
+        demo.load(**page.bind(on_load, "on_load", view=True, **QUIET), inputs=[page.session, *page.view_in])
     return demo
-
-
-def on_load(studio: Studio, session: Session, kind="safety", layer=0, top=50) -> dict:
-    """A new page: the shipped run when there is a current one (heatmap, gains, evaluation at once), else the
-    shared default model and any neuron scores already computed for it (reused)."""
-    out = shipped.open_shipped(studio, session, kind, layer, top) if session.shipped else {}
-    if not out:
-        out = handlers.load(studio, session, session.model or studio.default_model, False, session.preset or studio.default_preset,
-                            studio.quick_default, None, None, None, kind, layer, top)
-    return {"chat_status": handlers.gains_text(session), **out, **handlers.recent_runs(studio, session), **handlers.jobs_table(studio),
-            "export_name": handlers.suggest_name(session), **picker.sweep_views(session)}
 
 
 def private_folders(studio: Studio) -> list[str]:

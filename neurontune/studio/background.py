@@ -3,7 +3,6 @@ shared `JobRunner`, then stream the job's progress to the page until it ends. Cl
 stop a job; its result stays in the runner's status files for the next visit or another session."""
 from __future__ import annotations
 
-import inspect
 import time
 from pathlib import Path
 from typing import Iterator
@@ -14,12 +13,13 @@ from ..eval.judges import check_spec
 from ..run.evaluate_run import evaluate_run
 from ..run.folder import RunFolder
 from ..run.steps import attribute_step, select_step, train_step, truncation_note
-from ..run.sweep import sweep_run
+from ..run.sweep import parse_grid, sweep_run
 from . import handlers, plots
 from .jobs import Job
 from .judging import judge_for
 from .picker import sweep_views
 from .state import Session, Studio
+from .views import VIEW, View, returns, views
 
 POLL_S = 0.4
 LABELS = {"attribution": "Scoring neurons", "train": "Training gains", "evaluate": "Evaluating", "sweep": "Sweeping thresholds",
@@ -55,48 +55,51 @@ def watch(studio: Studio, job: Job, key: str, extra=None) -> Iterator[dict]:
     yield {key: job_text(studio, job), **(extra(job) if extra else {})}
 
 
-def stop(studio: Studio, session: Session, kind: str) -> dict:
-    job_id = session.jobs.get(kind)
+def stopper(kind: str):
+    """The Stop button of one kind of job: asks the session's running job of that kind to stop."""
     key = STATUS_KEY[kind]
-    if job_id and studio.runner.cancel(job_id):
-        return {key: f"■ Stopping {LABELS[kind].lower()}… (it stops at its next step and keeps what it has)"}
-    return {key: "Nothing of yours is running."}
+
+    @returns(key)
+    def stop(studio: Studio, session: Session) -> dict:
+        job_id = session.jobs.get(kind)
+        if job_id and studio.runner.cancel(job_id):
+            return {key: f"■ Stopping {LABELS[kind].lower()}… (it stops at its next step and keeps what it has)"}
+        return {key: "Nothing of yours is running."}
+    stop.__name__ = f"stop_{kind}"
+    return stop
 
 
 # -- attribution ---------------------------------------------------------------------------------
-def attribute(studio: Studio, session: Session, kind="safety", layer=0, top=50) -> Iterator[dict]:
+@returns("attr_status", *VIEW)
+def attribute(studio: Studio, session: Session, view: View = View()) -> Iterator[dict]:
     """Score every neuron (shared job: two sessions asking for the same model and data share one run)."""
     lm = studio.model(session)
-    key = studio.scores_key(lm, session.cfg)
-    session.scores_key = key
-    if studio.scores(key) is not None:
-        handlers.reselect(studio, session)
-        yield {"attr_status": "✓ Neuron scores loaded from the cache (same model, prompts and method).",
-               **handlers.views(studio, session, kind, layer, top)}
+    if session.scores is None and (known := studio.known_scores(lm, session.cfg)) is not None:
+        session.adopt_scores(known)
+    if session.scores is not None:
+        yield {"attr_status": "✓ Neuron scores loaded from the cache (same model, prompts and method).", **views(session, view)}
         return
-    cfg, out = session.cfg, studio.runs_dir / "attribution" / key
+    cfg, key = session.cfg, session.scores_key
+    out = studio.runs_dir / "attribution" / key
 
-    def work(progress, cancel):
-        scores = attribute_step(lm, cfg, out, progress=progress, cancel=cancel, cache_dir=studio.cache_dir)
-        studio.put_scores(key, scores)
-        return scores
+    def work(reporter):
+        return attribute_step(lm, cfg, out, reporter=reporter, cache_dir=studio.cache_dir)
     job = studio.runner.submit("attribution", work, key=key,
                                describe=lambda s: {"scores": str(RunFolder(out).scores_path), "model": lm.name, "shape": list(s.shape)})
     session.jobs["attribution"] = job.id
     yield from watch(studio, job, "attr_status")
-    if job.status == "done" and session.scores_key == key:
-        handlers.reselect(studio, session)
-        note = truncation_note(job.result, cfg) if job.result is not None else None
-        yield {"attr_status": job_text(studio, job) + (f"\n\n⚠ {note}" if note else ""), **handlers.views(studio, session, kind, layer, top)}
+    if job.status == "done" and job.result is not None and session.scores_key == key:  # the session kept its model and data
+        session.adopt_scores(job.result)
+        note = truncation_note(job.result, cfg)
+        yield {"attr_status": job_text(studio, job) + (f"\n\n⚠ {note}" if note else ""), **views(session, view)}
 
 
 # -- training ------------------------------------------------------------------------------------
 def _new_run_dir(studio: Studio, session: Session) -> Path:
     run = studio.runs_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{session.id}"
     folder = RunFolder(run).made()
-    scores = studio.scores(session.scores_key)
-    if scores is not None:  # evaluation baselines read the run's scores (the cache may live elsewhere)
-        folder.write_scores(scores)
+    if session.scores is not None:  # evaluation baselines read the run's scores (the cache may live elsewhere)
+        folder.write_scores(session.scores)
     folder.write_config(session.cfg)
     return run
 
@@ -106,7 +109,8 @@ def train_key(lm, session: Session) -> str:
     return f"{lm.fingerprint}-{session.cfg.digest('data', 'attribution', 'selection', 'meta')}"
 
 
-def train(studio: Studio, session: Session, kind="safety", layer=0, top=50) -> Iterator[dict]:
+@returns("train_status", "loss_plot", *handlers.GAINS, "recent_runs")
+def train(studio: Studio, session: Session, view: View = View()) -> Iterator[dict]:
     if session.selection is None:
         yield {"train_status": "Score and select neurons first (Explore, then the sliders above)."}
         return
@@ -115,11 +119,10 @@ def train(studio: Studio, session: Session, kind="safety", layer=0, top=50) -> I
         return
     lm, selection, cfg = studio.model(session), session.selection, session.cfg
     run = _new_run_dir(studio, session)
-    select_step(studio.scores(session.scores_key), cfg, run)
+    select_step(session.scores, cfg, run)
 
-    def work(progress, cancel):
-        progress.update(0, cfg.meta.steps, "training")  # the step total is known: the bar fills as steps come
-        return train_step(lm, selection, cfg, run, progress=progress, cancel=cancel, cache_dir=studio.cache_dir)
+    def work(reporter):
+        return train_step(lm, selection, cfg, run, reporter=reporter, cache_dir=studio.cache_dir)
 
     def describe(result):
         return {"run_dir": str(run), "modulation": str(RunFolder(run).modulation_path), "fingerprint": lm.fingerprint,
@@ -137,18 +140,17 @@ def train(studio: Studio, session: Session, kind="safety", layer=0, top=50) -> I
                 gate = RunFolder(run).gate(lm)
             except ValueError as exc:
                 note = f"\n\n⚠ The run's gate could not be read ({exc}): the right pane uses the static gains."
-        handlers.set_gains(session, result.modulation, f"trained gains ({len(result.log)} steps, {stopped.get(result.stopped, result.stopped)}, "
-                           f"best step {result.best_step})", str(run), gate=gate, point=(cfg.selection.k_safety, cfg.selection.k_utility))
-        yield {**handlers.gains_views(studio, session, kind, layer, top), "train_status": job_text(studio, job) + note,
+        try:
+            session.set_gains(result.modulation, f"trained gains ({len(result.log)} steps, {stopped.get(result.stopped, result.stopped)}, "
+                              f"best step {result.best_step})", gate=gate, run_dir=str(run),
+                              point=(cfg.selection.k_safety, cfg.selection.k_utility))
+        except ValueError as exc:  # another model was loaded meanwhile: the gains stay in their run folder
+            note += f"\n\n⚠ Not made the session's gains: {exc} They are kept in `{run}`."
+        yield {**handlers.gains_views(session, view), "train_status": job_text(studio, job) + note,
                "loss_plot": plots.losses(list(job.log)), **handlers.recent_runs(studio, session)}
 
 
 # -- evaluation and sweep ------------------------------------------------------------------------
-def _accepted(fn, **kwargs) -> dict:
-    params = inspect.signature(fn).parameters
-    return kwargs if any(p.kind == p.VAR_KEYWORD for p in params.values()) else {k: v for k, v in kwargs.items() if k in params}
-
-
 def _run_with_gains(studio: Studio, session: Session) -> Path:
     """The session's run folder with its current gains saved in it (made for fixed or uploaded gains)."""
     run = Path(session.run_dir) if session.run_dir else _new_run_dir(studio, session)
@@ -157,7 +159,7 @@ def _run_with_gains(studio: Studio, session: Session) -> Path:
         folder.write_modulation(session.modulation)
         if session.gate is not None:  # evaluated as "neurontune + gate" too
             folder.write_gate(session.gate)
-    session.run_dir = str(run)
+    session.keep_run(str(run))
     return run
 
 
@@ -191,6 +193,7 @@ def eval_frame(table: list[dict]) -> pd.DataFrame:
     return pd.DataFrame([{"intervention": name, **{LABELS.get(m, m): cell(frame, name, m) for m in cols}} for name in frame.index])
 
 
+@returns("eval_status", "eval_table", "eval_samples")
 def evaluate(studio: Studio, session: Session, quick: bool, baselines: list[str], split: str = "validation",
              judge: str = "rules") -> Iterator[dict]:
     """Evaluate the session's gains in the background: on the validation split while choosing settings, on the
@@ -206,17 +209,15 @@ def evaluate(studio: Studio, session: Session, quick: bool, baselines: list[str]
         return
     lm, cfg, run = studio.model(session), session.cfg, _run_with_gains(studio, session)
 
-    def work(progress, cancel):
-        kwargs = _accepted(evaluate_run, baselines=tuple(baselines or ()), quick=bool(quick), split=split or "validation",
-                           cache_dir=studio.cache_dir, judge=judge_for(studio, judge),
-                           progress=progress, cancel=cancel, log=lambda msg: progress.stage(str(msg).splitlines()[0][:120]))
-        evaluate_run(lm, run, cfg, **kwargs)
+    def work(reporter):
+        evaluate_run(lm, run, cfg, baselines=tuple(baselines or ()), quick=bool(quick), split=split or "validation",
+                     cache_dir=studio.cache_dir, reporter=reporter, judge=judge_for(studio, judge))
         return {"run_dir": str(run)}
     job = studio.runner.submit("evaluate", work)
     session.jobs["evaluate"] = job.id
     yield from watch(studio, job, "eval_status")
     if job.status == "done":
-        session.eval_rows = handlers.eval_rows_of(str(run))
+        session.evaluated(str(run), RunFolder(run).eval_table())
         summary = RunFolder(run).eval_summary() or {}
         audit = (summary.get("style_audit") or {}).get("accuracy")
         said = (f" {summary.get('split', split)} split, {summary.get('seeds', 1)} seed(s); mean [Wilson 95 %]"
@@ -226,24 +227,21 @@ def evaluate(studio: Studio, session: Session, quick: bool, baselines: list[str]
                **eval_views(run)}
 
 
+@returns("eval_status", "tradeoff", "points")
 def sweep(studio: Studio, session: Session, grid_text: str) -> Iterator[dict]:
     try:
-        grid = [tuple(int(x) for x in point.split(":")) for point in grid_text.replace(" ", "").split(",") if point]
-        assert grid and all(len(g) == 2 and min(g) >= 0 for g in grid)
-    except (ValueError, AssertionError):
-        yield {"eval_status": "✗ Write the grid as k_safety:k_utility pairs, e.g. `250:0, 750:250, 1500:500`."}
+        grid = parse_grid(grid_text)
+    except ValueError as exc:
+        yield {"eval_status": f"✗ {exc}"}
         return
-    lm, cfg = studio.model(session), session.cfg
-    out = studio.runs_dir / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{session.id}"
-
-    scores = studio.scores(session.scores_key)
-    if scores is None:
+    if session.scores is None:
         yield {"eval_status": "Score the neurons first (Explore): the sweep re-selects from those scores."}
         return
+    lm, cfg, scores = studio.model(session), session.cfg, session.scores
+    out = studio.runs_dir / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{session.id}"
 
-    def work(progress, cancel):
-        sweep_run(lm, cfg, grid, out, **_accepted(sweep_run, scores=scores, cache_dir=studio.cache_dir, progress=progress, cancel=cancel,
-                                                  log=lambda msg: progress.stage(str(msg).splitlines()[0][:120])))
+    def work(reporter):
+        sweep_run(lm, cfg, grid, out, scores=scores, cache_dir=studio.cache_dir, reporter=reporter)
         return {"out": str(out)}
     job = studio.runner.submit("sweep", work)
     session.jobs["sweep"] = job.id
@@ -255,8 +253,12 @@ def sweep(studio: Studio, session: Session, grid_text: str) -> Iterator[dict]:
 
 
 # -- the one-button flow -------------------------------------------------------------------------
+FLOW = (*handlers.LOAD, *train.outputs, "left", "right", "msg", "chat_status", "attr_status", "flow_status", "tabs")
+
+
+@returns(*FLOW)
 def flow(studio: Studio, session: Session, model, trust_remote_code, preset, quick_mode, harmful_file=None, benign_file=None,
-         borderline_file=None, kind="safety", layer=0, top=50) -> Iterator[dict]:
+         borderline_file=None, view: View = View()) -> Iterator[dict]:
     """Load → score neurons → select (preset counts) → train gains → ask a held-out attacked prompt; the
     page follows along tab by tab."""
     import gradio as gr
@@ -264,12 +266,12 @@ def flow(studio: Studio, session: Session, model, trust_remote_code, preset, qui
     from . import chat as chat_ui
 
     yield {"flow_status": "**1/4** Loading the model…"}
-    out = handlers.load(studio, session, model, trust_remote_code, preset, quick_mode, harmful_file, benign_file, borderline_file, kind, layer, top)
+    out = handlers.load(studio, session, model, trust_remote_code, preset, quick_mode, harmful_file, benign_file, borderline_file, view)
     if out["model_status"].startswith("✗"):
         yield {**out, "flow_status": "Stopped: the model or data could not be loaded (see below)."}
         return
     yield {**out, "flow_status": "**2/4** Scoring every neuron (attribution)…", "tabs": gr.Tabs(selected="explore")}
-    for update in attribute(studio, session, kind, layer, top):
+    for update in attribute(studio, session, view):
         yield {**update, "flow_status": "**2/4** Scoring neurons — " + update.get("attr_status", "done")}
     if session.selection is None:
         yield {"flow_status": "Stopped: attribution did not finish (see the Explore tab)."}
@@ -278,11 +280,11 @@ def flow(studio: Studio, session: Session, model, trust_remote_code, preset, qui
            **handlers.slider_limits(studio.model(session), session)}
     earlier = studio.runner.latest("train", key=train_key(studio.model(session), session))
     if earlier is not None and Path(earlier.info.get("modulation", "")).is_file():  # same settings trained before
-        update = handlers.use_run(studio, session, earlier.id, kind, layer, top)
+        update = handlers.use_run(studio, session, earlier.id, view)
         yield {**update, "train_status": f"✓ Reused the gains trained earlier with the same settings (run `{Path(earlier.info['run_dir']).name}`); "
                "press **Train gains** to train again.", "loss_plot": plots.losses(list(earlier.log)), "flow_status": "**3/4** Reused earlier gains."}
     else:
-        for update in train(studio, session, kind, layer, top):
+        for update in train(studio, session, view):
             yield {**update, "flow_status": "**3/4** " + update.get("train_status", "Training done.")}
     if session.modulation is None:
         yield {"flow_status": "Stopped: training did not finish (see the Tune tab)."}

@@ -14,13 +14,15 @@ from ..eval.bulk import bulk_frame, bulk_summary, iter_compare
 from ..eval.judges import check_spec
 from ..infra import files
 from .background import job_text, watch
-from .handlers import _file_path
 from .judging import judge_for
 from .state import Session, Studio
+from .uploads import upload_path
+from .views import returns
 
 BATCH = 8  # prompts per generate call (16 rows: each prompt's base and tuned answer)
 
 
+@returns("bulk_status", "bulk_table", "bulk_file")
 def run_bulk(studio: Studio, session: Session, upload, pasted: str, strength: float = 1.0, max_new_tokens: int = 48,
              use_gate: bool = True, judge: str = "rules", only_disagreements: bool = False) -> Iterator[dict]:
     """Answer every prompt with both models (the session's gains at `strength`, scaled by the gate's s per prompt
@@ -32,7 +34,7 @@ def run_bulk(studio: Studio, session: Session, upload, pasted: str, strength: fl
         return
     notes: list[str] = []
     try:
-        prompts = read_prompt_list(_file_path(upload), pasted or "", notes=notes)
+        prompts = read_prompt_list(upload_path(upload), pasted or "", notes=notes)
         check_spec(judge)  # a model judge loads in the job
     except (DataError, ValueError) as exc:
         yield {"bulk_status": f"✗ {exc}"}
@@ -41,11 +43,11 @@ def run_bulk(studio: Studio, session: Session, upload, pasted: str, strength: fl
     gate = session.gate if use_gate else None
     rows: list = []
 
-    def work(progress, cancel):
-        progress.update(0, len(prompts), "loading the judge" if judge != "rules" else "answering")
+    def work(reporter):
+        reporter.progress(0, len(prompts), "loading the judge" if judge != "rules" else "answering")
         judge_ = judge_for(studio, judge)  # a model judge loads here, in the job
         for batch in iter_compare(lm, prompts, mod, gate=gate, strength=float(strength), max_new_tokens=int(max_new_tokens),
-                                  batch_size=BATCH, progress=progress, cancel=cancel, judge=judge_):
+                                  batch_size=BATCH, reporter=reporter, judge=judge_):
             rows.extend(batch)
         return rows
     job = studio.runner.submit("bulk", work, describe=lambda done: {"prompts": len(done)})
@@ -70,6 +72,7 @@ def run_bulk(studio: Studio, session: Session, upload, pasted: str, strength: fl
            "bulk_table": bulk_frame(done, only), "bulk_file": str(out)}
 
 
+@returns("bulk_table")
 def filter_bulk(studio: Studio, session: Session, only_disagreements: bool) -> dict:
     """The last bulk table again, all rows or only those where the two judges differ (no new answers)."""
     job = studio.runner.get(session.jobs.get("bulk"))

@@ -12,6 +12,7 @@ import plotly.graph_objects as go
 from ..eval.neuron_card import NeuronCard, role_of
 from . import plots
 from .state import Session, Studio
+from .views import returns
 
 HARMFUL_COLOR, HARMLESS_COLOR = "#d62728", "#1f77b4"
 SHOWN = 6  # prompts listed at each end of the ranking
@@ -70,9 +71,10 @@ def effect_frame(card: NeuronCard) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+@returns("card_status", "card_scores", "card_acts", "card_prompts", "card_effect", "card_layer", "card_index")
 def card_views(studio: Studio, session: Session, layer, index) -> dict:
     """Every card output for neuron (layer, index) of the session's model, scores and gains."""
-    if studio.scores(session.scores_key) is None:
+    if session.scores is None:
         return {"card_status": "No neuron scores yet: score the neurons (or run the whole flow) first."}
     try:
         layer, index = int(layer), int(index)

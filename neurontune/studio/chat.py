@@ -12,12 +12,13 @@ from ..data.chat import chat_prompt
 from ..data.splits import build_splits
 from ..eval.judge import REFUSALS, read
 from ..eval.judges import WORDS, Judge
-from ..interventions.gating import gate_strength
+from ..interventions.gating import Gated
 from ..interventions.generation import fit_lengths, stream_generate
 from ..interventions.modulation import Modulation
 from .handlers import gains_text
 from .judging import judge_for
 from .state import Session, Studio
+from .views import returns
 
 MAX_CHARS = 4000  # a longer message is cut (and the user told) instead of filling the context
 CHAT_PROMPT_TOKENS = 2048  # conversation tokens the models read at most (long prompts are slow on a CPU)
@@ -109,18 +110,18 @@ def examples(studio: Studio, session: Session) -> list[tuple[str, str]]:
 
 def right_gains(lm, session: Session, conv: list[dict], strength: float, use_gate: bool, budget: int) -> tuple[Modulation | None, float | None]:
     """The right pane's gains for this conversation, and the gate strength s when the gate is used: the
-    gains scaled by strength × s, s read on the LAST user message alone (unmodulated, as `GatedModulation`
+    gains scaled by strength × s, s read on the LAST user message alone (unmodulated, as `Gated`
     measures a single prompt), so a previous harmful turn does not open the gate for a benign follow-up."""
     mod, scale, s = session.modulation, float(strength), None
     if mod is None:
         return None, None
     if session.gate is not None and use_gate:
-        prompt = chat_prompt(lm.tokenizer, conv[-1]["content"])
-        s = float(gate_strength(lm, session.gate, [prompt], max_length=budget)[0])
-        scale *= s
+        gains, readings = Gated(mod, session.gate).per_prompt(lm, [conv[-1]["content"]], strength=scale, max_length=budget)
+        return gains[0], float(readings[0])
     return (mod if scale == 1.0 else mod.scaled(scale)), s
 
 
+@returns("left", "right", "msg", "chat_status")
 def chat(studio: Studio, session: Session, message: str, strength: float = 1.0, max_new_tokens: int = 64,
          sample: bool = False, temperature: float = 0.7, use_gate: bool = True, judge: str = "rules") -> Iterator[dict]:
     """Stream both panes. Strength scales the gains towards 1 (0 = both panes the base model); with the
@@ -175,6 +176,7 @@ def chat(studio: Studio, session: Session, message: str, strength: float = 1.0, 
            "chat_status": f"{gains_text(session)} {applied}: {same}.{note}"}
 
 
+@returns("left", "right", "chat_status")
 def clear(studio: Studio, session: Session) -> dict:
     session.chat = [[], []]
     return {"left": [], "right": [], "chat_status": gains_text(session)}

@@ -2,10 +2,10 @@
 job at a time (the rest wait in a visible queue), cancellable, with live progress and a JSON status file
 per job so a reopened page, a second session or a restarted process sees what finished or was cut short.
 
-`fn(progress, cancel)` does the work: call `progress(done, total, stage)` for steps (the engine's
-attribution `Progress` signature) or `progress(entry_dict)` for a log entry (a training step), and
-check `cancel.is_set()` often. Status files are written atomically (`infra.files`) with a `checksum`
-field; a file that does not parse or match it is ignored with a warning, never trusted.
+`fn(reporter)` does the work, reporting through the engine's one protocol (`infra.progress.Reporter`): a
+`JobReporter` keeps progress, training steps and messages on the job and is cancelled when the job is.
+Status files are written atomically (`infra.files`) with a `checksum` field; a file that does not parse or
+match it is ignored with a warning, never trusted.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from ..infra import files
 from ..infra.processes import pid_alive, process_start
+from ..infra.progress import Reporter
 
 log = logging.getLogger(__name__)
 
@@ -94,17 +95,26 @@ class Job:
         return job
 
 
-class JobProgress:
-    """The `progress` handed to a job function: `progress(done, total, stage)` or `progress(entry: dict)`."""
+class JobReporter(Reporter):
+    """The reporter handed to a job function: progress, training steps and messages go on the job (and its
+    status file); it is cancelled when the job is."""
 
     def __init__(self, runner: "JobRunner", job: Job):
+        super().__init__(job.cancel_event)
         self.runner, self.job = runner, job
 
-    def __call__(self, done_or_entry, total: int | None = None, stage: str | None = None) -> None:
-        if isinstance(done_or_entry, dict):
-            self.log(done_or_entry)
-        else:
-            self.update(int(done_or_entry), total, stage)
+    def phase(self, name: str, total: int | None = None) -> None:
+        self.update(0, total or 0, name)
+
+    def progress(self, done: int, total: int, stage: str = "") -> None:
+        self.update(int(done), total, stage)
+
+    def step(self, entry: dict) -> None:
+        self.log(entry)
+
+    def say(self, message: str) -> None:
+        """A message shows as the job's stage (its first line)."""
+        self.stage(str(message).strip().splitlines()[0][:120] if str(message).strip() else "")
 
     def update(self, done: int, total: int | None = None, stage: str | None = None) -> None:
         with self.runner._lock:
@@ -144,9 +154,9 @@ class JobRunner:
         self.recovered = self._recover()
 
     # -- submitting and looking up ----------------------------------------------------------------
-    def submit(self, kind: str, fn: Callable[[JobProgress, threading.Event], Any], key: str | None = None, *,
+    def submit(self, kind: str, fn: Callable[[JobReporter], Any], key: str | None = None, *,
                heavy: bool = True, describe: Callable[[Any], dict] | None = None) -> Job:
-        """Queue `fn(progress, cancel)`. With a `key`, an unfinished job of the same kind and key is
+        """Queue `fn(reporter)`. With a `key`, an unfinished job of the same kind and key is
         returned instead of starting a second one (two sessions asking for one attribution share it)."""
         with self._lock:
             if self._closed:
@@ -258,7 +268,7 @@ class JobRunner:
             job.status, job.started = "running", time.time()
         self._persist(job, force=True)
         try:
-            result = job._fn(JobProgress(self, job), job.cancel_event)  # type: ignore[attr-defined]
+            result = job._fn(JobReporter(self, job))  # type: ignore[attr-defined]
         except BaseException as exc:  # noqa: BLE001 - a job's failure is reported, never raised in the worker
             if job.cancel_event.is_set():
                 self._finish(job, "cancelled", "Stopped by the user.")

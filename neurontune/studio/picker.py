@@ -12,6 +12,7 @@ from ..run.folder import RunFolder
 from ..run.sweep import split_of, tradeoff_figure
 from . import handlers, plots
 from .state import Session, Studio
+from .views import View, returns
 
 COLUMNS = ("point", "k_safety", "k_utility", "n_safety", "n_utility", "harmful_refusal_proxy", "benign_over_refusal_proxy",
            "borderline_over_refusal_proxy", "split")
@@ -43,7 +44,8 @@ def sweep_views(session: Session) -> dict:
     return {"tradeoff": fig, "points": points_table(frame)}
 
 
-def pick_point(studio: Studio, session: Session, index, kind="safety", layer=0, top=50) -> dict:
+@returns(*handlers.GAINS, "k_safety", "k_utility", "tradeoff", "points", "pick_status", "export_name", "chat_status")
+def pick_point(studio: Studio, session: Session, index, view: View = View()) -> dict:
     """Make sweep point `index` the session's: its gains (static: a sweep fits no gate), the k sliders and the
     selection at its (k_safety, k_utility), the plot's ring; the status offers Compare and Export."""
     swept = _sweep(session)
@@ -64,21 +66,22 @@ def pick_point(studio: Studio, session: Session, index, kind="safety", layer=0, 
         return {"pick_status": f"✗ {exc}"}
     if mod is None:
         return {"pick_status": "✗ This sweep was written before sweep points kept their gains: run the sweep again."}
-    handlers.set_gains(session, mod, f"sweep point {i} (k_safety={ks}, k_utility={ku}; static gains: a sweep fits no input gate)",
-                       point=(ks, ku))
-    handlers.reselect(studio, session, ks, ku)
+    try:
+        session.adopt_point(mod, ks, ku, f"sweep point {i} (k_safety={ks}, k_utility={ku}; static gains: a sweep fits no input gate)")
+    except ValueError as exc:  # gains for another model's shape, or thresholds the model cannot take
+        return {"pick_status": f"✗ {exc}"}
     split = split_of(frame) or "an unnamed"
     status = (f"✓ Point {i} (k_safety={ks}, k_utility={ku}; {split} split: harmful refusal proxy "
               f"{row.get('harmful_refusal_proxy', float('nan')):.3f}, benign over-refusal proxy "
               f"{row.get('benign_over_refusal_proxy', float('nan')):.3f}) is now this session's gains. "
               "**→ Compare** chats with it; **→ Export** folds it into a checkpoint.")
-    return {**handlers.gains_views(studio, session, kind, layer, top), **sweep_views(session),
+    return {**handlers.gains_views(session, view), **sweep_views(session),
             "k_safety": ks, "k_utility": ku, "pick_status": status, "chat_status": handlers.gains_text(session),
             "export_name": slugify(f"{session.model}-neurontune-ks{ks}-ku{ku}")}
 
 
-def pick_row(studio: Studio, session: Session, row_value, kind="safety", layer=0, top=50) -> dict:
+def pick_row(studio: Studio, session: Session, row_value, view: View = View()) -> dict:
     """A row of the points table was clicked: its `point` column is the index."""
     if not row_value:
         return {}
-    return pick_point(studio, session, row_value[0], kind, layer, top)
+    return pick_point(studio, session, row_value[0], view)

@@ -1,18 +1,21 @@
 """Opening a page on the shipped run (`run.snapshot`): a visitor sees a tuned model at once (heatmap and
 selection, the gains with their gate, the evaluation table, a held-out answer pair in Compare) instead of
 waiting minutes for "Run the whole flow", which still redoes everything live. A thin layer: the engine reads
-and checks the snapshot; this only puts it into a session and onto the page."""
+and checks the snapshot, `Studio.new_session` puts it into every new session (`Session.adopt_shipped`); this
+only draws it. The answer pair is shown as a finished example, never as the start of the visitor's chat."""
 from __future__ import annotations
 
 from ..interventions.gating import GATED
-from ..method.selection import select
 from . import background, handlers
 from .chat import display
 from .state import Session, Studio
+from .views import View, views
 
 SOURCE_NOTE = ("\n\n**Opened on** {what}: the heatmap, the gains with their input gate and the evaluation come from it (no live "
                "work yet). **Run the whole flow** redoes it live on this machine (scores, selection, training, a held-out "
                "jailbreak); any tab's buttons work as well.")
+EXAMPLE_NOTE = ("These two answers are an example from the shipped run's evaluation (a held-out request in an attack family "
+                "tuning never saw, gated gains), not part of your conversation: your first message starts a new one in both panes.")
 
 
 def _eval_scope(summary: dict | None) -> str:
@@ -38,22 +41,16 @@ def example_pair(generations: list[dict], heldout: list[str]) -> tuple[str, str,
     return r["prompt"], r.get("base_answer", ""), r.get("answer", "")
 
 
-def open_shipped(studio: Studio, session: Session, kind: str = "safety", layer: int = 0, top: int = 50) -> dict:
-    """Put the shipped run into `session` (selection, gains, gate, evaluation, an answer pair) and draw the page."""
+def open_shipped(studio: Studio, session: Session, view: View = View()) -> dict:
+    """Draw the page of a session opened on the shipped run: the views, its gains and evaluation, and its answer
+    pair as a finished example in Compare. {} when the session is not on it (or the shipped run went stale)."""
     lm = studio.model(session)
     snap = studio.shipped(lm)
-    if snap is None:  # stale or absent: the ordinary first page
-        session.shipped = False
+    if snap is None or not session.shipped:
         return {}
-    session.cfg = snap.cfg.replace(model=session.model)
-    session.scores_key = studio.scores_key(lm, session.cfg)
-    session.selection = select(snap.scores, session.cfg.selection)
-    handlers.set_gains(session, snap.modulation, f"the shipped `{snap.cfg.name}` run's trained gains", gate=snap.gate)
-    s = session.cfg.selection
-    session.eval_rows, session.operating_point = snap.eval_rows, (s.k_safety, s.k_utility)
     pair = example_pair(snap.generations, (snap.manifest.get("eval") or {}).get("heldout_families") or list(session.cfg.data.heldout_families))
     out = {"model_status": handlers.model_text(session, lm, SOURCE_NOTE.format(what=snap.describe())),
-           **handlers.slider_limits(lm, session), **handlers.views(studio, session, kind, layer, top),
+           **handlers.slider_limits(lm, session), **views(session, view),
            "active_gains": handlers.gains_text(session), "use_gate": handlers.gate_toggle(session),
            **background.eval_views(snap.folder.path),
            "eval_status": f"The evaluation of {snap.describe()}: {_eval_scope(snap.folder.eval_summary())}; "
@@ -62,12 +59,10 @@ def open_shipped(studio: Studio, session: Session, kind: str = "safety", layer: 
            "flow_status": "✓ Showing the shipped run. **▶ Run the whole flow** to redo it live."}
     engine = studio.card_engine(session)
     if not engine.ready:  # the first neuron card then finds the pool activations computed (or read from the disk cache)
-        studio.runner.submit("card prompts", lambda progress, cancel: engine.activations() is None, key=session.scores_key, heavy=False)
-    if pair is not None:
+        studio.runner.submit("card prompts", lambda reporter: engine.activations() is None, key=session.scores_key, heavy=False)
+    if pair is not None and not any(session.chat):  # shown, not continued: the session's chat stays empty
         prompt, base, tuned = pair
-        session.chat = [[{"role": "user", "content": prompt}, {"role": "assistant", "content": base}],
-                        [{"role": "user", "content": prompt}, {"role": "assistant", "content": tuned}]]
-        out.update(left=display(session.chat[0]), right=display(session.chat[1]),
-                   chat_status="These two answers come from the shipped run's evaluation (a held-out request in an attack family "
-                               "tuning never saw, gated gains). Type to chat with both models live.")
+        example = [[{"role": "user", "content": prompt}, {"role": "assistant", "content": base}],
+                   [{"role": "user", "content": prompt}, {"role": "assistant", "content": tuned}]]
+        out.update(left=display(example[0]), right=display(example[1]), chat_status=EXAMPLE_NOTE)
     return out

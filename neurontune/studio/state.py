@@ -1,9 +1,11 @@
-"""What the studio keeps: one `Studio` per process (the shared models, job runner, score cache, folders) and
-one `Session` per browser tab (its config, selection and gains: two sessions never share gains)."""
+"""What the studio keeps: one `Studio` per process (the shared models, job runner, shipped run, folders) and
+one `Session` per browser tab (its model, config, scores, selection and gains: two sessions never share gains)."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -12,16 +14,16 @@ from pathlib import Path
 from ..config import RunConfig, fit_to_model, list_presets, load_preset, quick
 from ..data.splits import build_splits
 from ..eval.neuron_card import CardEngine
-from ..infra import files
 from ..infra.files import default_cache_dir
 from ..interventions.gating import GateProbe
 from ..interventions.modulation import Modulation
-from ..method.neuron_scores import NeuronScores
-from ..method.selection import Selection
+from ..method.neuron_scores import NeuronScores, cached_scores
+from ..method.selection import Selection, select
 from ..model.errors import ModelLoadError
 from ..model.loading import LoadedModel, load_model
 from ..run.folder import RunFolder
 from ..run.snapshot import SHIPPED_DIR, Snapshot, SnapshotError, load_snapshot
+from ..run.steps import fit_context
 from .jobs import JobRunner
 
 log = logging.getLogger(__name__)
@@ -29,30 +31,147 @@ log = logging.getLogger(__name__)
 BUILTIN_MODELS = ("embedded", "tiny-llama", "tiny-gpt2")
 
 
+def scores_key(fingerprint: str, cfg: RunConfig) -> str:
+    """The name of one model's scores for one data plan and attribution method: sessions (and attribution jobs)
+    with the same key share them."""
+    return f"{fingerprint}-{cfg.digest('data', 'attribution')}"
+
+
 @dataclass
 class Session:
-    """One browser session's work. Lives in a `gr.State`; handlers mutate it in place."""
+    """One browser session's work. Lives in a `gr.State`; its methods make every change and keep its rules:
+
+    - the scores, selection, gains, chat and run folder belong to the loaded model: a new model clears them;
+    - `scores` are the model's for `cfg`'s data and attribution (`scores_key` follows `cfg`): a config that
+      changes either drops them, and with them the selection;
+    - `selection` is always `select(scores, cfg.selection)`: None without scores;
+    - gains are refused when made for another model; new gains drop the evaluation of the old ones."""
 
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     model: str = ""
     fingerprint: str = ""
+    shape: tuple[int, int] | None = None  # the model's [n_layers, n_neurons]
     cfg: RunConfig = field(default_factory=RunConfig)
     preset: str = ""
-    scores_key: str | None = None
+    scores: NeuronScores | None = None
     selection: Selection | None = None
     modulation: Modulation | None = None  # the gains the Compare and Export tabs use
     gate: GateProbe | None = None  # the input gate trained with those gains (Compare applies strength × s), if any
     gains_source: str = ""
     run_dir: str | None = None
-    jobs: dict = field(default_factory=dict)  # kind -> job id of this session's latest job
-    chat: list = field(default_factory=lambda: [[], []])  # [base conversation, modulated conversation]
-    eval_rows: list | None = None
+    eval_rows: list | None = None  # the evaluation of the current gains
     operating_point: tuple[int, int] | None = None  # the (k_safety, k_utility) the gains were made at (marked on the trade-off)
     sweep_dir: str | None = None  # the sweep the trade-off picker reads
     shipped: bool = False  # the session opened on the shipped run (its gains, gate and evaluation)
+    jobs: dict = field(default_factory=dict)  # kind -> job id of this session's latest job
+    chat: list = field(default_factory=lambda: [[], []])  # [base conversation, modulated conversation]
+
+    @property
+    def scores_key(self) -> str | None:
+        return scores_key(self.fingerprint, self.cfg) if self.fingerprint else None
+
+    # -- model and configuration ---------------------------------------------------------------
+    def load_model(self, lm: LoadedModel, cfg: RunConfig, *, model: str, preset: str,
+                   scores: NeuronScores | None = None) -> bool:
+        """Use `lm` with `cfg` (and the `scores` known for them, if any). A model other than the current one clears
+        everything made for the old one. Returns whether the model changed."""
+        changed = lm.fingerprint != self.fingerprint
+        if changed:
+            self.clear_gains()
+            self.scores = self.selection = self.run_dir = self.sweep_dir = None
+            self.chat, self.shipped = [[], []], False
+        self.model, self.fingerprint, self.shape, self.preset = model, lm.fingerprint, tuple(lm.shape), preset
+        self.configure(cfg, scores)
+        return changed
+
+    def configure(self, cfg: RunConfig, scores: NeuronScores | None = None) -> None:
+        """A new config for the loaded model. Scores made for another data plan or method are dropped unless
+        `scores` (made for `cfg`) are given; the selection follows `cfg.selection`."""
+        same = self.fingerprint and scores_key(self.fingerprint, cfg) == self.scores_key
+        self.cfg = cfg
+        if scores is not None:
+            self._check_scores(scores)
+            self.scores = scores
+        elif not same:
+            self.scores = None
+        self._select()
+
+    def set_training(self, **meta) -> None:
+        """Training settings (meta-learning mode, steps, loss weights); ValueError / TypeError leave them as they were."""
+        self.cfg = self.cfg.replace(meta=meta)
+
+    # -- scores and selection --------------------------------------------------------------------
+    def adopt_scores(self, scores: NeuronScores, cfg: RunConfig | None = None) -> None:
+        """Scores made for `cfg` (a run's: its data, attribution and selection settings are taken) or, without it,
+        for the session's own config; the selection is made from them."""
+        self._check_scores(scores)
+        if cfg is not None:
+            self.cfg = self.cfg.replace(data=cfg.data, attribution=cfg.attribution, selection=cfg.selection)
+        self.scores = scores
+        self._select()
+
+    def reselect(self, k_safety=None, k_utility=None, protect_top=None) -> float:
+        """New thresholds (None keeps one): the selection is made again from the scores. Returns milliseconds taken;
+        `SelectionError`, ValueError or TypeError leave the session as it was."""
+        s = self.cfg.selection
+        new = dataclasses.replace(s, k_safety=int(k_safety if k_safety is not None else s.k_safety),
+                                  k_utility=int(k_utility if k_utility is not None else s.k_utility),
+                                  protect_top=int(protect_top if protect_top is not None else s.protect_top))
+        start = time.perf_counter()
+        selection = select(self.scores, new) if self.scores is not None else None
+        self.cfg, self.selection = self.cfg.replace(selection=new), selection
+        return (time.perf_counter() - start) * 1000
+
+    def _select(self) -> None:
+        self.selection = select(self.scores, self.cfg.selection) if self.scores is not None else None
+
+    def _check_scores(self, scores: NeuronScores) -> None:
+        if self.shape is not None and tuple(scores.shape) != self.shape:
+            raise ValueError(f"These neuron scores are for {tuple(scores.shape)} neurons; the model has {self.shape}.")
+
+    # -- gains -----------------------------------------------------------------------------------
+    def set_gains(self, mod: Modulation, source: str, *, gate: GateProbe | None = None, run_dir: str | None = None,
+                  point: tuple[int, int] | None = None) -> None:
+        """The session's gains (and their gate: None for fixed gains or gains without one); `point`: the
+        (k_safety, k_utility) they were made at, marked on the trade-off plot (None: unknown, e.g. a file).
+        Gains made for another model are refused (ValueError); the evaluation of the previous gains is dropped."""
+        if mod.fingerprint and self.fingerprint and mod.fingerprint != self.fingerprint:
+            raise ValueError(f"These gains were made for model {mod.fingerprint}, not the loaded model {self.fingerprint}.")
+        if self.shape is not None and tuple(mod.shape) != self.shape:
+            raise ValueError(f"These gains are for {tuple(mod.shape)} neurons; the model has {self.shape}.")
+        self.modulation, self.gate, self.gains_source, self.run_dir, self.eval_rows = mod, gate, source, run_dir, None
+        self.operating_point = None if point is None else (int(point[0]), int(point[1]))
+
+    def keep_run(self, run_dir: str) -> None:
+        """The run folder that now holds the session's gains (saved there to be evaluated)."""
+        self.run_dir = run_dir
+
+    def evaluated(self, run_dir: str, rows: list | None) -> None:
+        """The evaluation of the gains saved in `run_dir`: kept only while those are still the session's gains."""
+        if run_dir == self.run_dir:
+            self.eval_rows = rows
 
     def clear_gains(self) -> None:
         self.modulation, self.gate, self.gains_source, self.eval_rows, self.operating_point = None, None, "", None, None
+
+    def adopt_point(self, mod: Modulation, k_safety: int, k_utility: int, source: str) -> None:
+        """A sweep point: its gains (static: a sweep fits no gate) and the selection at its thresholds, together
+        (a ValueError from either leaves the session as it was)."""
+        before = self.cfg, self.selection
+        self.reselect(k_safety, k_utility)
+        try:
+            self.set_gains(mod, source, point=(k_safety, k_utility))
+        except ValueError:
+            self.cfg, self.selection = before
+            raise
+
+    def adopt_shipped(self, snap: Snapshot) -> None:
+        """The shipped run: its config, scores and selection, its gains with their gate, and its evaluation."""
+        self.configure(snap.cfg.replace(model=self.model), snap.scores)
+        s = self.cfg.selection
+        self.set_gains(snap.modulation, f"the shipped `{snap.cfg.name}` run's trained gains", gate=snap.gate,
+                       point=(s.k_safety, s.k_utility))
+        self.eval_rows, self.shipped = snap.eval_rows, True
 
 
 class ModelPool:
@@ -92,7 +211,8 @@ class ModelPool:
 
 
 class Studio:
-    """Process-wide state: models, jobs, cached scores and the folders the studio writes to."""
+    """Process-wide state: models, jobs, the shipped run, neuron-card engines and the folders the studio writes to.
+    Scores are the engine's (`method.neuron_scores`' cache) or a run's; sessions hold the ones they use."""
 
     def __init__(self, model: str = "embedded", preset: str = "balanced", *, quick_default: bool = True,
                  cache_dir: str | Path | None = None, runs_dir: str | Path = "runs/studio", export_root: str | Path = "exports",
@@ -104,7 +224,6 @@ class Studio:
         self.chat_limit = chat_limit
         self.models = ModelPool(model, max_models, device, self.cache_dir)
         self.runner = JobRunner(self.cache_dir / "studio")
-        self._scores: OrderedDict[str, NeuronScores] = OrderedDict()
         self._lock = threading.Lock()
         self.snapshot_dir = Path(snapshot) if snapshot else None
         self._shipped: Snapshot | None = None
@@ -125,21 +244,34 @@ class Studio:
         return fit_to_model(cfg, n_neurons) if n_neurons else cfg
 
     def new_session(self) -> Session:
-        """The state of a new browser tab: the default model and preset (the model is already loaded), opened
-        on the shipped run when there is a current one for this model and preset."""
+        """The state of every new session, a page's or an API client's alike: the default model and preset (the
+        model is already loaded), on the shipped run (its scores, gains, gate and evaluation) when there is a
+        current one for this model and preset."""
         s = Session(model=self.default_model, preset=self.default_preset)
         try:
             lm = self.models.get(self.default_model)
-            s.fingerprint = lm.fingerprint
-            s.cfg = self.config(self.default_preset, self.default_model, quick_mode=self.quick_default,
-                                n_neurons=lm.shape[0] * lm.shape[1])
+            cfg = self.config(self.default_preset, self.default_model, quick_mode=self.quick_default,
+                              n_neurons=lm.shape[0] * lm.shape[1])
         except (ModelLoadError, ValueError) as exc:  # shown by the Model tab; the session still opens
             log.warning("Default model/preset unavailable: %s", exc)
             return s
+        s.load_model(lm, cfg, model=self.default_model, preset=self.default_preset)
         if (snap := self.shipped(lm)) is not None:
-            s.cfg, s.shipped = snap.cfg.replace(model=self.default_model), True
-            s.scores_key = self.scores_key(lm, s.cfg)
+            s.adopt_shipped(snap)
         return s
+
+    def known_scores(self, lm: LoadedModel, cfg: RunConfig) -> NeuronScores | None:
+        """Scores already made for this model and config: the shipped run's, or the engine's cached attribution
+        (what an attribution job leaves); None when they would have to be computed, or the prompts cannot be planned
+        yet (a data problem is reported by the attribution that needs them)."""
+        with self._lock:
+            snap = self._shipped
+        if snap is not None and scores_key(snap.manifest.get("fingerprint", ""), snap.cfg) == scores_key(lm.fingerprint, cfg):
+            return snap.scores
+        try:
+            return cached_scores(lm, fit_context(lm, cfg), cache_dir=self.cache_dir)
+        except (ValueError, OSError):
+            return None
 
     def shipped(self, lm: LoadedModel) -> Snapshot | None:
         """The shipped run (`run.snapshot`) when it was made on this model with the default preset as it is
@@ -168,7 +300,7 @@ class Studio:
             if key in self._cards:
                 self._cards.move_to_end(key)
                 return self._cards[key]
-        engine = CardEngine(self.model(session), self.scores(key), build_splits(session.cfg.data), cache_dir=self.cache_dir)
+        engine = CardEngine(self.model(session), session.scores, build_splits(session.cfg.data), cache_dir=self.cache_dir)
         with self._lock:
             engine = self._cards.setdefault(key, engine)
             while len(self._cards) > 2:
@@ -177,46 +309,3 @@ class Studio:
 
     def model(self, session: Session) -> LoadedModel:
         return self.models.get(session.model or self.default_model)
-
-    # -- scores (shared: every session of one model and data plan reads one copy) ---------------
-    @staticmethod
-    def scores_key(lm: LoadedModel, cfg: RunConfig) -> str:
-        return f"{lm.fingerprint}-{cfg.digest('data', 'attribution')}"
-
-    def put_scores(self, key: str, scores: NeuronScores) -> None:
-        with self._lock:
-            self._scores[key] = scores
-            self._scores.move_to_end(key)
-            while len(self._scores) > 4:
-                self._scores.popitem(last=False)
-
-    def scores(self, key: str | None) -> NeuronScores | None:
-        """Scores in memory, the shipped run's, or those a finished attribution job (this or an earlier process) saved."""
-        if key is None:
-            return None
-        with self._lock:
-            if key in self._scores:
-                return self._scores[key]
-            snap = self._shipped
-        if snap is not None and key == f"{snap.manifest.get('fingerprint')}-{snap.cfg.digest('data', 'attribution')}":
-            return snap.scores
-        job = self.runner.latest("attribution", key=key)
-        path = Path(job.info.get("scores", "")) if job is not None else None
-        if path is not None and path.is_file():
-            blob = files.read_bytes(path, "studio scores")  # checked against its sidecar checksum
-            if blob is None:
-                return None  # bad or half-written: recomputed (from the attribution cache), never trusted
-            try:
-                scores = NeuronScores.from_bytes(blob)
-            except Exception as exc:  # noqa: BLE001
-                files.warn_bad(path, f"unreadable: {exc}", "studio scores")
-                return None
-            self.put_scores(key, scores)
-            return scores
-        return None
-
-    def session_dir(self, session: Session) -> Path:
-        path = self.runs_dir / f"session-{session.id}"
-        path.mkdir(parents=True, exist_ok=True)
-        session.run_dir = str(path)
-        return path

@@ -1,0 +1,120 @@
+"""One capture primitive: activations at the last token of formatted prompts, read in one unmodulated pass.
+
+Three sites of a decoder layer can be read (`SITES`):
+- "neurons": the MLP neurons, i.e. the input of the MLP output projection ([n_neurons] per layer): what the gains
+  multiply, what the gate and the neuron card read;
+- "mlp_input": the input of the MLP's input projection, after the layer norm ([d_model]): what a neuron's input-side
+  term reads (`modulation.InputTerms`);
+- "residual": the residual stream entering the decoder layer ([d_model]): what the refusal direction is made of.
+
+Every reader of "the activations at the end of the prompt" (the input gate, the neuron card, the direction baseline,
+the separability ceiling, the input terms' directions) goes through `read_ids`, so they all read the same token the
+same way. Hooks are scoped to the call (`hooks.scoped_pre_hooks`); the model is never changed.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+
+from ..infra.devices import cat_to_host
+from ..infra.progress import SILENT, Reporter
+from ..model.logprobs import encode_pairs, last_token_index
+from ..model.neuron_map import decoder_layers
+from .generation import PROMPT_CAP, encode_left
+from .hooks import scoped_pre_hooks
+
+SITES = ("neurons", "mlp_input", "residual")
+
+
+def site_modules(lm, site: str) -> list:
+    """The module whose forward input is the site, one per layer."""
+    if site == "neurons":
+        return list(lm.nmap.projections)
+    if site == "mlp_input":
+        if not lm.nmap.input_projections:
+            raise ValueError(f"'{lm.nmap.model_type}' models have no known MLP input projection (model/neuron_map.py INPUT_PROJECTIONS).")
+        return list(lm.nmap.input_projections)
+    if site == "residual":
+        return list(decoder_layers(lm.model))
+    raise ValueError(f"Unknown capture site {site!r}; use one of {SITES}.")
+
+
+@torch.no_grad()
+def read_ids(lm, ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor | None, site: str, layers: Sequence[int],
+             index: dict[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
+    """{layer: [B, k] float32} activations of `site` at position `last[b]` of each row (default: the final position,
+    the end of a left-padded prompt), left on the layer's device; `index[layer]` keeps only those units."""
+    modules = site_modules(lm, site)
+    last = torch.full((ids.shape[0],), ids.shape[1] - 1) if last is None else last
+    store: dict[int, torch.Tensor] = {}
+
+    def make(layer: int):
+        def hook(module, args):
+            x = args[0]
+            x = x.reshape(ids.shape[0], -1, x.shape[-1])  # OPT flattens [B, T, N] to [B*T, N]
+            picked = x[torch.arange(x.shape[0], device=x.device), last.to(x.device)]
+            if index is not None:
+                picked = picked.index_select(-1, index[layer].to(x.device))
+            store[layer] = picked.float()
+        return hook
+
+    device = lm.model.get_input_embeddings().weight.device
+    with scoped_pre_hooks([(modules[layer], make(layer)) for layer in layers]):
+        lm.model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                 position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=False, logits_to_keep=1)
+    return store
+
+
+def iter_last_token(lm, texts: Sequence[str], site: str = "neurons", *, layers: Sequence[int] | None = None,
+                    index: dict[int, torch.Tensor] | None = None, targets: Sequence[str] | None = None,
+                    batch_size: int = 16, max_length: int = PROMPT_CAP, reporter: Reporter | None = None,
+                    stage: str = "reading activations") -> Iterator[dict[int, torch.Tensor]]:
+    """Per batch of formatted prompts, `read_ids` at each row's last token: the prompt's end, or with `targets` the
+    last token of prompt + target. Layers: every layer, `layers`, or those of `index`."""
+    reporter = reporter or SILENT
+    n_layers = len(site_modules(lm, site))
+    wanted = sorted(int(l) for l in (index if index is not None else (layers if layers is not None else range(n_layers))))
+    for start in range(0, len(texts), batch_size):
+        reporter.check("Reading activations")
+        chunk = list(texts[start:start + batch_size])
+        if targets is None:
+            ids, mask = encode_left(lm.tokenizer, chunk, max_length)
+            last = None
+        else:
+            batch = encode_pairs(lm.tokenizer, chunk, list(targets[start:start + batch_size]), max_length)
+            ids, mask, last = batch.input_ids, batch.attention_mask, last_token_index(batch)
+        yield read_ids(lm, ids, mask, last, site, wanted, index)
+        reporter.progress(min(start + batch_size, len(texts)), len(texts), stage)
+
+
+def last_token(lm, texts: Sequence[str], site: str = "neurons", *, layers: Sequence[int] | None = None,
+               targets: Sequence[str] | None = None, batch_size: int = 16, max_length: int = PROMPT_CAP,
+               dtype: torch.dtype = torch.float32, reporter: Reporter | None = None) -> torch.Tensor:
+    """[n, n_layers_read, width] activations of `site` at each formatted prompt's last token (every layer, or
+    `layers` in ascending order), on the host in `dtype`."""
+    parts = []
+    for store in iter_last_token(lm, texts, site, layers=layers, targets=targets, batch_size=batch_size,
+                                 max_length=max_length, reporter=reporter):
+        parts.append(torch.stack([x.to("cpu") for _, x in sorted(store.items())], 1).to(dtype))
+    return torch.cat(parts)
+
+
+def unit_features(lm, texts: Sequence[str] | None, layers: torch.Tensor, units: torch.Tensor, *, site: str = "neurons",
+                  ids: tuple[torch.Tensor, torch.Tensor] | None = None, batch_size: int = 16, max_length: int = PROMPT_CAP,
+                  reporter: Reporter | None = None) -> torch.Tensor:
+    """[n, k] the units (layers[i], units[i]) of `site` at each formatted prompt's last token (or of the left-padded
+    `ids` = (input ids, mask) of one forward): what a gate reads. Each hook keeps only its layer's units; the pieces
+    reach the host once per batch and device."""
+    needed = sorted(set(layers.tolist()))
+    picks = {layer: (layers == layer).nonzero().flatten() for layer in needed}  # layer -> positions in the feature vector
+    index = {layer: units[picks[layer]] for layer in needed}
+    order = torch.cat([picks[layer] for layer in needed])
+    stores = ([read_ids(lm, ids[0], ids[1], None, site, needed, index)] if ids is not None else
+              iter_last_token(lm, texts, site, index=index, batch_size=batch_size, max_length=max_length, reporter=reporter))
+    out = []
+    for store in stores:
+        feats = torch.empty(next(iter(store.values())).shape[0], len(layers))
+        feats[:, order] = cat_to_host([store[layer] for layer in needed], 1)
+        out.append(feats)
+    return torch.cat(out) if out else torch.zeros(0, len(layers))

@@ -1,0 +1,137 @@
+"""Fitting the input gate (`interventions.gating.GateProbe`) of a run, from its training split, choices on validation.
+
+Positives are harmful requests (plain, the unsafe twins of the alarming-word pairs, and inside the training attack
+families); negatives are benign, borderline-safe and the safe alarming-word requests, plain AND inside the same
+families (`Splits.harm_pools`), so neither a template nor an alarming word alone opens the gate. What the gate
+reads (`GATE_FEATURES`):
+- "amplified": the `max_features` neurons the modulation amplifies most (or, before any gains exist, the selected
+  safety neurons with the highest safety score);
+- "layer": every MLP neuron of the one layer whose probe separates the validation pools best;
+- "residual": the residual stream entering the one layer whose probe separates the validation pools best.
+The gate reads activations of the unmodulated model, so it can be fitted before the gains are trained.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..data.chat import chat_prompt
+from ..infra import files
+from ..infra.probes import fit_probe, roc_auc
+from ..infra.progress import Reporter
+from ..interventions.capture import last_token, unit_features
+from ..interventions.gating import GateProbe
+from ..interventions.modulation import Modulation
+
+GATE_FEATURES = ("amplified", "layer", "residual")
+SHIFTS = tuple(x / 2 for x in range(-8, 9))  # -4 .. 4 in steps of 0.5
+
+
+def _formatted(lm, texts: Sequence[str]) -> list[str]:
+    return [chat_prompt(lm.tokenizer, t) for t in texts]
+
+
+def amplified_neurons(source, max_features: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(layers, neurons) of at most `max_features` neurons: the most amplified ones of a modulation, or, for a
+    selection (before training), its safety neurons ranked highest."""
+    if not isinstance(source, Modulation):
+        layers, neurons = source.top_safety(max_features)
+        if len(layers) == 0:
+            raise ValueError("The selection has no safety neuron: the gate's 'amplified' features need some.")
+        return layers, neurons
+    dense = source.dense()
+    picked = (dense > 1).nonzero()
+    if len(picked) == 0:
+        raise ValueError("The modulation amplifies no neuron: nothing to gate on.")
+    order = torch.argsort(dense[picked[:, 0], picked[:, 1]], descending=True, stable=True)[:max_features]
+    return picked[order, 0], picked[order, 1]
+
+
+def fit_gate(lm, modulation: Modulation | None, positive: Sequence[str], negative: Sequence[str], *, max_features: int = 256,
+             steps: int = 100, l2: float = 1e-2, neurons: tuple[torch.Tensor, torch.Tensor] | None = None,
+             reporter: Reporter | None = None) -> GateProbe:
+    """A probe on neurons (the `max_features` most amplified by `modulation`, or the given `neurons`) fitted on user
+    prompts (positive = should be modulated: harmful / attacked)."""
+    layers, units = neurons if neurons is not None else amplified_neurons(modulation, max_features)
+    x = unit_features(lm, _formatted(lm, list(positive) + list(negative)), layers, units, reporter=reporter)
+    y = torch.tensor([1.0] * len(positive) + [0.0] * len(negative))
+    mean, std, w, b = fit_probe(x, y, l2=l2, steps=steps, precise=False)
+    acc = float(((((x - mean) / std) @ w + b > 0).float() == y).float().mean())
+    return GateProbe(layers, units, mean, std, w, float(b), acc, getattr(lm, "fingerprint", None))
+
+
+def fit_layer_gate(lm, positive: Sequence[str], negative: Sequence[str], val_positive: Sequence[str],
+                   val_negative: Sequence[str], *, layers: Sequence[int] | None = None, site: str = "neurons",
+                   reporter: Reporter | None = None) -> GateProbe:
+    """A probe on every unit of one layer's `site` ("neurons": its MLP neurons; "residual": the residual stream
+    entering it): for each candidate layer (default: every layer), fit on (positive, negative) and keep the layer with
+    the highest ROC AUC on the validation prompts (ties: the lower). Why a whole layer: a linear probe of the prompt
+    end separates harmful from harmless far better at later layers than a few hundred amplified neurons do."""
+    n_layers = lm.shape[0]
+    candidates = sorted(layers) if layers is not None else list(range(n_layers))
+    x = last_token(lm, _formatted(lm, list(positive) + list(negative)), site, layers=candidates, reporter=reporter)
+    xv = last_token(lm, _formatted(lm, list(val_positive) + list(val_negative)), site, layers=candidates, reporter=reporter)
+    y = torch.tensor([1.0] * len(positive) + [0.0] * len(negative))
+    width = x.shape[-1]
+    best = None
+    for i, layer in enumerate(candidates):
+        mean, std, w, b = fit_probe(x[:, i], y)
+        z = ((xv[:, i] - mean) / std) @ w + b
+        auc = roc_auc(z[: len(val_positive)], z[len(val_positive):])
+        if best is None or auc > best[0]:
+            train_acc = float(((((x[:, i] - mean) / std) @ w + b > 0).float() == y).float().mean())
+            best = (auc, GateProbe(torch.full((width,), layer), torch.arange(width), mean, std, w, float(b),
+                                   train_acc, getattr(lm, "fingerprint", None), site=site))
+    return best[1]
+
+
+def choose_bias_shift(lm, probe: GateProbe, splits, shifts: tuple[float, ...] = SHIFTS, reporter: Reporter | None = None) -> float:
+    """The bias shift whose gate best separates harmful from harmless VALIDATION prompts (plain, in the training
+    families, and the alarming-word pairs): the largest true-positive minus false-positive rate of s > 0.5 (ties:
+    the smaller shift)."""
+    positive, negative = splits.harm_pools("validation", 48, 6)
+    feats = lambda texts: unit_features(lm, _formatted(lm, texts), probe.layers, probe.neurons, site=probe.site, reporter=reporter)  # noqa: E731
+    z_pos = probe.logit(feats(positive)) - probe.bias_shift
+    z_neg = probe.logit(feats(negative)) - probe.bias_shift
+    score = {s: float((z_pos + s > 0).float().mean() - (z_neg + s > 0).float().mean()) for s in shifts}
+    return max(shifts, key=lambda s: (round(score[s], 6), -abs(s)))
+
+
+def fit_gate_for_run(lm, source, splits, *, bias_shift: float | None = 0.0, features: str = "amplified",
+                     reporter: Reporter | None = None, cache_dir: str | Path | None | bool = None) -> GateProbe:
+    """The probe of a run, from its training split only (`Splits.harm_pools`). `source`: the trained modulation
+    (its most amplified neurons) or, to fit the gate before training, the `Selection` (its top safety neurons).
+    A gate fitted before on the same model, prompts and features is read back from `cache_dir` (default: the user
+    cache; False: none) under `gates/`: a gate fitted before training depends on nothing else, so trying several
+    trainings behind it fits it once. `bias_shift` > 0 makes the gate open more readily (more harmful refusal); None chooses it on the
+    validation split (`choose_bias_shift`)."""
+    if features not in GATE_FEATURES:
+        raise ValueError(f"The gate's features must be one of {GATE_FEATURES}, not {features!r}.")
+    neurons = amplified_neurons(source) if features == "amplified" else None
+    path = None
+    if cache_dir is not False:
+        pools = [splits.harm_pools("train", 400, 40), splits.harm_pools("train", 100, 16), splits.harm_pools("validation", 48, 6)]
+        key = hashlib.sha256(json.dumps(["gate-v1", getattr(lm, "fingerprint", None), features, bias_shift, pools,
+                                         None if neurons is None else [t.tolist() for t in neurons]]).encode()).hexdigest()[:20]
+        path = Path(cache_dir or files.default_cache_dir()) / "gates" / f"{key}.safetensors"
+        if path.is_file():
+            try:
+                return GateProbe.load(path, shape=tuple(lm.shape), expected_fingerprint=getattr(lm, "fingerprint", None))
+            except ValueError as exc:
+                files.warn_bad(path, str(exc), "gate cache entry")
+    if features in ("layer", "residual"):
+        site = "neurons" if features == "layer" else "residual"
+        probe = fit_layer_gate(lm, *splits.harm_pools("train", 400, 40), *splits.harm_pools("validation", 48, 6), site=site,
+                               reporter=reporter)
+    else:
+        probe = fit_gate(lm, None, *splits.harm_pools("train", 100, 16), neurons=neurons, reporter=reporter)
+    shift = choose_bias_shift(lm, probe, splits, reporter=reporter) if bias_shift is None else float(bias_shift)
+    probe.bias += shift
+    probe.bias_shift = shift
+    if path is not None:
+        probe.save(path)
+    return probe

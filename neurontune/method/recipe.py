@@ -1,0 +1,49 @@
+"""A run's trained modulation and input gate, in the order its configuration asks: one home for "how a run is
+trained", called by `tune`, the studio, every extra seed of an evaluation, the trained baselines and the sweep.
+
+- `meta.gate_first` (gate-aware): the gate is fitted first on the unmodulated model (it reads the prompt, not the
+  gains), then the gains are trained behind it, each training prompt at the strength the gate reads from it;
+- otherwise the gains are trained as if no gate existed and, when `meta.gate` asks, a gate is fitted on them after.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import RunConfig
+from ..data.splits import Splits
+from ..infra.progress import SILENT, Cancelled, Reporter
+from ..interventions.gating import GateProbe
+from ..interventions.modulation import Modulation
+from .gate_fit import fit_gate_for_run
+from .metalearn import TrainResult, train_gains
+from .selection import Selection
+
+
+@dataclass
+class Trained:
+    modulation: Modulation
+    gate: GateProbe | None
+    training: TrainResult
+
+
+def train_run(lm, selection: Selection, cfg: RunConfig, splits: Splits, *, cache_dir=None, reporter: Reporter | None = None,
+              gate: GateProbe | None = None) -> Trained:
+    """Train the modulation of `selection` (and fit the gate) as `cfg.meta` says. With `meta.gate_first`, a given
+    `gate` is used instead of fitting one (the controls of an evaluation train behind the run's own gate). A cancelled
+    training keeps its best gains; a gate whose fitting was cancelled is left out."""
+    m, reporter = cfg.meta, reporter or SILENT
+    gate = gate if (m.gate and m.gate_first) else None
+    if m.gate and m.gate_first and gate is None:
+        reporter.phase("input gate")
+        gate = fit_gate_for_run(lm, selection, splits, bias_shift=m.gate_bias_shift, features=m.gate_features, reporter=reporter,
+                                cache_dir=cache_dir)
+    reporter.phase("training", m.steps)  # the step total is known: a bar fills as steps come
+    result = train_gains(lm, selection, cfg, splits=splits, cache_dir=cache_dir, reporter=reporter, gate=gate)
+    if m.gate and not m.gate_first and result.stopped != "cancelled":
+        reporter.phase("input gate")
+        try:
+            gate = fit_gate_for_run(lm, result.modulation, splits, bias_shift=m.gate_bias_shift, features=m.gate_features,
+                                    reporter=reporter)
+        except Cancelled:  # stopped while fitting the gate: the trained gains are kept, without a gate
+            result.stopped = "cancelled"
+    return Trained(result.modulation, gate, result)
