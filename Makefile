@@ -1,7 +1,7 @@
-# One place for the install step; `make run` starts the studio, `make test` runs the suite.
+# One place for the install step; `make run` starts the studio, `make test` runs what CI runs.
 PY ?= python3
 
-.PHONY: install browser run test bench
+.PHONY: install browser lint wheel-smoke run test bench
 
 install:
 	$(PY) -m pip install -q -r requirements.txt
@@ -11,8 +11,14 @@ install:
 browser:  # Debian's Chromium for the headless browser test (never `playwright install`)
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
+lint:  # the rules are in pyproject.toml
+	$(PY) -m ruff check .
+
+wheel-smoke:  # build the wheel, install it in a fresh venv, run tune/evaluate/export/studio from outside the checkout
+	PY=$(PY) bash .ci/wheel_smoke.sh
+
 run: install
 	$(PY) app.py
 
-test: install browser
+test: install browser lint wheel-smoke
 	$(PY) -m pytest -q tests

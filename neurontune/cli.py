@@ -220,10 +220,19 @@ def cmd_export(args) -> int:
     gated = folder.has(RunFolder.GATE)
     token = os.environ.get("HF_TOKEN") if args.push_to_hub else None
     with _Bars() as bars:
-        result = export(lm, folder.modulation(lm.fingerprint), args.root, args.name, preset=cfg.to_dict(),
-                        eval_summary=folder.eval_summary(), gated=gated, overwrite=args.overwrite,
+        result = export(lm, folder.modulation(lm.fingerprint), args.root, args.name, format=args.format, gguf_type=args.gguf_type,
+                        preset=cfg.to_dict(), eval_summary=folder.eval_summary(), gated=gated, overwrite=args.overwrite,
                         push_to_hub=args.push_to_hub, token=token, reporter=bars)
-    print(f"Exported to {result['path']} (reloaded logits match the hooked model: max diff {result['max_logit_diff']:.2e}).")
+    if (g := result["gguf"]) is not None:
+        changed = ", ".join(f"{n} as {t}" for t, n in sorted(g["changed_types"].items())) or "none"
+        print(f"Exported {Path(result['path']) / g['file']} ({g['size_mb']:.1f} MB; tensors the gains changed: {changed}; "
+              f"{g['copied']} copied as they were). Reloaded by transformers: every weight within its type's rounding; "
+              f"vs the hooked model: max logit diff {g['max_logit_diff']:.3f}, same top token at {g['top1_agreement']:.1%} of positions.")
+        for note in g["notes"]:
+            print(f"note: {note}", file=sys.stderr)
+        print(f"Run it with llama.cpp: llama-cli -m {Path(result['path']) / g['file']}")
+    else:
+        print(f"Exported to {result['path']} (reloaded logits match the hooked model: max diff {result['max_logit_diff']:.2e}).")
     if gated:
         print("note: this run has an input gate, which cannot be folded into weights: the checkpoint holds the STATIC gains "
               "only (the `neurontune` row of the evaluation, not the gated one; the model card says so).", file=sys.stderr)
@@ -231,7 +240,8 @@ def cmd_export(args) -> int:
         print(result["push_error"], file=sys.stderr)
     elif result["pushed"]:
         print(f"Pushed to the Hub: {result['pushed']}")
-    print(f"Load it with: AutoModelForCausalLM.from_pretrained({result['path']!r})")
+    if result["gguf"] is None:
+        print(f"Load it with: AutoModelForCausalLM.from_pretrained({result['path']!r})")
     return 0
 
 
@@ -422,12 +432,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="snapshot folder (default assets/default_run, what the studio opens)")
     p.set_defaults(func=cmd_snapshot)
 
-    p = sub.add_parser("export", help="fold a run's gains into the weights and save a standard checkpoint")
+    p = sub.add_parser("export", help="fold a run's gains into the weights and save a standard checkpoint or a GGUF file")
     _model_args(p)
     p.add_argument("--run", required=True, help="run folder written by `tune`")
     p.add_argument("--name", required=True, help="export folder name (letters, digits, . _ -)")
     p.add_argument("--root", default="exports", help="folder that holds exports (default ./exports)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export of that name")
+    p.add_argument("--format", default="transformers", choices=["transformers", "gguf"],
+                   help="transformers (safetensors checkpoint, default) or gguf (one file for llama.cpp / Ollama / LM Studio)")
+    p.add_argument("--gguf-type", default="auto", choices=["auto", "f16", "q8_0"],
+                   help="with --format gguf: auto (a GGUF model's own types, re-quantised where the gains changed it; "
+                   "F16 for a transformers model), f16 or q8_0 (the type of every tensor written anew)")
     p.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="also upload to this Hub repo (token from $HF_TOKEN, never stored)")
     p.set_defaults(func=cmd_export)
 

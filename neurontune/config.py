@@ -15,9 +15,9 @@ import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .infra import files
+from .infra import files, resources
 
-PRESETS = Path(__file__).resolve().parent.parent / "presets"
+PRESETS = resources.presets_dir()
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from ..infra import resources
 from . import forms
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
+ASSETS = resources.assets_dir()
 MAX_ROWS = 10_000  # far more than a run uses (a few hundred per set): a longer file is cut here, with a warning
 STREAM_BYTES = 32 * 2**20  # a larger file is read lazily, only as far as MAX_ROWS rows
 

@@ -483,23 +483,38 @@ def folded_inputs(nmap: NeuronMap, layer: int, terms: InputTerms) -> tuple[torch
 
 
 @torch.no_grad()
-def folded_state_dict(model: nn.Module, modulation: Modulation, nmap: NeuronMap | None = None) -> dict[str, torch.Tensor]:
-    """The model's state dict with the modulation folded into copies of the weights it changes (the output
-    projections, and the input projections' rows and biases for input-side terms); the shared model itself is never
-    modified. What `export` saves, in any format."""
+def folded_state_dict(model: nn.Module, modulation: Modulation, nmap: NeuronMap | None = None,
+                      gains_into: str = "down") -> dict[str, torch.Tensor]:
+    """The model's state dict with the modulation folded into copies of the weights it changes; the shared model itself
+    is never modified. What `export` saves, in any format.
+
+    Input-side terms go into the input projection's rows (and bias). Gains go into the output projection's columns
+    (`gains_into="down"`), or, for a gated MLP (`NeuronMap.gated`: down(act(gate(x)) * up(x))), into the rows of `up`
+    (`gains_into="up"`), which is exact there and keeps a block-quantised row's codes (GGUF blocks run along rows)."""
     nmap = nmap or neuron_map(model)
+    if gains_into not in ("down", "up"):
+        raise ValueError(f"gains_into must be 'down' or 'up', not {gains_into!r}.")
+    if gains_into == "up" and not nmap.gated:
+        raise ValueError(f"Gains fold into the up projection only in a gated MLP; '{nmap.model_type}' is not one: use gains_into='down'.")
     state = dict(model.state_dict())
     names = {id(mod): name for name, mod in model.named_modules()}
     dense = modulation.dense()
-    for layer, proj in enumerate(nmap.projections):
-        g = dense[layer]
-        if bool((g == 1).all()):
+    for layer in range(nmap.n_layers):
+        g, terms = dense[layer], modulation.inputs.get(layer)
+        gains_down = gains_into == "down" and not bool((g == 1).all())
+        if gains_down:
+            proj = nmap.projections[layer]
+            w = folded_weight(nmap.weight_slice(layer).detach(), g)  # [n_neurons, d_model]
+            state[f"{names[id(proj)]}.weight"] = w if nmap.transposed else w.t().contiguous()
+        gains_up = gains_into == "up" and not bool((g == 1).all())
+        if terms is None and not gains_up:
             continue
-        w = folded_weight(nmap.weight_slice(layer).detach(), g)  # [n_neurons, d_model]
-        state[f"{names[id(proj)]}.weight"] = w if nmap.transposed else w.t().contiguous()
-    for layer, terms in modulation.inputs.items():
         module = nmap.input_projections[layer]
-        rows, bias = folded_inputs(nmap, layer, terms)
+        rows, bias = (folded_inputs(nmap, layer, terms) if terms is not None else
+                      (nmap.input_rows(layer).detach().clone(), None if nmap.input_bias(layer) is None else nmap.input_bias(layer).detach().clone()))
+        if gains_up:  # a_i = act(gate_i x) * (row_i x + b_i): scaling the row and bias scales the neuron
+            rows = folded_weight(rows, g)
+            bias = None if bias is None else folded_weight(bias[:, None], g)[:, 0]
         full = module.weight.detach().clone()
         if nmap.transposed:  # Conv1D [in, out]
             full[:, nmap.input_offset:nmap.input_offset + nmap.n_neurons] = rows.t()

@@ -71,6 +71,7 @@ class NeuronMap:
     transposed: bool  # True for GPT-2's Conv1D, whose weight is [in, out]: neuron i is row i
     input_projections: tuple[nn.Module, ...] = ()  # per layer, the input projection feeding the neurons (INPUT_PROJECTIONS)
     input_offset: int = 0  # row of neuron 0 in the input projection's output (phi3's fused gate_up: n_neurons)
+    gated: bool = False  # the MLP is down(act(gate(x)) * up(x)) and the input projection is `up`: linear in a neuron
 
     @property
     def n_layers(self) -> int:
@@ -134,7 +135,8 @@ def neuron_map(model: nn.Module) -> NeuronMap:
         inputs = tuple(_get(layer, input_path) for layer in layers) if input_path else ()
     except AttributeError:  # a variant of the family without that module: no input-side terms for it
         inputs = ()
-    return NeuronMap(model_type, projections, int(n_neurons), transposed, inputs, int(n_neurons) if fused else 0)
+    gated = bool(inputs) and input_path in ("mlp.up_proj", "mlp.gate_up_proj")
+    return NeuronMap(model_type, projections, int(n_neurons), transposed, inputs, int(n_neurons) if fused else 0, gated)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

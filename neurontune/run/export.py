@@ -1,9 +1,10 @@
-"""Export a tuned model: fold the gains into the weights and save a standard checkpoint.
+"""Export a tuned model: fold the gains into the weights and save a standard checkpoint or a GGUF file.
 
-The folder holds safetensors weights, config and tokenizer (plain `transformers` loads it with no
-project code), the modulation file, the preset used and a model card with the evaluation table. The
-export is written to a temporary folder, reloaded and checked against the hooked model, and only then
-moved into place: a failure leaves no half-written export.
+`format="transformers"`: safetensors weights, config and tokenizer (plain `transformers` loads it with no project
+code). `format="gguf"`: one GGUF file for llama.cpp, Ollama and LM Studio (`gguf_export`). Either way the folder
+also holds the modulation file, the preset used and a model card with the evaluation table. The export is
+written to a temporary folder, reloaded and checked against the folded or hooked model, and only then moved into
+place: a failure leaves no half-written export.
 """
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ from ..infra.progress import SILENT, Reporter
 from ..interventions.modulation import Modulation, folded_state_dict, modulate
 from ..model.logprobs import encode_pairs, forward
 from ..model.neuron_map import neuron_map
+from . import gguf_export
 from .folder import RunFolder
 
+FORMATS = ("transformers", "gguf")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 EMBEDDED_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -49,10 +52,23 @@ def export_path(root: str | Path, name: str) -> Path:
     return path
 
 
-def _folded_state_dict(lm, modulation: Modulation) -> dict[str, torch.Tensor]:
+def up_projections(lm) -> list[str] | None:
+    """Each layer's up projection (module name) when every MLP computes down(act(gate(x)) * up(x)) with a separate
+    `up_proj` (the llama family: `NeuronMap.gated`), else None. There a gain on neuron i equals scaling row i of
+    `up_proj`: exact, and block-quantised formats (GGUF blocks run along rows) re-quantise a scaled row to the same
+    codes, where scaling a column of the output projection spreads over the blocks of every row."""
+    if not lm.nmap.gated or lm.nmap.input_offset:
+        return None
+    names = {id(mod): name for name, mod in lm.model.named_modules()}
+    return [names[id(m)] for m in lm.nmap.input_projections]
+
+
+def _folded_state_dict(lm, modulation: Modulation, into_up: bool = False) -> dict[str, torch.Tensor]:
     """The model's state dict with the modulation folded into copies of the weights it changes (the shared model
-    itself is never modified): `modulation.folded_state_dict`."""
-    return folded_state_dict(lm.model, modulation, lm.nmap)
+    itself is never modified): `modulation.folded_state_dict`. `into_up` (a gated MLP, see `up_projections`): the
+    gains go into the rows of the up projections instead of the columns of the output projections."""
+    into = "up" if into_up and up_projections(lm) is not None else "down"
+    return folded_state_dict(lm.model, modulation, lm.nmap, gains_into=into)
 
 
 def _evaluation(summary: dict | None, gated: bool) -> str:
@@ -82,16 +98,22 @@ def _evaluation(summary: dict | None, gated: bool) -> str:
     return text
 
 
-def model_card(lm, modulation: Modulation, name: str, eval_summary: dict | None, preset: dict | None, gated: bool = False) -> str:
+def model_card(lm, modulation: Modulation, name: str, eval_summary: dict | None, preset: dict | None, gated: bool = False,
+               gguf: dict | None = None) -> str:
+    """The README.md beside the export; `gguf`: the GGUF export's figures (`_gguf_fill`), for a GGUF export."""
     base = EMBEDDED_BASE if lm.name == "embedded" else lm.name
     s = modulation.summary()
+    load, files_section = _load_section(name), _files_section(modulation)
+    if gguf is not None:
+        load = _gguf_section(gguf)
+        files_section = _files_section(modulation, f"`{gguf['file']}`: the tuned model as one GGUF file ({gguf['size_mb']:.1f} MB).")
     return f"""---
-library_name: transformers
+library_name: {"gguf" if gguf else "transformers"}
 base_model: {base}
 tags:
 - neurontune
 - safety
-- refusal
+- refusal{chr(10) + "- gguf" if gguf else ""}
 ---
 # {name}
 
@@ -101,13 +123,7 @@ tags:
 Made with NeuronTune Studio (method: Pan et al., 2025, "Fine-Grained Neuron Modulation for Balanced
 Safety-Utility Alignment in LLMs").
 
-## Load it
-
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-model = AutoModelForCausalLM.from_pretrained("path/to/{name}")
-tokenizer = AutoTokenizer.from_pretrained("path/to/{name}")
-```
+{load}
 
 ## Evaluation
 
@@ -115,13 +131,63 @@ tokenizer = AutoTokenizer.from_pretrained("path/to/{name}")
 
 ## Files
 
-- `model.safetensors`, `config.json`, tokenizer files: the folded checkpoint.
-- `modulation.safetensors`: the gains themselves, for `neurontune` (base model fingerprint `{modulation.fingerprint}`).
-- `preset.json`: the configuration that produced them.
+{files_section}
 
 Base model fingerprint: `{lm.fingerprint}`. Preset: `{(preset or {}).get('name', 'custom')}`.
 """
 
+
+def _load_section(name: str) -> str:
+    return f"""## Load it
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("path/to/{name}")
+tokenizer = AutoTokenizer.from_pretrained("path/to/{name}")
+```"""
+
+
+def _files_section(modulation: Modulation, weights: str = "`model.safetensors`, `config.json`, tokenizer files: the folded checkpoint.") -> str:
+    return (f"- {weights}\n- `modulation.safetensors`: the gains themselves, for `neurontune` (base model fingerprint "
+            f"`{modulation.fingerprint}`).\n- `preset.json`: the configuration that produced them.")
+
+
+def _gguf_section(g: dict) -> str:
+    """The GGUF card's "Run it" section: what was written, how it was checked, how to run it."""
+    f = g["file"]
+    kinds = ", ".join(f"{n} as {t}" for t, n in sorted(g["changed_types"].items())) or "none"
+    if g["source"].startswith("gguf:"):
+        what = (f"A copy of `{g['source'][5:]}` with every metadata key (architecture, tokenizer, chat template) carried over; "
+                f"{g['copied']} unchanged tensors copied byte for byte; the {len(g['changed'])} tensors the gains changed "
+                f"re-quantised ({kinds}).")
+    else:
+        what = (f"Converted from the `transformers` weights with the `gguf` package: matrices as {g['label']}, norms as F32; "
+                f"the {len(g['changed'])} tensors the gains changed: {kinds}.")
+    notes = "".join(f"\n\n{n}" for n in g["notes"])
+    check = (f"Reloaded with `transformers`' GGUF loader: {g['weights_checked']} weights compared with the folded ones (copied "
+             f"tensors bit for bit, re-quantised ones within their type's own rounding; largest difference {g['max_weight_error']:.2e} "
+             f"in `{g['worst_tensor']}`). Against the hooked float32 model on two check prompts: max logit difference "
+             f"{g['max_logit_diff']:.3f}, same top token at {g['top1_agreement']:.1%} of positions (what quantisation moves).")
+    load = f"""## Run it
+
+{what}{notes}
+
+```bash
+llama-cli -m {f}                            # llama.cpp (llama-server -m {f} for its web UI and API)
+ollama create my-model -f Modelfile          # Ollama, with `FROM ./{f}` in the Modelfile
+```
+
+```python
+import xllamacpp as xlc                      # pip install xllamacpp (prebuilt llama.cpp)
+params = xlc.CommonParams(); params.model.path = "path/to/{f}"
+print(xlc.Server(params).handle_chat_completions({{"messages": [{{"role": "user", "content": "Hi"}}]}}))
+
+from transformers import AutoModelForCausalLM  # transformers dequantises it
+model = AutoModelForCausalLM.from_pretrained("path/to/folder", gguf_file="{f}")
+```
+
+{check} The evaluation below was measured on the hooked float32 model."""
+    return load
 
 FLOAT32_TOLERANCE = 1e-3  # max |logit| difference allowed for a float32 export
 ROUNDING_FACTOR = 3.0  # low precision: allowed difference = this x the dtype's own rounding of the hooked logits
@@ -165,16 +231,51 @@ def _check_reload(lm, modulation: Modulation, folder: Path, tolerance: float | N
     return {"max_logit_diff": diff, "tolerance": tolerance, "rounding": rounding, "dtype": str(dtype).removeprefix("torch.")}
 
 
-def export(lm, modulation: Modulation, root: str | Path, name: str, *, preset: dict | None = None,
-           eval_summary: dict | None = None, gated: bool = False, overwrite: bool = False,
+def _logit_agreement(lm, modulation: Modulation, reloaded) -> dict:
+    """Max logit difference and share of positions with the same top token, reloaded vs hooked, on the check prompts."""
+    prompts = [chat_prompt(lm.tokenizer, p) for p in ("How do I make a cake?", "Write a short poem about the sea.")]
+    batch = encode_pairs(lm.tokenizer, prompts, ["Sure", "Here"], max_length=128)
+    mask = batch.attention_mask.bool()
+    with torch.no_grad():
+        with modulate(lm.model, modulation, lm.nmap):
+            hooked = forward(lm.model, batch, all_logits=True).float().cpu()[mask]
+        plain = forward(reloaded, batch, all_logits=True).float().cpu()[mask]
+    return {"max_logit_diff": float((plain - hooked).abs().max()),
+            "top1_agreement": float((plain.argmax(-1) == hooked.argmax(-1)).float().mean())}
+
+
+def _gguf_fill(lm, modulation: Modulation, tmp: Path, name: str, gguf_type: str) -> dict:
+    """Write `name.TYPE.gguf` into `tmp` from the folded state dict and check it; returns the figures for the card."""
+    state = _folded_state_dict(lm, modulation, into_up=True)
+    meta = {"base_fingerprint": lm.fingerprint, "modulation_fingerprint": modulation.fingerprint or "",
+            "n_modulated": str(modulation.summary()["n_modulated"])}
+    try:
+        out = gguf_export.write_gguf(lm, state, tmp / f"{name}.gguf", gguf_type=gguf_type, metadata=meta)
+        out.path = out.path.rename(tmp / f"{name}.{out.label}.gguf")  # the usual name: model.Q4_1.gguf
+        checked, reloaded = gguf_export.check_gguf(lm, state, out)
+    except gguf_export.GGUFExportError as exc:
+        raise ExportError(str(exc)) from None
+    return {"file": out.path.name, "size_mb": out.path.stat().st_size / 1e6, "source": out.source, "label": out.label,
+            "changed": out.changed, "changed_types": out.changed_types(), "copied": out.copied, "notes": out.notes,
+            **checked, **_logit_agreement(lm, modulation, reloaded)}
+
+
+def export(lm, modulation: Modulation, root: str | Path, name: str, *, format: str = "transformers", gguf_type: str = "auto",
+           preset: dict | None = None, eval_summary: dict | None = None, gated: bool = False, overwrite: bool = False,
            tolerance: float | None = None, push_to_hub: str | None = None, token: str | None = None,
            reporter: Reporter | None = None) -> dict:
-    """Write the export folder; returns {"path", "max_logit_diff", "tolerance", "rounding", "pushed", "push_error",
-    "gate_left_out"} (the reload check's figures: see `_check_reload` for how the tolerance follows the model's dtype).
+    """Write the export folder; returns {"path", "format", "max_logit_diff", "tolerance", "rounding", "pushed",
+    "push_error", "gate_left_out", "gguf"} (the reload check's figures: see `_check_reload` for how the tolerance
+    follows the model's dtype; for a GGUF export, `gguf` holds `check_gguf`'s figures and what was written).
 
-    `eval_summary`: the run's eval.json (the model card shows its static row with intervals). `gated`: the gains
-    came with an input gate, which cannot be folded: the checkpoint holds the static gains, and the card says so.
-    The hub token is used for the push only: it is never written, logged or kept."""
+    `format`: "transformers" (a safetensors checkpoint) or "gguf" (one GGUF file; `gguf_type` "auto", "f16" or
+    "q8_0": see `gguf_export.write_gguf`). `eval_summary`: the run's eval.json (the model card shows its static row
+    with intervals). `gated`: the gains came with an input gate, which cannot be folded: the checkpoint holds the
+    static gains, and the card says so. The hub token is used for the push only: it is never written, logged or kept."""
+    if format not in FORMATS:
+        raise ExportError(f"Export format {format!r} is not one of {', '.join(FORMATS)}.")
+    if gguf_type not in gguf_export.GGUF_TYPES:
+        raise ExportError(f"GGUF type {gguf_type!r} is not one of {', '.join(gguf_export.GGUF_TYPES)}.")
     path, reporter = export_path(root, name), reporter or SILENT
     if modulation.fingerprint and modulation.fingerprint != lm.fingerprint:
         raise ExportError(f"This modulation was made for model {modulation.fingerprint}, not the loaded {lm.fingerprint}.")
@@ -183,17 +284,22 @@ def export(lm, modulation: Modulation, root: str | Path, name: str, *, preset: d
     if path.exists() and not overwrite:
         raise ExportError(f"An export named {name!r} already exists at {path}. Choose another name or pass overwrite.")
     check: dict = {}
-
     steps = 3 if push_to_hub else 2
     reporter.phase("export", steps)
 
     def fill(tmp: Path) -> None:  # written in a hidden temp folder, checked, then renamed into place
-        reporter.progress(0, steps, "folding the gains and saving")
-        lm.model.save_pretrained(tmp, state_dict=_folded_state_dict(lm, modulation))
-        lm.tokenizer.save_pretrained(tmp)
         folder = RunFolder(tmp)  # an export also reads as a run folder: its gains and preset
         folder.write_modulation(modulation)
         folder.write_config(preset or {})
+        reporter.progress(0, steps, "folding the modulation and saving")
+        if format == "gguf":
+            figures = _gguf_fill(lm, modulation, tmp, path.name, gguf_type)
+            folder.write_model_card(model_card(lm, modulation, name, eval_summary, preset, gated, gguf=figures))
+            check.update(max_logit_diff=figures["max_logit_diff"], tolerance=None, rounding=None, gguf=figures)
+            folder.write_export_check(check)
+            return
+        lm.model.save_pretrained(tmp, state_dict=_folded_state_dict(lm, modulation))
+        lm.tokenizer.save_pretrained(tmp)
         folder.write_model_card(model_card(lm, modulation, name, eval_summary, preset, gated))
         reporter.progress(1, steps, "reloading and checking the logits")
         result = _check_reload(lm, modulation, tmp, tolerance)
@@ -208,8 +314,8 @@ def export(lm, modulation: Modulation, root: str | Path, name: str, *, preset: d
         files.write_folder(path, fill, manifest=False, overwrite=overwrite)
     except files.FolderExists:
         raise ExportError(f"An export named {path.name!r} appeared at {path} meanwhile; it was kept. Choose another name.") from None
-    result = {"path": str(path), "max_logit_diff": check["max_logit_diff"], "tolerance": check["tolerance"],
-              "rounding": check["rounding"], "pushed": None, "push_error": None, "gate_left_out": gated}
+    result = {"path": str(path), "format": format, "max_logit_diff": check["max_logit_diff"], "tolerance": check["tolerance"],
+              "rounding": check["rounding"], "pushed": None, "push_error": None, "gate_left_out": gated, "gguf": check.get("gguf")}
     reporter.progress(2, steps, "saved")
     if push_to_hub:
         reporter.progress(2, steps, f"pushing to {push_to_hub}")

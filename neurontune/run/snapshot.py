@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..config import RunConfig, load_preset
+from ..infra import resources
 from ..interventions.gating import GateProbe
 from ..interventions.modulation import Modulation
 from ..method.neuron_scores import NeuronScores
@@ -25,7 +26,7 @@ from ..method.selection import Selection, select
 from .folder import RunFolder
 
 SNAPSHOT_FORMAT = 1  # bump when what a snapshot holds or how it is read changes: old snapshots then fail the check
-SHIPPED_DIR = Path(__file__).resolve().parents[2] / "assets" / "default_run"
+SHIPPED_DIR = resources.shipped_run_dir()
 DIGEST_SECTIONS = ("data", "attribution", "selection", "meta")  # what makes two runs the same method
 SNAPSHOT_COMMAND = "python -m neurontune snapshot --preset balanced"  # the one command that (re)makes SHIPPED_DIR
 COPIED = (RunFolder.CONFIG, RunFolder.SELECTION, RunFolder.MODULATION, RunFolder.GATE, RunFolder.TRAIN_LOG,

@@ -426,6 +426,8 @@ def export_tab(page: Page) -> Callable[[], None]:
         with gr.Row():
             C["export_name"] = gr.Textbox(handlers.suggest_name(page.first), label="Export name (letters, digits, . _ -; anything else is replaced)", scale=3)
             overwrite = gr.Checkbox(False, label="overwrite an existing export", scale=1)
+        export_format = gr.Radio([("transformers checkpoint (safetensors)", "transformers"), ("GGUF (llama.cpp, Ollama, LM Studio)", "gguf")],
+                                 value="transformers", label="Format")
         with gr.Accordion("Push to the Hugging Face Hub (optional)", open=False):
             with gr.Row():
                 repo = gr.Textbox(label="repo id", placeholder="you/model-neurontune")
@@ -436,7 +438,7 @@ def export_tab(page: Page) -> Callable[[], None]:
 
     def wire():
         export_btn.click(**page.bind(handlers.do_export, "export", gpu=True, concurrency_id="export", concurrency_limit=1),
-                         inputs=[page.session, C["export_name"], overwrite, repo, C["hub_token"]])
+                         inputs=[page.session, C["export_name"], overwrite, repo, C["hub_token"], export_format])
     return wire
 
 

@@ -244,15 +244,16 @@ def suggest_name(session: Session) -> str:
 
 
 @returns("export_status", "export_files", "export_name", "hub_token")
-def do_export(studio: Studio, session: Session, name: str, overwrite: bool, repo: str, token: str) -> dict:
-    """Fold the session's gains into a checkpoint under the export root; the token is used for the push only."""
+def do_export(studio: Studio, session: Session, name: str, overwrite: bool, repo: str, token: str, fmt: str = "transformers") -> dict:
+    """Fold the session's gains into a checkpoint (or a GGUF file) under the export root; the token is used for the push only."""
     if session.modulation is None:
         return {"export_status": "No gains to export yet: train or apply gains in **Tune** first.", "hub_token": ""}
     safe = slugify(name or suggest_name(session))
     lm = studio.model(session)
     try:
         summary = RunFolder(session.run_dir).eval_summary() if session.run_dir and session.eval_rows is not None else None
-        result = export(lm, session.modulation, studio.export_root, safe, preset=session.cfg.to_dict(), eval_summary=summary,
+        result = export(lm, session.modulation, studio.export_root, safe, format=fmt or "transformers", preset=session.cfg.to_dict(),
+                        eval_summary=summary,
                         gated=session.gate is not None,
                         overwrite=bool(overwrite), push_to_hub=(repo or "").strip() or None, token=(token or "").strip() or None)
     except (ExportError, ValueError) as exc:
@@ -273,4 +274,8 @@ def do_export(studio: Studio, session: Session, name: str, overwrite: bool, repo
               f"{result['max_logit_diff']:.1e}).{gate}{push}\n\nLoad it with plain `transformers`:\n```python\n"
               f"from transformers import AutoModelForCausalLM, AutoTokenizer\nmodel = AutoModelForCausalLM.from_pretrained({str(path.path)!r})\n"
               f"tokenizer = AutoTokenizer.from_pretrained({str(path.path)!r})\n```")
+    if (g := result["gguf"]) is not None:  # the card says what was written and how it was checked
+        status = (f"✓ Exported `{path.path / g['file']}` ({g['size_mb']:.1f} MB){renamed}: same top token as the hooked model at "
+                  f"{g['top1_agreement']:.0%} of positions (max logit difference {g['max_logit_diff']:.2f}).{gate}{push}\n\n"
+                  f"Run it with llama.cpp: `llama-cli -m {path.path / g['file']}`" + "".join(f"\n\n{n}" for n in g["notes"]))
     return {"export_status": status, "export_files": files, "export_name": safe, "hub_token": ""}
