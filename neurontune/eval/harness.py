@@ -23,7 +23,7 @@ from ..data.splits import Splits, check_split
 from ..infra import distributed as dist
 from ..infra.progress import SILENT, Reporter
 from ..interventions.generation import generate
-from ..interventions.protocol import applied_rows, intervention_name, is_gated
+from ..interventions.protocol import applied_rows, form_of, intervention_name, is_gated
 from . import teacher_forced as tf
 from .base_cache import base_cache, disk_cache
 from .judge import DEGENERATE, REFUSALS, REFUSE
@@ -263,7 +263,7 @@ def evaluate(lm, intervention, splits: Splits, cfg: EvalConfig = EvalConfig(), *
     base_metrics.update(ppl_ratio=1.0, repetition_rate=repetition("base_answer"))
     meta = {
         "model": lm.name, "fingerprint": lm.fingerprint, "intervention": dict(getattr(intervention, "meta", {}) or {}),
-        "split": split, "gated": gated, "mean_strength": mean(row_strength) if with_iv else 0.0,
+        "split": split, "gated": gated, "form": form_of(intervention), "mean_strength": mean(row_strength) if with_iv else 0.0,
         "n_rows": len(rows), "n_ppl": len(ppl_prompts), "n_mc": len(questions), "base_ppl": base_ppl, "ppl": iv_ppl,
         "base_generated": len(missing), "seconds": time.perf_counter() - start_time, **timings,
         "heldout_families": list(splits.heldout_families), "train_families": list(splits.train_families),
