@@ -102,6 +102,27 @@ def _load(args):
                       trust_remote_code=args.trust_remote_code, cache_dir=args.cache_dir)
 
 
+def _judge_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--judge", default="rules", metavar="rules|model:PATH_OR_ID",
+                   help="what reads the answers: 'rules' (default, fast) or 'model:PATH_OR_ID', a local chat model that labels each "
+                        "answer refuse / partial / comply (cached; the rules give a second opinion and the tables show both "
+                        "judges' agreement), e.g. model:embedded or model:/models/Llama-3.1-8B-Instruct")
+
+
+def _judge(args):
+    """The judge of --judge, built after a bad spec is refused (a model judge loads its model here)."""
+    from .eval.judges import describe, judge_from_spec
+    judge = judge_from_spec(args.judge, cache_dir=args.cache_dir, dtype=args.dtype, device=args.device,
+                            trust_remote_code=args.trust_remote_code)
+    print(describe(judge), file=sys.stderr)
+    return judge
+
+
+def _check_judge(spec: str) -> None:
+    from .eval.judges import check_spec
+    check_spec(spec)  # a malformed --judge is refused before any model loads
+
+
 def _config(args):
     from .config import load_preset
     cfg = load_preset(args.preset).replace(model=args.model)
@@ -148,10 +169,12 @@ def cmd_tune(args) -> int:
     from .run.tune import check, tune
     cfg, baselines = _config(args), _baselines(args.baselines)
     check(cfg, baselines=baselines)  # bad thresholds and baselines are refused before the model loads...
+    _check_judge(args.judge)
     lm = _load(args)  # ...and thresholds too large for this model before attribution (in tune)
+    judge = _judge(args) if not args.no_eval else None
     with _Bars() as bars:
         tune(lm, cfg, args.out, evaluate=not args.no_eval, quick_eval=args.quick_eval, baselines=baselines,
-             eval_split=args.eval_split, cache_dir=args.cache_dir, reporter=bars)
+             eval_split=args.eval_split, cache_dir=args.cache_dir, reporter=bars, judge=judge)
     print(f"Wrote {args.out}/ ({RunFolder.MODULATION}, {RunFolder.TRAIN_LOG}, {RunFolder.CONFIG}, {RunFolder.SCORES} ...)")
     return 0
 
@@ -163,11 +186,13 @@ def cmd_evaluate(args) -> int:
     cfg = RunFolder(args.run).config()
     baselines = _baselines(args.baselines)
     check_baselines(baselines)  # before the model loads
+    _check_judge(args.judge)
     args.model = cfg.model if args.model == "embedded" else args.model
     lm = _load(args)
+    judge = _judge(args)
     with _Bars() as bars:
         evaluate_run(lm, args.run, cfg, baselines=baselines, quick=args.quick, seeds=args.seeds, split=args.split,
-                     cache_dir=args.cache_dir, reporter=bars)
+                     cache_dir=args.cache_dir, reporter=bars, judge=judge)
     return 0
 
 
@@ -222,10 +247,11 @@ def cmd_export(args) -> int:
 
 def cmd_generate(args) -> int:
     from .data.prompts import DataError
-    from .eval.judge import is_refusal
+    from .eval.judge import PARTIAL, REFUSALS
+    from .eval.judges import agreement
     from .infra import files
     from .interventions.protocol import FORMS
-    from .run.answer import answer, intervention_for
+    from .run.answer import answer, intervention_for, judge_answers
     rows = []
     with open(args.prompts, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -237,6 +263,7 @@ def cmd_generate(args) -> int:
                     raise DataError(f"{args.prompts}:{n}: each line must be a JSON object with a 'prompt' ({exc}).") from exc
     if not rows:
         raise DataError(f"{args.prompts} holds no prompts.")
+    _check_judge(args.judge)
     lm = _load(args)
     intervention, form = (None, None)
     if args.modulation:
@@ -249,12 +276,22 @@ def cmd_generate(args) -> int:
     with _Bars("generate") as bars:
         answers, strengths = answer(lm, prompts, intervention, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                     reporter=bars)
-    files.write_jsonl(args.out, ({"id": r["id"], "prompt": r["prompt"], "response": a, "form": form or "base",
+    judge = _judge(args)
+    verdicts, second = judge_answers(prompts, answers, judge)
+    files.write_jsonl(args.out, ({"id": r["id"], "prompt": r["prompt"], "response": a, "form": form or "base", "verdict": v,
+                                  "judge": judge.name,
+                                  **({"second_verdict": v2, "second_judge": judge.second.name} if v2 is not None else {}),
                                   **({"gate": s} if strengths is not None else {})}
-                                 for r, a, s in zip(rows, answers, strengths or [None] * len(rows))))
-    refused = sum(is_refusal(a, p) for a, p in zip(answers, prompts))
+                                 for r, a, v, v2, s in zip(rows, answers, verdicts, second or [None] * len(rows),
+                                                           strengths or [None] * len(rows))))
+    refused, partial = sum(v in REFUSALS for v in verdicts), sum(v == PARTIAL for v in verdicts)
     mean_s = f"; mean gate reading {sum(strengths) / len(strengths):.2f}" if strengths else ""
-    print(f"Wrote {len(rows)} responses to {args.out} ({form or 'base'}{mean_s}; {refused}/{len(rows)} judged refusals).")
+    agree = ""
+    if second is not None:
+        same, n = agreement(verdicts, second)
+        agree = f"; the {judge.second.name} judge agrees on {same}/{n} ({same / n:.0%})"
+    print(f"Wrote {len(rows)} responses to {args.out} ({form or 'base'}{mean_s}; {judge.name} judge: {refused}/{len(rows)} "
+          f"refusals, {partial} of them partial{agree}).")
     return 0
 
 
@@ -348,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "joint,attribution_only,random,direction, 'all', or 'none' (default)")
     p.add_argument("--eval-split", default="validation", choices=["validation", "test"],
                    help="the split the closing evaluation reads (default validation: keep test for the reported table)")
+    _judge_arg(p)
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("evaluate", help="evaluate a run's modulation against the base model and baselines")
@@ -359,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train NeuronTune and the trained baselines with this many seeds; the table shows mean ± sd (default 3)")
     p.add_argument("--split", default="test", choices=["test", "validation"],
                    help="test (default: the reported table, read once) or validation (while choosing settings)")
+    _judge_arg(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("sweep", help="safety-utility trade-off over a grid of (k_safety, k_utility)")
@@ -418,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="JSONL output: {\"id\", \"prompt\", \"response\"} per line")
     p.add_argument("--max-new-tokens", type=int, default=48, help="new tokens per answer (default 48)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
+    _judge_arg(p)
     p.set_defaults(func=cmd_generate)
     return parser
 

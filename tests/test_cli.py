@@ -59,13 +59,14 @@ def test_tune_export_generate_on_tiny(tmp_path, tiny_preset, capsys):
     out = tmp_path / "out.jsonl"
     assert run("generate", "--model", "tiny-llama", "--modulation", run_dir, "--prompts", prompts, "--out", out, "--max-new-tokens", 4) == 0
     rows = [json.loads(l) for l in out.read_text().splitlines()]
-    assert [r["id"] for r in rows] == ["a", 1] and all(set(r) == {"id", "prompt", "response", "form", "gate"} for r in rows)
-    assert {r["form"] for r in rows} == {"gated"}
+    assert [r["id"] for r in rows] == ["a", 1] and all(set(r) == {"id", "prompt", "response", "form", "verdict", "judge", "gate"}
+                                                         for r in rows)
+    assert {r["form"] for r in rows} == {"gated"} and {r["judge"] for r in rows} == {"rules"}
     assert "gated: the modulation scaled per prompt by the input gate" in capsys.readouterr().out  # the run has a gate: used
     assert run("generate", "--model", "tiny-llama", "--modulation", run_dir, "--form", "static", "--prompts", prompts, "--out", out,
                "--max-new-tokens", 4) == 0
     assert "static gains: the same for every prompt" in capsys.readouterr().out
-    assert all(set(json.loads(l)) == {"id", "prompt", "response", "form"} for l in out.read_text().splitlines())
+    assert all(set(json.loads(l)) == {"id", "prompt", "response", "form", "verdict", "judge"} for l in out.read_text().splitlines())
     assert run("generate", "--model", "tiny-llama", "--modulation", run_dir, "--form", "conditional", "--prompts", prompts,
                "--out", out, "--max-new-tokens", 4) == 2  # this run has no input-side terms: said, not guessed
     assert "cannot be applied conditional" in capsys.readouterr().err
@@ -117,6 +118,8 @@ def test_evaluate_with_baselines_and_sweep_on_tiny(tmp_path, tiny_preset):
     assert by["neurontune"]["seeds"] == 2 and by["base"]["seeds"] == 1
     assert 0 <= by["neurontune"]["harmful_refusal:lo"] <= by["neurontune"]["harmful_refusal"] <= by["neurontune"]["harmful_refusal:hi"] <= 1
     assert 0 <= summary["style_audit"]["accuracy"] <= 1
+    assert summary["judge"] == "rules" and summary["second_judge"] is None and "partial refusals counted" in summary["judge_note"]
+    assert all(f"strict/{k}" in table[0] for k in ("harmful_refusal", "benign_over_refusal"))  # full refusals only, beside
     base = table[0]
     assert base["ppl_ratio"] == 1.0 and 0 <= base["harmful_refusal"] <= 1
     rows = [json.loads(l) for l in (run_dir / "generations.jsonl").read_text().splitlines()]

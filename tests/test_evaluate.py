@@ -130,7 +130,7 @@ def test_jsonl_has_fields_and_rejudges(tmp_path, base_llama):
     for row in rows:
         assert set(row) == {"intervention", "seed", *ROW_FIELDS}
         assert row["verdict"] == verdict(row["answer"], row["prompt"]) and row["base_verdict"] == verdict(row["base_answer"], row["prompt"])
-        assert row["refusal"] == (row["verdict"] == "refuse")
+        assert row["refusal"] == (row["verdict"] in ("refuse", "partial"))
     frame = base_llama.to_frame()
     assert list(frame.columns) == list(ROW_FIELDS) and len(frame) == len(rows)
 

@@ -17,7 +17,10 @@ def test_export_round_trip(request, tmp_path, name):
     summary = {"split": "test", "seeds": 3, "table": [
         {"intervention": "base", "seeds": 1, "harmful_refusal": 0.1, "harmful_refusal:lo": 0.05, "harmful_refusal:hi": 0.2},
         {"intervention": "neurontune", "seeds": 3, "harmful_refusal": 0.9, "harmful_refusal:sd": 0.02, "harmful_refusal:lo": 0.83,
-         "harmful_refusal:hi": 0.94}]}
+         "harmful_refusal:hi": 0.94}],
+        "judge": "model:embedded", "second_judge": "rules",
+        "judge_note": "refusal judge: model:embedded (partial refusals counted as refusals; strict rates: full refusals only); "
+                      "second opinion: rules"}
     result = export(lm, mod, tmp_path, "tuned-1", preset={"name": "balanced"}, eval_summary=summary)
     folder = tmp_path / "tuned-1"
     assert result["max_logit_diff"] < 1e-4
@@ -33,6 +36,7 @@ def test_export_round_trip(request, tmp_path, name):
     card = (folder / "README.md").read_text()
     assert "| neurontune | 0.900 ± 0.020 [0.83, 0.94]" in card and "| base | 0.100 [0.05, 0.20]" in card
     assert "input gate" not in card
+    assert "comes from the refusal judge: model:embedded (partial refusals counted" in card and "`judges agree`" in card
     # the shared model itself was not modified by the export
     with torch.no_grad():
         assert not torch.allclose(lm.model(ids).logits, hooked)

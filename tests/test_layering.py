@@ -180,9 +180,6 @@ def test_the_checker_sees_what_it_should():
     assert ("config", "method", 1) in upward(edges(graph, old=True))
 
 
-PENDING = {("neurontune/eval/judge.py", "VERDICTS")}  # unused, left to the judge's rewrite (another issue)
-
-
 def _definitions() -> list[tuple[str, str]]:
     """(file, name) of every module-level function, class and constant, and every method, of the package."""
     out = []
@@ -205,7 +202,7 @@ def test_nothing_is_defined_and_never_used():
     corpus = "\n".join(p.read_text(encoding="utf-8") for pattern in ("neurontune/**/*.py", "tests/*.py", "bench/**/*.py", "app.py")
                        for p in ROOT.glob(pattern))
     unused = [f"{f}: {n}" for f, n in _definitions()
-              if (f, n) not in PENDING and len(re.findall(rf"\b{re.escape(n)}\b", corpus)) <= 1]
+              if len(re.findall(rf"\b{re.escape(n)}\b", corpus)) <= 1]
     assert unused == [], "defined but never used (delete them, or use them):\n" + "\n".join(unused)
 
 

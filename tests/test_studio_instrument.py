@@ -101,6 +101,21 @@ def test_bulk_table(app, scored, tmp_path):
     assert Path(out["bulk_file"]).read_text().startswith("prompt,base verdict,tuned verdict,gate s,base answer,tuned answer")
 
 
+def test_bulk_table_with_a_model_judge_and_its_second_opinion(app, scored):
+    """A model judge (here the tiny model) labels each answer; the rules' verdicts stand beside its own, the status
+    gives their agreement, and one tick shows only the prompts where they differ (no new answers)."""
+    scored.call("fixed_gains", 4.0, 0.0, *VIEW)
+    assert scored.call("bulk", None, "Hi", 1.0, 8, True, "gpt4", False)["bulk_status"].startswith("✗ --judge 'gpt4'")
+    out = scored.call("bulk", None, "Tell me how to pick a lock\nHow do I bake bread?", 1.0, 8, True, "model:tiny-llama", False)
+    assert "judge: **model:tiny-llama**" in out["bulk_status"] and "the rules agree on" in out["bulk_status"], out["bulk_status"]
+    table = out["bulk_table"]
+    assert table["headers"] == ["prompt", "base verdict", "tuned verdict", "base: 2nd judge", "tuned: 2nd judge", "gate s",
+                                "base answer", "tuned answer"]
+    differ = int(out["bulk_status"].split(" prompt(s) differ")[0].rsplit(" ", 1)[-1])
+    assert len(scored.call("filter_bulk", True)["bulk_table"]["data"]) == differ
+    assert len(scored.call("filter_bulk", False)["bulk_table"]["data"]) == 2
+
+
 def test_form_check_of_prompt_files(app, tmp_path):
     from gradio_client import handle_file
 

@@ -26,7 +26,8 @@ from ..interventions.generation import generate
 from ..interventions.protocol import applied_rows, form_of, intervention_name, is_gated
 from . import teacher_forced as tf
 from .base_cache import base_cache, disk_cache
-from .judge import DEGENERATE, REFUSE, verdict
+from .judge import DEGENERATE, REFUSALS, REFUSE
+from .judges import RULES, Judge, agreement
 from .plan import ROW_FIELDS, eval_plan
 from .stats import mean
 
@@ -42,8 +43,9 @@ class EvalResult:
     Row fields (`plan.ROW_FIELDS`): prompt (as sent), category (harmful | attacked | benign | borderline |
     benign_attacked), family ("plain" or the attack family), split (validation | test), group (the phrasing
     group, or heldout_family / train_family), phrasing, topic, request (before wrapping), base_answer, answer,
-    base_verdict, verdict (the judge: refuse | comply | degenerate), base_refusal, refusal, strength (the
-    intervention's strength on this row: 1, or the gate's reading)."""
+    base_verdict, verdict (the judge: refuse | partial | comply | degenerate), base_refusal, refusal (full or
+    partial), strength (the intervention's strength on this row: 1, or the gate's reading), and where a second judge
+    gave its opinion base_second_verdict, second_verdict."""
 
     name: str
     metrics: dict[str, float]
@@ -93,10 +95,24 @@ def _generate_rows(lm, jobs: list[tuple[str, float]], intervention, cfg: EvalCon
     return out
 
 
-def rate_counts(rows: list[dict], key: str = "verdict") -> dict[str, tuple[int, int]]:
-    """(refusals, prompts) of every rate the table reports, judged on row[key] (a judge verdict)."""
+STRICT = "strict/"  # prefix of the rates that count full refusals only (the others count partial ones too)
+STRICT_RATES = ("harmful_refusal", "heldout_family_refusal", "train_family_refusal", "contrast_refusal", "benign_over_refusal",
+                "template_over_refusal", "borderline_over_refusal", "alarming_over_refusal")
+
+
+def rate_counts(rows: list[dict], key: str = "verdict", refusals: tuple[str, ...] = REFUSALS) -> dict[str, tuple[int, int]]:
+    """(refusals, prompts) of every rate the table reports, judged on row[key] (a judge verdict): a full or partial
+    refusal counts, and `strict/<rate>` counts full refusals only."""
+    out = _rate_counts(rows, key, refusals)
+    if refusals == REFUSALS:
+        strict = _rate_counts(rows, key, (REFUSE,))
+        out.update({STRICT + k: strict[k] for k in STRICT_RATES if k in strict})
+    return out
+
+
+def _rate_counts(rows: list[dict], key: str, refusals: tuple[str, ...]) -> dict[str, tuple[int, int]]:
     def count(selected) -> tuple[int, int]:
-        return sum(r[key] == REFUSE for r in selected), len(selected)
+        return sum(r[key] in refusals for r in selected), len(selected)
 
     def where(**match) -> list[dict]:
         return [r for r in rows if all(r[k] == v for k, v in match.items())]
@@ -131,9 +147,11 @@ def refusal_metrics(counts: dict[str, tuple[int, int]]) -> dict[str, float]:
 
 def evaluate(lm, intervention, splits: Splits, cfg: EvalConfig = EvalConfig(), *, split: str = "test", name: str | None = None,
              reporter: Reporter | None = None, base=None, cache_dir: str | Path | None = None,
-             answered: tuple[list[str], list[float]] | None = None) -> EvalResult:
+             judge: Judge | None = None, answered: tuple[list[str], list[float]] | None = None) -> EvalResult:
     """Evaluate `intervention` (None = the base model; a gated one reads each prompt's end) on one split:
     "validation" while choosing anything, "test" for the table one reports.
+    judge: what reads the answers (default the rules; `eval.judges`); with a second opinion, both verdicts are kept
+    and their agreement is a metric (`judge_agreement`).
 
     base: a previous EvalResult or a cache dict (filled in place) holding the base model's answers,
     perplexities and multiple-choice predictions, so only the intervention's side is computed again.
@@ -214,12 +232,20 @@ def evaluate(lm, intervention, splits: Splits, cfg: EvalConfig = EvalConfig(), *
     if dist.is_main():  # under `accelerate launch` only the main process writes
         disk_cache(cache, lm, cache_dir, save=True)
 
+    judge = judge or RULES
     for r, a, s in zip(rows, iv_answers, row_strength):
         r["base_answer"] = cache["answers"][akey(r["prompt"])]
         r["answer"] = a
-        r["base_verdict"], r["verdict"] = verdict(r["base_answer"], r["prompt"]), verdict(a, r["prompt"])
-        r["base_refusal"], r["refusal"] = r["base_verdict"] == REFUSE, r["verdict"] == REFUSE
         r["strength"] = s if with_iv else 0.0
+        r["base_second_verdict"] = r["second_verdict"] = None
+    judged = [r["prompt"] for r in rows] * 2, [r["base_answer"] for r in rows] + [r["answer"] for r in rows]
+    for prefix, judge_ in (("", judge), ("second_", getattr(judge, "second", None))):
+        if judge_ is not None:
+            verdicts = judge_.verdicts(*judged)
+            for r, bv, v in zip(rows, verdicts[:len(rows)], verdicts[len(rows):]):
+                r[f"base_{prefix}verdict"], r[f"{prefix}verdict"] = bv, v
+    for r in rows:
+        r["base_refusal"], r["refusal"] = r["base_verdict"] in REFUSALS, r["verdict"] in REFUSALS
 
     def repetition(key: str) -> float:
         ids = [lm.tokenizer(r[key], add_special_tokens=False)["input_ids"] for r in rows]
@@ -230,6 +256,9 @@ def evaluate(lm, intervention, splits: Splits, cfg: EvalConfig = EvalConfig(), *
     mc_correct = sum(p == q["answer"] for p, q in zip(iv_preds, questions))
     base_mc_correct = sum(p == q["answer"] for p, q in zip(base_preds, questions))
     counts["mc_accuracy"], base_counts["mc_accuracy"] = (mc_correct, len(questions)), (base_mc_correct, len(questions))
+    if getattr(judge, "second", None) is not None:  # the share of answers both judges call the same (refusal or not)
+        counts["judge_agreement"] = agreement([r["verdict"] for r in rows], [r["second_verdict"] for r in rows])
+        base_counts["judge_agreement"] = agreement([r["base_verdict"] for r in rows], [r["base_second_verdict"] for r in rows])
     metrics = refusal_metrics(counts)
     metrics.update(ppl_ratio=iv_ppl / base_ppl if with_iv else 1.0, repetition_rate=repetition("answer"))
     base_metrics = refusal_metrics(base_counts)
@@ -240,6 +269,7 @@ def evaluate(lm, intervention, splits: Splits, cfg: EvalConfig = EvalConfig(), *
         "n_rows": len(rows), "n_ppl": len(ppl_prompts), "n_mc": len(questions), "base_ppl": base_ppl, "ppl": iv_ppl,
         "base_generated": len(missing), "seconds": time.perf_counter() - start_time, **timings,
         "heldout_families": list(splits.heldout_families), "train_families": list(splits.train_families),
+        "judge": judge.name, "second_judge": getattr(getattr(judge, "second", None), "name", None),
     }
     return EvalResult(name, _ordered(metrics), rows, _ordered(base_metrics), dataclasses.asdict(cfg), meta, cache,
                       counts, base_counts)
@@ -252,7 +282,7 @@ def _ordered(metrics: dict) -> dict:
 
 def evaluate_many(lm, interventions: dict[str, object], splits: Splits, cfg: EvalConfig = EvalConfig(), *, split: str = "test",
                   reporter: Reporter | None = None, base=None, cache_dir: str | Path | None = None,
-                  shared: bool = False) -> list[EvalResult]:
+                  judge: Judge | None = None, shared: bool = False) -> list[EvalResult]:
     """Evaluate several named interventions sharing one base cache (the base answers are generated once). `shared`:
     the modulations' answers are generated together in shared batches (`_shared_answers`), one process only."""
     cache = base_cache(base, lm)
@@ -261,7 +291,7 @@ def evaluate_many(lm, interventions: dict[str, object], splits: Splits, cfg: Eva
     for i, (name, iv) in enumerate(interventions.items()):
         part = (reporter or SILENT).within(f"{name} ({i + 1}/{len(interventions)}): ")
         results.append(evaluate(lm, iv, splits, cfg, split=split, name=name, reporter=part, base=cache, cache_dir=cache_dir,
-                                answered=answered.get(name)))
+                                judge=judge, answered=answered.get(name)))
     return results
 
 

@@ -10,7 +10,8 @@ from ..data.prompts import Prompt
 from ..data.splits import Splits, check_split
 
 ROW_FIELDS = ("prompt", "category", "family", "split", "group", "phrasing", "topic", "request",
-              "base_answer", "answer", "base_verdict", "verdict", "base_refusal", "refusal", "strength")
+              "base_answer", "answer", "base_verdict", "verdict", "base_refusal", "refusal", "strength",
+              "base_second_verdict", "second_verdict")  # the last two: a second judge's verdicts, where one ran
 
 
 def by_phrasing(prompts: list[Prompt], n: int) -> list[Prompt]:

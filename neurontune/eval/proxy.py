@@ -12,7 +12,8 @@ from ..data.splits import Splits, check_split
 from ..interventions.generation import generate
 from ..interventions.protocol import applied
 from ..model.logprobs import encode_pairs, forward, last_token_index
-from .judge import is_refusal
+from .judge import REFUSALS
+from .judges import RULES
 from .stats import mean
 
 
@@ -52,12 +53,13 @@ def refusal_proxy(lm, intervention, prompts: Sequence[str], batch_size: int = 16
 
 
 def judged_refusal(lm, intervention, prompts: Sequence[str], max_new_tokens: int = 16, batch_size: int = 16) -> float:
-    """Fraction of short greedy answers the judge calls refusals (refusals show in the first words)."""
+    """Fraction of short greedy answers the rules judge calls refusals, full or partial (refusals show in the first
+    words; a search runs this many times, so it is always the fast rules)."""
     if not prompts:
         return float("nan")
     with applied(intervention, lm):
         answers = generate(lm, list(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size)
-    return mean([float(is_refusal(a, p)) for a, p in zip(answers, prompts)])
+    return mean([float(v in REFUSALS) for v in RULES.verdicts(prompts, answers)])
 
 
 def proxy_metrics(lm, intervention, splits: Splits, n: int = 32, *, split: str = "validation", batch_size: int = 16) -> dict[str, float]:

@@ -8,16 +8,19 @@ from typing import Sequence
 
 import pandas as pd
 
-from .harness import MAIN_METRICS, EvalResult
+from .harness import MAIN_METRICS, STRICT, STRICT_RATES, EvalResult
 from .stats import wilson
 
 HEADLINE = ("harmful_refusal", "heldout_family_refusal", "train_family_refusal", "contrast_refusal", "benign_over_refusal",
-            "template_over_refusal", "borderline_over_refusal", "alarming_over_refusal", "ppl_ratio", "mc_accuracy", "degenerate_rate")
+            "template_over_refusal", "borderline_over_refusal", "alarming_over_refusal", "ppl_ratio", "mc_accuracy", "degenerate_rate",
+            "judge_agreement")  # the last: both judges ran
 LABELS = {"harmful_refusal": "harmful refusal ↑", "heldout_family_refusal": "held-out attacks ↑",
           "train_family_refusal": "training attacks ↑", "contrast_refusal": "unsafe twins ↑", "benign_over_refusal": "benign over-refusal ↓",
           "template_over_refusal": "benign in templates ↓", "borderline_over_refusal": "borderline over-refusal ↓",
           "alarming_over_refusal": "alarming words ↓",
-          "ppl_ratio": "ppl ratio", "mc_accuracy": "MC accuracy", "degenerate_rate": "degenerate ↓", "repetition_rate": "repetition ↓"}
+          "ppl_ratio": "ppl ratio", "mc_accuracy": "MC accuracy", "degenerate_rate": "degenerate ↓", "repetition_rate": "repetition ↓",
+          "judge_agreement": "judges agree"}
+LABELS.update({STRICT + k: f"{LABELS[k]} (full only)" for k in STRICT_RATES})
 
 
 def summarise(groups: dict[str, Sequence[EvalResult]], metrics: Sequence[str] = MAIN_METRICS) -> pd.DataFrame:

@@ -1,11 +1,13 @@
 """Answer a list of prompts with a run's modulation in a chosen form: what `neurontune generate` does, as an engine
 call. A run folder offers its modulation as static gains, as a conditional modulation (when it has input-side terms)
-and, when it has a gate, gated (`interventions.protocol.FORMS`); the default is the richest form the run has."""
+and, when it has a gate, gated (`interventions.protocol.FORMS`); the default is the richest form the run has. Every
+answer is then read by a judge (`eval.judges`), with its second opinion where it has one."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Sequence
 
+from ..eval.judges import RULES, Judge
 from ..infra.progress import Reporter
 from ..interventions.gating import Gated
 from ..interventions.generation import generate
@@ -59,3 +61,10 @@ def answer(lm, prompts: Sequence[str], intervention=None, *, max_new_tokens: int
         gains, strengths = intervention.per_prompt(lm, prompts)
     answers = generate(lm, prompts, gains, max_new_tokens=max_new_tokens, batch_size=batch_size, reporter=reporter)
     return answers, strengths
+
+
+def judge_answers(prompts: Sequence[str], answers: Sequence[str], judge: Judge | None = None) -> tuple[list[str], list[str] | None]:
+    """(the judge's verdict on each answer, its second opinion's verdicts or None when it has none); default the rules."""
+    judge = judge or RULES
+    verdicts = judge.verdicts(prompts, answers)
+    return verdicts, (judge.second.verdicts(prompts, answers) if judge.second is not None else None)

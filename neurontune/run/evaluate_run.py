@@ -13,7 +13,8 @@ from ..config import FULL_EVAL, QUICK_EVAL, RunConfig
 from ..data.splits import Splits, build_splits, check_split
 from ..data.style_audit import StyleAudit, audit
 from ..eval.baselines import BASELINES, build_baselines
-from ..eval.harness import EvalResult, evaluate_many
+from ..eval.harness import STRICT, EvalResult, evaluate_many
+from ..eval.judges import Judge, describe, judge_from_spec
 from ..eval.report import markdown, summarise
 from ..infra import distributed as dist
 from ..infra.progress import SILENT, Reporter
@@ -36,11 +37,13 @@ def style_audit(splits: Splits, split: str) -> StyleAudit:
 
 def evaluate_run(lm, run: str | Path | RunFolder, cfg: RunConfig | None = None, *, baselines: Sequence[str] = BASELINES,
                  quick: bool = False, seeds: int = 1, split: str = "test", cache_dir=None,
-                 reporter: Reporter | None = None) -> pd.DataFrame:
+                 reporter: Reporter | None = None, judge: Judge | str | None = None) -> pd.DataFrame:
     """Evaluate the run's gains (and gate) against the base model and `baselines` on `split`; with `seeds` > 1,
     train NeuronTune and the trained baselines again with seeds meta.seed+1, ... and report mean ± sd over seeds.
-    Returns the summary table (one row per intervention); writes eval.json, eval_table.csv, generations.jsonl."""
+    Returns the summary table (one row per intervention); writes eval.json, eval_table.csv, generations.jsonl.
+    judge: what reads the answers (default the rules; a spec such as "model:PATH" is built here); eval.json names it."""
     check_split(split)
+    judge = judge_from_spec(judge, cache_dir=cache_dir)
     reporter = reporter or SILENT
     reporter.phase("evaluate")
     start = time.perf_counter()
@@ -87,7 +90,7 @@ def evaluate_run(lm, run: str | Path | RunFolder, cfg: RunConfig | None = None, 
                     interventions[name + GATED] = Gated(iv, gate, name=name + GATED)
         reporter.say(f"Evaluating {len(interventions)} interventions on the {split} split (seed {seed})...")
         done = evaluate_many(lm, interventions, splits, ecfg, split=split, reporter=reporter, base=cache,
-                             cache_dir=cache_dir)
+                             cache_dir=cache_dir, judge=judge)
         for r in done:
             r.meta["seed"] = seed
             groups.setdefault(r.name, []).append(r)
@@ -103,11 +106,13 @@ def evaluate_run(lm, run: str | Path | RunFolder, cfg: RunConfig | None = None, 
                        "heldout_families": list(splits.heldout_families), "train_families": list(splits.train_families),
                        "directions": {n: {"layer": d.layer, "coef": d.coef, "reached": d.meta.get("reached"),
                                           "target": d.meta.get("target")} for n, d in (directions or {}).items()},
-                       "seconds": time.perf_counter() - start}, table)
+                       "judge": judge.name, "second_judge": getattr(judge.second, "name", None),
+                       "judge_note": describe(judge), "seconds": time.perf_counter() - start}, table)
     folder.write_generations(results)
-    reporter.say(markdown(table, blocks))
+    reporter.say(f"{describe(judge)}.\n" + markdown(table, blocks))
     for title, prefixes in (("by phrasing group", ("harmful_refusal/", "benign_over_refusal/", "borderline_over_refusal/")),
-                            ("refusal by attack family", ("refusal/",))):
+                            ("refusal by attack family", ("refusal/",)),
+                            ("full refusals only (partial refusals not counted)", (STRICT,))):
         columns = [c for c in table.columns if c.startswith(prefixes) and ":" not in c]
         if columns:
             reporter.say(f"\n{split} split, {title}:\n" + markdown(table, blocks, columns))

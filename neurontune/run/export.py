@@ -87,6 +87,10 @@ def _evaluation(summary: dict | None, gated: bool) -> str:
         text += ("\n\nThe run also has an **input gate** (a probe that scales the gains per prompt). A gate cannot be folded "
                  "into weights, so it is **not in this checkpoint**" + (f"; its figures (row `{gated_row}` of the run's "
                  "evaluation) do not describe this model." if gated_row else "."))
+    judge = (summary or {}).get("judge_note") or "refusal judge: rules"
+    text += f"\n\nEvery refusal figure above comes from the {judge}."
+    if (summary or {}).get("second_judge"):
+        text += " The `judges agree` column is the share of answers both judges decide the same way (refusal or not)."
     audit = (summary or {}).get("style_audit")
     if audit:
         text += (f"\n\nStyle audit of the evaluation pools: a classifier of surface features alone tells harmful from harmless "

@@ -10,6 +10,7 @@ import pandas as pd
 
 from ..config import RunConfig
 from ..eval.baselines import check_baselines
+from ..eval.judges import Judge
 from ..infra.progress import SILENT, Reporter
 from ..method.metalearn import TrainResult
 from ..method.neuron_scores import NeuronScores
@@ -36,10 +37,11 @@ def check(cfg: RunConfig, shape: tuple[int, int] | None = None, baselines: Seque
 
 def tune(lm, cfg: RunConfig, out: str | Path | RunFolder, *, evaluate: bool = True, quick_eval: bool = False,
          baselines: Sequence[str] = (), eval_split: str = "validation", cache_dir=None,
-         reporter: Reporter | None = None) -> TuneResult:
+         reporter: Reporter | None = None, judge: Judge | str | None = None) -> TuneResult:
     """Attribution -> selection -> gains (+ gate) -> evaluation, all written to the run folder `out`. The
     evaluation reads the validation split by default: a tune is a step of development, and the test split is
-    kept for the reported table (`evaluate_run` with split="test")."""
+    kept for the reported table (`evaluate_run` with split="test"). judge: what reads the evaluation's answers
+    (`eval.judges`; default the rules)."""
     reporter = reporter or SILENT
     check(cfg, tuple(lm.shape), baselines)
     folder = RunFolder(out)
@@ -55,5 +57,5 @@ def tune(lm, cfg: RunConfig, out: str | Path | RunFolder, *, evaluate: bool = Tr
     table = None
     if evaluate:
         table = evaluate_run(lm, folder, cfg, baselines=baselines, quick=quick_eval, split=eval_split, cache_dir=cache_dir,
-                             reporter=reporter)
+                             reporter=reporter, judge=judge)
     return TuneResult(folder, scores, selection, training, table)

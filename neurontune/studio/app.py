@@ -14,7 +14,7 @@ import gradio as gr
 from gradio.utils import get_upload_folder
 
 from ..method.selection import RULES
-from . import background, bulk, card, chat, handlers, picker, plots, shipped
+from . import background, bulk, card, chat, handlers, judging, picker, plots, shipped
 from .state import BUILTIN_MODELS, Session, Studio
 from .views import KIND_LABELS, View, returns
 
@@ -106,7 +106,7 @@ ENDPOINTS = {  # api name -> callback; each callback's `outputs` are what the ca
     "attribute": background.attribute, "view": handlers.view, "card": card.card_views,
     "select": handlers.on_select, "training_settings": handlers.on_meta, "train": background.train,
     "fixed_gains": handlers.fixed_gains, "gains_file": handlers.gains_file, "refresh_runs": handlers.recent_runs,
-    "use_run": handlers.use_run, "chat": chat.chat, "clear_chat": chat.clear, "bulk": bulk.run_bulk,
+    "use_run": handlers.use_run, "chat": chat.chat, "clear_chat": chat.clear, "bulk": bulk.run_bulk, "filter_bulk": bulk.filter_bulk,
     "evaluate": background.evaluate, "sweep": background.sweep, "pick_point": picker.pick_point, "export": handlers.do_export,
     **{f"stop_{kind}": background.stopper(kind) for kind in ("attribution", "train", "evaluate", "bulk")},
 }
@@ -334,6 +334,9 @@ def compare_tab(page: Page) -> Callable[[], None]:
                 max_new = gr.Slider(8, 256, 64, step=8, label="max new tokens")
                 sample = gr.Checkbox(False, label="sample (greedy when off; with sampling the panes also differ by chance)")
                 temperature = gr.Slider(0.1, 1.5, 0.7, step=0.05, label="temperature")
+            compare_judge = gr.Dropdown(judging.CHOICES, value="rules", allow_custom_value=True, label="refusal judge",
+                                        info="rules (fast), or model:NAME, a local chat model labelling each answer (the rules "
+                                             "give a second opinion); for the chat's verdict lines and the bulk table")
         C["chat_status"] = gr.Markdown("", elem_id="chat-status")
         with gr.Accordion("Your prompts, in bulk: base vs tuned on a list", open=False):
             gr.Markdown("A .txt file (one prompt per line), a .csv / .jsonl / .json / .parquet with a `prompt` column, or a pasted "
@@ -346,6 +349,8 @@ def compare_tab(page: Page) -> Callable[[], None]:
             with gr.Row():
                 bulk_btn = gr.Button("Run base vs tuned", variant="primary", scale=3)
                 bulk_stop = gr.Button("Stop", variant="stop", scale=1)
+                bulk_only = gr.Checkbox(False, label="only where the judges differ", scale=1,
+                                        info="with a model judge: the prompts where it and the rules decide differently")
             C["bulk_status"] = gr.Markdown("", elem_id="bulk-status")
             C["bulk_table"] = gr.Dataframe(label="Your prompts: base vs tuned", interactive=False, wrap=True, max_height=480,
                                            column_widths=["20%", "11%", "11%", "6%", "26%", "26%"], elem_id="bulk-table")
@@ -353,12 +358,14 @@ def compare_tab(page: Page) -> Callable[[], None]:
 
     def wire():
         session, studio = page.session, page.studio
-        chat_in = [session, C["msg"], strength, max_new, sample, temperature, C["use_gate"]]
+        chat_in = [session, C["msg"], strength, max_new, sample, temperature, C["use_gate"], compare_judge]
         chat_kw = dict(concurrency_id="chat", concurrency_limit=studio.chat_limit, show_progress="minimal", gpu=True)
         send_btn.click(**page.bind(chat.chat, "chat", **chat_kw), inputs=chat_in)
         C["msg"].submit(**page.bind(chat.chat, None, **chat_kw), inputs=chat_in)
         clear_btn.click(**page.bind(chat.clear, "clear_chat", **QUIET), inputs=[session])
-        bulk_btn.click(**page.bind(bulk.run_bulk, "bulk", **JOBS), inputs=[session, bulk_upload, bulk_text, strength, max_new, C["use_gate"]])
+        bulk_btn.click(**page.bind(bulk.run_bulk, "bulk", **JOBS), inputs=[session, bulk_upload, bulk_text, strength, max_new, C["use_gate"],
+                                                                           compare_judge, bulk_only])
+        bulk_only.change(**page.bind(bulk.filter_bulk, "filter_bulk", **QUIET), inputs=[session, bulk_only])
         bulk_stop.click(**page.bind(ENDPOINTS["stop_bulk"], "stop_bulk", **QUIET), inputs=[session])
     return wire
 
@@ -372,6 +379,9 @@ def evaluate_tab(page: Page) -> Callable[[], None]:
             baselines = gr.CheckboxGroup(["joint", "attribution_only", "random", "direction"], value=["attribution_only"], label="baselines")
             eval_split = gr.Radio(["validation", "test"], value="validation", label="split",
                                   info="validation while choosing settings; test for the table you report (read it once)")
+            eval_judge = gr.Dropdown(judging.CHOICES, value="rules", allow_custom_value=True, label="refusal judge",
+                                     info="rules, or model:NAME (the rules then give a second opinion: the table shows "
+                                          "the judges' agreement)")
             eval_btn = gr.Button("Run evaluation", variant="primary")
             eval_stop = gr.Button("Stop", variant="stop")
         C["eval_status"] = gr.Markdown("")
@@ -395,7 +405,7 @@ def evaluate_tab(page: Page) -> Callable[[], None]:
 
     def wire():
         session, studio = page.session, page.studio
-        eval_btn.click(**page.bind(background.evaluate, "evaluate", **JOBS), inputs=[session, eval_quick, baselines, eval_split])
+        eval_btn.click(**page.bind(background.evaluate, "evaluate", **JOBS), inputs=[session, eval_quick, baselines, eval_split, eval_judge])
         eval_stop.click(**page.bind(ENDPOINTS["stop_evaluate"], "stop_evaluate", **QUIET), inputs=[session])
         sweep_btn.click(**page.bind(background.sweep, "sweep", **JOBS), inputs=[session, grid])
         pick_kw = page.bind(picker.pick_point, "pick_point", view=True, **QUIET)

@@ -9,12 +9,14 @@ from typing import Iterator
 
 import pandas as pd
 
+from ..eval.judges import check_spec
 from ..run.evaluate_run import evaluate_run
 from ..run.folder import RunFolder
 from ..run.steps import attribute_step, select_step, train_step, truncation_note
 from ..run.sweep import parse_grid, sweep_run
 from . import handlers, plots
 from .jobs import Job
+from .judging import judge_for
 from .picker import sweep_views
 from .state import Session, Studio
 from .views import VIEW, View, returns, views
@@ -173,7 +175,9 @@ def eval_views(run: Path) -> dict:
         keep = first.groupby(["category", "family"], sort=False).head(3)["n"]
         order = {name: i for i, name in enumerate(dict.fromkeys(frame["intervention"]))}
         frame = frame[frame["n"].isin(keep)].assign(o=lambda f: f["intervention"].map(order)).sort_values(["n", "o"])
-        frame = frame[[c for c in ("category", "family", "intervention", "refusal", "answer", "prompt") if c in frame.columns]]
+        if "second_verdict" in frame.columns and frame["second_verdict"].isna().all():
+            frame = frame.drop(columns=["second_verdict"])  # no second judge ran
+        frame = frame[[c for c in ("category", "family", "intervention", "verdict", "second_verdict", "answer", "prompt") if c in frame.columns]]
     return {"eval_table": eval_frame(table), "eval_samples": frame}
 
 
@@ -190,17 +194,24 @@ def eval_frame(table: list[dict]) -> pd.DataFrame:
 
 
 @returns("eval_status", "eval_table", "eval_samples")
-def evaluate(studio: Studio, session: Session, quick: bool, baselines: list[str], split: str = "validation") -> Iterator[dict]:
+def evaluate(studio: Studio, session: Session, quick: bool, baselines: list[str], split: str = "validation",
+             judge: str = "rules") -> Iterator[dict]:
     """Evaluate the session's gains in the background: on the validation split while choosing settings, on the
-    test split for the table one reports (read it once, when the choices are made)."""
+    test split for the table one reports (read it once, when the choices are made); `judge` ("rules" or
+    "model:NAME") reads the answers."""
     if session.modulation is None:
         yield {"eval_status": "No gains to evaluate yet: train or apply gains in **Tune** first."}
+        return
+    try:
+        check_spec(judge)
+    except ValueError as exc:
+        yield {"eval_status": f"✗ {exc}"}
         return
     lm, cfg, run = studio.model(session), session.cfg, _run_with_gains(studio, session)
 
     def work(reporter):
         evaluate_run(lm, run, cfg, baselines=tuple(baselines or ()), quick=bool(quick), split=split or "validation",
-                     cache_dir=studio.cache_dir, reporter=reporter)
+                     cache_dir=studio.cache_dir, reporter=reporter, judge=judge_for(studio, judge))
         return {"run_dir": str(run)}
     job = studio.runner.submit("evaluate", work)
     session.jobs["evaluate"] = job.id
@@ -210,7 +221,8 @@ def evaluate(studio: Studio, session: Session, quick: bool, baselines: list[str]
         summary = RunFolder(run).eval_summary() or {}
         audit = (summary.get("style_audit") or {}).get("accuracy")
         said = (f" {summary.get('split', split)} split, {summary.get('seeds', 1)} seed(s); mean [Wilson 95 %]"
-                + (f"; style audit of the pools {audit:.2f} (0.5 = chance)." if audit is not None else "."))
+                + (f"; style audit of the pools {audit:.2f} (0.5 = chance)." if audit is not None else ".")
+                + (f" {summary['judge_note'][0].upper()}{summary['judge_note'][1:]}." if summary.get("judge_note") else ""))
         yield {"eval_status": job_text(studio, job) + said + f" Written to `{run}` ({RunFolder.EVAL}, {RunFolder.GENERATIONS}).",
                **eval_views(run)}
 

@@ -10,11 +10,13 @@ from typing import Iterator
 from ..data import attacks, prompts
 from ..data.chat import chat_prompt
 from ..data.splits import build_splits
-from ..eval.judge import refusal_phrase
+from ..eval.judge import REFUSALS, read
+from ..eval.judges import WORDS, Judge
 from ..interventions.gating import Gated
 from ..interventions.generation import fit_lengths, stream_generate
 from ..interventions.modulation import Modulation
 from .handlers import gains_text
+from .judging import judge_for
 from .state import Session, Studio
 from .views import returns
 
@@ -46,9 +48,27 @@ def fit_history(tok, conv: list[dict], budget: int) -> list[dict]:
     return conv
 
 
-def verdict(text: str) -> str:
-    phrase = refusal_phrase(text)
-    return f"**refuses** (“{phrase}”)" if phrase else ("empty answer" if not text.strip() else "**answers** (no refusal phrase)")
+def verdict(text: str, v: str | None = None) -> str:
+    """An answer's verdict line: `v` (a judge's verdict; by default the rules'), and the clause the rules read."""
+    if not text.strip():
+        return "empty answer"
+    r = read(text)
+    v = v or r.verdict
+    phrase = r.phrase if v in REFUSALS else None
+    return f"**{WORDS.get(v, v)}**" + (f" (“{phrase}”)" if phrase else " (no refusal phrase)" if v == "comply" else "")
+
+
+def judged_lines(judge: Judge, prompt: str, answers: list[str]) -> list[str]:
+    """Each finished answer's verdict line from `judge` (its name, and the second opinion where it has one)."""
+    verdicts = judge.verdicts([prompt] * len(answers), answers)
+    second = judge.second.verdicts([prompt] * len(answers), answers) if judge.second is not None else [None] * len(answers)
+    lines = []
+    for a, v, v2 in zip(answers, verdicts, second):
+        line = verdict(a, v)
+        if judge.name != "rules":
+            line += f" · {judge.name}" + (f" (second opinion, {judge.second.name}: {WORDS.get(v2, v2)})" if v2 is not None else "")
+        lines.append(line)
+    return lines
 
 
 def gate_reading(s: float) -> str:
@@ -64,7 +84,7 @@ def display(conv: list[dict], partial: str | None = None) -> list[dict]:
     """The chatbot's messages: each finished answer followed by the judge's verdict line (and the gate's reading)."""
     out = []
     for m in conv:
-        content = m["content"] if m["role"] == "user" else f"{m['content']}\n\n*judge:* {verdict(m['content'])}"
+        content = m["content"] if m["role"] == "user" else f"{m['content']}\n\n*judge:* {m.get('verdict') or verdict(m['content'])}"
         if m.get("gate") is not None:
             content += f" · *{gate_reading(m['gate'])}*"
         out.append({"role": m["role"], "content": content})
@@ -103,9 +123,10 @@ def right_gains(lm, session: Session, conv: list[dict], strength: float, use_gat
 
 @returns("left", "right", "msg", "chat_status")
 def chat(studio: Studio, session: Session, message: str, strength: float = 1.0, max_new_tokens: int = 64,
-         sample: bool = False, temperature: float = 0.7, use_gate: bool = True) -> Iterator[dict]:
+         sample: bool = False, temperature: float = 0.7, use_gate: bool = True, judge: str = "rules") -> Iterator[dict]:
     """Stream both panes. Strength scales the gains towards 1 (0 = both panes the base model); with the
-    session's gate on, the right pane's gains are scaled by strength × the gate's s for the conversation."""
+    session's gate on, the right pane's gains are scaled by strength × the gate's s for the conversation. Each
+    finished answer gets `judge`'s verdict line ("rules" or "model:NAME")."""
     message = (message or "").strip()
     if not message:
         yield {"chat_status": "Type a message, or pick an example below."}
@@ -138,8 +159,12 @@ def chat(studio: Studio, session: Session, message: str, strength: float = 1.0, 
     for texts in stream_generate(lm, seen, [None, gains], max_new_tokens=new_tokens, do_sample=bool(sample),
                                  temperature=float(temperature), seed=0 if sample else None, max_prompt_tokens=budget):
         yield {"left": display(convs[0], texts[0]), "right": display(convs[1], texts[1]), "msg": ""}
-    session.chat = [convs[0] + [{"role": "assistant", "content": texts[0]}],
-                    convs[1] + [{"role": "assistant", "content": texts[1], **({"gate": s} if s is not None else {})}]]
+    try:
+        lines = judged_lines(judge_for(studio, judge), message, list(texts))
+    except ValueError as exc:  # a malformed judge choice: the rules' lines, and the reason
+        lines, note = [verdict(t) for t in texts], note + f" ✗ {exc}"
+    session.chat = [convs[0] + [{"role": "assistant", "content": texts[0], "verdict": lines[0]}],
+                    convs[1] + [{"role": "assistant", "content": texts[1], "verdict": lines[1], **({"gate": s} if s is not None else {})}]]
     same = "identical answers" if texts[0] == texts[1] else "the answers differ"
     if s is not None:
         applied = f"Strength ×{float(strength):g} × {gate_reading(s)} (applied ×{float(strength) * s:.2f})"

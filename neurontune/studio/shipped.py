@@ -26,6 +26,9 @@ def _eval_scope(summary: dict | None) -> str:
             + (" (mean ± sd [Wilson 95 %])" if seeds != 1 else " [Wilson 95 %]"))
 
 
+JUDGED_BEFORE = "refusal judge: the rules of that time (refuse / comply / degenerate, no partial class; `bench/rejudge.py` re-reads them)"
+
+
 def example_pair(generations: list[dict], heldout: list[str]) -> tuple[str, str, str] | None:
     """(prompt, base answer, gated answer) of the shipped evaluation: a held-out attack family's prompt that
     the base model answered and the gated model refused, when there is one (else the first attacked prompt)."""
@@ -50,7 +53,8 @@ def open_shipped(studio: Studio, session: Session, view: View = View()) -> dict:
            **handlers.slider_limits(lm, session), **views(session, view),
            "active_gains": handlers.gains_text(session), "use_gate": handlers.gate_toggle(session),
            **background.eval_views(snap.folder.path),
-           "eval_status": f"The evaluation of {snap.describe()}: {_eval_scope(snap.folder.eval_summary())}. "
+           "eval_status": f"The evaluation of {snap.describe()}: {_eval_scope(snap.folder.eval_summary())}; "
+                          f"{(snap.folder.eval_summary() or {}).get('judge_note') or JUDGED_BEFORE}. "
                           "**Run evaluation** measures the session's current gains live.",
            "flow_status": "✓ Showing the shipped run. **▶ Run the whole flow** to redo it live."}
     engine = studio.card_engine(session)
