@@ -97,8 +97,8 @@ def test_refusal_targets_end_with_end_of_turn(tiny_llama):
     from neurontune.method.metalearn import Objective
     tok = tiny_llama.tokenizer
     cfg = RunConfig(model="tiny-llama").replace(meta={"over_refusal_span": "target"})
-    on = Objective(tiny_llama, cfg).batch(["how to x"], ["bake bread"], [("hi", "hello there")])
-    off = Objective(tiny_llama, cfg.replace(meta={"refusal_eos": False})).batch(["how to x"], ["bake bread"], [("hi", "hello there")])
+    on = Objective(tiny_llama, cfg).batch(["how to x"], ["bake bread"], [("hi", "hello there")]).pairs
+    off = Objective(tiny_llama, cfg.replace(meta={"refusal_eos": False})).batch(["how to x"], ["bake bread"], [("hi", "hello there")]).pairs
     for role in ("harmful", "benign"):
         assert on[role].input_ids[0, -1] == tok.eos_token_id and bool(on[role].target_mask[0, -1])
         assert off[role].input_ids[0, -1] != tok.eos_token_id
@@ -113,7 +113,7 @@ def test_refusal_probability_is_the_sum_over_openings(tiny_llama):
     obj = Objective(tiny_llama, RunConfig().replace(meta={"over_refusal_span": "opening", "opening_weight": 1.0}))
     tok = tiny_llama.tokenizer
     prompts = [chat_prompt(tok, "How do I bake bread?"), chat_prompt(tok, "Write a story about a cat")]
-    batch = obj.batch(prompts, prompts, [])
+    batch = obj.batch(prompts, prompts, []).pairs
     with torch.no_grad():
         got = obj._p_refuse(batch["benign_open"])
         for b, p in enumerate(prompts):
@@ -121,3 +121,61 @@ def test_refusal_probability_is_the_sum_over_openings(tiny_llama):
                        for one in (encode_pairs(tok, [p], [o]) for o in obj.openings))
             assert float(got[b]) == pytest.approx(min(want, 1.0), rel=1e-4)
     assert "benign" not in batch and batch["harmful_open"].input_ids.shape[0] == 2 * len(obj.openings)
+
+
+def _probe(bias: float):
+    """A gate that reads one neuron and is shut (bias -60) or open (bias +60) for every prompt."""
+    from neurontune.interventions.gating import GateProbe
+    return GateProbe(torch.tensor([0]), torch.tensor([0]), torch.zeros(1), torch.ones(1), torch.zeros(1), bias)
+
+
+def test_behind_a_shut_gate_nothing_is_learned_and_behind_an_open_one_everything_is(setup):
+    """Gate-aware training applies each prompt's reading: a gate shut on every prompt gives every loss term a zero
+    gradient (the gains stay exactly 1); one open on every prompt trains as if there were no gate."""
+    lm, cfg, sel, cache = setup
+    joint = cfg.replace(meta={"mode": "joint", "steps": 4, "eval_every": 100})
+    shut = train_gains(lm, sel, joint, cache_dir=cache, gate=_probe(-60.0))
+    assert torch.equal(shut.modulation.dense(), torch.ones(lm.shape))
+    assert shut.modulation.meta["trained_behind_gate"] is True
+    opened = train_gains(lm, sel, joint, cache_dir=cache, gate=_probe(60.0)).modulation.dense()
+    free = train_gains(lm, sel, joint, cache_dir=cache).modulation.dense()
+    assert (free != 1).any() and torch.allclose(opened, free, atol=1e-5)
+
+
+def test_a_gate_reads_each_training_prompt_once(setup, monkeypatch):
+    from neurontune.interventions.gating import GateProbe
+    lm, cfg, sel, cache = setup
+    read: list[str] = []
+    real = GateProbe.read
+    monkeypatch.setattr(GateProbe, "read", lambda self, lm_, texts, *a: read.extend(texts) or real(self, lm_, texts, *a))
+    train_gains(lm, sel, cfg.replace(meta={"mode": "joint", "steps": 6, "eval_every": 3}), cache_dir=cache, gate=_probe(0.0))
+    assert read and len(read) == len(set(read))  # cached: the unmodulated reading of a prompt never changes
+
+
+def test_conditional_training_learns_input_terms_on_centred_directions(setup):
+    """meta.conditional trains one input coefficient per selected neuron along its layer's harm direction: the terms
+    come out non-zero, on selected neurons only, and the direction of a bias-free up projection is centred (the mean
+    training input projects to 0); with a zero learning rate the terms stay 0 and the gains equal static training."""
+    from neurontune.method.conditional import harm_directions
+    lm, cfg, sel, cache = setup
+    ccfg = cfg.replace(meta={"mode": "joint", "steps": 6, "eval_every": 100, "conditional": True, "input_lr": 0.1,
+                             "direction_prompts": 12})
+    mod = train_gains(lm, sel, ccfg, cache_dir=cache).modulation
+    assert mod.conditional and mod.meta["conditional"] is True
+    chosen = sel.safety | sel.utility
+    for layer, terms in mod.inputs.items():
+        assert chosen[layer, terms.indices].all() and terms.offset == 0.0
+    assert max(float(t.coef.abs().max()) for t in mod.inputs.values()) > 0
+    frozen = train_gains(lm, sel, ccfg.replace(meta={"input_lr": 0.0}), cache_dir=cache).modulation
+    static = train_gains(lm, sel, ccfg.replace(meta={"conditional": False}), cache_dir=cache).modulation
+    assert not frozen.conditional and torch.allclose(frozen.dense(), static.dense(), atol=1e-6)
+    from neurontune.data.splits import build_splits
+    from neurontune.interventions.capture import last_token
+    pos, neg = build_splits(cfg.data).harm_pools("train", 12, 1)
+    directions = harm_directions(lm, pos, neg, [0, 2])
+    x = last_token(lm, [chat_prompt(lm.tokenizer, t) for t in pos + neg], "mlp_input", layers=[0, 2])
+    for i, layer in enumerate((0, 2)):
+        d, offset = directions[layer]
+        assert offset == 0.0 and float(x[:, i].mean(0) @ d) == pytest.approx(0.0, abs=1e-4)
+        assert float((x[:, i] @ d).std()) == pytest.approx(1.0, rel=1e-3)  # unit spread over the prompts
+        assert float(x[: len(pos), i].mean(0) @ d) > float(x[len(pos):, i].mean(0) @ d)  # harmful reads higher
