@@ -215,14 +215,17 @@ def cmd_export(args) -> int:
     cfg = folder.config()
     if not folder.has(RunFolder.MODULATION):
         raise SystemExit(f"{args.run} holds no trained gains ({RunFolder.MODULATION}); run `tune` first.")
+    _check_judge(args.judge)
     args.model = cfg.model if args.model == "embedded" else args.model
     lm = _load(args)
     gated = folder.has(RunFolder.GATE)
     token = os.environ.get("HF_TOKEN") if args.push_to_hub else None
     with _Bars() as bars:
-        result = export(lm, folder.modulation(lm.fingerprint), args.root, args.name, format=args.format, gguf_type=args.gguf_type,
+        result = export(lm, folder.exported(lm.fingerprint), args.root, args.name, format=args.format, gguf_type=args.gguf_type,
                         preset=cfg.to_dict(), eval_summary=folder.eval_summary(), gated=gated, overwrite=args.overwrite,
-                        push_to_hub=args.push_to_hub, token=token, reporter=bars)
+                        push_to_hub=args.push_to_hub, token=token, reporter=bars,
+                        measure=None if args.no_eval or args.format == "gguf" else args.eval_split,
+                        judge=None if args.no_eval else _judge(args))
     if (g := result["gguf"]) is not None:
         changed = ", ".join(f"{n} as {t}" for t, n in sorted(g["changed_types"].items())) or "none"
         print(f"Exported {Path(result['path']) / g['file']} ({g['size_mb']:.1f} MB; tensors the gains changed: {changed}; "
@@ -234,8 +237,10 @@ def cmd_export(args) -> int:
     else:
         print(f"Exported to {result['path']} (reloaded logits match the hooked model: max diff {result['max_logit_diff']:.2e}).")
     if gated:
-        print("note: this run has an input gate, which cannot be folded into weights: the checkpoint holds the STATIC gains "
-              "only (the `neurontune` row of the evaluation, not the gated one; the model card says so).", file=sys.stderr)
+        held = ("its foldable modulation, trained without a gate for export" if folder.has(RunFolder.FOLDABLE) else
+                "its STATIC gains only (not the gated form)")
+        print(f"note: this run has an input gate, which cannot be folded into weights: the checkpoint holds {held}; "
+              "the model card says so.", file=sys.stderr)
     if result["push_error"]:
         print(result["push_error"], file=sys.stderr)
     elif result["pushed"]:
@@ -432,8 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="snapshot folder (default assets/default_run, what the studio opens)")
     p.set_defaults(func=cmd_snapshot)
 
-    p = sub.add_parser("export", help="fold a run's gains into the weights and save a standard checkpoint or a GGUF file")
+    p = sub.add_parser("export", help="fold a run's modulation into the weights and save a standard checkpoint or a GGUF file")
     _model_args(p)
+    _judge_arg(p)
     p.add_argument("--run", required=True, help="run folder written by `tune`")
     p.add_argument("--name", required=True, help="export folder name (letters, digits, . _ -)")
     p.add_argument("--root", default="exports", help="folder that holds exports (default ./exports)")
@@ -444,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --format gguf: auto (a GGUF model's own types, re-quantised where the gains changed it; "
                    "F16 for a transformers model), f16 or q8_0 (the type of every tensor written anew)")
     p.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="also upload to this Hub repo (token from $HF_TOKEN, never stored)")
+    p.add_argument("--eval-split", default="test", choices=["test", "validation"],
+                   help="the model card's figures: the checkpoint reloaded with plain transformers, measured on this split (default test)")
+    p.add_argument("--no-eval", action="store_true", help="skip measuring the reloaded checkpoint (the card then quotes the run's evaluation)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="answer a JSONL of prompts (batched, greedy) with or without a modulation")

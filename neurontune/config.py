@@ -84,7 +84,9 @@ class MetaConfig:
     eval_every: int = 5
     seed: int = 0
     gate: bool = False  # also fit an input-conditional gate (interventions/gating.py)
-    gate_bias_shift: float | None = 0.0  # None: chosen on the validation split (gating.choose_bias_shift)
+    gate_bias_shift: float | None = 0.0  # None: chosen on the validation split (gate_fit.choose_bias_shift)
+    gate_max_fpr: float | None = None  # with a chosen shift: the best recall that opens on at most this share of harmless prompts
+    gate_sharpness: float = 1.0  # multiplies the gate's logit: > 1 gives unsure prompts less of the modulation
     # What the gate reads: "amplified" (the 256 most amplified neurons, or before training the top selected safety
     # neurons), "layer" (every neuron of the layer whose probe separates validation prompts best) or "residual" (the
     # residual stream entering the layer that separates them best)
@@ -98,10 +100,11 @@ class MetaConfig:
     input_lr: float = 0.05  # Adam learning rate of the input-side coefficients
     max_coef: float = 4.0  # input coefficients stay in [-max_coef, max_coef]
     direction_prompts: int = 200  # harmful (and as many harmless) training prompts per direction, plus a tenth per family
+    input_from_layer: int = 0  # input-side terms only on layers from this one on (early layers tell harm from form less well)
     refusal_eos: bool = True  # refusal targets end with end-of-turn, so the tuned model stops after refusing
     # The over-refusal penalty reads the whole refusal "target" sentence, or p(the answer "opening" is a refusal);
-    # opening_weight > 0 also pushes harmful prompts towards a refusal opening. The opening terms measure refusal
-    # better but, on validation, made the gains over-refuse more (docs/method.md, E6/E8), so they are opt-in.
+    # opening_weight > 0 also pushes harmful prompts towards a refusal opening. Both opening terms are opt-in: the
+    # default is the whole-sentence penalty (why: docs/log.md).
     over_refusal_span: str = "target"
     opening_weight: float = 0.0
 
@@ -110,6 +113,36 @@ class MetaConfig:
             raise ValueError(f"meta.gate_features must be 'amplified', 'layer' or 'residual', not {self.gate_features!r}.")
         if self.gate_first and not self.gate:
             raise ValueError("meta.gate_first trains the gains behind the input gate: set meta.gate to true as well.")
+
+
+@dataclass(frozen=True)
+class FoldConfig:
+    """The modulation a run exports. A gate cannot be folded into weights, and gains trained behind a gate are not meant
+    to work without it; so a gated run can also train a second, foldable modulation without any gate, with its own
+    over-refusal and utility terms (the rest as in `meta`). `form`: "none" (export folds the run's own gains),
+    "static" (gains only) or "conditional" (gains and input-side terms along each layer's harm direction)."""
+
+    form: str = "none"
+    mu_over_refusal: float = 2.0
+    lam_kl: float = 1.0
+    steps: int | None = None  # None: meta.steps
+    outer_lr: float | None = None  # None: meta.outer_lr
+    max_gain: float | None = None  # None: meta.max_gain
+    input_lr: float = 0.3
+    input_from_layer: int = 0
+
+    def __post_init__(self):
+        if self.form not in ("none", "static", "conditional"):
+            raise ValueError(f"fold.form must be 'none', 'static' or 'conditional', not {self.form!r}.")
+
+    def meta(self, meta: "MetaConfig") -> "MetaConfig":
+        """The training settings of the foldable modulation: `meta` without any gate, with this section's terms."""
+        return dataclasses.replace(meta, gate=False, gate_first=False, conditional=self.form == "conditional",
+                                   mu_over_refusal=self.mu_over_refusal, lam_kl=self.lam_kl, input_lr=self.input_lr,
+                                   input_from_layer=self.input_from_layer,
+                                   steps=self.steps if self.steps is not None else meta.steps,
+                                   outer_lr=self.outer_lr if self.outer_lr is not None else meta.outer_lr,
+                                   max_gain=self.max_gain if self.max_gain is not None else meta.max_gain)
 
 
 @dataclass(frozen=True)
@@ -157,6 +190,7 @@ class RunConfig:
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)
+    fold: FoldConfig = field(default_factory=FoldConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -174,7 +208,8 @@ class RunConfig:
     @classmethod
     def from_dict(cls, raw: dict) -> "RunConfig":
         raw = dict(raw)
-        sections = {"data": DataConfig, "attribution": AttributionConfig, "selection": SelectionConfig, "meta": MetaConfig}
+        sections = {"data": DataConfig, "attribution": AttributionConfig, "selection": SelectionConfig, "meta": MetaConfig,
+                    "fold": FoldConfig}
         kwargs = {}
         for key, value in raw.items():
             if key in sections:
@@ -200,7 +235,8 @@ class RunConfig:
 # bound of a neuron count depends on the model and is checked by `selection.check_counts`.
 MINIMUM = {("selection", "k_safety"): 0, ("selection", "k_utility"): 0, ("selection", "protect_top"): 0,
            ("selection", "per_layer_cap"): 1, ("meta", "steps"): 1, ("meta", "inner_steps"): 1, ("meta", "eval_every"): 1,
-           ("meta", "patience"): 1, ("meta", "batch_harmful"): 1, ("meta", "batch_benign"): 1, ("meta", "max_gain"): 1}
+           ("meta", "patience"): 1, ("meta", "batch_harmful"): 1, ("meta", "batch_benign"): 1, ("meta", "max_gain"): 1,
+           ("fold", "steps"): 1, ("fold", "max_gain"): 1, ("fold", "input_from_layer"): 0, ("meta", "input_from_layer"): 0}
 
 
 def _did_you_mean(key: str, known) -> str:

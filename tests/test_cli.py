@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from neurontune.cli import main
 
@@ -19,8 +20,17 @@ def tiny_preset(tmp_path_factory):
         model="tiny-llama",
         data={"n_harmful": 4, "n_attack_per_family": 1, "n_benign": 4, "n_borderline": 2, "n_answer": 2, "answer_tokens": 4},
         selection={"k_safety": 30, "k_utility": 10, "protect_top": 5},
-        meta={"steps": 4, "eval_every": 2, "batch_harmful": 2, "batch_benign": 2})
+        meta={"steps": 4, "eval_every": 2, "batch_harmful": 2, "batch_benign": 2, "gate_first": False}, fold={"form": "none"})
     return cfg.save(tmp_path_factory.mktemp("preset") / "tiny.json")
+
+
+@pytest.fixture(scope="module")
+def gate_first_preset(tiny_preset):
+    """The tiny preset with the gains trained behind a residual gate and a conditional modulation trained apart for export."""
+    from neurontune.config import load_preset
+    cfg = load_preset(str(tiny_preset)).replace(meta={"gate_first": True, "gate_features": "residual", "gate_bias_shift": None},
+                                                 fold={"form": "conditional", "steps": 3, "input_lr": 0.2})
+    return cfg.save(tiny_preset.parent / "tiny-gate-first.json")
 
 
 def test_help_explains_every_command():
@@ -158,3 +168,38 @@ def test_tune_with_baselines_in_one_run_and_bad_names_refused_first(tmp_path, ti
                "--baselines", "attribution_only", "--cache-dir", tmp_path / "c") == 0
     names = [r["intervention"] for r in json.loads((run_dir / "eval.json").read_text())["table"]]
     assert names[:2] == ["base", "neurontune"] and "attribution-only" in names
+
+
+def test_gate_first_run_evaluates_its_forms_and_exports_its_foldable_modulation(tmp_path, gate_first_preset, capsys):
+    """A gate-first run with a foldable conditional modulation: tune writes both; evaluate shows the gains behind their
+    gate only (they were trained there) and the export checkpoint reloaded in its own block; export folds the foldable
+    modulation (input projections changed too) and its card carries the reloaded checkpoint's own figures."""
+    cache, run_dir = tmp_path / "cache", tmp_path / "run"
+    assert run("tune", "--model", "tiny-llama", "--preset", gate_first_preset, "--out", run_dir, "--no-eval", "--cache-dir", cache) == 0
+    from neurontune.run.folder import RunFolder
+    folder = RunFolder(run_dir)
+    assert folder.has(RunFolder.GATE) and folder.foldable().conditional and not folder.modulation().conditional
+    assert folder.modulation().meta["trained_behind_gate"] is True and folder.foldable().meta["trained_behind_gate"] is False
+    assert run("evaluate", "--model", "tiny-llama", "--run", run_dir, "--quick", "--split", "validation", "--baselines", "joint",
+               "--cache-dir", cache) == 0
+    summary = json.loads((run_dir / "eval.json").read_text())
+    forms = summary["forms"]
+    assert forms == {"base": None, "neurontune + gate": "gated", "joint-training + gate": "gated", "neurontune export": "conditional"}
+    blocks = summary["blocks"]
+    assert sorted(n for names in blocks.values() for n in names) == sorted(forms) and next(iter(blocks.values()))[0] == "base"
+    assert all(len({forms[n] for n in names if n != "base"}) <= 1 for names in blocks.values())  # like with like
+    assert run("export", "--model", "tiny-llama", "--run", run_dir, "--name", "cond", "--root", tmp_path / "exports",
+               "--eval-split", "validation", "--cache-dir", cache) == 0
+    assert "foldable modulation, trained without a gate" in capsys.readouterr().err
+    export_dir = tmp_path / "exports" / "cond"
+    card = (export_dir / "README.md").read_text()
+    assert "this checkpoint, reloaded with plain `transformers`" in card and "| this checkpoint |" in card and "| base |" in card
+    assert "read a harm direction" in card and "not in this checkpoint" in card
+    check = json.loads((export_dir / "export_check.json").read_text())
+    assert check["measured"]["split"] == "validation" and check["measured"]["form"] == "conditional"
+    from safetensors.torch import load_file
+    weights = load_file(str(export_dir / "model.safetensors"))
+    from neurontune.model.loading import load_model
+    base = load_model("tiny-llama").model.state_dict()
+    changed = {k for k, v in weights.items() if k in base and not torch.equal(v, base[k])}
+    assert any("up_proj" in k for k in changed) and all(".mlp." in k for k in changed)

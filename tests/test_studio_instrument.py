@@ -69,7 +69,7 @@ def test_tradeoff_picker_sets_sliders_gains_and_exports_that_point(app, scored):
     picked = scored.call("pick_point", 1, *VIEW)
     assert picked["k_safety"] == 20 and picked["k_utility"] == 5, (picked["k_safety"], picked["k_utility"])
     assert "sweep point 1" in picked["active_gains"] and "Compare" in picked["pick_status"] and "Export" in picked["pick_status"]
-    assert amplified(picked["counts"]) <= 20 < amplified(scored.call("select", 40, 20, 0, *VIEW)["counts"])
+    assert amplified(picked["counts"]) <= 20 < amplified(scored.call("select", 40, 0, 0, *VIEW)["counts"])
     fig = json.loads(picked["tradeoff"]["plot"])
     ring = next(t for t in fig["data"] if t.get("name") == "current operating point")
     assert ring["x"][0] == pytest.approx(points["data"][1][points["headers"].index("benign_over_refusal_proxy")], abs=1e-3)

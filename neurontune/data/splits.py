@@ -15,6 +15,7 @@ from ..config import DataConfig
 from . import attacks
 from . import prompts as sets
 from .prompts import DataError, Prompt, stable_int
+from .style_audit import StyleAudit, audit
 
 SPLITS = ("train", "validation", "test")
 
@@ -111,6 +112,14 @@ class Splits:
                     + [p.text for p in self.attacked("benign", split, per_family * 2 // 3, self.train_families)]
                     + [p.text for p in self.attacked("borderline", split, per_family - per_family * 2 // 3, self.train_families)])
         return positive, negative
+
+    def style_audit(self, split: str) -> StyleAudit:
+        """Can the training pools' form predict harmful vs harmless on `split`? (plain requests, alarming-word pairs
+        included: a classifier of surface features fitted on train, its balanced accuracy there)."""
+        def texts(kinds: tuple[str, ...], part: str) -> list[str]:
+            return [p.text for kind in kinds for p in getattr(self, kind)[part]]
+        harmful, harmless = ("harmful", "contrast"), ("benign", "borderline", "alarming")
+        return audit(texts(harmful, "train"), texts(harmless, "train"), texts(harmful, split), texts(harmless, split))
 
     def attacked_train(self, n_per_family: int) -> list[Prompt]:
         """Training harmful prompts wrapped in each training family."""

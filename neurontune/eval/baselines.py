@@ -11,9 +11,10 @@ import torch
 from ..config import RunConfig
 from ..data.splits import Splits
 from ..infra.progress import SILENT, Reporter
+from ..interventions.gating import GateProbe
 from ..interventions.modulation import Modulation
-from ..method.metalearn import train_gains
 from ..method.neuron_scores import NeuronScores
+from ..method.recipe import train_run
 from ..method.selection import Selection, select
 
 BASELINES = ("joint", "attribution_only", "random", "direction")
@@ -45,37 +46,46 @@ def attribution_only(selection: Selection, tuned: Modulation, fingerprint: str) 
 
 
 def build_baselines(lm, cfg: RunConfig, scores: NeuronScores, tuned: Modulation, splits: Splits, names: Sequence[str],
-                    *, cache_dir=None, reporter: Reporter | None = None, directions: dict | None = None) -> dict:
-    """Named baseline interventions for the training seed `cfg.meta.seed` (the same neurons, steps and data as
-    `tuned`). `directions`: refusal directions chosen before (they do not depend on the seed), reused as given."""
+                    *, cache_dir=None, reporter: Reporter | None = None, directions: dict | None = None,
+                    gate: GateProbe | None = None, target=None) -> dict:
+    """Named baseline interventions for the training seed `cfg.meta.seed` (the same neurons, steps, data and recipe as
+    `tuned`: with `gate`, the trained ones are trained behind it, as gains of a gate-first run are). `directions`:
+    refusal directions chosen before (they do not depend on the seed), reused as given; otherwise each is chosen on
+    validation to match the refusal of `target` (default `tuned`)."""
     check_baselines(names)
     reporter = reporter or SILENT
     out = {}
     selection = select(scores, cfg.selection)
+    alone = cfg.replace(fold={"form": "none"})  # a baseline is one modulation, like the run's own
+
+    def trained(selection_: Selection, cfg_: RunConfig) -> Modulation:
+        return train_run(lm, selection_, cfg_, splits, cache_dir=cache_dir, reporter=reporter.muted(), gate=gate).modulation
+
     if "joint" in names:
         reporter.say(f"Training the same neurons jointly, without meta-learning (seed {cfg.meta.seed})...")
-        joint = cfg.replace(meta={"mode": "joint"})
-        out[NAMES["joint"]] = train_gains(lm, selection, joint, splits=splits, cache_dir=cache_dir, reporter=reporter.muted()).modulation
+        out[NAMES["joint"]] = trained(selection, alone.replace(meta={"mode": "joint"}))
     if "attribution_only" in names:
         out[NAMES["attribution_only"]] = attribution_only(selection, tuned, lm.fingerprint)
     if "random" in names:
         reporter.say(f"Training gains on random neurons (same counts, same training, seed {cfg.meta.seed})...")
-        out[NAMES["random"]] = train_gains(lm, random_selection(selection, cfg.meta.seed), cfg, splits=splits,
-                                           cache_dir=cache_dir, reporter=reporter.muted()).modulation
+        out[NAMES["random"]] = trained(random_selection(selection, cfg.meta.seed), alone)
     if "direction" in names:
-        out.update(directions if directions is not None else fit_directions(lm, splits, tuned, reporter=reporter))
+        out.update(directions if directions is not None else fit_directions(lm, splits, target or tuned, reporter=reporter))
     return out
 
 
-def fit_directions(lm, splits: Splits, tuned: Modulation, *, reporter: Reporter | None = None) -> dict:
-    """Both refusal directions, each with its layer and coefficient chosen on validation to match the tuned
-    gains' validation refusal (see `direction.choose_layer_and_coef`)."""
+DIRECTION_LAYERS = 2  # the direction search tries every DIRECTION_LAYERS-th layer (every layer costs twice the time)
+
+
+def fit_directions(lm, splits: Splits, tuned, *, reporter: Reporter | None = None) -> dict:
+    """Both refusal directions, each with its layer and coefficient chosen on validation to match the validation refusal
+    of `tuned` (the run's modulation, gated when it has a gate; see `direction.choose_layer_and_coef`)."""
     from .direction import choose_layer_and_coef, fit_refusal_direction
     out, reporter = {}, reporter or SILENT
     for kind in ("harmful_minus_harmless", "refusal_minus_compliance"):
-        reporter.say(f"Fitting the layer-wise refusal direction ({kind}) and searching every layer on validation...")
+        reporter.say(f"Fitting the layer-wise refusal direction ({kind}) and searching every {DIRECTION_LAYERS}nd layer on validation...")
         fit = fit_refusal_direction(lm, splits, kind, reporter=reporter)
-        chosen = choose_layer_and_coef(lm, fit, splits, tuned, reporter=reporter)
+        chosen = choose_layer_and_coef(lm, fit, splits, tuned, reporter=reporter, layers=range(0, lm.shape[0], DIRECTION_LAYERS))
         reporter.say(f"Chose {chosen.name}: validation refusal {chosen.meta['layers'][chosen.layer]['harmful']:.2f} "
             f"(target {chosen.meta['target']:.2f}, {'reached' if chosen.meta['reached'] else 'not reached'}), "
             f"benign {chosen.meta['layers'][chosen.layer]['benign']:.2f}.")

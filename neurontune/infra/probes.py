@@ -1,6 +1,6 @@
 """Linear probes and the ranking measures that judge them: a class-balanced logistic regression on standardised
 features, ROC AUC, and the recall at a false-positive budget. Shared by the separability ceiling
-(`eval/separability.py`) and the layer-reading gate (`interventions/gating.py`), so both read a layer the same way."""
+(`eval/separability.py`) and the layer-reading gate (`method/gate_fit.py`), so both read a layer the same way."""
 from __future__ import annotations
 
 import torch

@@ -89,33 +89,54 @@ def fit_layer_gate(lm, positive: Sequence[str], negative: Sequence[str], val_pos
     return best[1]
 
 
-def choose_bias_shift(lm, probe: GateProbe, splits, shifts: tuple[float, ...] = SHIFTS, reporter: Reporter | None = None) -> float:
+def choose_bias_shift(lm, probe: GateProbe, splits, shifts: tuple[float, ...] = SHIFTS, reporter: Reporter | None = None,
+                      max_fpr: float | None = None) -> float:
     """The bias shift whose gate best separates harmful from harmless VALIDATION prompts (plain, in the training
-    families, and the alarming-word pairs): the largest true-positive minus false-positive rate of s > 0.5 (ties:
-    the smaller shift)."""
+    families, and the alarming-word pairs): the largest true-positive minus false-positive rate of s > 0.5, or with
+    `max_fpr` the largest true-positive rate among the shifts that open the gate on at most that share of harmless
+    prompts (ties: the smaller shift)."""
     positive, negative = splits.harm_pools("validation", 48, 6)
     feats = lambda texts: unit_features(lm, _formatted(lm, texts), probe.layers, probe.neurons, site=probe.site, reporter=reporter)  # noqa: E731
     z_pos = probe.logit(feats(positive)) - probe.bias_shift
     z_neg = probe.logit(feats(negative)) - probe.bias_shift
-    score = {s: float((z_pos + s > 0).float().mean() - (z_neg + s > 0).float().mean()) for s in shifts}
-    return max(shifts, key=lambda s: (round(score[s], 6), -abs(s)))
+    tpr = {s: float((z_pos + s > 0).float().mean()) for s in shifts}
+    fpr = {s: float((z_neg + s > 0).float().mean()) for s in shifts}
+    if max_fpr is not None:
+        allowed = [s for s in shifts if fpr[s] <= max_fpr] or [min(shifts)]
+        return max(allowed, key=lambda s: (round(tpr[s], 6), -fpr[s], -abs(s)))
+    return max(shifts, key=lambda s: (round(tpr[s] - fpr[s], 6), -abs(s)))
 
 
 def fit_gate_for_run(lm, source, splits, *, bias_shift: float | None = 0.0, features: str = "amplified",
-                     reporter: Reporter | None = None, cache_dir: str | Path | None | bool = None) -> GateProbe:
+                     sharpness: float = 1.0, max_fpr: float | None = None, reporter: Reporter | None = None,
+                     cache_dir: str | Path | None | bool = None) -> GateProbe:
     """The probe of a run, from its training split only (`Splits.harm_pools`). `source`: the trained modulation
     (its most amplified neurons) or, to fit the gate before training, the `Selection` (its top safety neurons).
     A gate fitted before on the same model, prompts and features is read back from `cache_dir` (default: the user
     cache; False: none) under `gates/`: a gate fitted before training depends on nothing else, so trying several
     trainings behind it fits it once. `bias_shift` > 0 makes the gate open more readily (more harmful refusal); None chooses it on the
-    validation split (`choose_bias_shift`)."""
+    validation split (`choose_bias_shift`, by Youden's J or, with `max_fpr`, the best recall at that false-positive
+    budget). `sharpness` > 1 multiplies the probe's logit, so a prompt the gate is unsure about gets less of the
+    modulation (strong gains leak refusals through partly open gates)."""
     if features not in GATE_FEATURES:
         raise ValueError(f"The gate's features must be one of {GATE_FEATURES}, not {features!r}.")
     neurons = amplified_neurons(source) if features == "amplified" else None
+    probe = _cached_fit(lm, splits, features, neurons, reporter, cache_dir)
+    if sharpness != 1.0:
+        probe.weight, probe.bias = probe.weight * sharpness, probe.bias * sharpness
+    shift = choose_bias_shift(lm, probe, splits, reporter=reporter, max_fpr=max_fpr) if bias_shift is None else float(bias_shift)
+    probe.bias += shift
+    probe.bias_shift = shift
+    return probe
+
+
+def _cached_fit(lm, splits, features: str, neurons, reporter: Reporter | None, cache_dir) -> GateProbe:
+    """The fitted probe before any sharpening or bias shift, read back from `cache_dir/gates/` when the same model,
+    prompts and features were fitted before (False: no cache)."""
     path = None
     if cache_dir is not False:
         pools = [splits.harm_pools("train", 400, 40), splits.harm_pools("train", 100, 16), splits.harm_pools("validation", 48, 6)]
-        key = hashlib.sha256(json.dumps(["gate-v1", getattr(lm, "fingerprint", None), features, bias_shift, pools,
+        key = hashlib.sha256(json.dumps(["gate-v2", getattr(lm, "fingerprint", None), features, pools,
                                          None if neurons is None else [t.tolist() for t in neurons]]).encode()).hexdigest()[:20]
         path = Path(cache_dir or files.default_cache_dir()) / "gates" / f"{key}.safetensors"
         if path.is_file():
@@ -129,9 +150,6 @@ def fit_gate_for_run(lm, source, splits, *, bias_shift: float | None = 0.0, feat
                                reporter=reporter)
     else:
         probe = fit_gate(lm, None, *splits.harm_pools("train", 100, 16), neurons=neurons, reporter=reporter)
-    shift = choose_bias_shift(lm, probe, splits, reporter=reporter) if bias_shift is None else float(bias_shift)
-    probe.bias += shift
-    probe.bias_shift = shift
     if path is not None:
         probe.save(path)
     return probe

@@ -5,12 +5,12 @@ Loss on a batch = refusal NLL on harmful (attacked) prompts + opening_weight * -
                 + mu * -log(1 - p(refuse)) on benign and borderline-safe prompts in the same forms,
 where p(refuse) is, with over_refusal_span="target" (default), the per-token probability of a refusal sentence,
 and with "opening" the probability that the answer opens with a refusal ("I'm sorry", "I can't", ...:
-assets/refusal_targets.json "openings"). The opening is the better measurement, but on validation it made the
-gains over-refuse more (docs/method.md), so it is opt-in.
+assets/refusal_targets.json "openings"). The opening terms are opt-in; the default is the whole-sentence penalty
+(why: docs/log.md).
 Tasks are attack families (plus "plain"); FOMAML takes inner steps on a support batch of one family and
 updates the shared gains with the query-batch gradient at the adapted gains, Reptile moves the shared
-gains towards the adapted ones, and "joint" trains on mixed batches (the control that shows what
-meta-learning adds). Early stopping keeps the gains with the best validation loss.
+gains towards the adapted ones, and "joint" trains on mixed batches (the control for meta-learning).
+Early stopping keeps the gains with the best validation loss.
 """
 from __future__ import annotations
 
@@ -308,7 +308,7 @@ def train_gains(lm, selection: Selection, cfg: RunConfig = RunConfig(), *, split
     torch.manual_seed(m.seed)
     directions = None
     if m.conditional:
-        layers = (selection.safety | selection.utility).any(1).nonzero().flatten().tolist()
+        layers = [l for l in (selection.safety | selection.utility).any(1).nonzero().flatten().tolist() if l >= m.input_from_layer]
         directions = harm_directions(lm, *splits.harm_pools("train", m.direction_prompts, m.direction_prompts // 10), layers,
                                      reporter=reporter.muted())
     params = GainParams(selection, m.constrained, m.max_gain, directions, m.max_coef)

@@ -1,9 +1,11 @@
-"""A run's trained modulation and input gate, in the order its configuration asks: one home for "how a run is
-trained", called by `tune`, the studio, every extra seed of an evaluation, the trained baselines and the sweep.
+"""A run's trained modulation and input gate, in the order its configuration asks, and its foldable modulation: one
+home for "how a run is trained", called by `tune`, the studio, every extra seed of an evaluation, the trained
+baselines and the sweep.
 
 - `meta.gate_first` (gate-aware): the gate is fitted first on the unmodulated model (it reads the prompt, not the
   gains), then the gains are trained behind it, each training prompt at the strength the gate reads from it;
-- otherwise the gains are trained as if no gate existed and, when `meta.gate` asks, a gate is fitted on them after.
+- otherwise the gains are trained as if no gate existed and, when `meta.gate` asks, a gate is fitted on them after;
+- `fold.form` "static" / "conditional": a second modulation is trained without any gate, for export (`FoldConfig`).
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ class Trained:
     modulation: Modulation
     gate: GateProbe | None
     training: TrainResult
+    foldable: Modulation | None = None  # the modulation export folds, when trained apart (`fold.form`)
+    fold_training: TrainResult | None = None
 
 
 def train_run(lm, selection: Selection, cfg: RunConfig, splits: Splits, *, cache_dir=None, reporter: Reporter | None = None,
@@ -35,15 +39,30 @@ def train_run(lm, selection: Selection, cfg: RunConfig, splits: Splits, *, cache
     gate = gate if (m.gate and m.gate_first) else None
     if m.gate and m.gate_first and gate is None:
         reporter.phase("input gate")
-        gate = fit_gate_for_run(lm, selection, splits, bias_shift=m.gate_bias_shift, features=m.gate_features, reporter=reporter,
-                                cache_dir=cache_dir)
+        gate = fit_gate_for_run(lm, selection, splits, bias_shift=m.gate_bias_shift, features=m.gate_features,
+                                sharpness=m.gate_sharpness, max_fpr=m.gate_max_fpr, reporter=reporter, cache_dir=cache_dir)
     reporter.phase("training", m.steps)  # the step total is known: a bar fills as steps come
     result = train_gains(lm, selection, cfg, splits=splits, cache_dir=cache_dir, reporter=reporter, gate=gate)
     if m.gate and not m.gate_first and result.stopped != "cancelled":
         reporter.phase("input gate")
         try:
             gate = fit_gate_for_run(lm, result.modulation, splits, bias_shift=m.gate_bias_shift, features=m.gate_features,
-                                    reporter=reporter)
+                                    sharpness=m.gate_sharpness, max_fpr=m.gate_max_fpr, reporter=reporter)
         except Cancelled:  # stopped while fitting the gate: the trained gains are kept, without a gate
             result.stopped = "cancelled"
-    return Trained(result.modulation, gate, result)
+    trained = Trained(result.modulation, gate, result)
+    if cfg.fold.form != "none" and result.stopped != "cancelled":
+        reporter.phase("foldable modulation", cfg.fold.steps or m.steps)
+        trained.fold_training = train_foldable(lm, selection, cfg, splits, cache_dir=cache_dir, reporter=reporter)
+        trained.foldable = trained.fold_training.modulation
+    return trained
+
+
+def train_foldable(lm, selection: Selection, cfg: RunConfig, splits: Splits, *, cache_dir=None,
+                   reporter: Reporter | None = None) -> TrainResult:
+    """The modulation a run exports: trained without any gate, with `cfg.fold`'s terms (input-side terms for
+    "conditional")."""
+    result = train_gains(lm, selection, cfg.replace(meta=cfg.fold.meta(cfg.meta)), splits=splits, cache_dir=cache_dir,
+                         reporter=reporter)
+    result.modulation.meta["role"] = "foldable"
+    return result

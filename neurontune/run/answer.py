@@ -21,13 +21,15 @@ class FormError(ValueError):
 
 
 def run_forms(folder: RunFolder, lm) -> dict[str, object]:
-    """Every form the run can be applied in, richest last: static, conditional (input-side terms), gated."""
+    """Every form the run can be applied in, richest last: what export folds (static gains, or conditional with input-side
+    terms: the foldable modulation when the run trained one apart, else its own), then gated (its own behind its gate)."""
     mod = folder.modulation(lm.fingerprint)
     if mod is None:
         raise FormError(f"{folder.path} holds no trained gains ({RunFolder.MODULATION}); run `tune --out` first.")
-    forms: dict[str, object] = {"static": mod.static()}
-    if mod.conditional:
-        forms["conditional"] = mod
+    folded = folder.exported(lm.fingerprint)
+    forms: dict[str, object] = {"static": folded.static()}
+    if folded.conditional:
+        forms["conditional"] = folded
     gate = folder.gate(lm)
     if gate is not None:
         forms["gated"] = Gated(mod, gate)

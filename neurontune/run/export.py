@@ -71,9 +71,27 @@ def _folded_state_dict(lm, modulation: Modulation, into_up: bool = False) -> dic
     return folded_state_dict(lm.model, modulation, lm.nmap, gains_into=into)
 
 
-def _evaluation(summary: dict | None, gated: bool) -> str:
-    """The model card's evaluation section: the static gains' row (what this checkpoint computes) beside the base
-    model, with intervals, from the run's evaluation; what the gate did is said but not claimed."""
+def _measured(own: dict) -> str:
+    """The card's figures when the export measured itself: this checkpoint, reloaded, beside the base model."""
+    frame = pd.DataFrame(own["table"]).set_index("intervention")
+    return (f"Measured on **this checkpoint, reloaded with plain `transformers`** (no NeuronTune code, no hook) beside the base "
+            f"model, on the held-out {own['split']} split ({own['n_rows']} generated answers of {own['max_new_tokens']} tokens, "
+            f"attack families never seen in tuning included; {own['n_ppl']} answers for perplexity, {own['n_mc']} multiple-choice "
+            f"questions): rate [Wilson 95 % interval]. The checkpoint is the `{own['row']}` row ({own['form']}).\n\n"
+            + markdown(frame, {"": list(frame.index)})
+            + f"\n\nEvery refusal figure above comes from the {own['judge']}. Style audit of these pools: a classifier of surface "
+              f"features alone tells harmful from harmless with balanced accuracy {own['style_audit']:.3f} (0.5 is chance).")
+
+
+def _evaluation(summary: dict | None, gated: bool, own: dict | None = None) -> str:
+    """The model card's evaluation section: the checkpoint's own figures when the export measured it (`own`), else the
+    static gains' row of the run's evaluation beside the base model; what the gate did is said but not claimed."""
+    if own is not None:
+        text = _measured(own)
+        if gated:
+            text += ("\n\nThe run also has an **input gate** (a probe that scales the gains per prompt). A gate cannot be folded "
+                     "into weights, so it is **not in this checkpoint**, and the run's gated figures do not describe this model.")
+        return text
     rows = (summary or {}).get("table") or []
     frame = pd.DataFrame(rows).set_index("intervention") if rows and "intervention" in rows[0] else None
     if frame is None or "neurontune" not in frame.index or "seeds" not in frame.columns:
@@ -99,7 +117,7 @@ def _evaluation(summary: dict | None, gated: bool) -> str:
 
 
 def model_card(lm, modulation: Modulation, name: str, eval_summary: dict | None, preset: dict | None, gated: bool = False,
-               gguf: dict | None = None) -> str:
+               gguf: dict | None = None, own: dict | None = None) -> str:
     """The README.md beside the export; `gguf`: the GGUF export's figures (`_gguf_fill`), for a GGUF export."""
     base = EMBEDDED_BASE if lm.name == "embedded" else lm.name
     s = modulation.summary()
@@ -117,9 +135,9 @@ tags:
 ---
 # {name}
 
-`{base}` with NeuronTune neuron gains folded into its MLP output projections
-({s['n_amplified']} safety neurons amplified, {s['n_suppressed']} over-refusal neurons suppressed, gains
-{s['min_gain']:.3f}–{s['max_gain']:.3f}, layers {s['layers'][:1]}…{s['layers'][-1:]}). No other weight changed.
+`{base}` with a NeuronTune modulation folded into its own MLP weights ({s['n_amplified']} safety neurons amplified,
+{s['n_suppressed']} over-refusal neurons suppressed, gains {s['min_gain']:.3f}–{s['max_gain']:.3f}, layers
+{s['layers'][:1]}…{s['layers'][-1:]}{_conditional_text(s)}). Same architecture and config: only MLP weights changed.
 Made with NeuronTune Studio (method: Pan et al., 2025, "Fine-Grained Neuron Modulation for Balanced
 Safety-Utility Alignment in LLMs").
 
@@ -127,7 +145,7 @@ Safety-Utility Alignment in LLMs").
 
 ## Evaluation
 
-{_evaluation(eval_summary, gated)}
+{_evaluation(eval_summary, gated, own)}
 
 ## Files
 
@@ -135,6 +153,14 @@ Safety-Utility Alignment in LLMs").
 
 Base model fingerprint: `{lm.fingerprint}`. Preset: `{(preset or {}).get('name', 'custom')}`.
 """
+
+
+def _conditional_text(summary: dict) -> str:
+    if not summary.get("n_conditional"):
+        return ""
+    return (f"; {summary['n_conditional']} neurons also read a harm direction of their layer through their input projection "
+            f"(input-side terms up to {summary['max_abs_coef']:.2f}), so they fire more on harmful requests and less on harmless "
+            "ones: a modulation that depends on the input, folded exactly into the weights")
 
 
 def _load_section(name: str) -> str:
@@ -188,6 +214,33 @@ model = AutoModelForCausalLM.from_pretrained("path/to/folder", gguf_file="{f}")
 
 {check} The evaluation below was measured on the hooked float32 model."""
     return load
+
+def measure_checkpoint(lm, path: str | Path, modulation: Modulation, preset: dict | None, split: str = "test", *,
+                       judge=None, reporter: Reporter | None = None) -> dict:
+    """The figures of the checkpoint in `path`, reloaded with plain transformers (`eval.reloaded.Reloaded`), beside the
+    base model, on `split` of the preset's prompts (FULL_EVAL on test, VALIDATION_EVAL on validation): what the model
+    card reports."""
+    from ..config import FULL_EVAL, VALIDATION_EVAL, RunConfig
+    from ..data.splits import build_splits
+    from ..eval.harness import evaluate_many
+    from ..eval.judges import describe, judge_from_spec
+    from ..eval.reloaded import Reloaded
+    from ..eval.report import summarise
+    from ..interventions.protocol import form_of
+
+    cfg = RunConfig.from_dict({k: v for k, v in (preset or {}).items()}) if preset else RunConfig()
+    splits, ecfg = build_splits(cfg.data), (VALIDATION_EVAL if split == "validation" else FULL_EVAL)
+    judge = judge_from_spec(judge)
+    row = "this checkpoint"
+    reloaded = Reloaded.load(path, lm, name=row)
+    reloaded.meta["folds"] = "conditional" if modulation.conditional else "static"
+    results = evaluate_many(lm, {"base": None, row: reloaded}, splits, ecfg, split=split, reporter=reporter, judge=judge)
+    table = summarise({r.name: [r] for r in results})
+    rows = [{"intervention": n, **{k: (None if v != v else v) for k, v in r.items()}} for n, r in table.to_dict(orient="index").items()]
+    return {"table": rows, "split": split, "row": row, "form": form_of(reloaded), "n_rows": len(results[1].rows),
+            "max_new_tokens": ecfg.max_new_tokens, "n_ppl": results[1].meta["n_ppl"], "n_mc": results[1].meta["n_mc"],
+            "judge": describe(judge), "style_audit": splits.style_audit(split).accuracy}
+
 
 FLOAT32_TOLERANCE = 1e-3  # max |logit| difference allowed for a float32 export
 ROUNDING_FACTOR = 3.0  # low precision: allowed difference = this x the dtype's own rounding of the hooked logits
@@ -263,7 +316,7 @@ def _gguf_fill(lm, modulation: Modulation, tmp: Path, name: str, gguf_type: str)
 def export(lm, modulation: Modulation, root: str | Path, name: str, *, format: str = "transformers", gguf_type: str = "auto",
            preset: dict | None = None, eval_summary: dict | None = None, gated: bool = False, overwrite: bool = False,
            tolerance: float | None = None, push_to_hub: str | None = None, token: str | None = None,
-           reporter: Reporter | None = None) -> dict:
+           reporter: Reporter | None = None, measure: str | None = None, judge=None) -> dict:
     """Write the export folder; returns {"path", "format", "max_logit_diff", "tolerance", "rounding", "pushed",
     "push_error", "gate_left_out", "gguf"} (the reload check's figures: see `_check_reload` for how the tolerance
     follows the model's dtype; for a GGUF export, `gguf` holds `check_gguf`'s figures and what was written).
@@ -303,6 +356,11 @@ def export(lm, modulation: Modulation, root: str | Path, name: str, *, format: s
         folder.write_model_card(model_card(lm, modulation, name, eval_summary, preset, gated))
         reporter.progress(1, steps, "reloading and checking the logits")
         result = _check_reload(lm, modulation, tmp, tolerance)
+        if measure is not None:  # the card's figures: this checkpoint, reloaded, beside the base model
+            reporter.progress(1, steps, f"measuring the reloaded checkpoint on the {measure} split")
+            own = measure_checkpoint(lm, tmp, modulation, preset, measure, judge=judge, reporter=reporter.muted())
+            folder.write_model_card(model_card(lm, modulation, name, eval_summary, preset, gated, own=own))
+            check["measured"] = own
         diff, tol = result["max_logit_diff"], result["tolerance"]
         if not diff <= tol:
             why = "" if result["rounding"] is None else (f": {ROUNDING_FACTOR:g} x the {result['dtype']} rounding of the hooked "

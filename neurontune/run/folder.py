@@ -6,6 +6,7 @@ export) and reads and writes them. Every write is atomic; a part that is missing
     top_neurons.csv      top 100 neurons per score kind   train_log.jsonl         one line per training step
     layer_summary.csv    score mass per layer             eval.json               the evaluation table and its settings
     attribution.json     model, counts, processes         eval_table.csv          the same table as CSV
+    foldable.safetensors the modulation trained without a gate, for export (when `fold.form` asks)
     selection.json       counts, rules, per layer         generations.jsonl       every generated answer
     sweep.csv, sweep_baselines.csv, tradeoff.html         a threshold sweep
     points/ks<k_safety>-ku<k_utility>/                    each sweep point: itself a run folder (preset, selection, gains)
@@ -39,6 +40,7 @@ class RunFolder:
     SELECTION = "selection.json"
     MODULATION = "modulation.safetensors"
     GATE = "gate.safetensors"
+    FOLDABLE = "foldable.safetensors"
     TRAIN_LOG = "train_log.jsonl"
     EVAL = "eval.json"
     EVAL_TABLE = "eval_table.csv"
@@ -129,6 +131,17 @@ class RunFolder:
     def modulation(self, expected_fingerprint: str | None = None) -> Modulation | None:
         """The run's gains (refused with a message when made for another model or corrupted); None if absent."""
         return Modulation.load(self.modulation_path, expected_fingerprint) if self.has(self.MODULATION) else None
+
+    def write_foldable(self, modulation: Modulation) -> Path:
+        return modulation.save(self.made().file(self.FOLDABLE))
+
+    def foldable(self, expected_fingerprint: str | None = None) -> Modulation | None:
+        """The modulation trained apart, without any gate, for export (`fold.form`); None if the run has none."""
+        return Modulation.load(self.file(self.FOLDABLE), expected_fingerprint) if self.has(self.FOLDABLE) else None
+
+    def exported(self, expected_fingerprint: str | None = None) -> Modulation | None:
+        """What export folds: the foldable modulation when the run trained one, else the run's own gains."""
+        return self.foldable(expected_fingerprint) or self.modulation(expected_fingerprint)
 
     def write_train_log(self, entries: Iterable[dict]) -> Path:
         return files.write_jsonl(self.made().file(self.TRAIN_LOG), entries)

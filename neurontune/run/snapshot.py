@@ -27,9 +27,9 @@ from .folder import RunFolder
 
 SNAPSHOT_FORMAT = 1  # bump when what a snapshot holds or how it is read changes: old snapshots then fail the check
 SHIPPED_DIR = resources.shipped_run_dir()
-DIGEST_SECTIONS = ("data", "attribution", "selection", "meta")  # what makes two runs the same method
+DIGEST_SECTIONS = ("data", "attribution", "selection", "meta", "fold")  # what makes two runs the same method (and export)
 SNAPSHOT_COMMAND = "python -m neurontune snapshot --preset balanced"  # the one command that (re)makes SHIPPED_DIR
-COPIED = (RunFolder.CONFIG, RunFolder.SELECTION, RunFolder.MODULATION, RunFolder.GATE, RunFolder.TRAIN_LOG,
+COPIED = (RunFolder.CONFIG, RunFolder.SELECTION, RunFolder.MODULATION, RunFolder.GATE, RunFolder.FOLDABLE, RunFolder.TRAIN_LOG,
           RunFolder.ATTRIBUTION, RunFolder.EVAL, RunFolder.EVAL_TABLE, RunFolder.GENERATIONS)
 REQUIRED = (RunFolder.CONFIG, RunFolder.SCORES, RunFolder.MODULATION, RunFolder.EVAL)
 
@@ -148,6 +148,7 @@ class Snapshot:
     gate: GateProbe | None
     eval_rows: list[dict] | None
     generations: list[dict]
+    foldable: Modulation | None = None  # what export folds, when the run trained it apart
 
     def describe(self) -> str:
         return (f"the shipped `{self.cfg.name}` run of {self.manifest.get('model')} (made {self.manifest.get('made', '?')[:10]} by "
@@ -165,4 +166,4 @@ def load_snapshot(folder: str | Path | RunFolder = SHIPPED_DIR, lm=None) -> Snap
     scores = dataclasses.replace(scores, scores={k: v.float() for k, v in scores.scores.items()})
     fingerprint = lm.fingerprint if lm is not None else None
     return Snapshot(folder, folder.snapshot(), folder.config(), scores, folder.modulation(fingerprint), folder.gate(lm),
-                    folder.eval_table(), folder.generations())
+                    folder.eval_table(), folder.generations(), folder.foldable(fingerprint))

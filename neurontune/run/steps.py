@@ -74,4 +74,7 @@ def train_step(lm, selection: Selection, cfg: RunConfig, out: str | Path | RunFo
     folder.write_train_log(trained.training.log)
     if trained.gate is not None:
         folder.write_gate(trained.gate)
+    if trained.foldable is not None:
+        trained.foldable.meta["preset"] = cfg.name
+        folder.write_foldable(trained.foldable)
     return trained.training

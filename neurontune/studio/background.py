@@ -143,7 +143,7 @@ def train(studio: Studio, session: Session, view: View = View()) -> Iterator[dic
         try:
             session.set_gains(result.modulation, f"trained gains ({len(result.log)} steps, {stopped.get(result.stopped, result.stopped)}, "
                               f"best step {result.best_step})", gate=gate, run_dir=str(run),
-                              point=(cfg.selection.k_safety, cfg.selection.k_utility))
+                              point=(cfg.selection.k_safety, cfg.selection.k_utility), foldable=RunFolder(run).foldable(lm.fingerprint))
         except ValueError as exc:  # another model was loaded meanwhile: the gains stay in their run folder
             note += f"\n\n⚠ Not made the session's gains: {exc} They are kept in `{run}`."
         yield {**handlers.gains_views(session, view), "train_status": job_text(studio, job) + note,

@@ -13,6 +13,7 @@ from ..data.splits import build_splits
 from ..eval.judge import REFUSALS, read
 from ..eval.judges import WORDS, Judge
 from ..interventions.gating import Gated
+from ..interventions.protocol import FORMS
 from ..interventions.generation import fit_lengths, stream_generate
 from ..interventions.modulation import Modulation
 from .handlers import gains_text
@@ -118,7 +119,16 @@ def right_gains(lm, session: Session, conv: list[dict], strength: float, use_gat
     if session.gate is not None and use_gate:
         gains, readings = Gated(mod, session.gate).per_prompt(lm, [conv[-1]["content"]], strength=scale, max_length=budget)
         return gains[0], float(readings[0])
-    return (mod if scale == 1.0 else mod.scaled(scale)), s
+    folded = session.exported  # with the gate off: what Export folds (the foldable modulation when the run has one)
+    return (folded if scale == 1.0 else folded.scaled(scale)), s
+
+
+def form_text(session: Session, gated: bool) -> str:
+    """The form the right pane applied, in the vocabulary of `generate` and the evaluation tables."""
+    if gated:
+        return FORMS["gated"]
+    folded = session.exported
+    return FORMS["conditional" if folded is not None and folded.conditional else "static"] + " — what Export writes"
 
 
 @returns("left", "right", "msg", "chat_status")
@@ -167,9 +177,9 @@ def chat(studio: Studio, session: Session, message: str, strength: float = 1.0, 
                     convs[1] + [{"role": "assistant", "content": texts[1], "verdict": lines[1], **({"gate": s} if s is not None else {})}]]
     same = "identical answers" if texts[0] == texts[1] else "the answers differ"
     if s is not None:
-        applied = f"Strength ×{float(strength):g} × {gate_reading(s)} (applied ×{float(strength) * s:.2f})"
-    elif session.gate is not None and mod is not None:
-        applied = f"Strength ×{float(strength):g}, input gate off (static gains)"
+        applied = f"Strength ×{float(strength):g} × {gate_reading(s)} (applied ×{float(strength) * s:.2f}; {form_text(session, True)})"
+    elif mod is not None:
+        applied = f"Strength ×{float(strength):g}, {'input gate off, ' if session.gate is not None else ''}{form_text(session, False)}"
     else:
         applied = f"Strength ×{float(strength):g}"
     yield {"left": display(session.chat[0]), "right": display(session.chat[1]), "msg": "",

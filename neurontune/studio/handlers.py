@@ -212,8 +212,10 @@ def use_run(studio: Studio, session: Session, job_id: str, view: View = View()) 
     try:
         mod = Modulation.load(job.info["modulation"], expected_fingerprint=lm.fingerprint)
         gate = RunFolder(job.info["run_dir"]).gate(lm) if job.info.get("run_dir") else None
+        foldable = RunFolder(job.info["run_dir"]).foldable(lm.fingerprint) if job.info.get("run_dir") else None
         session.set_gains(mod, f"trained gains from run {Path(job.info['run_dir']).name}", gate=gate, run_dir=job.info["run_dir"],
-                          point=(job.info.get("k_safety"), job.info.get("k_utility")) if job.info.get("k_safety") is not None else None)
+                          point=(job.info.get("k_safety"), job.info.get("k_utility")) if job.info.get("k_safety") is not None else None,
+                          foldable=foldable)
     except (ModulationFileError, ValueError) as exc:
         return {"gains_status": f"✗ {exc}"}
     note = adopt_run_scores(session, job.info.get("run_dir"))
@@ -252,7 +254,7 @@ def do_export(studio: Studio, session: Session, name: str, overwrite: bool, repo
     lm = studio.model(session)
     try:
         summary = RunFolder(session.run_dir).eval_summary() if session.run_dir and session.eval_rows is not None else None
-        result = export(lm, session.modulation, studio.export_root, safe, format=fmt or "transformers", preset=session.cfg.to_dict(),
+        result = export(lm, session.exported, studio.export_root, safe, format=fmt or "transformers", preset=session.cfg.to_dict(),
                         eval_summary=summary,
                         gated=session.gate is not None,
                         overwrite=bool(overwrite), push_to_hub=(repo or "").strip() or None, token=(token or "").strip() or None)

@@ -57,6 +57,7 @@ class Session:
     selection: Selection | None = None
     modulation: Modulation | None = None  # the gains the Compare and Export tabs use
     gate: GateProbe | None = None  # the input gate trained with those gains (Compare applies strength × s), if any
+    foldable: Modulation | None = None  # what export folds when the run trained it apart from gated gains (`fold.form`)
     gains_source: str = ""
     run_dir: str | None = None
     eval_rows: list | None = None  # the evaluation of the current gains
@@ -131,15 +132,20 @@ class Session:
 
     # -- gains -----------------------------------------------------------------------------------
     def set_gains(self, mod: Modulation, source: str, *, gate: GateProbe | None = None, run_dir: str | None = None,
-                  point: tuple[int, int] | None = None) -> None:
-        """The session's gains (and their gate: None for fixed gains or gains without one); `point`: the
-        (k_safety, k_utility) they were made at, marked on the trade-off plot (None: unknown, e.g. a file).
-        Gains made for another model are refused (ValueError); the evaluation of the previous gains is dropped."""
-        if mod.fingerprint and self.fingerprint and mod.fingerprint != self.fingerprint:
-            raise ValueError(f"These gains were made for model {mod.fingerprint}, not the loaded model {self.fingerprint}.")
-        if self.shape is not None and tuple(mod.shape) != self.shape:
-            raise ValueError(f"These gains are for {tuple(mod.shape)} neurons; the model has {self.shape}.")
+                  point: tuple[int, int] | None = None, foldable: Modulation | None = None) -> None:
+        """The session's gains (and their gate: None for fixed gains or gains without one; and the modulation the run
+        trained apart for export, if any); `point`: the (k_safety, k_utility) they were made at, marked on the
+        trade-off plot (None: unknown, e.g. a file). Gains made for another model are refused (ValueError); the
+        evaluation of the previous gains is dropped."""
+        for m in (mod, foldable):
+            if m is None:
+                continue
+            if m.fingerprint and self.fingerprint and m.fingerprint != self.fingerprint:
+                raise ValueError(f"These gains were made for model {m.fingerprint}, not the loaded model {self.fingerprint}.")
+            if self.shape is not None and tuple(m.shape) != self.shape:
+                raise ValueError(f"These gains are for {tuple(m.shape)} neurons; the model has {self.shape}.")
         self.modulation, self.gate, self.gains_source, self.run_dir, self.eval_rows = mod, gate, source, run_dir, None
+        self.foldable = foldable
         self.operating_point = None if point is None else (int(point[0]), int(point[1]))
 
     def keep_run(self, run_dir: str) -> None:
@@ -153,6 +159,12 @@ class Session:
 
     def clear_gains(self) -> None:
         self.modulation, self.gate, self.gains_source, self.eval_rows, self.operating_point = None, None, "", None, None
+        self.foldable = None
+
+    @property
+    def exported(self) -> Modulation | None:
+        """What Export folds (and Compare shows with the gate off): the foldable modulation, else the gains."""
+        return self.foldable or self.modulation
 
     def adopt_point(self, mod: Modulation, k_safety: int, k_utility: int, source: str) -> None:
         """A sweep point: its gains (static: a sweep fits no gate) and the selection at its thresholds, together
@@ -170,7 +182,7 @@ class Session:
         self.configure(snap.cfg.replace(model=self.model), snap.scores)
         s = self.cfg.selection
         self.set_gains(snap.modulation, f"the shipped `{snap.cfg.name}` run's trained gains", gate=snap.gate,
-                       point=(s.k_safety, s.k_utility))
+                       point=(s.k_safety, s.k_utility), foldable=snap.foldable)
         self.eval_rows, self.shipped = snap.eval_rows, True
 
 
