@@ -387,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation at the end")
     p.add_argument("--quick-eval", action="store_true", help="a smaller evaluation (for a first look)")
     p.add_argument("--baselines", default="none", help="also fit and evaluate baselines in the same run: comma list of "
-                   "joint,attribution_only,random,direction, 'all', or 'none' (default)")
+                   "joint,fomaml,attribution_only,random,direction, 'all', or 'none' (default)")
     p.add_argument("--eval-split", default="validation", choices=["validation", "test"],
                    help="the split the closing evaluation reads (default validation: keep test for the reported table)")
     _judge_arg(p)
@@ -396,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="evaluate a run's modulation against the base model and baselines")
     _model_args(p)
     p.add_argument("--run", required=True, help="run folder written by `tune`")
-    p.add_argument("--baselines", default="all", help="comma list of joint,attribution_only,random,direction, 'all' (default) or 'none'")
+    p.add_argument("--baselines", default="all", help="comma list of joint,fomaml,attribution_only,random,direction (the run's own mode is skipped), 'all' (default) or 'none'")
     p.add_argument("--quick", action="store_true", help="fewer prompts (for a first look)")
     p.add_argument("--seeds", type=_whole(1, "training seeds, 1 or more"), default=3,
                    help="train NeuronTune and the trained baselines with this many seeds; the table shows mean ± sd (default 3)")

@@ -20,7 +20,7 @@ def tiny_preset(tmp_path_factory):
         model="tiny-llama",
         data={"n_harmful": 4, "n_attack_per_family": 1, "n_benign": 4, "n_borderline": 2, "n_answer": 2, "answer_tokens": 4},
         selection={"k_safety": 30, "k_utility": 10, "protect_top": 5},
-        meta={"steps": 4, "eval_every": 2, "batch_harmful": 2, "batch_benign": 2, "gate_first": False}, fold={"form": "none"})
+        meta={"mode": "fomaml", "steps": 4, "eval_every": 2, "batch_harmful": 2, "batch_benign": 2, "gate_first": False}, fold={"form": "none"})
     return cfg.save(tmp_path_factory.mktemp("preset") / "tiny.json")
 
 
@@ -118,6 +118,7 @@ def test_evaluate_with_baselines_and_sweep_on_tiny(tmp_path, tiny_preset):
     names = [r["intervention"] for r in table]
     assert names[:2] == ["base", "neurontune"] and summary["split"] == "test" and summary["seeds"] == 2
     assert {"joint-training", "attribution-only", "random-neurons"} <= set(names) and any(n.startswith("direction:") for n in names)
+    assert not any(n.startswith("meta-learning") for n in names)  # 'all' on a FOMAML run: the run's own row is that control
     directions = summary["directions"]  # each direction's chosen layer and coefficient is recorded
     assert set(directions) == {n for n in names if n.startswith("direction:") and not n.endswith(" + gate")}
     assert all(isinstance(d["layer"], int) and d["layer"] >= 0 and d["coef"] > 0 and isinstance(d["reached"], bool)

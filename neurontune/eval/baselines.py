@@ -1,5 +1,6 @@
 """The baselines NeuronTune is compared with, fitted on the training split (choices on validation): the same
-neurons trained jointly without meta-learning (what FOMAML adds), the same neurons with one fixed gain
+neurons trained in the other mode (jointly, without meta-learning, or with FOMAML: what meta-learning adds or
+costs; the run's own mode needs no control), the same neurons with one fixed gain
 (attribution only), random neurons with the same training (what attribution adds), and the layer-wise
 refusal direction (a different kind of intervention)."""
 from __future__ import annotations
@@ -17,8 +18,9 @@ from ..method.neuron_scores import NeuronScores
 from ..method.recipe import train_run
 from ..method.selection import Selection, select
 
-BASELINES = ("joint", "attribution_only", "random", "direction")
-NAMES = {"joint": "joint-training", "attribution_only": "attribution-only", "random": "random-neurons"}
+BASELINES = ("joint", "fomaml", "attribution_only", "random", "direction")
+NAMES = {"joint": "joint-training", "fomaml": "meta-learning (FOMAML)", "attribution_only": "attribution-only",
+         "random": "random-neurons"}
 
 
 def random_selection(selection: Selection, seed: int = 0) -> Selection:
@@ -61,9 +63,14 @@ def build_baselines(lm, cfg: RunConfig, scores: NeuronScores, tuned: Modulation,
     def trained(selection_: Selection, cfg_: RunConfig) -> Modulation:
         return train_run(lm, selection_, cfg_, splits, cache_dir=cache_dir, reporter=reporter.muted(), gate=gate).modulation
 
-    if "joint" in names:
-        reporter.say(f"Training the same neurons jointly, without meta-learning (seed {cfg.meta.seed})...")
-        out[NAMES["joint"]] = trained(selection, alone.replace(meta={"mode": "joint"}))
+    for mode, what in (("joint", "jointly, without meta-learning"), ("fomaml", "with FOMAML meta-learning")):
+        if mode not in names:
+            continue
+        if cfg.meta.mode == mode:  # the run itself is this control: training it again would repeat the run's own row
+            reporter.say(f"The run trains in mode '{mode}' itself: its own row is that control.")
+            continue
+        reporter.say(f"Training the same neurons {what} (seed {cfg.meta.seed})...")
+        out[NAMES[mode]] = trained(selection, alone.replace(meta={"mode": mode}))
     if "attribution_only" in names:
         out[NAMES["attribution_only"]] = attribution_only(selection, tuned, lm.fingerprint)
     if "random" in names:

@@ -23,11 +23,10 @@ from ..interventions.gating import GATED, Gated
 from ..interventions.modulation import Modulation
 from ..method.recipe import Trained, train_run
 from ..method.selection import select
-from .export import export
+from .export import EXPORTED, export
 from .folder import RunFolder
 
 
-EXPORTED = "neurontune export"  # the row of the foldable modulation, evaluated as the checkpoint export writes (reloaded)
 
 
 def _products(lm, folder: RunFolder, cfg: RunConfig, k: int, scores, splits: Splits, cache_dir, reporter: Reporter) -> Trained:

@@ -24,6 +24,8 @@ from ..model.neuron_map import neuron_map
 from . import gguf_export
 from .folder import RunFolder
 
+EXPORTED = "neurontune export"  # the row of the foldable modulation, evaluated as the checkpoint export writes (reloaded)
+
 FORMATS = ("transformers", "gguf")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 EMBEDDED_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -94,14 +96,16 @@ def _evaluation(summary: dict | None, gated: bool, own: dict | None = None) -> s
         return text
     rows = (summary or {}).get("table") or []
     frame = pd.DataFrame(rows).set_index("intervention") if rows and "intervention" in rows[0] else None
-    if frame is None or "neurontune" not in frame.index or "seeds" not in frame.columns:
+    # the row that is this checkpoint: the foldable modulation reloaded when the run trained one, else the static gains
+    own_row = next((n for n in (EXPORTED, "neurontune") if frame is not None and n in frame.index), None)
+    if frame is None or own_row is None or "seeds" not in frame.columns:
         return "_Not evaluated: run `python -m neurontune evaluate --run DIR` before exporting to have the figures here._"
     split, seeds = summary.get("split", "test"), summary.get("seeds", 1)
     text = (f"Held-out {split} prompts (attack families never seen in tuning included), {seeds} training seed(s): mean"
-            f"{' ± sd' if seeds > 1 else ''} [Wilson 95 % interval]. The `neurontune` row is what this checkpoint computes.\n\n"
-            + markdown(frame, {"": [n for n in ("base", "neurontune") if n in frame.index]}))
+            f"{' ± sd' if seeds > 1 else ''} [Wilson 95 % interval]. The `{own_row}` row is what this checkpoint computes.\n\n"
+            + markdown(frame, {"": [n for n in ("base", own_row) if n in frame.index]}))
     if gated:
-        gated_row = next((n for n in frame.index if n.startswith("neurontune") and n != "neurontune"), None)
+        gated_row = next((n for n in frame.index if n.startswith("neurontune") and n not in ("neurontune", EXPORTED)), None)
         text += ("\n\nThe run also has an **input gate** (a probe that scales the gains per prompt). A gate cannot be folded "
                  "into weights, so it is **not in this checkpoint**" + (f"; its figures (row `{gated_row}` of the run's "
                  "evaluation) do not describe this model." if gated_row else "."))

@@ -376,7 +376,7 @@ def evaluate_tab(page: Page) -> Callable[[], None]:
         gr.Markdown(HOW["evaluate"], elem_classes="how")
         with gr.Row():
             eval_quick = gr.Checkbox(True, label="quick (fewer prompts)")
-            baselines = gr.CheckboxGroup(["joint", "attribution_only", "random", "direction"], value=["attribution_only"], label="baselines")
+            baselines = gr.CheckboxGroup(["joint", "fomaml", "attribution_only", "random", "direction"], value=["attribution_only"], label="baselines")
             eval_split = gr.Radio(["validation", "test"], value="validation", label="split",
                                   info="validation while choosing settings; test for the table you report (read it once)")
             eval_judge = gr.Dropdown(judging.CHOICES, value="rules", allow_custom_value=True, label="refusal judge",
