@@ -30,13 +30,13 @@ HOW = {  # the "how to read this" line of each tab
                "the line under each answer is the refusal judge's verdict. Strength 0 makes the right pane the base model. "
                "Trained gains come with an **input gate**: it reads your last message alone (an earlier harmful turn does not hold it "
                "open) and measures s (0 = looks benign, 1 = looks harmful); the right pane applies strength × s, what the evaluation "
-               "calls “neurontune + gate”; untick it for the static gains.",
+               "calls “neurontune + gate”; untick it for what Export folds (a gate cannot be folded into weights).",
     "evaluate": "Held-out harmful prompts and unseen attack families (refusal ↑ is better), benign and borderline prompts "
                 "(over-refusal ↓), perplexity ratio ≈ 1 and multiple choice accuracy (utility kept). The sweep trains gains at each "
                 "(k_safety, k_utility) and keeps them: **click a point** (or a table row) to make it the session's, then Compare or Export it.",
     "export": "Folds the gains into the MLP weights: a standard checkpoint any `transformers` code loads, plus the small "
               "modulation file and a model card. A Hub token is used for the push only and never stored. An input gate cannot be "
-              "folded: the checkpoint holds the static gains (Compare with *input gate* unticked).",
+              "folded: the checkpoint holds what Compare shows with *input gate* unticked.",
 }
 CSS = """
 #run-flow {font-size: 1.15rem; min-height: 3.2rem}

@@ -118,8 +118,16 @@ def gains_text(session: Session) -> str:
     if gate is None:
         return text + " (static: no input gate)."
     accuracy = f", training accuracy {gate.train_accuracy:.0%}" if gate.train_accuracy else ""
-    return (text + f" and by an **input gate** (a probe on {len(gate.layers):,} neurons{accuracy}): the right pane applies "
-            "strength × s, s from 0 (prompt looks benign) to 1 (looks harmful), as “neurontune + gate” in the evaluation.")
+    layers = sorted({int(x) for x in gate.layers.tolist()})
+    where = {"residual": "the residual stream entering layer", "mlp_input": "the MLP input of layer"}.get(gate.site)
+    reads = (f"{where} {', '.join(map(str, layers))}, {len(gate.layers):,} units" if where
+             else f"{len(gate.layers):,} neurons")
+    text += (f" and by an **input gate** (a probe on {reads}{accuracy}): the right pane applies strength × s, s from 0 "
+             "(prompt looks benign) to 1 (looks harmful), as “neurontune + gate” in the evaluation.")
+    if session.foldable is not None:
+        text += (" These gains were trained behind the gate; with the gate unticked the right pane shows the modulation "
+                 "trained without it, which is what Export folds.")
+    return text
 
 
 def gate_props(session: Session) -> dict:
