@@ -27,8 +27,6 @@ from .export import EXPORTED, export
 from .folder import RunFolder
 
 
-
-
 def _products(lm, folder: RunFolder, cfg: RunConfig, k: int, scores, splits: Splits, cache_dir, reporter: Reporter) -> Trained:
     """Seed k's trained modulation, gate and foldable modulation: the run's own files for k = 0, else trained again."""
     if k == 0:

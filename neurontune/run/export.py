@@ -78,7 +78,8 @@ def _measured(own: dict) -> str:
     frame = pd.DataFrame(own["table"]).set_index("intervention")
     return (f"Measured on **this checkpoint, reloaded with plain `transformers`** (no NeuronTune code, no hook) beside the base "
             f"model, on the held-out {own['split']} split ({own['n_rows']} generated answers of {own['max_new_tokens']} tokens, "
-            f"attack families never seen in tuning included; {own['n_ppl']} answers for perplexity, {own['n_mc']} multiple-choice "
+            f"{'attack families never seen in tuning included; ' if own['split'] == 'test' else 'training attack families only; '}"
+            f"{own['n_ppl']} answers for perplexity, {own['n_mc']} multiple-choice "
             f"questions): rate [Wilson 95 % interval]. The checkpoint is the `{own['row']}` row ({own['form']}).\n\n"
             + markdown(frame, {"": list(frame.index)})
             + f"\n\nEvery refusal figure above comes from the {own['judge']}. Style audit of these pools: a classifier of surface "
@@ -101,7 +102,8 @@ def _evaluation(summary: dict | None, gated: bool, own: dict | None = None) -> s
     if frame is None or own_row is None or "seeds" not in frame.columns:
         return "_Not evaluated: run `python -m neurontune evaluate --run DIR` before exporting to have the figures here._"
     split, seeds = summary.get("split", "test"), summary.get("seeds", 1)
-    text = (f"Held-out {split} prompts (attack families never seen in tuning included), {seeds} training seed(s): mean"
+    unseen = "attack families never seen in tuning included" if split == "test" else "training attack families only"
+    text = (f"Held-out {split} prompts ({unseen}), {seeds} training seed(s): mean"
             f"{' ± sd' if seeds > 1 else ''} [Wilson 95 % interval]. The `{own_row}` row is what this checkpoint computes.\n\n"
             + markdown(frame, {"": [n for n in ("base", own_row) if n in frame.index]}))
     if gated:
