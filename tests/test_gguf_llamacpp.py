@@ -7,7 +7,9 @@ exactly the ones the float model was dequantised from. That difference, measured
 (`TOL_BASE`), plus what the export's re-quantisation adds (`check_gguf`'s reload: |Δ log-softmax| <= 2 max
 |Δ logit|), bounds the tuned GGUF against the hooked model. Greedy answers may part only where the hooked model's
 top two tokens are closer than twice that bound (a near-tie either side may break), the first token's
-log-probabilities stay within it, and every refusal verdict must be the same. Uses the shipped run's gains (assets/default_run), which make the model refuse."""
+log-probabilities stay within it, and every refusal verdict must be the same. Uses what export folds from the shipped
+run (assets/default_run: its foldable static modulation, trained without the gate), which refuses some harmful
+requests the base model answers (about 0.6 of them on validation; here the lock-picking one) and answers the benign ones."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -38,7 +40,7 @@ TOP = 5  # llama.cpp's top log-probabilities compared at each step
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
     lm = load_model("embedded")
-    mod = RunFolder(SHIPPED_DIR).modulation(lm.fingerprint)
+    mod = RunFolder(SHIPPED_DIR).exported(lm.fingerprint)
     result = export(lm, mod, tmp_path_factory.mktemp("gguf"), "smollm2-tuned", format="gguf")
     return lm, mod, result
 
@@ -103,5 +105,5 @@ def test_llama_cpp_answers_like_the_hooked_model(tuned):
             assert r["chat"] == r["cpp"], (label, r)  # the GGUF's own chat template gives the project's prompt
     refused = [is_refusal(r["cpp"], r["prompt"]) for r in tuned_rows]
     was = [is_refusal(r["cpp"], r["prompt"]) for r in base]
-    assert sum(refused) >= 2 and not any(was), "the tuned GGUF must refuse where the base GGUF answers"
+    assert sum(refused) >= 1 and not any(was), "the tuned GGUF must refuse where the base GGUF answers"
     assert not any(refused[4:]), "the benign prompts are answered"
