@@ -202,7 +202,7 @@ def cmd_sweep(args) -> int:
     grid = parse_grid(args.grid)  # refused before the model loads
     lm = _load(args)
     with _Bars() as bars:
-        sweep_run(lm, cfg, grid, Path(args.out), cache_dir=args.cache_dir, reporter=bars)
+        sweep_run(lm, cfg, grid, Path(args.out), judged=args.judged, cache_dir=args.cache_dir, reporter=bars)
     return 0
 
 
@@ -409,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p); _preset_args(p)
     p.add_argument("--grid", default="250:0,750:250,1500:500,3000:1000", help="comma list of k_safety:k_utility")
     p.add_argument("--out", required=True, help="folder for sweep.csv and tradeoff.html")
+    p.add_argument("--judged", action="store_true",
+                   help="judge short answers on every validation prompt group (minutes a point) instead of the first-token "
+                        "refusal proxy (seconds a point, a relative signal)")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("separability", help="how well each layer's prompt-end residual separates harmful from harmless "

@@ -204,3 +204,31 @@ def test_gate_first_run_evaluates_its_forms_and_exports_its_foldable_modulation(
     base = load_model("tiny-llama").model.state_dict()
     changed = {k for k, v in weights.items() if k in base and not torch.equal(v, base[k])}
     assert any("up_proj" in k for k in changed) and all(".mlp." in k for k in changed)
+
+
+def test_gate_first_sweep_measures_each_point_behind_its_gate(tmp_path, gate_first_preset):
+    """A gate-first preset's sweep trains each point as `tune` does (gate first, gains behind it), keeps the gate with
+    the point, and `--judged` reports the judged validation metrics of exactly that gated point (recomputed here)."""
+    cache, out = tmp_path / "cache", tmp_path / "sweep"
+    assert run("sweep", "--model", "tiny-llama", "--preset", gate_first_preset, "--grid", "20:5", "--judged", "--out", out,
+               "--cache-dir", cache) == 0
+    import pandas as pd
+
+    from neurontune.config import VALIDATION_EVAL
+    from neurontune.data.splits import build_splits
+    from neurontune.eval.harness import evaluate
+    from neurontune.interventions.gating import Gated
+    from neurontune.model.loading import load_model
+    from neurontune.run.folder import RunFolder
+    frame = pd.read_csv(out / "sweep.csv")
+    assert bool(frame["gated"].iloc[0]) and {"harmful_refusal", "benign_over_refusal", "alarming_over_refusal"} <= set(frame.columns)
+    point = RunFolder(out).point(20, 5)
+    lm = load_model("tiny-llama")
+    mod, gate = point.modulation(lm.fingerprint), point.gate(lm)
+    assert gate is not None and mod.meta["trained_behind_gate"] is True and not point.has(RunFolder.FOLDABLE)
+    cfg = point.config()
+    again = evaluate(lm, Gated(mod, gate), build_splits(cfg.data), VALIDATION_EVAL, split="validation", cache_dir=cache).metrics
+    for key in ("harmful_refusal", "benign_over_refusal", "ppl_ratio"):
+        assert frame[key].iloc[0] == pytest.approx(again[key], abs=1e-6), key
+    base = pd.read_csv(out / RunFolder.SWEEP_BASELINES)
+    assert base["name"].tolist() == ["base"] and base["ppl_ratio"].iloc[0] == pytest.approx(1.0)

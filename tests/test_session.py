@@ -160,6 +160,12 @@ def test_a_sweep_point_brings_its_gains_and_its_selection(tiny_llama):
     with pytest.raises(ValueError):  # gains of another shape: the selection is put back too
         s.adopt_point(random_modulation((2, 8), 3), 10, 2, "bad")
     assert (s.cfg, s.selection, s.modulation) == before
+    gate = gate_for(tiny_llama)  # a point of a gate-first preset brings the gate its gains were trained behind
+    s.adopt_point(mod, 30, 5, "sweep point 2", gate=gate)
+    consistent(s)
+    assert s.gate is gate and s.operating_point == (30, 5)
+    s.adopt_point(mod, 20, 5, "sweep point 1")  # a point without one leaves no earlier gate behind
+    assert s.gate is None
 
 
 def test_the_shipped_run_is_adopted_whole(tiny_llama, tmp_path):

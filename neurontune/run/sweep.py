@@ -12,13 +12,14 @@ from typing import Callable, Sequence
 import pandas as pd
 import plotly.graph_objects as go
 
-from ..config import RunConfig, SelectionConfig
+from ..config import VALIDATION_EVAL, RunConfig, SelectionConfig
 from ..data.splits import build_splits
+from ..eval.harness import evaluate
 from ..eval.proxy import proxy_metrics
 from ..infra.progress import SILENT, Reporter
-from ..interventions.modulation import Modulation
-from ..method.metalearn import train_gains
+from ..interventions.gating import Gated
 from ..method.neuron_scores import NeuronScores, run_attribution
+from ..method.recipe import train_run
 from ..method.selection import Selection, select
 from .folder import RunFolder
 
@@ -57,7 +58,8 @@ def sweep(lm, scores, grid: Sequence[tuple[int, int]], train_fn: Callable[[Selec
         metrics = getattr(metrics, "metrics", metrics)  # an EvalResult is fine too
         rows.append({"k_safety": int(k_safety), "k_utility": int(k_utility),
                      **{f"n_{k}": v for k, v in sel.counts().items()},
-                     "n_modulated": getattr(intervention, "n_modulated", None),
+                     "n_modulated": getattr(getattr(intervention, "inner", intervention), "n_modulated", None),
+                     "gated": isinstance(intervention, Gated),
                      "seconds": time.perf_counter() - start, **dict(metrics)})
         reporter.progress(i + 1, len(grid), f"k_safety={k_safety}, k_utility={k_utility}")
     frame = pd.DataFrame(rows)
@@ -120,12 +122,22 @@ def tradeoff_figure(frame: pd.DataFrame, baselines: pd.DataFrame | None = None, 
     return fig
 
 
+SWEEP_METRICS = ("harmful_refusal", "train_family_refusal", "heldout_family_refusal", "contrast_refusal", "benign_over_refusal",
+                 "template_over_refusal", "borderline_over_refusal", "alarming_over_refusal", "ppl_ratio", "mc_accuracy")
+
+
 def sweep_run(lm, cfg: RunConfig, grid: Sequence[tuple[int, int]], out: str | Path | RunFolder, *, scores: NeuronScores | None = None,
-              split: str = "validation", cache_dir=None, reporter: Reporter | None = None) -> pd.DataFrame:
-    """Select + train + proxy-evaluate each grid point (fast: no generation) on the validation split, with the base
-    model on the same axes; writes sweep.csv (with a `split` column), tradeoff.html and, for each point, a run
-    folder with its preset, selection and (static) gains (`RunFolder(out).point(k_safety, k_utility)`). A sweep
-    is for choosing thresholds, so the test split is refused (it is read once, for the reported table)."""
+              split: str = "validation", judged: bool = False, cache_dir=None, reporter: Reporter | None = None) -> pd.DataFrame:
+    """Select + train + evaluate each grid point on the validation split, with the base model on the same axes;
+    writes sweep.csv (with a `split` column), tradeoff.html and, for each point, a run folder with its preset,
+    selection, gains and, when the preset fits one, input gate (`RunFolder(out).point(k_safety, k_utility)`).
+
+    Each point is trained the way `tune` trains the preset (`method.recipe.train_run`: with `meta.gate_first` the
+    gate first, then the gains behind it) and measured in the form the studio shows: behind its gate when it has
+    one. The export's foldable modulation is not trained (a sweep chooses the dial). judged=False: first-token
+    refusal proxies (one forward, fast, relative); judged=True: the validation evaluation (`VALIDATION_EVAL`:
+    24-token answers judged, every prompt group, perplexity and multiple choice; minutes a point).
+    A sweep is for choosing thresholds, so the test split is refused (it is read once, for the reported table)."""
     if split == "test":
         raise ValueError("The sweep chooses thresholds, so it reads the validation split only; the test split is read "
                          "once, for the table you report (`python -m neurontune evaluate --run DIR`).")
@@ -136,23 +148,31 @@ def sweep_run(lm, cfg: RunConfig, grid: Sequence[tuple[int, int]], out: str | Pa
     reporter.phase("sweep", len(grid))
     splits = build_splits(cfg.data)
     folder = RunFolder(out)
+    train_cfg = cfg.replace(fold={"form": "none"})
+    base_cache: dict = {}
 
-    def train_fn(selection: Selection) -> Modulation:
-        return train_gains(lm, selection, cfg, splits=splits, cache_dir=cache_dir, reporter=reporter.muted()).modulation
+    def train_fn(selection: Selection):
+        trained = train_run(lm, selection, train_cfg, splits, cache_dir=cache_dir, reporter=reporter.muted())
+        return Gated(trained.modulation, trained.gate) if trained.gate is not None else trained.modulation
 
-    def keep(selection: Selection, modulation: Modulation) -> None:
+    def keep(selection: Selection, intervention) -> None:
         s = selection.config
         point = folder.point(s.k_safety, s.k_utility)
         point.write_config(cfg.replace(selection={"k_safety": s.k_safety, "k_utility": s.k_utility}))
         point.write_selection(selection)
-        point.write_modulation(modulation)
+        point.write_modulation(getattr(intervention, "inner", intervention))
+        if isinstance(intervention, Gated):
+            point.write_gate(intervention.probe)
 
     def eval_fn(intervention) -> dict:
-        return proxy_metrics(lm, intervention, splits, n=48, split=split)
+        if not judged:
+            return proxy_metrics(lm, intervention, splits, n=48, split=split)
+        metrics = evaluate(lm, intervention, splits, VALIDATION_EVAL, split=split, base=base_cache, cache_dir=cache_dir).metrics
+        return {k: metrics[k] for k in SWEEP_METRICS if k in metrics}
 
     frame = sweep(lm, scores, grid, train_fn, eval_fn, reporter=reporter, selection=cfg.selection, keep=keep)
     frame["split"] = split
-    base = pd.DataFrame([{"name": "base", **proxy_metrics(lm, None, splits, n=48, split=split), "split": split}])
+    base = pd.DataFrame([{"name": "base", **eval_fn(None), "split": split}])
     folder.write_sweep(frame, base, tradeoff_figure(frame, base))
     reporter.say(frame.to_string(float_format=lambda v: f"{v:.3f}"))
     return frame

@@ -388,6 +388,7 @@ def evaluate_tab(page: Page) -> Callable[[], None]:
         C["eval_table"] = gr.Dataframe(label="Metrics: base, NeuronTune, baselines", interactive=False, elem_id="eval-table")
         with gr.Row():
             grid = gr.Textbox("250:0, 750:250, 1500:500", label="sweep grid (k_safety:k_utility, …)", scale=3)
+            sweep_judged = gr.Checkbox(False, label="judge answers (every validation group; minutes a point)", scale=1)
             sweep_btn = gr.Button("Run sweep", scale=1)
         with gr.Row():
             C["tradeoff"] = gr.Plot(plots.empty("Run a sweep to see the safety / over-refusal trade-off.", 360), label="Trade-off",
@@ -407,7 +408,7 @@ def evaluate_tab(page: Page) -> Callable[[], None]:
         session, studio = page.session, page.studio
         eval_btn.click(**page.bind(background.evaluate, "evaluate", **JOBS), inputs=[session, eval_quick, baselines, eval_split, eval_judge])
         eval_stop.click(**page.bind(ENDPOINTS["stop_evaluate"], "stop_evaluate", **QUIET), inputs=[session])
-        sweep_btn.click(**page.bind(background.sweep, "sweep", **JOBS), inputs=[session, grid])
+        sweep_btn.click(**page.bind(background.sweep, "sweep", **JOBS), inputs=[session, grid, sweep_judged])
         pick_kw = page.bind(picker.pick_point, "pick_point", view=True, **QUIET)
         pick_btn.click(**pick_kw, inputs=[session, point_index, *page.view_in])
 

@@ -228,7 +228,9 @@ def evaluate(studio: Studio, session: Session, quick: bool, baselines: list[str]
 
 
 @returns("eval_status", "tradeoff", "points")
-def sweep(studio: Studio, session: Session, grid_text: str) -> Iterator[dict]:
+def sweep(studio: Studio, session: Session, grid_text: str, judged: bool = False) -> Iterator[dict]:
+    """Each grid point trained as the session's preset trains (behind its gate, for a gate-first preset) and measured
+    by the first-token proxy, or with `judged` by judging short answers on every validation group (minutes a point)."""
     try:
         grid = parse_grid(grid_text)
     except ValueError as exc:
@@ -241,7 +243,7 @@ def sweep(studio: Studio, session: Session, grid_text: str) -> Iterator[dict]:
     out = studio.runs_dir / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{session.id}"
 
     def work(reporter):
-        sweep_run(lm, cfg, grid, out, scores=scores, cache_dir=studio.cache_dir, reporter=reporter)
+        sweep_run(lm, cfg, grid, out, scores=scores, judged=bool(judged), cache_dir=studio.cache_dir, reporter=reporter)
         return {"out": str(out)}
     job = studio.runner.submit("sweep", work)
     session.jobs["sweep"] = job.id

@@ -14,8 +14,9 @@ from . import handlers, plots
 from .state import Session, Studio
 from .views import View, returns
 
-COLUMNS = ("point", "k_safety", "k_utility", "n_safety", "n_utility", "harmful_refusal_proxy", "benign_over_refusal_proxy",
-           "borderline_over_refusal_proxy", "split")
+COLUMNS = ("point", "k_safety", "k_utility", "n_safety", "n_utility", "gated", "harmful_refusal", "benign_over_refusal",
+           "template_over_refusal", "borderline_over_refusal", "alarming_over_refusal", "ppl_ratio", "harmful_refusal_proxy",
+           "benign_over_refusal_proxy", "borderline_over_refusal_proxy", "split")
 
 
 def _sweep(session: Session) -> tuple[pd.DataFrame, pd.DataFrame | None] | None:
@@ -46,8 +47,9 @@ def sweep_views(session: Session) -> dict:
 
 @returns(*handlers.GAINS, "k_safety", "k_utility", "tradeoff", "points", "pick_status", "export_name", "chat_status")
 def pick_point(studio: Studio, session: Session, index, view: View = View()) -> dict:
-    """Make sweep point `index` the session's: its gains (static: a sweep fits no gate), the k sliders and the
-    selection at its (k_safety, k_utility), the plot's ring; the status offers Compare and Export."""
+    """Make sweep point `index` the session's: its gains (with the gate they were trained behind, when the preset fits
+    one), the k sliders and the selection at its (k_safety, k_utility), the plot's ring; the status offers Compare
+    and Export."""
     swept = _sweep(session)
     if swept is None:
         return {"pick_status": "No sweep yet: run one above, then click a point."}
@@ -62,19 +64,24 @@ def pick_point(studio: Studio, session: Session, index, view: View = View()) -> 
     lm = studio.model(session)
     try:
         mod = folder.modulation(lm.fingerprint)
-    except ModulationFileError as exc:
+        gate = folder.gate(lm)
+    except (ModulationFileError, ValueError) as exc:
         return {"pick_status": f"✗ {exc}"}
     if mod is None:
         return {"pick_status": "✗ This sweep was written before sweep points kept their gains: run the sweep again."}
+    form = "gains behind their input gate" if gate is not None else "static gains"
     try:
-        session.adopt_point(mod, ks, ku, f"sweep point {i} (k_safety={ks}, k_utility={ku}; static gains: a sweep fits no input gate)")
+        session.adopt_point(mod, ks, ku, f"sweep point {i} (k_safety={ks}, k_utility={ku}; {form})", gate=gate)
     except ValueError as exc:  # gains for another model's shape, or thresholds the model cannot take
         return {"pick_status": f"✗ {exc}"}
     split = split_of(frame) or "an unnamed"
-    status = (f"✓ Point {i} (k_safety={ks}, k_utility={ku}; {split} split: harmful refusal proxy "
-              f"{row.get('harmful_refusal_proxy', float('nan')):.3f}, benign over-refusal proxy "
-              f"{row.get('benign_over_refusal_proxy', float('nan')):.3f}) is now this session's gains. "
-              "**→ Compare** chats with it; **→ Export** folds it into a checkpoint.")
+    judged = "harmful_refusal" in row.index and row["harmful_refusal"] == row["harmful_refusal"]
+    suffix = "" if judged else " proxy"
+    status = (f"✓ Point {i} (k_safety={ks}, k_utility={ku}; {split} split: harmful refusal{suffix} "
+              f"{row.get('harmful_refusal' + suffix.replace(' ', '_'), float('nan')):.3f}, benign over-refusal{suffix} "
+              f"{row.get('benign_over_refusal' + suffix.replace(' ', '_'), float('nan')):.3f}) is now this session's {form}. "
+              "**→ Compare** chats with it; **→ Export** folds " + ("its gains (without the gate)" if gate is not None else "it")
+              + " into a checkpoint.")
     return {**handlers.gains_views(session, view), **sweep_views(session),
             "k_safety": ks, "k_utility": ku, "pick_status": status, "chat_status": handlers.gains_text(session),
             "export_name": slugify(f"{session.model}-neurontune-ks{ks}-ku{ku}")}

@@ -166,13 +166,13 @@ class Session:
         """What Export folds (and Compare shows with the gate off): the foldable modulation, else the gains."""
         return self.foldable or self.modulation
 
-    def adopt_point(self, mod: Modulation, k_safety: int, k_utility: int, source: str) -> None:
-        """A sweep point: its gains (static: a sweep fits no gate) and the selection at its thresholds, together
-        (a ValueError from either leaves the session as it was)."""
+    def adopt_point(self, mod: Modulation, k_safety: int, k_utility: int, source: str, gate: GateProbe | None = None) -> None:
+        """A sweep point: its gains (with the gate it was trained behind, if any) and the selection at its
+        thresholds, together (a ValueError from either leaves the session as it was)."""
         before = self.cfg, self.selection
         self.reselect(k_safety, k_utility)
         try:
-            self.set_gains(mod, source, point=(k_safety, k_utility))
+            self.set_gains(mod, source, gate=gate, point=(k_safety, k_utility))
         except ValueError:
             self.cfg, self.selection = before
             raise
