@@ -4,7 +4,7 @@
     python docs/dial_figure.py runs/sweep-balanced assets/screenshots/dial.png
 
 Two panels from one sweep.csv: k_safety moved at the preset's k_utility, and k_utility moved at its k_safety. The PNG is
-the plotly figure rendered by Chromium (no kaleido needed); the HTML beside it opens offline."""
+the plotly figure rendered by Chromium (no kaleido needed)."""
 from __future__ import annotations
 
 import sys
@@ -47,9 +47,11 @@ def figure(frame: pd.DataFrame, k_safety: int, k_utility: int) -> go.Figure:
 
 
 def render(fig: go.Figure, png: Path) -> None:
-    """Write PNG (Chromium screenshot of the figure) and HTML beside it."""
+    """Write the PNG: a Chromium screenshot of the figure's self-contained HTML (in a temporary folder)."""
+    import tempfile
+
     from playwright.sync_api import sync_playwright
-    html = png.with_suffix(".html")
+    html = Path(tempfile.mkdtemp(prefix="dial-")) / "dial.html"
     fig.write_html(html, include_plotlyjs=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu"])
@@ -66,4 +68,4 @@ if __name__ == "__main__":
     from neurontune.config import load_preset
     sel = load_preset("balanced").selection
     render(figure(frame, sel.k_safety, sel.k_utility), png)
-    print(f"wrote {png} and {png.with_suffix('.html')}")
+    print(f"wrote {png}")
