@@ -2,6 +2,7 @@
 `evaluate --seeds 2` on one run, seed 2 from `tune --seed 2` evaluated with `--seeds 1 --baselines none`.
 
     python docs/seeds_table.py runs/final-balanced runs/seed2-balanced
+    python docs/seeds_table.py runs/final-balanced runs/seed2-controls --rows "meta-learning (FOMAML) + gate,random-neurons + gate"
 
 Rates are recomputed from generations.jsonl with the harness's own `rate_counts` (they reproduce eval.json's means);
 perplexity ratio and MC accuracy come from each eval.json (its mean ± sd, expanded back to the seeds when sd is given)."""
@@ -34,8 +35,8 @@ def per_seed_scalar(run: Path, name: str, key: str) -> list[float]:
     return [mean] if n == 1 else [mean - sd / 2 ** 0.5, mean + sd / 2 ** 0.5] if n == 2 else [mean] * n
 
 
-def main(runs: list[Path]) -> None:
-    for name in ROWS:
+def main(runs: list[Path], rows: tuple[str, ...] = ROWS) -> None:
+    for name in rows:
         seeds = {}
         for run in runs:
             for seed, metrics in per_seed_rates(run, name).items():
@@ -50,4 +51,9 @@ def main(runs: list[Path]) -> None:
 
 
 if __name__ == "__main__":
-    main([Path(p) for p in sys.argv[1:]])
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders evaluated on the same split")
+    parser.add_argument("--rows", default=",".join(ROWS), help="comma list of intervention names")
+    args = parser.parse_args()
+    main(args.runs, tuple(r.strip() for r in args.rows.split(",") if r.strip()))
