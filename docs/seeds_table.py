@@ -32,7 +32,9 @@ def per_seed_scalar(run: Path, name: str, key: str) -> list[float]:
     summary = json.loads((run / "eval.json").read_text())
     row = next(r for r in summary["table"] if r["intervention"] == name)
     n, mean, sd = int(summary.get("seeds", 1)), row[key], row.get(f"{key}:sd") or 0.0
-    return [mean] if n == 1 else [mean - sd / 2 ** 0.5, mean + sd / 2 ** 0.5] if n == 2 else [mean] * n
+    if n > 2:
+        raise ValueError(f"{run}: {n} seeds in one eval.json; their {key} values cannot be recovered from mean and sd.")
+    return [mean] if n == 1 else [mean - sd / 2 ** 0.5, mean + sd / 2 ** 0.5]
 
 
 def main(runs: list[Path], rows: tuple[str, ...] = ROWS) -> None:

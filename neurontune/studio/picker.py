@@ -9,7 +9,7 @@ import pandas as pd
 from ..interventions.modulation import ModulationFileError
 from ..run.export import slugify
 from ..run.folder import RunFolder
-from ..run.sweep import split_of, tradeoff_figure
+from ..run.sweep import X_COLUMNS, Y_COLUMNS, split_of, tradeoff_figure
 from . import handlers, plots
 from .state import Session, Studio
 from .views import View, returns
@@ -75,11 +75,9 @@ def pick_point(studio: Studio, session: Session, index, view: View = View()) -> 
     except ValueError as exc:  # gains for another model's shape, or thresholds the model cannot take
         return {"pick_status": f"✗ {exc}"}
     split = split_of(frame) or "an unnamed"
-    judged = "harmful_refusal" in row.index and row["harmful_refusal"] == row["harmful_refusal"]
-    suffix = "" if judged else " proxy"
-    status = (f"✓ Point {i} (k_safety={ks}, k_utility={ku}; {split} split: harmful refusal{suffix} "
-              f"{row.get('harmful_refusal' + suffix.replace(' ', '_'), float('nan')):.3f}, benign over-refusal{suffix} "
-              f"{row.get('benign_over_refusal' + suffix.replace(' ', '_'), float('nan')):.3f}) is now this session's {form}. "
+    y, x = (next((c for c in cols if c in frame.columns), cols[0]) for cols in (Y_COLUMNS, X_COLUMNS))  # judged, else proxy
+    status = (f"✓ Point {i} (k_safety={ks}, k_utility={ku}; {split} split: {y.replace('_', ' ')} {row.get(y, float('nan')):.3f}, "
+              f"{x.replace('_', ' ')} {row.get(x, float('nan')):.3f}) is now this session's {form}. "
               "**→ Compare** chats with it; **→ Export** folds " + ("its gains (without the gate)" if gate is not None else "it")
               + " into a checkpoint.")
     return {**handlers.gains_views(session, view), **sweep_views(session),
