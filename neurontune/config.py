@@ -88,8 +88,9 @@ class MetaConfig:
     gate_max_fpr: float | None = None  # with a chosen shift: the best recall that opens on at most this share of harmless prompts
     gate_sharpness: float = 1.0  # multiplies the gate's logit: > 1 gives unsure prompts less of the modulation
     # What the gate reads: "amplified" (the 256 most amplified neurons, or before training the top selected safety
-    # neurons), "layer" (every neuron of the layer whose probe separates validation prompts best) or "residual" (the
-    # residual stream entering the layer that separates them best)
+    # neurons), "layer" (every neuron of the layer whose probe separates validation prompts best), "residual" (the
+    # residual stream entering the layer that separates them best, at the prompt's last token) or "residual_mean"
+    # (the same, averaged over the user's turn)
     gate_features: str = "amplified"
     # Train the gains BEHIND the gate: the gate is fitted first (it reads the unmodulated prompt) and every training
     # prompt gets the gains at the strength the gate reads from it; off: gains first, then a gate fitted on them.
@@ -109,8 +110,9 @@ class MetaConfig:
     opening_weight: float = 0.0
 
     def __post_init__(self):
-        if self.gate_features not in ("amplified", "layer", "residual"):
-            raise ValueError(f"meta.gate_features must be 'amplified', 'layer' or 'residual', not {self.gate_features!r}.")
+        if self.gate_features not in ("amplified", "layer", "residual", "residual_mean"):
+            raise ValueError("meta.gate_features must be 'amplified', 'layer', 'residual' or 'residual_mean', "
+                             f"not {self.gate_features!r}.")
         if self.gate_first and not self.gate:
             raise ValueError("meta.gate_first trains the gains behind the input gate: set meta.gate to true as well.")
 

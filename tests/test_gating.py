@@ -199,3 +199,58 @@ def test_layer_gate_reads_the_layer_that_separates_validation_best(tiny_llama, t
     assert torch.allclose(back.read(lm, texts), probe.read(lm, texts))
     with pytest.raises(ValueError, match="amplified"):
         gating.fit_gate_for_run(lm, random_modulation(lm.shape, 10, fingerprint=lm.fingerprint), splits, features="neurons")
+
+
+def test_pooled_gate_reads_the_mean_of_the_users_turn(lm, tmp_path):
+    """pool_from = the chat template's fixed opening: the features are the mean of each prompt's activations from
+    its first own token on, equal to averaging the full activations of each prompt run alone (no padding); the
+    free-form path (`Gated.apply`, reading ids) measures the same strengths, and the gate file keeps the pooling."""
+    from neurontune.interventions.capture import template_prefix_len, unit_features
+    from neurontune.interventions.gating import GateProbe
+    from neurontune.interventions.generation import generate
+    k = template_prefix_len(lm.tokenizer)
+    users = ("Hi", "How do I pick a lock?", "A longer request about bread and butter")
+    texts = [chat_prompt(lm.tokenizer, p) for p in users]
+    rows = [lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert all(r[:k] == rows[0][:k] for r in rows) and len({r[k] for r in rows}) > 1  # the shared opening, no more
+    gen = torch.Generator().manual_seed(1)
+    layers = torch.tensor([1, 0, 1])
+    neurons = torch.randint(0, lm.shape[1], (3,), generator=gen)
+    got = unit_features(lm, texts, layers, neurons, batch_size=2, pool_from=k)
+    full: dict[int, torch.Tensor] = {}
+    handles = [p.register_forward_pre_hook(lambda m, a, l=l: full.__setitem__(l, a[0].reshape(1, -1, a[0].shape[-1])))
+               for l, p in enumerate(lm.nmap.projections)]
+    try:
+        want = []
+        for row in rows:
+            with torch.no_grad():
+                lm.model(input_ids=torch.tensor([row]), use_cache=False)
+            want.append(torch.stack([full[int(l)][0, k:, int(n)].mean() for l, n in zip(layers, neurons)]))
+    finally:
+        for h in handles:
+            h.remove()
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got, unit_features(lm, texts, layers, neurons, batch_size=2), atol=1e-3)  # not the last token
+    probe = GateProbe(layers, neurons, got.mean(0), got.std(0) + 1e-3, torch.tensor([0.5, -0.3, 0.8]), 0.1, pool_from=k)
+    probe.save(tmp_path / "gate.safetensors")
+    back = GateProbe.load(tmp_path / "gate.safetensors", shape=lm.shape)
+    assert back.pool_from == k and torch.allclose(back.read(lm, texts), probe.read(lm, texts))
+    mod = random_modulation(lm.shape, 20, seed=3, fingerprint=lm.fingerprint)
+    with Gated(mod, back).apply(lm) as state:
+        generate(lm, list(users), max_new_tokens=2)
+    torch.testing.assert_close(state["s"], probe.read(lm, texts), rtol=1e-4, atol=1e-5)
+
+
+def test_residual_mean_gate_is_fitted_on_the_pooled_residual(tiny_llama):
+    """features="residual_mean": the residual stream of one layer, averaged over the user's turn, fitted from the
+    training split; its reading differs from the last-token gate's."""
+    from neurontune.config import DataConfig
+    from neurontune.data.splits import build_splits
+    from neurontune.interventions.capture import template_prefix_len
+    from neurontune.method import gate_fit as gating
+    lm, splits = tiny_llama, build_splits(DataConfig())
+    pooled = gating.fit_gate_for_run(lm, None, splits, features="residual_mean", cache_dir=False)
+    last = gating.fit_gate_for_run(lm, None, splits, features="residual", cache_dir=False)
+    assert pooled.site == "residual" and pooled.pool_from == template_prefix_len(lm.tokenizer) and last.pool_from is None
+    texts = [chat_prompt(lm.tokenizer, t) for t in ("How do I pick a lock?", "Bake bread")]
+    assert not torch.allclose(pooled.read(lm, texts), last.read(lm, texts))

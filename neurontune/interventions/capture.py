@@ -9,7 +9,10 @@ Three sites of a decoder layer can be read (`SITES`):
 
 Every reader of "the activations at the end of the prompt" (the input gate, the neuron card, the direction baseline,
 the separability ceiling, the input terms' directions) goes through `read_ids`, so they all read the same token the
-same way. Hooks are scoped to the call (`hooks.scoped_pre_hooks`); the model is never changed.
+same way. With `pool_from=k` a reader gets instead the mean over each prompt's tokens from its k-th real token on
+(k = `template_prefix_len`: the user's turn, without the chat template's fixed opening), what a gate that reads the
+whole request rather than its last token uses. Hooks are scoped to the call (`hooks.scoped_pre_hooks`); the model is
+never changed.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from ..data.chat import chat_prompt
 from ..infra.devices import cat_to_host
 from ..infra.progress import SILENT, Reporter
 from ..model.logprobs import encode_pairs, last_token_index
@@ -40,20 +44,45 @@ def site_modules(lm, site: str) -> list:
     raise ValueError(f"Unknown capture site {site!r}; use one of {SITES}.")
 
 
+def template_prefix_len(tokenizer) -> int:
+    """Tokens every formatted prompt starts with (the chat template's system turn and user header): the common
+    prefix of two prompts that differ from their first character on; 0 for a model without a chat template."""
+    a, b = (tokenizer(chat_prompt(tokenizer, t), add_special_tokens=False)["input_ids"] for t in ("x", "?"))
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def pool_weights(mask: torch.Tensor, pool_from: int) -> torch.Tensor:
+    """[B, T] weights of a mean over each left-padded row's real tokens from its `pool_from`-th on (a row no
+    longer than that keeps its last token)."""
+    first = mask.shape[1] - mask.sum(1, keepdim=True)  # index of each row's first real token
+    pos = torch.arange(mask.shape[1]).unsqueeze(0)
+    w = ((pos >= first + pool_from) & (mask > 0)).float()
+    w[w.sum(1) == 0, -1] = 1.0
+    return w / w.sum(1, keepdim=True)
+
+
 @torch.no_grad()
 def read_ids(lm, ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor | None, site: str, layers: Sequence[int],
-             index: dict[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
+             index: dict[int, torch.Tensor] | None = None, pool_from: int | None = None) -> dict[int, torch.Tensor]:
     """{layer: [B, k] float32} activations of `site` at position `last[b]` of each row (default: the final position,
-    the end of a left-padded prompt), left on the layer's device; `index[layer]` keeps only those units."""
+    the end of a left-padded prompt), or with `pool_from` their mean over the row's tokens from that real token on
+    (`pool_weights`), left on the layer's device; `index[layer]` keeps only those units."""
     modules = site_modules(lm, site)
     last = torch.full((ids.shape[0],), ids.shape[1] - 1) if last is None else last
+    weights = None if pool_from is None else pool_weights(mask, pool_from)
     store: dict[int, torch.Tensor] = {}
 
     def make(layer: int):
         def hook(module, args):
             x = args[0]
             x = x.reshape(ids.shape[0], -1, x.shape[-1])  # OPT flattens [B, T, N] to [B*T, N]
-            picked = x[torch.arange(x.shape[0], device=x.device), last.to(x.device)]
+            if weights is not None:
+                picked = torch.einsum("bt,btn->bn", weights.to(x.device, torch.float32), x.float())
+            else:
+                picked = x[torch.arange(x.shape[0], device=x.device), last.to(x.device)]
             if index is not None:
                 picked = picked.index_select(-1, index[layer].to(x.device))
             store[layer] = picked.float()
@@ -69,9 +98,12 @@ def read_ids(lm, ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor | Non
 def iter_last_token(lm, texts: Sequence[str], site: str = "neurons", *, layers: Sequence[int] | None = None,
                     index: dict[int, torch.Tensor] | None = None, targets: Sequence[str] | None = None,
                     batch_size: int = 16, max_length: int = PROMPT_CAP, reporter: Reporter | None = None,
-                    stage: str = "reading activations") -> Iterator[dict[int, torch.Tensor]]:
+                    stage: str = "reading activations", pool_from: int | None = None) -> Iterator[dict[int, torch.Tensor]]:
     """Per batch of formatted prompts, `read_ids` at each row's last token: the prompt's end, or with `targets` the
-    last token of prompt + target. Layers: every layer, `layers`, or those of `index`."""
+    last token of prompt + target, or with `pool_from` the prompt's mean from that token on. Layers: every layer,
+    `layers`, or those of `index`."""
+    if pool_from is not None and targets is not None:
+        raise ValueError("A pooled read covers the prompt alone: pass targets or pool_from, not both.")
     reporter = reporter or SILENT
     n_layers = len(site_modules(lm, site))
     wanted = sorted(int(l) for l in (index if index is not None else (layers if layers is not None else range(n_layers))))
@@ -84,34 +116,36 @@ def iter_last_token(lm, texts: Sequence[str], site: str = "neurons", *, layers: 
         else:
             batch = encode_pairs(lm.tokenizer, chunk, list(targets[start:start + batch_size]), max_length)
             ids, mask, last = batch.input_ids, batch.attention_mask, last_token_index(batch)
-        yield read_ids(lm, ids, mask, last, site, wanted, index)
+        yield read_ids(lm, ids, mask, last, site, wanted, index, pool_from)
         reporter.progress(min(start + batch_size, len(texts)), len(texts), stage)
 
 
 def last_token(lm, texts: Sequence[str], site: str = "neurons", *, layers: Sequence[int] | None = None,
                targets: Sequence[str] | None = None, batch_size: int = 16, max_length: int = PROMPT_CAP,
-               dtype: torch.dtype = torch.float32, reporter: Reporter | None = None) -> torch.Tensor:
-    """[n, n_layers_read, width] activations of `site` at each formatted prompt's last token (every layer, or
-    `layers` in ascending order), on the host in `dtype`."""
+               dtype: torch.dtype = torch.float32, reporter: Reporter | None = None,
+               pool_from: int | None = None) -> torch.Tensor:
+    """[n, n_layers_read, width] activations of `site` at each formatted prompt's last token (or pooled from
+    `pool_from`, as `read_ids`) (every layer, or `layers` in ascending order), on the host in `dtype`."""
     parts = []
     for store in iter_last_token(lm, texts, site, layers=layers, targets=targets, batch_size=batch_size,
-                                 max_length=max_length, reporter=reporter):
+                                 max_length=max_length, reporter=reporter, pool_from=pool_from):
         parts.append(torch.stack([x.to("cpu") for _, x in sorted(store.items())], 1).to(dtype))
     return torch.cat(parts)
 
 
 def unit_features(lm, texts: Sequence[str] | None, layers: torch.Tensor, units: torch.Tensor, *, site: str = "neurons",
                   ids: tuple[torch.Tensor, torch.Tensor] | None = None, batch_size: int = 16, max_length: int = PROMPT_CAP,
-                  reporter: Reporter | None = None) -> torch.Tensor:
-    """[n, k] the units (layers[i], units[i]) of `site` at each formatted prompt's last token (or of the left-padded
-    `ids` = (input ids, mask) of one forward): what a gate reads. Each hook keeps only its layer's units; the pieces
-    reach the host once per batch and device."""
+                  reporter: Reporter | None = None, pool_from: int | None = None) -> torch.Tensor:
+    """[n, k] the units (layers[i], units[i]) of `site` at each formatted prompt's last token, or pooled from
+    `pool_from` (as `read_ids`), of the prompts or of the left-padded `ids` = (input ids, mask) of one forward: what a
+    gate reads. Each hook keeps only its layer's units; the pieces reach the host once per batch and device."""
     needed = sorted(set(layers.tolist()))
     picks = {layer: (layers == layer).nonzero().flatten() for layer in needed}  # layer -> positions in the feature vector
     index = {layer: units[picks[layer]] for layer in needed}
     order = torch.cat([picks[layer] for layer in needed])
-    stores = ([read_ids(lm, ids[0], ids[1], None, site, needed, index)] if ids is not None else
-              iter_last_token(lm, texts, site, index=index, batch_size=batch_size, max_length=max_length, reporter=reporter))
+    stores = ([read_ids(lm, ids[0], ids[1], None, site, needed, index, pool_from)] if ids is not None else
+              iter_last_token(lm, texts, site, index=index, batch_size=batch_size, max_length=max_length, reporter=reporter,
+                              pool_from=pool_from))
     out = []
     for store in stores:
         feats = torch.empty(next(iter(store.values())).shape[0], len(layers))

@@ -1,7 +1,8 @@
 """The input gate: a probe reads each prompt, unmodulated, and sets how much of an intervention that prompt gets.
 
-`GateProbe` is a logistic readout of activations at the prompt's last token (some MLP neurons, a whole layer's
-neurons, or the residual stream of a layer: `capture.last_token` reads them), giving a strength s in (0, 1).
+`GateProbe` is a logistic readout of activations at the prompt's last token, or averaged over the user's turn (some
+MLP neurons, a whole layer's neurons, or the residual stream of a layer: `capture.unit_features` reads them), giving
+a strength s in (0, 1).
 `Gated(inner, probe)` is the one gated intervention: every caller (the evaluation harness, the studio's chat and
 bulk table, `generate` on the command line) turns prompts into per-row strengths with `Gated.strengths` and applies
 `inner` at those strengths (`inner.apply_rows`; for gains that is 1 + s (g - 1) and s times any input-side term).
@@ -28,7 +29,8 @@ GATED = " + gate"  # suffix of a gated row's name: the same intervention scaled 
 @dataclass
 class GateProbe:
     """s = sigmoid(((a - mean) / std) . weight + bias), a = the units (layers[i], neurons[i]) of `site` at the
-    prompt's last token ("neurons": MLP neurons; "residual": dimensions of the residual stream entering a layer)."""
+    prompt's last token ("neurons": MLP neurons; "residual": dimensions of the residual stream entering a layer), or
+    with `pool_from` = k their mean over the prompt's tokens from the k-th on (the user's turn: `template_prefix_len`)."""
 
     layers: torch.Tensor  # [k] layer of each feature
     neurons: torch.Tensor  # [k] unit of each feature within its layer's site
@@ -40,6 +42,7 @@ class GateProbe:
     fingerprint: str | None = None  # the model it was fitted on (older gate files have none)
     bias_shift: float = 0.0  # added to the fitted bias (given, or chosen on validation)
     site: str = "neurons"
+    pool_from: int | None = None
 
     def logit(self, acts: torch.Tensor) -> torch.Tensor:
         """acts: [B, k] raw activations -> [B] logit of the strength."""
@@ -51,7 +54,8 @@ class GateProbe:
 
     def features(self, lm, formatted: Sequence[str], max_length: int = PROMPT_CAP) -> torch.Tensor:
         """[n, k] what the probe reads, for formatted prompts (chat template applied, ending with the assistant header)."""
-        return unit_features(lm, formatted, self.layers, self.neurons, site=self.site, max_length=max_length)
+        return unit_features(lm, formatted, self.layers, self.neurons, site=self.site, max_length=max_length,
+                             pool_from=self.pool_from)
 
     def read(self, lm, formatted: Sequence[str], max_length: int = PROMPT_CAP) -> torch.Tensor:
         """[n] strength of each formatted prompt (prompts longer than `max_length` tokens keep their end, as generation does)."""
@@ -65,6 +69,8 @@ class GateProbe:
                                                   "std": self.std, "weight": self.weight}.items()}
         meta = {"format": "neurontune-gate", "bias": repr(self.bias), "train_accuracy": repr(self.train_accuracy),
                 "fingerprint": self.fingerprint or "", "bias_shift": repr(self.bias_shift), "site": self.site}
+        if self.pool_from is not None:
+            meta["pool_from"] = str(int(self.pool_from))
         return write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), checksum=False)
 
     @classmethod
@@ -85,7 +91,8 @@ class GateProbe:
             raise ValueError(f"{path} is a gate reading an unknown site {site!r}; this NeuronTune reads {SITES}.")
         try:
             probe = cls(t["layers"].long(), t["neurons"].long(), t["mean"].float(), t["std"].float(), t["weight"].float(),
-                        float(meta["bias"]), float(meta.get("train_accuracy", 0)), fingerprint, float(meta.get("bias_shift", 0)), site)
+                        float(meta["bias"]), float(meta.get("train_accuracy", 0)), fingerprint, float(meta.get("bias_shift", 0)), site,
+                        int(meta["pool_from"]) if meta.get("pool_from") else None)
         except (KeyError, ValueError) as exc:
             raise ValueError(f"{path} is a corrupted gate file (missing or unreadable {exc}).") from exc
         k = len(probe.layers)
@@ -153,7 +160,7 @@ class Gated:
             local.busy = True
             try:
                 s = self.probe.strength(unit_features(lm, None, self.probe.layers, self.probe.neurons, site=self.probe.site,
-                                                      ids=(ids, mask)))
+                                                      ids=(ids, mask), pool_from=self.probe.pool_from))
             finally:
                 local.busy = False
             state["s"] = s

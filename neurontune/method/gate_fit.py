@@ -7,7 +7,11 @@ reads (`GATE_FEATURES`):
 - "amplified": the `max_features` neurons the modulation amplifies most (or, before any gains exist, the selected
   safety neurons with the highest safety score);
 - "layer": every MLP neuron of the one layer whose probe separates the validation pools best;
-- "residual": the residual stream entering the one layer whose probe separates the validation pools best.
+- "residual": the residual stream entering the one layer whose probe separates the validation pools best, at the
+  prompt's last token;
+- "residual_mean": the same, averaged over the user's turn (every token after the chat template's fixed opening).
+  Chosen by leaving each training attack family out in turn (docs/results.md): a reading of the whole request
+  opens more often inside a family the gate never saw, and less often on safe requests with alarming words.
 The gate reads activations of the unmodulated model, so it can be fitted before the gains are trained.
 """
 from __future__ import annotations
@@ -23,11 +27,12 @@ from ..data.chat import chat_prompt
 from ..infra import files
 from ..infra.probes import fit_probe, roc_auc
 from ..infra.progress import Reporter
-from ..interventions.capture import last_token, unit_features
+from ..interventions.capture import last_token, template_prefix_len, unit_features
 from ..interventions.gating import GateProbe
 from ..interventions.modulation import Modulation
 
-GATE_FEATURES = ("amplified", "layer", "residual")
+GATE_FEATURES = ("amplified", "layer", "residual", "residual_mean")
+LAYER_SITES = {"layer": ("neurons", False), "residual": ("residual", False), "residual_mean": ("residual", True)}  # site, pooled
 SHIFTS = tuple(x / 2 for x in range(-8, 9))  # -4 .. 4 in steps of 0.5
 
 
@@ -66,15 +71,18 @@ def fit_gate(lm, modulation: Modulation | None, positive: Sequence[str], negativ
 
 def fit_layer_gate(lm, positive: Sequence[str], negative: Sequence[str], val_positive: Sequence[str],
                    val_negative: Sequence[str], *, layers: Sequence[int] | None = None, site: str = "neurons",
-                   reporter: Reporter | None = None) -> GateProbe:
+                   pool_from: int | None = None, reporter: Reporter | None = None) -> GateProbe:
     """A probe on every unit of one layer's `site` ("neurons": its MLP neurons; "residual": the residual stream
-    entering it): for each candidate layer (default: every layer), fit on (positive, negative) and keep the layer with
-    the highest ROC AUC on the validation prompts (ties: the lower). Why a whole layer: a linear probe of the prompt
-    end separates harmful from harmless far better at later layers than a few hundred amplified neurons do."""
+    entering it), at the prompt's last token or averaged from its `pool_from`-th token on: for each candidate layer
+    (default: every layer), fit on (positive, negative) and keep the layer with the highest ROC AUC on the validation
+    prompts (ties: the lower). Why a whole layer: a linear probe of the prompt separates harmful from harmless far
+    better at later layers than a few hundred amplified neurons do."""
     n_layers = lm.shape[0]
     candidates = sorted(layers) if layers is not None else list(range(n_layers))
-    x = last_token(lm, _formatted(lm, list(positive) + list(negative)), site, layers=candidates, reporter=reporter)
-    xv = last_token(lm, _formatted(lm, list(val_positive) + list(val_negative)), site, layers=candidates, reporter=reporter)
+    x = last_token(lm, _formatted(lm, list(positive) + list(negative)), site, layers=candidates, reporter=reporter,
+                   pool_from=pool_from)
+    xv = last_token(lm, _formatted(lm, list(val_positive) + list(val_negative)), site, layers=candidates, reporter=reporter,
+                    pool_from=pool_from)
     y = torch.tensor([1.0] * len(positive) + [0.0] * len(negative))
     width = x.shape[-1]
     best = None
@@ -85,7 +93,7 @@ def fit_layer_gate(lm, positive: Sequence[str], negative: Sequence[str], val_pos
         if best is None or auc > best[0]:
             train_acc = float(((((x[:, i] - mean) / std) @ w + b > 0).float() == y).float().mean())
             best = (auc, GateProbe(torch.full((width,), layer), torch.arange(width), mean, std, w, float(b),
-                                   train_acc, getattr(lm, "fingerprint", None), site=site))
+                                   train_acc, getattr(lm, "fingerprint", None), site=site, pool_from=pool_from))
     return best[1]
 
 
@@ -96,7 +104,8 @@ def choose_bias_shift(lm, probe: GateProbe, splits, shifts: tuple[float, ...] = 
     `max_fpr` the largest true-positive rate among the shifts that open the gate on at most that share of harmless
     prompts (ties: the smaller shift)."""
     positive, negative = splits.harm_pools("validation", 48, 6)
-    feats = lambda texts: unit_features(lm, _formatted(lm, texts), probe.layers, probe.neurons, site=probe.site, reporter=reporter)  # noqa: E731
+    feats = lambda texts: unit_features(lm, _formatted(lm, texts), probe.layers, probe.neurons, site=probe.site,  # noqa: E731
+                                        reporter=reporter, pool_from=probe.pool_from)
     z_pos = probe.logit(feats(positive)) - probe.bias_shift
     z_neg = probe.logit(feats(negative)) - probe.bias_shift
     tpr = {s: float((z_pos + s > 0).float().mean()) for s in shifts}
@@ -144,10 +153,10 @@ def _cached_fit(lm, splits, features: str, neurons, reporter: Reporter | None, c
                 return GateProbe.load(path, shape=tuple(lm.shape), expected_fingerprint=getattr(lm, "fingerprint", None))
             except ValueError as exc:
                 files.warn_bad(path, str(exc), "gate cache entry")
-    if features in ("layer", "residual"):
-        site = "neurons" if features == "layer" else "residual"
+    if features in LAYER_SITES:
+        site, pooled = LAYER_SITES[features]
         probe = fit_layer_gate(lm, *splits.harm_pools("train", 400, 40), *splits.harm_pools("validation", 48, 6), site=site,
-                               reporter=reporter)
+                               pool_from=template_prefix_len(lm.tokenizer) if pooled else None, reporter=reporter)
     else:
         probe = fit_gate(lm, None, *splits.harm_pools("train", 100, 16), neurons=neurons, reporter=reporter)
     if path is not None:
