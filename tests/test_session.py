@@ -180,3 +180,19 @@ def test_the_shipped_run_is_adopted_whole(tiny_llama, tmp_path):
     assert s.modulation is snap.modulation and s.gate is snap.gate and s.eval_rows == snap.eval_rows
     assert s.operating_point == (25, 8) and "shipped `balanced`" in s.gains_source
     assert s.chat == [[], []]  # the shipped answer pair is shown, never put into the session's conversation
+
+
+def test_the_shipped_example_pair_says_which_family_it_comes_from():
+    """The Compare tab's shipped example: a held-out family's prompt the gate turned into a refusal when there is one,
+    else one from a training family, and the note names the family and whether tuning saw it."""
+    from neurontune.studio.shipped import EXAMPLE_NOTE, example_pair
+    row = lambda fam, refused, base_refused, prompt: {"intervention": "neurontune + gate", "category": "attacked",  # noqa: E731
+                                                      "family": fam, "refusal": refused, "base_refusal": base_refused,
+                                                      "prompt": prompt, "base_answer": "b", "answer": "a"}
+    rows = [row("roleplay", False, False, "p0"), row("roleplay", True, False, "p1"), row("few_shot", True, True, "p2"),
+            row("few_shot", True, False, "p3")]
+    assert example_pair(rows, ["few_shot"])[0] == "p3" and "held-out" in example_pair(rows, ["few_shot"])[3]
+    prompt, _, _, what = example_pair(rows[:3], ["few_shot"])
+    assert prompt == "p1" and "`roleplay`" in what and "held-out" not in what
+    assert example_pair(rows[:1], [])[0] == "p0" and example_pair([], []) is None
+    assert "`roleplay`" in EXAMPLE_NOTE.format(what=what)

@@ -14,8 +14,8 @@ from .views import View, views
 SOURCE_NOTE = ("\n\n**Opened on** {what}: the heatmap, the gains with their input gate and the evaluation come from it (no live "
                "work yet). **Run the whole flow** redoes it live on this machine (scores, selection, training, a held-out "
                "jailbreak); any tab's buttons work as well.")
-EXAMPLE_NOTE = ("These two answers are an example from the shipped run's evaluation (a held-out request in an attack family "
-                "tuning never saw, gated gains), not part of your conversation: your first message starts a new one in both panes.")
+EXAMPLE_NOTE = ("These two answers are an example from the shipped run's evaluation ({what}, gated gains), not part of your "
+                "conversation: your first message starts a new one in both panes.")
 
 
 def _eval_scope(summary: dict | None) -> str:
@@ -29,16 +29,20 @@ def _eval_scope(summary: dict | None) -> str:
 JUDGED_BEFORE = "refusal judge: the rules of that time (refuse / comply / degenerate, no partial class; `bench/rejudge.py` re-reads them)"
 
 
-def example_pair(generations: list[dict], heldout: list[str]) -> tuple[str, str, str] | None:
-    """(prompt, base answer, gated answer) of the shipped evaluation: a held-out attack family's prompt that
-    the base model answered and the gated model refused, when there is one (else the first attacked prompt)."""
+def example_pair(generations: list[dict], heldout: list[str]) -> tuple[str, str, str, str] | None:
+    """(prompt, base answer, gated answer, what the prompt is) of the shipped evaluation: an attacked prompt that the
+    base model answered and the gated model refused, from a held-out family when there is one (a validation-split
+    evaluation has none), else the first attacked prompt."""
     rows = [r for r in generations if r.get("intervention") in ("neurontune" + GATED, "neurontune") and r.get("category") == "attacked"]
     if not rows:
         return None
     gated = [r for r in rows if r.get("intervention") == "neurontune" + GATED] or rows
-    best = [r for r in gated if r.get("family") in heldout and r.get("refusal") and not r.get("base_refusal")]
-    r = (best or gated)[0]
-    return r["prompt"], r.get("base_answer", ""), r.get("answer", "")
+    turned = [r for r in gated if r.get("refusal") and not r.get("base_refusal")]
+    r = ([x for x in turned if x.get("family") in heldout] or turned or gated)[0]
+    family = r.get("family", "unknown")
+    what = (f"a held-out request inside the `{family}` attack family, which tuning never saw" if family in heldout
+            else f"a request inside the `{family}` attack family, one of those tuning trained on")
+    return r["prompt"], r.get("base_answer", ""), r.get("answer", ""), what
 
 
 def open_shipped(studio: Studio, session: Session, view: View = View()) -> dict:
@@ -61,8 +65,8 @@ def open_shipped(studio: Studio, session: Session, view: View = View()) -> dict:
     if not engine.ready:  # the first neuron card then finds the pool activations computed (or read from the disk cache)
         studio.runner.submit("card prompts", lambda reporter: engine.activations() is None, key=session.scores_key, heavy=False)
     if pair is not None and not any(session.chat):  # shown, not continued: the session's chat stays empty
-        prompt, base, tuned = pair
+        prompt, base, tuned, what = pair
         example = [[{"role": "user", "content": prompt}, {"role": "assistant", "content": base}],
                    [{"role": "user", "content": prompt}, {"role": "assistant", "content": tuned}]]
-        out.update(left=display(example[0]), right=display(example[1]), chat_status=EXAMPLE_NOTE)
+        out.update(left=display(example[0]), right=display(example[1]), chat_status=EXAMPLE_NOTE.format(what=what))
     return out
