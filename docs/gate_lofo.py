@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from neurontune.config import load_preset  # noqa: E402
 from neurontune.data.chat import chat_prompt  # noqa: E402
 from neurontune.data.splits import build_splits  # noqa: E402
-from neurontune.infra.probes import fit_probe, recall_at_fpr, roc_auc  # noqa: E402
+from neurontune.infra.probes import recall_at_fpr, roc_auc  # noqa: E402
 from neurontune.interventions.capture import last_token, template_prefix_len  # noqa: E402
-from neurontune.method.gate_fit import LAYER_SITES  # noqa: E402
+from neurontune.method.gate_fit import LAYER_SITES, best_layer_probe  # noqa: E402
 from neurontune.model.loading import load_model  # noqa: E402
 
 LAYERS = list(range(8, 28, 2))  # candidate layers (every second one from 8 to 26 on SmolLM2-135M's 30)
@@ -68,14 +68,7 @@ def main() -> None:
             fn = text(full.attacked("benign", "validation", 24, (held,))) + text(full.attacked("borderline", "validation", 12, (held,)))
             x, xv = read(tp + tn, features), read(vp + vn, features)
             y = torch.tensor([1.0] * len(tp) + [0.0] * len(tn))
-            best = None
-            for i, layer in enumerate(LAYERS):
-                mean, std, w, b = fit_probe(x[:, i], y)
-                z = ((xv[:, i] - mean) / std) @ w + b
-                auc = roc_auc(z[: len(vp)], z[len(vp):])
-                if best is None or auc > best[0]:
-                    best = (auc, i, mean, std, w, b)
-            auc, i, mean, std, w, b = best
+            auc, i, (mean, std, w, b) = best_layer_probe(x, y, xv, len(vp))
             logit = lambda texts: ((read(texts, features)[:, i] - mean) / std) @ w + b  # noqa: E731
             opens = lambda texts: float((torch.sigmoid(args.sharpness * logit(texts)) > 0.5).float().mean())  # noqa: E731
             z_f, z_neg = logit(fp), logit(plain_neg + fn)

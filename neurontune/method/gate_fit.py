@@ -84,17 +84,25 @@ def fit_layer_gate(lm, positive: Sequence[str], negative: Sequence[str], val_pos
     xv = last_token(lm, _formatted(lm, list(val_positive) + list(val_negative)), site, layers=candidates, reporter=reporter,
                     pool_from=pool_from)
     y = torch.tensor([1.0] * len(positive) + [0.0] * len(negative))
+    _, i, (mean, std, w, b) = best_layer_probe(x, y, xv, len(val_positive))
     width = x.shape[-1]
+    train_acc = float(((((x[:, i] - mean) / std) @ w + b > 0).float() == y).float().mean())
+    return GateProbe(torch.full((width,), candidates[i]), torch.arange(width), mean, std, w, float(b), train_acc,
+                     getattr(lm, "fingerprint", None), site=site, pool_from=pool_from)
+
+
+def best_layer_probe(x: torch.Tensor, y: torch.Tensor, xv: torch.Tensor, n_val_positive: int) -> tuple[float, int, tuple]:
+    """(validation ROC AUC, index, (mean, std, weight, bias)) of the probe, fitted on x[:, i] (labels y), whose
+    validation scores rank xv's first `n_val_positive` rows above the rest best (ties: the lower index)."""
     best = None
-    for i, layer in enumerate(candidates):
-        mean, std, w, b = fit_probe(x[:, i], y)
+    for i in range(x.shape[1]):
+        probe = fit_probe(x[:, i], y)
+        mean, std, w, b = probe
         z = ((xv[:, i] - mean) / std) @ w + b
-        auc = roc_auc(z[: len(val_positive)], z[len(val_positive):])
+        auc = roc_auc(z[:n_val_positive], z[n_val_positive:])
         if best is None or auc > best[0]:
-            train_acc = float(((((x[:, i] - mean) / std) @ w + b > 0).float() == y).float().mean())
-            best = (auc, GateProbe(torch.full((width,), layer), torch.arange(width), mean, std, w, float(b),
-                                   train_acc, getattr(lm, "fingerprint", None), site=site, pool_from=pool_from))
-    return best[1]
+            best = (auc, i, probe)
+    return best
 
 
 def choose_bias_shift(lm, probe: GateProbe, splits, shifts: tuple[float, ...] = SHIFTS, reporter: Reporter | None = None,
