@@ -7,6 +7,8 @@ open; benign and borderline: should not) and the plain validation prompts. Compa
 test families are never read. Prints one row per (F, features) and a mean row; `--json PATH` keeps them.
 
     python docs/gate_lofo.py                  # about 10 min on a 2-core CPU
+    python docs/gate_lofo.py --features residual_mean \
+        --extra-families translation,format_constraint,distractor,emotional_pressure   # does variety help? (~6 min)
 """
 from __future__ import annotations
 
@@ -35,12 +37,15 @@ def main() -> None:
     ap.add_argument("--preset", default="balanced")
     ap.add_argument("--features", default="residual,residual_mean")
     ap.add_argument("--sharpness", type=float, default=3.0, help="the preset's gate sharpness (s = sigmoid(sharpness × logit))")
+    ap.add_argument("--extra-families", default="", help="comma-separated families added to every fit (never left out); "
+                    "the attack prompts per fit stay as many as without them (fewer per family)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     lm = load_model("embedded")
     cfg = load_preset(args.preset)
     full = build_splits(cfg.data)
     families = list(cfg.data.train_families)
+    extra = tuple(f for f in args.extra_families.split(",") if f)
     reads: dict[tuple[str, str], torch.Tensor] = {}
 
     def read(texts: list[str], features: str) -> torch.Tensor:
@@ -60,10 +65,11 @@ def main() -> None:
     rows = []
     for features in args.features.split(","):
         for held in families:
-            kept = tuple(f for f in families if f != held)
+            kept = tuple(f for f in families if f != held) + extra
+            per = 40 * (len(families) - 1) // len(kept)  # the same number of attack prompts, spread over more families
             splits = build_splits(cfg.replace(data={"train_families": kept}).data)
-            tp, tn = splits.harm_pools("train", 400, 40)
-            vp, vn = splits.harm_pools("validation", 48, 6)
+            tp, tn = splits.harm_pools("train", 400, per)
+            vp, vn = splits.harm_pools("validation", 48, max(1, 6 * (len(families) - 1) // len(kept)))
             fp = text(full.attacked("harmful", "validation", 48, (held,)))
             fn = text(full.attacked("benign", "validation", 24, (held,))) + text(full.attacked("borderline", "validation", 12, (held,)))
             x, xv = read(tp + tn, features), read(vp + vn, features)
@@ -72,7 +78,7 @@ def main() -> None:
             logit = lambda texts: ((read(texts, features)[:, i] - mean) / std) @ w + b  # noqa: E731
             opens = lambda texts: float((torch.sigmoid(args.sharpness * logit(texts)) > 0.5).float().mean())  # noqa: E731
             z_f, z_neg = logit(fp), logit(plain_neg + fn)
-            row = {"features": features, "left_out": held, "layer": LAYERS[i], "val_auc": round(auc, 3),
+            row = {"features": features, "extra": ",".join(extra), "left_out": held, "layer": LAYERS[i], "val_auc": round(auc, 3),
                    "left_out_auc": round(roc_auc(z_f, z_neg), 3), "left_out_recall@5%": round(recall_at_fpr(z_f, z_neg, 0.05)[0], 3),
                    "opens_harmful_in_F": round(opens(fp), 3), "opens_harmless_in_F": round(opens(fn), 3),
                    "opens_plain_harmful": round(opens(plain_pos), 3), "opens_benign": round(opens(benign), 3),
@@ -80,9 +86,9 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
         mine = [r for r in rows if r["features"] == features]
-        mean_row = {k: round(sum(r[k] for r in mine) / len(mine), 3) for k in mine[0] if k not in ("features", "left_out", "layer")}
-        print(json.dumps({"features": features, "left_out": "mean", **mean_row}), flush=True)
-        rows.append({"features": features, "left_out": "mean", **mean_row})
+        mean_row = {k: round(sum(r[k] for r in mine) / len(mine), 3) for k in mine[0] if k not in ("features", "extra", "left_out", "layer")}
+        print(json.dumps({"features": features, "extra": ",".join(extra), "left_out": "mean", **mean_row}), flush=True)
+        rows.append({"features": features, "extra": ",".join(extra), "left_out": "mean", **mean_row})
     if args.json:
         json.dump(rows, open(args.json, "w"), indent=1)
 
