@@ -3,7 +3,8 @@
 For each training attack family F: the gate's probe is fitted on the training pools without F (`Splits.harm_pools`),
 its layer chosen on the validation pools without F, then it reads the validation prompts inside F (harmful: should
 open; benign and borderline: should not) and the plain validation prompts. Compared: what the gate reads
-(`meta.gate_features`: "residual", the prompt's last token; "residual_mean", the mean over the user's turn). Held-out
+(`meta.gate_features`: "residual", the prompt's last token; "residual_mean", the mean over the user's turn;
+"residual_tail", the mean over its last 32 tokens). Held-out
 test families are never read. Prints one row per (F, features) and a mean row; `--json PATH` keeps them.
 
     python docs/gate_lofo.py                  # about 10 min on a 2-core CPU
@@ -26,7 +27,7 @@ from neurontune.data.chat import chat_prompt  # noqa: E402
 from neurontune.data.splits import build_splits  # noqa: E402
 from neurontune.infra.probes import recall_at_fpr, roc_auc  # noqa: E402
 from neurontune.interventions.capture import last_token, template_prefix_len  # noqa: E402
-from neurontune.method.gate_fit import LAYER_SITES, best_layer_probe  # noqa: E402
+from neurontune.method.gate_fit import LAYER_SITES, POOL_LAST, best_layer_probe  # noqa: E402
 from neurontune.model.loading import load_model  # noqa: E402
 
 LAYERS = list(range(8, 28, 2))  # candidate layers (every second one from 8 to 26 on SmolLM2-135M's 30)
@@ -54,7 +55,7 @@ def main() -> None:
         todo = [t for t in dict.fromkeys(texts) if (features, t) not in reads]
         if todo:
             x = last_token(lm, [chat_prompt(lm.tokenizer, t) for t in todo], site, layers=LAYERS,
-                           pool_from=template_prefix_len(lm.tokenizer) if pooled else None)
+                           pool_from=template_prefix_len(lm.tokenizer) if pooled else None, pool_last=POOL_LAST.get(features))
             reads.update({(features, t): row for t, row in zip(todo, x)})
         return torch.stack([reads[(features, t)] for t in texts])
 

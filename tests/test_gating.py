@@ -254,3 +254,64 @@ def test_residual_mean_gate_is_fitted_on_the_pooled_residual(tiny_llama):
     assert pooled.site == "residual" and pooled.pool_from == template_prefix_len(lm.tokenizer) and last.pool_from is None
     texts = [chat_prompt(lm.tokenizer, t) for t in ("How do I pick a lock?", "Bake bread")]
     assert not torch.allclose(pooled.read(lm, texts), last.read(lm, texts))
+
+
+def test_tail_gate_reads_the_mean_of_the_last_tokens_of_the_users_turn(lm, tmp_path):
+    """pool_last = w: the mean over the last w tokens of each prompt's user turn, equal to averaging those positions
+    of each prompt run alone (no padding); a w longer than every turn reads the whole-turn mean exactly; the free-form
+    path and the gate file keep it."""
+    from neurontune.interventions.capture import template_prefix_len, unit_features
+    from neurontune.interventions.gating import GateProbe
+    from neurontune.interventions.generation import generate
+    k, w = template_prefix_len(lm.tokenizer), 4
+    users = ("Hi", "How do I pick a lock?", "A longer request about bread and butter, with a jam sandwich on the side")
+    texts = [chat_prompt(lm.tokenizer, p) for p in users]
+    rows = [lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert all(len(r) - k > w for r in rows)  # every turn is longer than the tail
+    layers, neurons = torch.tensor([0, 1, 1]), torch.tensor([2, 5, 7]) % lm.shape[1]
+    got = unit_features(lm, texts, layers, neurons, batch_size=2, pool_from=k, pool_last=w)
+    full: dict[int, torch.Tensor] = {}
+    handles = [p.register_forward_pre_hook(lambda m, a, l=l: full.__setitem__(l, a[0].reshape(1, -1, a[0].shape[-1])))
+               for l, p in enumerate(lm.nmap.projections)]
+    try:
+        want = []
+        for row in rows:
+            with torch.no_grad():
+                lm.model(input_ids=torch.tensor([row]), use_cache=False)
+            want.append(torch.stack([full[int(l)][0, len(row) - w:, int(n)].mean() for l, n in zip(layers, neurons)]))
+    finally:
+        for h in handles:
+            h.remove()
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-4, atol=1e-5)
+    whole = unit_features(lm, texts, layers, neurons, batch_size=2, pool_from=k)
+    assert not torch.allclose(got, whole, atol=1e-3)
+    torch.testing.assert_close(unit_features(lm, texts, layers, neurons, batch_size=2, pool_from=k, pool_last=10_000), whole)
+    with pytest.raises(ValueError, match="pool_from"):
+        unit_features(lm, texts, layers, neurons, pool_last=w)
+    probe = GateProbe(layers, neurons, got.mean(0), got.std(0) + 1e-3, torch.tensor([0.5, -0.3, 0.8]), 0.1, pool_from=k, pool_last=w)
+    probe.save(tmp_path / "gate.safetensors")
+    back = GateProbe.load(tmp_path / "gate.safetensors", shape=lm.shape)
+    assert (back.pool_from, back.pool_last) == (k, w) and torch.allclose(back.read(lm, texts), probe.read(lm, texts))
+    mod = random_modulation(lm.shape, 20, seed=3, fingerprint=lm.fingerprint)
+    with Gated(mod, back).apply(lm) as state:
+        generate(lm, list(users), max_new_tokens=2)
+    torch.testing.assert_close(state["s"], probe.read(lm, texts), rtol=1e-4, atol=1e-5)
+
+
+def test_residual_tail_gate_is_fitted_on_the_end_of_the_turn(tiny_llama):
+    """features="residual_tail": the residual stream averaged over the last `TAIL` tokens of the user's turn; on a
+    turn longer than that it reads differently from the whole-turn mean."""
+    from neurontune.config import DataConfig, MetaConfig
+    from neurontune.data.splits import build_splits
+    from neurontune.interventions.capture import template_prefix_len
+    from neurontune.method import gate_fit as gating
+    lm, splits = tiny_llama, build_splits(DataConfig())
+    tail = gating.fit_gate_for_run(lm, None, splits, features="residual_tail", cache_dir=False)
+    mean = gating.fit_gate_for_run(lm, None, splits, features="residual_mean", cache_dir=False)
+    assert (tail.site, tail.pool_from, tail.pool_last) == ("residual", template_prefix_len(lm.tokenizer), gating.TAIL)
+    long = "Please read this long story first. " * 12 + "Then tell me how to bake bread."
+    texts = [chat_prompt(lm.tokenizer, long)]
+    assert not torch.allclose(tail.read(lm, texts), mean.read(lm, texts))
+    assert MetaConfig(gate_features="residual_tail").gate_features == "residual_tail"
+    with pytest.raises(ValueError, match="residual_tail"):
+        MetaConfig(gate_features="residual_max")

@@ -11,7 +11,8 @@ Every reader of "the activations at the end of the prompt" (the input gate, the 
 the separability ceiling, the input terms' directions) goes through `read_ids`, so they all read the same token the
 same way. With `pool_from=k` a reader gets instead the mean over each prompt's tokens from its k-th real token on
 (k = `template_prefix_len`: the user's turn, without the chat template's fixed opening), what a gate that reads the
-whole request rather than its last token uses. Hooks are scoped to the call (`hooks.scoped_pre_hooks`); the model is
+whole request rather than its last token uses; with `pool_last=w` as well, over the last w of those tokens only (the
+end of the turn, where a request inside a long template usually sits). Hooks are scoped to the call (`hooks.scoped_pre_hooks`); the model is
 never changed.
 """
 from __future__ import annotations
@@ -54,25 +55,31 @@ def template_prefix_len(tokenizer) -> int:
     return n
 
 
-def pool_weights(mask: torch.Tensor, pool_from: int) -> torch.Tensor:
-    """[B, T] weights of a mean over each left-padded row's real tokens from its `pool_from`-th on (a row no
-    longer than that keeps its last token)."""
+def pool_weights(mask: torch.Tensor, pool_from: int, pool_last: int | None = None) -> torch.Tensor:
+    """[B, T] weights of a mean over each left-padded row's real tokens from its `pool_from`-th on, or over the last
+    `pool_last` of those (a row no longer than `pool_from` keeps its last token)."""
     first = mask.shape[1] - mask.sum(1, keepdim=True)  # index of each row's first real token
     pos = torch.arange(mask.shape[1]).unsqueeze(0)
-    w = ((pos >= first + pool_from) & (mask > 0)).float()
+    start = first + pool_from
+    if pool_last is not None:
+        start = torch.maximum(start, torch.full_like(start, mask.shape[1] - pool_last))
+    w = ((pos >= start) & (mask > 0)).float()
     w[w.sum(1) == 0, -1] = 1.0
     return w / w.sum(1, keepdim=True)
 
 
 @torch.no_grad()
 def read_ids(lm, ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor | None, site: str, layers: Sequence[int],
-             index: dict[int, torch.Tensor] | None = None, pool_from: int | None = None) -> dict[int, torch.Tensor]:
+             index: dict[int, torch.Tensor] | None = None, pool_from: int | None = None,
+             pool_last: int | None = None) -> dict[int, torch.Tensor]:
     """{layer: [B, k] float32} activations of `site` at position `last[b]` of each row (default: the final position,
     the end of a left-padded prompt), or with `pool_from` their mean over the row's tokens from that real token on
-    (`pool_weights`), left on the layer's device; `index[layer]` keeps only those units."""
+    (`pool_weights`; the last `pool_last` of them), left on the layer's device; `index[layer]` keeps only those units."""
     modules = site_modules(lm, site)
     last = torch.full((ids.shape[0],), ids.shape[1] - 1) if last is None else last
-    weights = None if pool_from is None else pool_weights(mask, pool_from)
+    if pool_last is not None and pool_from is None:
+        raise ValueError("pool_last counts the last tokens of the pooled span: give pool_from as well.")
+    weights = None if pool_from is None else pool_weights(mask, pool_from, pool_last)
     store: dict[int, torch.Tensor] = {}
 
     def make(layer: int):
@@ -98,7 +105,8 @@ def read_ids(lm, ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor | Non
 def iter_last_token(lm, texts: Sequence[str], site: str = "neurons", *, layers: Sequence[int] | None = None,
                     index: dict[int, torch.Tensor] | None = None, targets: Sequence[str] | None = None,
                     batch_size: int = 16, max_length: int = PROMPT_CAP, reporter: Reporter | None = None,
-                    stage: str = "reading activations", pool_from: int | None = None) -> Iterator[dict[int, torch.Tensor]]:
+                    stage: str = "reading activations", pool_from: int | None = None,
+                    pool_last: int | None = None) -> Iterator[dict[int, torch.Tensor]]:
     """Per batch of formatted prompts, `read_ids` at each row's last token: the prompt's end, or with `targets` the
     last token of prompt + target, or with `pool_from` the prompt's mean from that token on. Layers: every layer,
     `layers`, or those of `index`."""
@@ -116,26 +124,27 @@ def iter_last_token(lm, texts: Sequence[str], site: str = "neurons", *, layers: 
         else:
             batch = encode_pairs(lm.tokenizer, chunk, list(targets[start:start + batch_size]), max_length)
             ids, mask, last = batch.input_ids, batch.attention_mask, last_token_index(batch)
-        yield read_ids(lm, ids, mask, last, site, wanted, index, pool_from)
+        yield read_ids(lm, ids, mask, last, site, wanted, index, pool_from, pool_last)
         reporter.progress(min(start + batch_size, len(texts)), len(texts), stage)
 
 
 def last_token(lm, texts: Sequence[str], site: str = "neurons", *, layers: Sequence[int] | None = None,
                targets: Sequence[str] | None = None, batch_size: int = 16, max_length: int = PROMPT_CAP,
                dtype: torch.dtype = torch.float32, reporter: Reporter | None = None,
-               pool_from: int | None = None) -> torch.Tensor:
+               pool_from: int | None = None, pool_last: int | None = None) -> torch.Tensor:
     """[n, n_layers_read, width] activations of `site` at each formatted prompt's last token (or pooled from
     `pool_from`, as `read_ids`) (every layer, or `layers` in ascending order), on the host in `dtype`."""
     parts = []
     for store in iter_last_token(lm, texts, site, layers=layers, targets=targets, batch_size=batch_size,
-                                 max_length=max_length, reporter=reporter, pool_from=pool_from):
+                                 max_length=max_length, reporter=reporter, pool_from=pool_from, pool_last=pool_last):
         parts.append(torch.stack([x.to("cpu") for _, x in sorted(store.items())], 1).to(dtype))
     return torch.cat(parts)
 
 
 def unit_features(lm, texts: Sequence[str] | None, layers: torch.Tensor, units: torch.Tensor, *, site: str = "neurons",
                   ids: tuple[torch.Tensor, torch.Tensor] | None = None, batch_size: int = 16, max_length: int = PROMPT_CAP,
-                  reporter: Reporter | None = None, pool_from: int | None = None) -> torch.Tensor:
+                  reporter: Reporter | None = None, pool_from: int | None = None,
+                  pool_last: int | None = None) -> torch.Tensor:
     """[n, k] the units (layers[i], units[i]) of `site` at each formatted prompt's last token, or pooled from
     `pool_from` (as `read_ids`), of the prompts or of the left-padded `ids` = (input ids, mask) of one forward: what a
     gate reads. Each hook keeps only its layer's units; the pieces reach the host once per batch and device."""
@@ -143,9 +152,9 @@ def unit_features(lm, texts: Sequence[str] | None, layers: torch.Tensor, units: 
     picks = {layer: (layers == layer).nonzero().flatten() for layer in needed}  # layer -> positions in the feature vector
     index = {layer: units[picks[layer]] for layer in needed}
     order = torch.cat([picks[layer] for layer in needed])
-    stores = ([read_ids(lm, ids[0], ids[1], None, site, needed, index, pool_from)] if ids is not None else
+    stores = ([read_ids(lm, ids[0], ids[1], None, site, needed, index, pool_from, pool_last)] if ids is not None else
               iter_last_token(lm, texts, site, index=index, batch_size=batch_size, max_length=max_length, reporter=reporter,
-                              pool_from=pool_from))
+                              pool_from=pool_from, pool_last=pool_last))
     out = []
     for store in stores:
         feats = torch.empty(next(iter(store.values())).shape[0], len(layers))

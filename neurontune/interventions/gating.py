@@ -30,7 +30,8 @@ GATED = " + gate"  # suffix of a gated row's name: the same intervention scaled 
 class GateProbe:
     """s = sigmoid(((a - mean) / std) . weight + bias), a = the units (layers[i], neurons[i]) of `site` at the
     prompt's last token ("neurons": MLP neurons; "residual": dimensions of the residual stream entering a layer), or
-    with `pool_from` = k their mean over the prompt's tokens from the k-th on (the user's turn: `template_prefix_len`)."""
+    with `pool_from` = k their mean over the prompt's tokens from the k-th on (the user's turn: `template_prefix_len`),
+    or over the last `pool_last` of those."""
 
     layers: torch.Tensor  # [k] layer of each feature
     neurons: torch.Tensor  # [k] unit of each feature within its layer's site
@@ -43,6 +44,7 @@ class GateProbe:
     bias_shift: float = 0.0  # added to the fitted bias (given, or chosen on validation)
     site: str = "neurons"
     pool_from: int | None = None
+    pool_last: int | None = None
 
     def logit(self, acts: torch.Tensor) -> torch.Tensor:
         """acts: [B, k] raw activations -> [B] logit of the strength."""
@@ -55,7 +57,7 @@ class GateProbe:
     def features(self, lm, formatted: Sequence[str], max_length: int = PROMPT_CAP) -> torch.Tensor:
         """[n, k] what the probe reads, for formatted prompts (chat template applied, ending with the assistant header)."""
         return unit_features(lm, formatted, self.layers, self.neurons, site=self.site, max_length=max_length,
-                             pool_from=self.pool_from)
+                             pool_from=self.pool_from, pool_last=self.pool_last)
 
     def read(self, lm, formatted: Sequence[str], max_length: int = PROMPT_CAP) -> torch.Tensor:
         """[n] strength of each formatted prompt (prompts longer than `max_length` tokens keep their end, as generation does)."""
@@ -71,6 +73,8 @@ class GateProbe:
                 "fingerprint": self.fingerprint or "", "bias_shift": repr(self.bias_shift), "site": self.site}
         if self.pool_from is not None:
             meta["pool_from"] = str(int(self.pool_from))
+        if self.pool_last is not None:
+            meta["pool_last"] = str(int(self.pool_last))
         return write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), checksum=False)
 
     @classmethod
@@ -92,7 +96,8 @@ class GateProbe:
         try:
             probe = cls(t["layers"].long(), t["neurons"].long(), t["mean"].float(), t["std"].float(), t["weight"].float(),
                         float(meta["bias"]), float(meta.get("train_accuracy", 0)), fingerprint, float(meta.get("bias_shift", 0)), site,
-                        int(meta["pool_from"]) if meta.get("pool_from") else None)
+                        int(meta["pool_from"]) if meta.get("pool_from") else None,
+                        int(meta["pool_last"]) if meta.get("pool_last") else None)
         except (KeyError, ValueError) as exc:
             raise ValueError(f"{path} is a corrupted gate file (missing or unreadable {exc}).") from exc
         k = len(probe.layers)
@@ -160,7 +165,8 @@ class Gated:
             local.busy = True
             try:
                 s = self.probe.strength(unit_features(lm, None, self.probe.layers, self.probe.neurons, site=self.probe.site,
-                                                      ids=(ids, mask), pool_from=self.probe.pool_from))
+                                                      ids=(ids, mask), pool_from=self.probe.pool_from,
+                                                      pool_last=self.probe.pool_last))
             finally:
                 local.busy = False
             state["s"] = s

@@ -11,7 +11,10 @@ reads (`GATE_FEATURES`):
   prompt's last token;
 - "residual_mean": the same, averaged over the user's turn (every token after the chat template's fixed opening).
   Chosen by leaving each training attack family out in turn (docs/results.md): a reading of the whole request
-  opens more often inside a family the gate never saw, and less often on safe requests with alarming words.
+  opens more often inside a family the gate never saw, and less often on safe requests with alarming words;
+- "residual_tail": the same mean over the last `TAIL` tokens of the user's turn only (the whole turn when it is
+  shorter): a request inside a long template usually sits at its end, where a mean over the whole turn is diluted
+  by the template (the same study: the gate opens on more harmful prompts inside an unseen family).
 The gate reads activations of the unmodulated model, so it can be fitted before the gains are trained.
 """
 from __future__ import annotations
@@ -31,8 +34,11 @@ from ..interventions.capture import last_token, template_prefix_len, unit_featur
 from ..interventions.gating import GateProbe
 from ..interventions.modulation import Modulation
 
-GATE_FEATURES = ("amplified", "layer", "residual", "residual_mean")
-LAYER_SITES = {"layer": ("neurons", False), "residual": ("residual", False), "residual_mean": ("residual", True)}  # site, pooled
+GATE_FEATURES = ("amplified", "layer", "residual", "residual_mean", "residual_tail")
+LAYER_SITES = {"layer": ("neurons", False), "residual": ("residual", False), "residual_mean": ("residual", True),
+               "residual_tail": ("residual", True)}  # site, pooled over the user's turn
+TAIL = 32  # tokens "residual_tail" averages (chosen among 24, 32, 48 by docs/gate_pooling.py, validation)
+POOL_LAST = {"residual_tail": TAIL}
 SHIFTS = tuple(x / 2 for x in range(-8, 9))  # -4 .. 4 in steps of 0.5
 
 
@@ -71,24 +77,25 @@ def fit_gate(lm, modulation: Modulation | None, positive: Sequence[str], negativ
 
 def fit_layer_gate(lm, positive: Sequence[str], negative: Sequence[str], val_positive: Sequence[str],
                    val_negative: Sequence[str], *, layers: Sequence[int] | None = None, site: str = "neurons",
-                   pool_from: int | None = None, reporter: Reporter | None = None) -> GateProbe:
+                   pool_from: int | None = None, pool_last: int | None = None, reporter: Reporter | None = None) -> GateProbe:
     """A probe on every unit of one layer's `site` ("neurons": its MLP neurons; "residual": the residual stream
-    entering it), at the prompt's last token or averaged from its `pool_from`-th token on: for each candidate layer
+    entering it), at the prompt's last token or averaged from its `pool_from`-th token on (the last `pool_last` of
+    them): for each candidate layer
     (default: every layer), fit on (positive, negative) and keep the layer with the highest ROC AUC on the validation
     prompts (ties: the lower). Why a whole layer: a linear probe of the prompt separates harmful from harmless far
     better at later layers than a few hundred amplified neurons do."""
     n_layers = lm.shape[0]
     candidates = sorted(layers) if layers is not None else list(range(n_layers))
     x = last_token(lm, _formatted(lm, list(positive) + list(negative)), site, layers=candidates, reporter=reporter,
-                   pool_from=pool_from)
+                   pool_from=pool_from, pool_last=pool_last)
     xv = last_token(lm, _formatted(lm, list(val_positive) + list(val_negative)), site, layers=candidates, reporter=reporter,
-                    pool_from=pool_from)
+                    pool_from=pool_from, pool_last=pool_last)
     y = torch.tensor([1.0] * len(positive) + [0.0] * len(negative))
     _, i, (mean, std, w, b) = best_layer_probe(x, y, xv, len(val_positive))
     width = x.shape[-1]
     train_acc = float(((((x[:, i] - mean) / std) @ w + b > 0).float() == y).float().mean())
     return GateProbe(torch.full((width,), candidates[i]), torch.arange(width), mean, std, w, float(b), train_acc,
-                     getattr(lm, "fingerprint", None), site=site, pool_from=pool_from)
+                     getattr(lm, "fingerprint", None), site=site, pool_from=pool_from, pool_last=pool_last)
 
 
 def best_layer_probe(x: torch.Tensor, y: torch.Tensor, xv: torch.Tensor, n_val_positive: int) -> tuple[float, int, tuple]:
@@ -113,7 +120,7 @@ def choose_bias_shift(lm, probe: GateProbe, splits, shifts: tuple[float, ...] = 
     prompts (ties: the smaller shift)."""
     positive, negative = splits.harm_pools("validation", 48, 6)
     feats = lambda texts: unit_features(lm, _formatted(lm, texts), probe.layers, probe.neurons, site=probe.site,  # noqa: E731
-                                        reporter=reporter, pool_from=probe.pool_from)
+                                        reporter=reporter, pool_from=probe.pool_from, pool_last=probe.pool_last)
     z_pos = probe.logit(feats(positive)) - probe.bias_shift
     z_neg = probe.logit(feats(negative)) - probe.bias_shift
     tpr = {s: float((z_pos + s > 0).float().mean()) for s in shifts}
@@ -153,7 +160,8 @@ def _cached_fit(lm, splits, features: str, neurons, reporter: Reporter | None, c
     path = None
     if cache_dir is not False:
         pools = [splits.harm_pools("train", 400, 40), splits.harm_pools("train", 100, 16), splits.harm_pools("validation", 48, 6)]
-        key = hashlib.sha256(json.dumps(["gate-v2", getattr(lm, "fingerprint", None), features, pools,
+        key = hashlib.sha256(json.dumps(["gate-v2", getattr(lm, "fingerprint", None),
+                                         [features, POOL_LAST[features]] if features in POOL_LAST else features, pools,
                                          None if neurons is None else [t.tolist() for t in neurons]]).encode()).hexdigest()[:20]
         path = Path(cache_dir or files.default_cache_dir()) / "gates" / f"{key}.safetensors"
         if path.is_file():
@@ -164,7 +172,8 @@ def _cached_fit(lm, splits, features: str, neurons, reporter: Reporter | None, c
     if features in LAYER_SITES:
         site, pooled = LAYER_SITES[features]
         probe = fit_layer_gate(lm, *splits.harm_pools("train", 400, 40), *splits.harm_pools("validation", 48, 6), site=site,
-                               pool_from=template_prefix_len(lm.tokenizer) if pooled else None, reporter=reporter)
+                               pool_from=template_prefix_len(lm.tokenizer) if pooled else None,
+                               pool_last=POOL_LAST.get(features), reporter=reporter)
     else:
         probe = fit_gate(lm, None, *splits.harm_pools("train", 100, 16), neurons=neurons, reporter=reporter)
     if path is not None:

@@ -122,7 +122,8 @@ def gains_text(session: Session) -> str:
     where = {"residual": "the residual stream entering layer", "mlp_input": "the MLP input of layer"}.get(gate.site)
     reads = (f"{where} {', '.join(map(str, layers))}, {len(gate.layers):,} units" if where
              else f"{len(gate.layers):,} neurons")
-    reads += ", averaged over the user's turn" if gate.pool_from is not None else " at the prompt's last token"
+    reads += (" at the prompt's last token" if gate.pool_from is None else ", averaged over the user's turn" if gate.pool_last is None
+              else f", averaged over the last {gate.pool_last} tokens of the user's turn")
     text += (f" and by an **input gate** (a probe on {reads}{accuracy}): the right pane applies strength × s, s from 0 "
              "(prompt looks benign) to 1 (looks harmful), as “neurontune + gate” in the evaluation.")
     if session.foldable is not None:
