@@ -14,7 +14,8 @@ reads (`GATE_FEATURES`):
   opens more often inside a family the gate never saw, and less often on safe requests with alarming words;
 - "residual_tail": the same mean over the last `TAIL` tokens of the user's turn only (the whole turn when it is
   shorter): a request inside a long template usually sits at its end, where a mean over the whole turn is diluted
-  by the template (the same study: the gate opens on more harmful prompts inside an unseen family).
+  by the template (docs/gate_tail.py: the gate opens on more harmful prompts inside an unseen family, and the
+  preset on more alarming-word requests, so it is an option, not `balanced`'s choice).
 The gate reads activations of the unmodulated model, so it can be fitted before the gains are trained.
 """
 from __future__ import annotations
