@@ -196,3 +196,17 @@ def test_the_shipped_example_pair_says_which_family_it_comes_from():
     assert prompt == "p1" and "`roleplay`" in what and "held-out" not in what
     assert example_pair(rows[:1], [])[0] == "p0" and example_pair([], []) is None
     assert "`roleplay`" in EXAMPLE_NOTE.format(what=what)
+
+
+def test_quick_picks_call_every_family_tuning_never_saw_unseen():
+    """An attack family is "unseen" in the quick picks unless the session's preset trains on it (held out or merely
+    not chosen alike), and unseen families come first."""
+    from neurontune.data import attacks
+    from neurontune.studio.chat import examples
+    s = Session()
+    s.cfg = RunConfig().replace(data={"train_families": ("roleplay", "academic"), "heldout_families": ("few_shot",)})
+    picks = [label for label, _ in examples(None, s) if label.startswith("harmful · ")]
+    tags = {label.split(" · ")[1].rsplit(" (", 1)[0].replace(" ", "_"): label.endswith("(unseen attack)") for label in picks}
+    assert set(tags) == set(attacks.attack_families())
+    assert {f for f, unseen in tags.items() if not unseen} == {"roleplay", "academic"}
+    assert [tags[label.split(" · ")[1].rsplit(" (", 1)[0].replace(" ", "_")] for label in picks][-2:] == [False, False]

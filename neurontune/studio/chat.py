@@ -102,9 +102,9 @@ def examples(studio: Studio, session: Session) -> list[tuple[str, str]]:
     except (ValueError, IndexError):
         harmful, benign, border = prompts.harmful()[0].text, prompts.benign()[0].text, prompts.borderline()[0].text
     picks = [("harmful", harmful)]
-    heldout = set(session.cfg.data.heldout_families)
-    for family, templates in sorted(attacks.attack_families().items(), key=lambda kv: (kv[0] not in heldout, kv[0])):
-        tag = "unseen attack" if family in heldout else "attack"
+    trained = set(session.cfg.data.train_families)  # every other family is one tuning never saw
+    for family, templates in sorted(attacks.attack_families().items(), key=lambda kv: (kv[0] in trained, kv[0])):
+        tag = "attack" if family in trained else "unseen attack"
         picks.append((f"harmful · {family.replace('_', ' ')} ({tag})", attacks.wrap(templates[0], harmful)))
     return picks + [("benign", benign), ("borderline-safe", border)]
 
