@@ -201,6 +201,24 @@ def test_layer_gate_reads_the_layer_that_separates_validation_best(tiny_llama, t
         gating.fit_gate_for_run(lm, random_modulation(lm.shape, 10, fingerprint=lm.fingerprint), splits, features="neurons")
 
 
+def neurons_run_alone(lm, rows, layers, neurons) -> list[torch.Tensor]:
+    """Brute-force reference: for each token-id row run alone (no padding), [k, T] the units (layers[i], neurons[i])
+    at every position."""
+    full: dict[int, torch.Tensor] = {}
+    handles = [p.register_forward_pre_hook(lambda m, a, l=l: full.__setitem__(l, a[0].reshape(1, -1, a[0].shape[-1])))
+               for l, p in enumerate(lm.nmap.projections)]
+    try:
+        out = []
+        for row in rows:
+            with torch.no_grad():
+                lm.model(input_ids=torch.tensor([row]), use_cache=False)
+            out.append(torch.stack([full[int(l)][0, :, int(n)] for l, n in zip(layers, neurons)]))
+        return out
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def test_pooled_gate_reads_the_mean_of_the_users_turn(lm, tmp_path):
     """pool_from = the chat template's fixed opening: the features are the mean of each prompt's activations from
     its first own token on, equal to averaging the full activations of each prompt run alone (no padding); the
@@ -217,18 +235,7 @@ def test_pooled_gate_reads_the_mean_of_the_users_turn(lm, tmp_path):
     layers = torch.tensor([1, 0, 1])
     neurons = torch.randint(0, lm.shape[1], (3,), generator=gen)
     got = unit_features(lm, texts, layers, neurons, batch_size=2, pool_from=k)
-    full: dict[int, torch.Tensor] = {}
-    handles = [p.register_forward_pre_hook(lambda m, a, l=l: full.__setitem__(l, a[0].reshape(1, -1, a[0].shape[-1])))
-               for l, p in enumerate(lm.nmap.projections)]
-    try:
-        want = []
-        for row in rows:
-            with torch.no_grad():
-                lm.model(input_ids=torch.tensor([row]), use_cache=False)
-            want.append(torch.stack([full[int(l)][0, k:, int(n)].mean() for l, n in zip(layers, neurons)]))
-    finally:
-        for h in handles:
-            h.remove()
+    want = [alone[:, k:].mean(1) for alone in neurons_run_alone(lm, rows, layers, neurons)]
     torch.testing.assert_close(got, torch.stack(want), rtol=1e-4, atol=1e-5)
     assert not torch.allclose(got, unit_features(lm, texts, layers, neurons, batch_size=2), atol=1e-3)  # not the last token
     probe = GateProbe(layers, neurons, got.mean(0), got.std(0) + 1e-3, torch.tensor([0.5, -0.3, 0.8]), 0.1, pool_from=k)
@@ -270,18 +277,7 @@ def test_tail_gate_reads_the_mean_of_the_last_tokens_of_the_users_turn(lm, tmp_p
     assert all(len(r) - k > w for r in rows)  # every turn is longer than the tail
     layers, neurons = torch.tensor([0, 1, 1]), torch.tensor([2, 5, 7]) % lm.shape[1]
     got = unit_features(lm, texts, layers, neurons, batch_size=2, pool_from=k, pool_last=w)
-    full: dict[int, torch.Tensor] = {}
-    handles = [p.register_forward_pre_hook(lambda m, a, l=l: full.__setitem__(l, a[0].reshape(1, -1, a[0].shape[-1])))
-               for l, p in enumerate(lm.nmap.projections)]
-    try:
-        want = []
-        for row in rows:
-            with torch.no_grad():
-                lm.model(input_ids=torch.tensor([row]), use_cache=False)
-            want.append(torch.stack([full[int(l)][0, len(row) - w:, int(n)].mean() for l, n in zip(layers, neurons)]))
-    finally:
-        for h in handles:
-            h.remove()
+    want = [alone[:, len(row) - w:].mean(1) for row, alone in zip(rows, neurons_run_alone(lm, rows, layers, neurons))]
     torch.testing.assert_close(got, torch.stack(want), rtol=1e-4, atol=1e-5)
     whole = unit_features(lm, texts, layers, neurons, batch_size=2, pool_from=k)
     assert not torch.allclose(got, whole, atol=1e-3)
