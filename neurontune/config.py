@@ -117,12 +117,17 @@ class MetaConfig:
             raise ValueError("meta.gate_first trains the gains behind the input gate: set meta.gate to true as well.")
 
 
+FOLD_FORMS = ("none", "static", "conditional", "switch")
+
+
 @dataclass(frozen=True)
 class FoldConfig:
     """The modulation a run exports. A gate cannot be folded into weights, and gains trained behind a gate are not meant
     to work without it; so a gated run can also train a second, foldable modulation without any gate, with its own
     over-refusal and utility terms (the rest as in `meta`). `form`: "none" (export folds the run's own gains),
-    "static" (gains only) or "conditional" (gains and input-side terms along each layer's harm direction)."""
+    "static" (gains only), "conditional" (gains and input-side terms along each layer's harm direction) or "switch"
+    (a folded switch in layer `switch_layer`, default the middle one, whose flag the input-side terms of later layers
+    read: `method/switch_fit.py`; gated MLPs only; `switch_readers`: the selected neurons of those layers, or all)."""
 
     form: str = "none"
     mu_over_refusal: float = 2.0
@@ -132,14 +137,20 @@ class FoldConfig:
     max_gain: float | None = None  # None: meta.max_gain
     input_lr: float = 0.3
     input_from_layer: int = 0
+    switch_layer: int | None = None
+    switch_readers: str = "selected"  # which neurons of later layers read the switch's flag: "selected" or "all"
 
     def __post_init__(self):
-        if self.form not in ("none", "static", "conditional"):
-            raise ValueError(f"fold.form must be 'none', 'static' or 'conditional', not {self.form!r}.")
+        if self.form not in FOLD_FORMS:
+            raise ValueError(f"fold.form must be one of {', '.join(repr(f) for f in FOLD_FORMS)}, not {self.form!r}.")
+        if self.switch_readers not in ("selected", "all"):
+            raise ValueError(f"fold.switch_readers must be 'selected' or 'all', not {self.switch_readers!r}.")
+        if self.switch_layer is not None and self.switch_layer < 0:
+            raise ValueError(f"fold.switch_layer must be a layer index (0 or more) or null, not {self.switch_layer}.")
 
     def meta(self, meta: "MetaConfig") -> "MetaConfig":
         """The training settings of the foldable modulation: `meta` without any gate, with this section's terms."""
-        return dataclasses.replace(meta, gate=False, gate_first=False, conditional=self.form == "conditional",
+        return dataclasses.replace(meta, gate=False, gate_first=False, conditional=self.form in ("conditional", "switch"),
                                    mu_over_refusal=self.mu_over_refusal, lam_kl=self.lam_kl, input_lr=self.input_lr,
                                    input_from_layer=self.input_from_layer,
                                    steps=self.steps if self.steps is not None else meta.steps,

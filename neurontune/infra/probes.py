@@ -50,3 +50,21 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, *, l2: float = 1e-2, steps: int 
         return loss
     opt.step(closure)
     return mean, std, w.detach().float(), b.detach().float()
+
+
+def fit_bias_free(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, *, l2: float = 1e-3, steps: int = 300) -> torch.Tensor:
+    """Weighted L2 logistic regression with no intercept and no standardisation: score = x @ w. What a neuron without a
+    bias can compute from its input (the folded switch); `weight` gives each row its share of the loss (LBFGS, float64)."""
+    xd = x.double()
+    scale = xd.pow(2).mean().sqrt().clamp(min=1e-12)
+    z, yd, wd = xd / scale, y.double(), (weight / weight.sum()).double()
+    w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = (torch.nn.functional.binary_cross_entropy_with_logits(z @ w, yd, reduction="none") * wd).sum() + l2 * w.pow(2).sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    return (w.detach() / scale).float()

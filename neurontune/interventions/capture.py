@@ -161,3 +161,40 @@ def unit_features(lm, texts: Sequence[str] | None, layers: torch.Tensor, units: 
         feats[:, order] = cat_to_host([store[layer] for layer in needed], 1)
         out.append(feats)
     return torch.cat(out) if out else torch.zeros(0, len(layers))
+
+
+@torch.no_grad()
+def last_and_sampled(lm, texts: Sequence[str], site: str, layers: Sequence[int], *, per_prompt: int = 4, seed: int = 0,
+                     batch_size: int = 16, max_length: int = PROMPT_CAP) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """({layer: [n, width]} at each formatted prompt's last token, {layer: [m, width]} at up to `per_prompt` of its other
+    real tokens drawn at random), on the host, in one pass: the end of a prompt and a sample of what came before it,
+    what a reader that runs on every token (the folded switch) must tell apart."""
+    modules = site_modules(lm, site)
+    wanted = sorted(int(l) for l in layers)
+    gen = torch.Generator().manual_seed(seed)
+    last: dict[int, list] = {l: [] for l in wanted}
+    sampled: dict[int, list] = {l: [] for l in wanted}
+    device = lm.model.get_input_embeddings().weight.device
+    for start in range(0, len(texts), batch_size):
+        ids, mask = encode_left(lm.tokenizer, list(texts[start:start + batch_size]), max_length)
+        earlier = mask.bool().clone()
+        earlier[:, -1] = False
+        picks = []
+        for b in range(len(ids)):
+            pos = earlier[b].nonzero().flatten()
+            picks += [(b, int(p)) for p in pos[torch.randperm(len(pos), generator=gen)[:per_prompt]]]
+        rows, cols = (torch.tensor([p[i] for p in picks], dtype=torch.long) for i in (0, 1))
+        store: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def make(layer: int):
+            def hook(module, args):
+                x = args[0].reshape(ids.shape[0], -1, args[0].shape[-1])
+                store[layer] = (x[:, -1].float().cpu(), x[rows.to(x.device), cols.to(x.device)].float().cpu())
+            return hook
+        with scoped_pre_hooks([(modules[l], make(l)) for l in wanted]):
+            lm.model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                     position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=False, logits_to_keep=1)
+        for layer in wanted:
+            last[layer].append(store[layer][0])
+            sampled[layer].append(store[layer][1])
+    return {l: torch.cat(v) for l, v in last.items()}, {l: torch.cat(v) for l, v in sampled.items()}

@@ -6,7 +6,9 @@ A neuron's modulation has two parts, both written into the model's own weights b
   projection (the "up" half of a gated MLP, the pre-activation of a plain one), where x is the MLP's input and h a
   direction of that layer (a harm direction, centred so it reads about zero on the average prompt). The neuron then
   fires more where x points along h and less where it points away: a modulation that depends on the input and
-  still folds exactly into the input projection's rows (and bias, for m), with no new module.
+  still folds exactly into the input projection's rows (and bias, for m), with no new module;
+- a switch (`switch.Switch`, optional, gated MLPs): two neurons of one layer rewritten to read a probe of the prompt and
+  raise a flag in the residual stream, which later layers' input-side terms then read instead of a raw harm direction.
 `modulate(model, modulation)` applies both for the duration of a `with` block only, through
 `hooks.scoped_pre_hooks`: a hook registered by one thread is a no-op for every other thread using the
 same model, so two users of one shared model never see each other's gains, and nothing stays on the
@@ -28,14 +30,19 @@ from torch import nn
 from ..infra.files import read_safetensors, write_file
 from ..model.neuron_map import NeuronMap, neuron_map
 from .hooks import scoped_pre_hooks
+from .switch import Switch
+from .switch import folded as folded_switch
+from .switch import hooks as switch_hooks
 
-FORMAT_VERSION = 2  # the "version" field of the file header; bump it (and add a migration) when the layout changes
+FORMAT_VERSION = 3  # the "version" field of the file header; bump it (and add a migration) when the layout changes
 REGENERATE = ("Regenerate it with this NeuronTune: `python -m neurontune tune --out DIR` (or Train gains in the studio) "
               "on the model it was made for.")
 # version -> function(header, tensors) returning them in the next version's layout. Version 1 is the first
 # versioned layout; a file without a version (0) predates it and is refused with REGENERATE. Version 2 added the
-# optional input-side terms (`layer.L.input_*` tensors): a version-1 file is a modulation without them.
-MIGRATIONS: dict[int, Callable[[dict, dict], tuple[dict, dict]]] = {1: lambda header, tensors: (header, tensors)}
+# optional input-side terms (`layer.L.input_*` tensors): a version-1 file is a modulation without them. Version 3 added
+# the optional switch (`switch.*` tensors, header "switch_layer"): a version-2 file is a modulation without one.
+MIGRATIONS: dict[int, Callable[[dict, dict], tuple[dict, dict]]] = {1: lambda header, tensors: (header, tensors),
+                                                                     2: lambda header, tensors: (header, tensors)}
 
 
 @dataclass
@@ -66,12 +73,22 @@ class Modulation:
     fingerprint: str | None = None
     meta: dict = field(default_factory=dict)
     inputs: dict[int, InputTerms] = field(default_factory=dict)  # layer -> input-side terms (a conditional modulation)
+    switch: Switch | None = None  # the folded switch whose flag the input-side terms read (`switch.Switch`)
+
+    def __post_init__(self):
+        if self.switch is not None:  # the switch owns its neurons: no gain or input term may touch them
+            idx = self.switch.neurons
+            gains = self.layers.get(self.switch.layer)
+            terms = self.inputs.get(self.switch.layer)
+            if (gains is not None and bool(torch.isin(gains[0], idx).any())) or (terms is not None and bool(torch.isin(terms.indices, idx).any())):
+                raise ValueError(f"Neurons {idx.tolist()} of layer {self.switch.layer} are the switch's: a gain or input term "
+                                 "on them would be overwritten. Leave them out of the selection.")
 
     @classmethod
     def from_dense(cls, dense: torch.Tensor, fingerprint: str | None = None, meta: dict | None = None,
-                   inputs: dict[int, InputTerms] | None = None) -> "Modulation":
+                   inputs: dict[int, InputTerms] | None = None, switch: Switch | None = None) -> "Modulation":
         """Keep every entry of a dense [n_layers, n_neurons] gain table that differs from 1 (and the input terms
-        whose coefficients are not all 0)."""
+        whose coefficients are not all 0, and the switch)."""
         dense = dense.detach().float().cpu()
         layers = {}
         for layer in range(dense.shape[0]):
@@ -80,12 +97,12 @@ class Modulation:
                 layers[layer] = (idx, dense[layer, idx].clone())
         kept = {int(l): InputTerms(t.indices.long().cpu(), t.coef.detach().float().cpu().clone(), t.direction.detach().float().cpu(),
                                    float(t.offset)) for l, t in (inputs or {}).items() if bool((t.coef != 0).any())}
-        return cls(tuple(dense.shape), layers, fingerprint, dict(meta or {}), kept)
+        return cls(tuple(dense.shape), layers, fingerprint, dict(meta or {}), kept, switch)
 
     @property
     def conditional(self) -> bool:
-        """True when the modulation has input-side terms (its effect depends on the input)."""
-        return bool(self.inputs)
+        """True when the modulation has input-side terms or a switch (its effect depends on the input)."""
+        return bool(self.inputs) or self.switch is not None
 
     def dense(self) -> torch.Tensor:
         """[n_layers, n_neurons] float32 gains, 1 where the modulation leaves a neuron alone."""
@@ -95,17 +112,18 @@ class Modulation:
         return out
 
     def scaled(self, strength: float) -> "Modulation":
-        """Interpolate towards the identity: gain -> 1 + strength * (gain - 1), input coefficients -> strength * coef;
-        exactly the modulation at 1, none at 0."""
+        """Interpolate towards the identity: gain -> 1 + strength * (gain - 1), input coefficients -> strength * coef
+        (a switch stays, its flag read less); exactly the modulation at 1, none at 0."""
         strength = float(strength)
         layers = {l: (i, g.clone() if strength == 1 else 1.0 + strength * (g - 1.0)) for l, (i, g) in self.layers.items()}
         inputs = {l: t.scaled(strength) for l, t in self.inputs.items()}
+        switch = None if strength == 0 else self.switch
         if strength == 0:
             layers, inputs = {}, {}
-        return Modulation(self.shape, layers, self.fingerprint, {**self.meta, "strength": strength}, inputs)
+        return Modulation(self.shape, layers, self.fingerprint, {**self.meta, "strength": strength}, inputs, switch)
 
     def static(self) -> "Modulation":
-        """The gains alone, without the input-side terms."""
+        """The gains alone, without the input-side terms and switch."""
         return Modulation(self.shape, dict(self.layers), self.fingerprint, dict(self.meta))
 
     @property
@@ -125,6 +143,7 @@ class Modulation:
             "n_conditional": int((coefs != 0).sum()),
             "max_abs_coef": float(coefs.abs().max()) if len(coefs) else 0.0,
             "input_layers": sorted(self.inputs),
+            "switch_layer": None if self.switch is None else self.switch.layer,
         }
 
     def apply(self, lm):
@@ -144,8 +163,10 @@ class Modulation:
                 for l, t in self.inputs.items()}
 
     def apply_rows(self, lm, strengths: torch.Tensor):
-        """This modulation at one strength per batch row (the protocol's per-row form: gates, mixed batches)."""
-        return modulate(lm.model, self.row_gains(strengths), lm.nmap, inputs=self.row_inputs(strengths))
+        """This modulation at one strength per batch row (the protocol's per-row form: gates, mixed batches); a switch
+        applies to the rows at a strength above 0 only, so a row at 0 is the base model exactly."""
+        switch = None if self.switch is None else (self.switch, strengths.detach().cpu() > 0)
+        return modulate(lm.model, self.row_gains(strengths), lm.nmap, inputs=self.row_inputs(strengths), switch=switch)
 
     # -- files ---------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -159,6 +180,8 @@ class Modulation:
             tensors[f"layer.{layer}.input_coef"] = t.coef.float().contiguous()
             tensors[f"layer.{layer}.input_direction"] = t.direction.float().contiguous()
             tensors[f"layer.{layer}.input_offset"] = torch.tensor([float(t.offset)])
+        if self.switch is not None:
+            tensors.update(self.switch.tensors())
         header = {
             "format": "neurontune-modulation",
             "version": str(FORMAT_VERSION),
@@ -167,6 +190,8 @@ class Modulation:
             "meta": json.dumps(self.meta, default=str),
             "checksum": _checksum(tensors),
         }
+        if self.switch is not None:
+            header["switch_layer"] = str(self.switch.layer)
         return write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=header), checksum=False)  # the header holds one
 
     @classmethod
@@ -202,8 +227,9 @@ class Modulation:
         except (KeyError, TypeError, ValueError) as exc:
             raise ModulationFileError(f"{path} is corrupted (unreadable header: {exc}). {REGENERATE}") from exc
         inputs = _check_inputs(path, shape, tensors)
-        layers = _check_layers(path, shape, {k: v for k, v in tensors.items() if ".input_" not in k})
-        return cls(shape, layers, fingerprint, meta if isinstance(meta, dict) else {}, inputs)
+        switch = _check_switch(path, shape, header, tensors)
+        layers = _check_layers(path, shape, {k: v for k, v in tensors.items() if ".input_" not in k and not k.startswith("switch.")})
+        return cls(shape, layers, fingerprint, meta if isinstance(meta, dict) else {}, inputs, switch)
 
 
 GainsLike = Union[Modulation, torch.Tensor, Sequence[Union[Modulation, None]], None]
@@ -262,6 +288,19 @@ def _check_layers(path: Path, shape: tuple[int, int], tensors: dict[str, torch.T
     if orphans:
         raise bad(f"gains without indices: {sorted(orphans)[:3]}")
     return layers
+
+
+def _check_switch(path: Path, shape: tuple[int, int], header: dict, tensors: dict[str, torch.Tensor]) -> Switch | None:
+    names = {k for k in tensors if k.startswith("switch.")}
+    if not names and "switch_layer" not in header:
+        return None
+    try:
+        switch = Switch.from_tensors(int(header["switch_layer"]), tensors)
+        if not 0 <= switch.layer < shape[0] or (len(switch.neurons) and not 0 <= int(switch.neurons.min()) <= int(switch.neurons.max()) < shape[1]):
+            raise ValueError("its layer or neurons are outside the model's shape")
+    except (KeyError, ValueError) as exc:
+        raise ModulationFileError(f"{path} is corrupted (bad switch: {exc}). {REGENERATE}") from exc
+    return switch
 
 
 def _check_inputs(path: Path, shape: tuple[int, int], tensors: dict[str, torch.Tensor]) -> dict[int, InputTerms]:
@@ -371,7 +410,8 @@ def _dense_gains(gains: GainsLike, shape: tuple[int, int]) -> torch.Tensor | Non
 
 @contextmanager
 def modulate(model: nn.Module, gains: GainsLike, nmap: NeuronMap | None = None,
-             inputs: dict[int, "InputTerms | RowTerms"] | None = None) -> Iterator[None]:
+             inputs: dict[int, "InputTerms | RowTerms"] | None = None,
+             switch: "tuple[Switch, torch.Tensor | None] | Switch | None" = None) -> Iterator[None]:
     """Apply gains (and input-side terms) to `model` inside the block only, and only for calls made from this
     thread/context.
 
@@ -379,6 +419,8 @@ def modulate(model: nn.Module, gains: GainsLike, nmap: NeuronMap | None = None,
     training) or [batch, n_layers, n_neurons] for per-row gains; or a list with one `Modulation | None` per batch row.
     inputs: input-side terms per layer given explicitly (training, per-row strengths); by default those of the
     modulation(s). Layers whose gains are all exactly 1 and terms all 0 (and not trainable) get no hook at all.
+    switch: a `Switch` (or (switch, [B] bool rows it applies to)) given explicitly; by default the modulation's own, or,
+    for a list of per-row modulations, the one switch they carry, on their rows.
     """
     nmap = nmap or neuron_map(model)
     dense = _dense_gains(gains, nmap.shape)
@@ -395,8 +437,27 @@ def modulate(model: nn.Module, gains: GainsLike, nmap: NeuronMap | None = None,
         raise ValueError(f"This modulation has input-side terms, but '{nmap.model_type}' models have no known MLP input "
                          "projection (model/neuron_map.py INPUT_PROJECTIONS). Use its static gains (Modulation.static()).")
     post = [(nmap.input_projections[l], _input_hook(t, nmap.input_offset)) for l, t in terms.items()]
+    found = _switch(gains) if switch is None else (switch if isinstance(switch, tuple) else (switch, None))
+    if found is not None:
+        post = switch_hooks(model, found[0], nmap, found[1]) + post
     with scoped_pre_hooks(hooks, post=post):
         yield
+
+
+def _switch(gains: GainsLike) -> tuple[Switch, torch.Tensor | None] | None:
+    """The switch a modulation (all rows) or a list of per-row modulations (the rows that carry it) applies."""
+    if isinstance(gains, Modulation):
+        return None if gains.switch is None else (gains.switch, None)
+    if gains is None or isinstance(gains, torch.Tensor):
+        return None
+    carried = [m.switch if m is not None else None for m in gains]
+    distinct = {id(s) for s in carried if s is not None}
+    if not distinct:
+        return None
+    if len(distinct) > 1:
+        raise ValueError("Rows of one batch carry different switches; generate them in separate batches.")
+    switch = next(s for s in carried if s is not None)
+    return switch, torch.tensor([s is not None for s in carried])
 
 
 def _broadcast(g: torch.Tensor, x: torch.Tensor, per_row: bool) -> torch.Tensor:
@@ -462,6 +523,10 @@ def fold_into_weights(model: nn.Module, modulation: Modulation | torch.Tensor, n
             nmap.input_rows(layer).copy_(rows)
             if bias is not None:
                 nmap.input_bias(layer).copy_(bias)
+        if modulation.switch is not None:
+            params = dict(model.named_parameters())
+            for name, w in folded_switch(model, modulation.switch, nmap).items():
+                params[name].copy_(w)
     return model
 
 
@@ -525,6 +590,8 @@ def folded_state_dict(model: nn.Module, modulation: Modulation, nmap: NeuronMap 
             full_b = module.bias.detach().clone()
             full_b[nmap.input_offset:nmap.input_offset + nmap.n_neurons] = bias
             state[f"{names[id(module)]}.bias"] = full_b
+    if modulation.switch is not None:  # its own rows and columns: the gains and terms leave its neurons alone
+        state.update(folded_switch(model, modulation.switch, nmap, state))
     return state
 
 

@@ -14,6 +14,8 @@ Early stopping keeps the gains with the best validation loss.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import math
 import random
 from dataclasses import dataclass, field
@@ -34,6 +36,7 @@ from ..interventions.modulation import InputTerms, Modulation, RowTerms, modulat
 from ..model.logprobs import PairBatch, encode_pairs, forward, target_logprob
 from .base_answers import cached_answers
 from .conditional import harm_directions
+from .switch_fit import FittedSwitch
 from .selection import Selection, SelectionError
 
 
@@ -47,18 +50,19 @@ class TrainResult:
 
 class GainParams:
     """The trainable parts of a modulation: gains of the selected neurons (their dense [n_layers, n_neurons] view) and,
-    for a conditional modulation, one input-side coefficient per selected neuron of every layer that has a direction
-    (`method/conditional.py`), reading that layer's fixed harm direction."""
+    for a conditional modulation, one input-side coefficient per selected neuron (or per `readers` neuron) of every
+    layer that has a direction (`method/conditional.py`, or a switch's flag), reading that layer's fixed direction."""
 
     def __init__(self, selection: Selection, constrained: bool, max_gain: float,
-                 directions: dict[int, tuple[torch.Tensor, float]] | None = None, max_coef: float = 4.0):
+                 directions: dict[int, tuple[torch.Tensor, float]] | None = None, max_coef: float = 4.0,
+                 readers: torch.Tensor | None = None):
         self.shape = selection.shape
         self.safety_idx = selection.safety.flatten().nonzero().flatten()
         self.utility_idx = selection.utility.flatten().nonzero().flatten()
         self.safety = torch.ones(len(self.safety_idx), requires_grad=True)
         self.utility = torch.ones(len(self.utility_idx), requires_grad=True)
         self.constrained, self.max_gain, self.max_coef = constrained, max_gain, max_coef
-        chosen = selection.safety | selection.utility
+        chosen = selection.safety | selection.utility if readers is None else readers
         self.directions = {l: d for l, d in (directions or {}).items() if bool(chosen[l].any())}
         self.coef_index = {l: chosen[l].nonzero().flatten() for l in sorted(self.directions)}  # layer -> neurons with a term
         n_coef = sum(len(i) for i in self.coef_index.values())
@@ -290,11 +294,15 @@ def _sample(rng: random.Random, pool: list, n: int) -> list:
 
 
 def train_gains(lm, selection: Selection, cfg: RunConfig = RunConfig(), *, splits: Splits | None = None,
-                cache_dir=None, reporter: Reporter | None = None, gate: GateProbe | None = None) -> TrainResult:
+                cache_dir=None, reporter: Reporter | None = None, gate: GateProbe | None = None,
+                switch: FittedSwitch | None = None, readers: torch.Tensor | None = None) -> TrainResult:
     """Learn gains for the selected neurons (and, with `meta.conditional`, their input-side terms along each layer's
     harm direction); returns the best `Modulation` (by validation loss) and the log. With a `gate` (fitted first, on
     the unmodulated model), every training prompt gets the modulation at the strength the gate reads from it. Each
-    step's log entry goes to `reporter.step`; once the reporter is cancelled, training stops and keeps the best gains."""
+    step's log entry goes to `reporter.step`; once the reporter is cancelled, training stops and keeps the best gains.
+    With a fitted `switch` (`switch_fit.fit_switch`), training runs with the switch in place and the input-side terms
+    read its flag (its directions) instead of a raw harm direction; the result carries the switch. `readers`:
+    [n_layers, n_neurons] bool, the neurons that get input-side terms (default: the selected ones)."""
     m = cfg.meta
     reporter = reporter or SILENT
     if m.mode not in ("fomaml", "reptile", "joint"):
@@ -308,10 +316,14 @@ def train_gains(lm, selection: Selection, cfg: RunConfig = RunConfig(), *, split
     torch.manual_seed(m.seed)
     directions = None
     if m.conditional:
-        layers = [l for l in (selection.safety | selection.utility).any(1).nonzero().flatten().tolist() if l >= m.input_from_layer]
-        directions = harm_directions(lm, *splits.harm_pools("train", m.direction_prompts, m.direction_prompts // 10), layers,
-                                     reporter=reporter.muted())
-    params = GainParams(selection, m.constrained, m.max_gain, directions, m.max_coef)
+        chosen = selection.safety | selection.utility if readers is None else readers
+        layers = [l for l in chosen.any(1).nonzero().flatten().tolist() if l >= m.input_from_layer]
+        if switch is not None:
+            directions = {l: switch.directions[l] for l in layers if l in switch.directions}
+        else:
+            directions = harm_directions(lm, *splits.harm_pools("train", m.direction_prompts, m.direction_prompts // 10), layers,
+                                         reporter=reporter.muted())
+    params = GainParams(selection, m.constrained, m.max_gain, directions, m.max_coef, readers)
     objective = Objective(lm, cfg, gate)
     groups = [{"params": [params.safety, params.utility], "lr": m.outer_lr}]
     if params.coef is not None:
@@ -338,64 +350,65 @@ def train_gains(lm, selection: Selection, cfg: RunConfig = RunConfig(), *, split
     def grads(loss: torch.Tensor) -> list[torch.Tensor]:
         return torch.autograd.grad(loss, params.params(), allow_unused=True)
 
-    for step in range(1, m.steps + 1):
-        if reporter.cancelled:
-            result.stopped = "cancelled"
-            break
-        family = None if m.mode == "joint" else rng.choice(families)
-        with torch.enable_grad():
-            if m.mode == "joint":
-                loss, terms = objective(params.view(), task_batch(None))
-                outer = grads(loss)
-            else:
-                # inner loop: adapt a copy of the gains to this family's support batch
-                fast = [p.detach().clone().requires_grad_(True) for p in params.params()]
-                for _ in range(m.inner_steps):
-                    inner_loss, _ = objective(params.view(fast), task_batch(family))
-                    g = torch.autograd.grad(inner_loss, fast, allow_unused=True)
-                    fast = [(f - m.inner_lr * (gi if gi is not None else 0)).detach().requires_grad_(True) for f, gi in zip(fast, g)]
-                if m.mode == "fomaml":  # first-order: query gradient at the adapted gains
-                    loss, terms = objective(params.view(fast), task_batch(family))
-                    outer = torch.autograd.grad(loss, fast, allow_unused=True)
-                else:  # reptile: move towards the adapted gains
-                    loss, terms = inner_loss, {}
-                    outer = [p.detach() - f.detach() for p, f in zip(params.params(), fast)]
-        opt.zero_grad()
-        for p, g in zip(params.params(), outer):
-            p.grad = None if g is None else g.detach().clone()
-        previous = params.snapshot()
-        opt.step()
-        params.project()
-        if not params.finite() or not math.isfinite(float(loss.detach())):
-            params.load(previous)
-            result.stopped = "non_finite"
-            result.log.append({"step": step, "task": family or "mixed", "loss": float(loss.detach()),
-                               "error": f"non-finite gains or loss at step {step}: training stopped and kept the last good gains. "
-                                        f"Lower meta.outer_lr (now {m.outer_lr:g}) or meta.inner_lr (now {m.inner_lr:g}) and train again."})
-            break
-        entry = {"step": step, "task": family or "mixed", "loss": float(loss.detach()), **terms,
-                 "mean_safety_gain": float(params.safety.detach().mean()) if len(params.safety) else 1.0,
-                 "mean_utility_gain": float(params.utility.detach().mean()) if len(params.utility) else 1.0}
-        if params.coef is not None and len(params.coef):
-            entry["mean_abs_coef"] = float(params.coef.detach().abs().mean())
-        if step % m.eval_every == 0 or step == m.steps:
-            with torch.no_grad():
-                dense, inputs = params.view()
-                val_loss, val_terms = objective((dense.detach(), {l: InputTerms(t.indices, t.coef.detach(), t.direction, t.offset)
-                                                                  for l, t in inputs.items()}), val_batch)
-            entry["val"] = float(val_loss)
-            entry.update({f"val_{k}": v for k, v in val_terms.items()})
-            if entry["val"] < best[0] - 1e-4:
-                best, bad_checks = (entry["val"], params.snapshot(), step), 0
-            else:
-                bad_checks += 1
-                if bad_checks >= m.patience:
-                    result.log.append(entry)
-                    result.stopped = "early_stop"
-                    reporter.step(entry)
-                    break
-        result.log.append(entry)
-        reporter.step(entry)
+    with (modulate(lm.model, None, lm.nmap, switch=switch.switch) if switch is not None else nullcontext()):
+        for step in range(1, m.steps + 1):
+            if reporter.cancelled:
+                result.stopped = "cancelled"
+                break
+            family = None if m.mode == "joint" else rng.choice(families)
+            with torch.enable_grad():
+                if m.mode == "joint":
+                    loss, terms = objective(params.view(), task_batch(None))
+                    outer = grads(loss)
+                else:
+                    # inner loop: adapt a copy of the gains to this family's support batch
+                    fast = [p.detach().clone().requires_grad_(True) for p in params.params()]
+                    for _ in range(m.inner_steps):
+                        inner_loss, _ = objective(params.view(fast), task_batch(family))
+                        g = torch.autograd.grad(inner_loss, fast, allow_unused=True)
+                        fast = [(f - m.inner_lr * (gi if gi is not None else 0)).detach().requires_grad_(True) for f, gi in zip(fast, g)]
+                    if m.mode == "fomaml":  # first-order: query gradient at the adapted gains
+                        loss, terms = objective(params.view(fast), task_batch(family))
+                        outer = torch.autograd.grad(loss, fast, allow_unused=True)
+                    else:  # reptile: move towards the adapted gains
+                        loss, terms = inner_loss, {}
+                        outer = [p.detach() - f.detach() for p, f in zip(params.params(), fast)]
+            opt.zero_grad()
+            for p, g in zip(params.params(), outer):
+                p.grad = None if g is None else g.detach().clone()
+            previous = params.snapshot()
+            opt.step()
+            params.project()
+            if not params.finite() or not math.isfinite(float(loss.detach())):
+                params.load(previous)
+                result.stopped = "non_finite"
+                result.log.append({"step": step, "task": family or "mixed", "loss": float(loss.detach()),
+                                   "error": f"non-finite gains or loss at step {step}: training stopped and kept the last good gains. "
+                                            f"Lower meta.outer_lr (now {m.outer_lr:g}) or meta.inner_lr (now {m.inner_lr:g}) and train again."})
+                break
+            entry = {"step": step, "task": family or "mixed", "loss": float(loss.detach()), **terms,
+                     "mean_safety_gain": float(params.safety.detach().mean()) if len(params.safety) else 1.0,
+                     "mean_utility_gain": float(params.utility.detach().mean()) if len(params.utility) else 1.0}
+            if params.coef is not None and len(params.coef):
+                entry["mean_abs_coef"] = float(params.coef.detach().abs().mean())
+            if step % m.eval_every == 0 or step == m.steps:
+                with torch.no_grad():
+                    dense, inputs = params.view()
+                    val_loss, val_terms = objective((dense.detach(), {l: InputTerms(t.indices, t.coef.detach(), t.direction, t.offset)
+                                                                      for l, t in inputs.items()}), val_batch)
+                entry["val"] = float(val_loss)
+                entry.update({f"val_{k}": v for k, v in val_terms.items()})
+                if entry["val"] < best[0] - 1e-4:
+                    best, bad_checks = (entry["val"], params.snapshot(), step), 0
+                else:
+                    bad_checks += 1
+                    if bad_checks >= m.patience:
+                        result.log.append(entry)
+                        result.stopped = "early_stop"
+                        reporter.step(entry)
+                        break
+            result.log.append(entry)
+            reporter.step(entry)
     if best[2] > 0:
         params.load(best[1])
     result.best_step = best[2]
@@ -403,4 +416,7 @@ def train_gains(lm, selection: Selection, cfg: RunConfig = RunConfig(), *, split
             "stopped": result.stopped, "k_safety": selection.config.k_safety, "k_utility": selection.config.k_utility,
             "trained_behind_gate": gate is not None, "conditional": params.coef is not None}
     result.modulation = params.modulation(lm.fingerprint, meta)
+    if switch is not None:
+        mod = result.modulation
+        result.modulation = Modulation.from_dense(mod.dense(), mod.fingerprint, {**meta, "switch": switch.info}, mod.inputs, switch.switch)
     return result

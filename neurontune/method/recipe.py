@@ -5,11 +5,15 @@ baselines and the sweep.
 - `meta.gate_first` (gate-aware): the gate is fitted first on the unmodulated model (it reads the prompt, not the
   gains), then the gains are trained behind it, each training prompt at the strength the gate reads from it;
 - otherwise the gains are trained as if no gate existed and, when `meta.gate` asks, a gate is fitted on them after;
-- `fold.form` "static" / "conditional": a second modulation is trained without any gate, for export (`FoldConfig`).
+- `fold.form` "static" / "conditional" / "switch": a second modulation is trained without any gate, for export
+  (`FoldConfig`; "switch" fits the folded switch first, `switch_fit`).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+
+import torch
 
 from ..config import RunConfig
 from ..data.splits import Splits
@@ -19,6 +23,7 @@ from ..interventions.modulation import Modulation
 from .gate_fit import fit_gate_for_run
 from .metalearn import TrainResult, train_gains
 from .selection import Selection
+from .switch_fit import fit_switch
 
 
 @dataclass
@@ -61,8 +66,19 @@ def train_run(lm, selection: Selection, cfg: RunConfig, splits: Splits, *, cache
 def train_foldable(lm, selection: Selection, cfg: RunConfig, splits: Splits, *, cache_dir=None,
                    reporter: Reporter | None = None) -> TrainResult:
     """The modulation a run exports: trained without any gate, with `cfg.fold`'s terms (input-side terms for
-    "conditional")."""
-    result = train_gains(lm, selection, cfg.replace(meta=cfg.fold.meta(cfg.meta)), splits=splits, cache_dir=cache_dir,
-                         reporter=reporter)
+    "conditional"; a fitted switch and input-side terms that read its flag for "switch")."""
+    meta, switch, readers = cfg.fold.meta(cfg.meta), None, None
+    if cfg.fold.form == "switch" and not (lm.nmap.gated and not lm.nmap.input_offset):
+        (reporter or SILENT).say(f"fold.form 'switch' rewrites a gated MLP's rows; '{lm.nmap.model_type}' models have none, so "
+                                 "the exported modulation reads a harm direction instead (fold.form 'conditional').")
+    elif cfg.fold.form == "switch":
+        layer = lm.nmap.n_layers // 2 if cfg.fold.switch_layer is None else cfg.fold.switch_layer
+        switch = fit_switch(lm, splits, layer, exclude=(selection.safety | selection.utility)[layer], reporter=reporter)
+        meta = dataclasses.replace(meta, input_from_layer=layer + 1)
+        if cfg.fold.switch_readers == "all":
+            readers = torch.zeros(selection.shape, dtype=torch.bool)
+            readers[layer + 1:] = True
+    result = train_gains(lm, selection, cfg.replace(meta=meta), splits=splits, cache_dir=cache_dir, reporter=reporter,
+                         switch=switch, readers=readers)
     result.modulation.meta["role"] = "foldable"
     return result

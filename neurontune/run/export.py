@@ -164,6 +164,11 @@ Base model fingerprint: `{lm.fingerprint}`. Preset: `{(preset or {}).get('name',
 def _conditional_text(summary: dict) -> str:
     if not summary.get("n_conditional"):
         return ""
+    if summary.get("switch_layer") is not None:
+        return (f"; two neurons of layer {summary['switch_layer']} are rewritten into a switch that reads the end of the prompt "
+                f"and raises a flag in the residual stream where it reads harmful, and {summary['n_conditional']} neurons of "
+                f"later layers read that flag through their input projection (input-side terms up to {summary['max_abs_coef']:.2f}): "
+                "a modulation that depends on the input, folded exactly into the weights")
     return (f"; {summary['n_conditional']} neurons also read a harm direction of their layer through their input projection "
             f"(input-side terms up to {summary['max_abs_coef']:.2f}), so they fire more on harmful requests and less on harmless "
             "ones: a modulation that depends on the input, folded exactly into the weights")

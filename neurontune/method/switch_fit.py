@@ -1,0 +1,125 @@
+"""Fitting the folded switch (`interventions/switch.py`) of a run, from its training split, and the directions the
+input-side terms of later layers read its flag with.
+
+1. A bias-free logistic probe of layer L's MLP input tells the end of a harmful prompt from the end of a harmless one
+   and from every earlier token of either (`Splits.harm_pools`: plain, inside the training attack families and the
+   alarming-word pairs, so neither a template nor a word decides). A direction k that reads about 1 on every token
+   stands in for the bias a gated MLP lacks.
+2. The two neurons of layer L that matter least to harmless text (mean |activation| x output norm; never a selected
+   neuron) become the switch: act(a w.x) - act(a w.x - T), about clamp(a w.x, 0, T), written along f, the direction the
+   residual stream uses least (smallest variance of the normalised residual after L).
+3. With the switch in place, each later layer's reading direction is the linear read of the flag's actual imprint that
+   the harmless tokens disturb least (Fisher: Σ⁻¹ δ), centred with that layer's k so that harmless tokens read about 0
+   and scaled so that a harmful prompt's end reads 1. These are the `InputTerms` directions the training then uses.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..data.chat import chat_prompt
+from ..data.splits import Splits
+from ..infra.probes import fit_bias_free, roc_auc
+from ..infra.progress import SILENT, Reporter
+from ..interventions.capture import last_and_sampled
+from ..interventions.modulation import Modulation, modulate
+from ..interventions.switch import Switch, require_gated
+from ..model.neuron_map import decoder_layers
+
+SHARPNESS = 2.0  # a: the probe's logit times a before the activation
+CLAMP = 4.0  # T: the switch's output saturates at T times its column
+FLAG = 0.3  # the flag's size against the residual stream's norm at the end of a prompt
+RIDGE = 1e-2  # the reading directions' covariance ridge, relative to its mean variance
+PROMPTS = 400  # harmful (and as many harmless) training prompts, plus PER_FAMILY per training attack family
+PER_FAMILY = 40
+READ_PROMPTS = 200  # of each pool, read again with the switch in place
+
+
+@dataclass
+class FittedSwitch:
+    switch: Switch
+    directions: dict[int, tuple[torch.Tensor, float]]  # layer -> (reading direction, offset 0): the input terms' directions
+    info: dict = field(default_factory=dict)  # what the fit measured (firing rates, signal-to-noise per layer)
+
+
+def _constant(x: torch.Tensor) -> torch.Tensor:
+    """k with x @ k about 1 on every row (ridge least squares)."""
+    xd = x.double()
+    lhs = xd.T @ xd + RIDGE * torch.eye(xd.shape[1], dtype=xd.dtype) * xd.pow(2).sum(1).mean()
+    return torch.linalg.solve(lhs, xd.T @ torch.ones(len(xd), dtype=xd.dtype)).float()
+
+
+@torch.no_grad()
+def _least_used(lm, layer: int, x: torch.Tensor, exclude: torch.Tensor | None, k: int = 2) -> torch.Tensor:
+    """The k neurons of a gated MLP with the smallest mean |act(gate x) * (up x)| x output-column norm on inputs x."""
+    mlp = decoder_layers(lm.model)[layer].mlp
+    gate = mlp.gate_proj.weight.detach().float().cpu()
+    up = mlp.up_proj.weight.detach().float().cpu()
+    act = F.silu(x @ gate.T) * (x @ up.T)
+    use = act.abs().mean(0) * lm.nmap.weight_slice(layer).detach().float().cpu().norm(dim=1)
+    if exclude is not None:
+        use[exclude.cpu()] = float("inf")
+    return use.argsort()[:k].sort().values
+
+
+def fit_switch(lm, splits: Splits, layer: int | None = None, *, exclude: torch.Tensor | None = None,
+               reporter: Reporter | None = None) -> FittedSwitch:
+    """The switch of layer `layer` (default: the middle layer) and the reading directions of every later layer.
+    `exclude`: [n_neurons] bool, neurons of that layer the switch may not take (the run's selected neurons)."""
+    reporter = reporter or SILENT
+    n_layers = lm.nmap.n_layers
+    layer = n_layers // 2 if layer is None else int(layer)
+    if not 0 <= layer < n_layers - 1:
+        raise ValueError(f"The switch's layer must be in 0..{n_layers - 2} (a later layer must read its flag), not {layer}.")
+    require_gated(lm.nmap)
+    later = list(range(layer + 1, n_layers))
+    harmful, harmless = splits.harm_pools("train", PROMPTS, PER_FAMILY)
+    texts = [chat_prompt(lm.tokenizer, t) for t in harmful + harmless]
+    n_pos = len(harmful)
+    reporter.say("switch: reading the training prompts")
+    last, sampled = last_and_sampled(lm, texts, "mlp_input", [layer] + later)
+    # 1. the probe: harmful prompt ends against harmless ones and against every earlier token
+    x0 = torch.cat([last[layer], sampled[layer]])
+    y = torch.cat([torch.ones(n_pos), torch.zeros(len(x0) - n_pos)])
+    n_neg, n_tok = len(harmless), len(sampled[layer])
+    weight = torch.cat([torch.full((n_pos,), 1.0 / n_pos), torch.full((n_neg,), 0.5 / n_neg), torch.full((n_tok,), 0.5 / n_tok)])
+    w = fit_bias_free(x0, y, weight)
+    constant = {l: _constant(torch.cat([last[l], sampled[l]])) for l in [layer] + later}
+    # 2. the switch's neurons, the flag's direction and size
+    neurons = _least_used(lm, layer, torch.cat([last[layer][n_pos:], sampled[layer]]), exclude)
+    some = texts[: READ_PROMPTS // 2] + texts[n_pos: n_pos + READ_PROMPTS // 2]
+    res_last, res_tok = last_and_sampled(lm, some, "residual", later)
+    rows = torch.cat([torch.cat([res_last[l], res_tok[l]]) for l in later])
+    rows = rows / rows.norm(dim=1, keepdim=True).clamp(min=1e-6)
+    f = torch.linalg.eigh(torch.cov(rows.double().T)).eigenvectors[:, 0].float()
+    size = FLAG * float(res_last[later[0]].norm(dim=1).mean()) / CLAMP
+    k0 = constant[layer]
+    switch = Switch(layer, neurons, torch.stack([SHARPNESS * w, SHARPNESS * w - CLAMP * k0]), torch.stack([k0, k0]),
+                    torch.stack([size * f, -size * f]))
+    # 3. each later layer's reading direction, from the switch's imprint against the harmless tokens' spread
+    reporter.say("switch: reading its flag in later layers")
+    pos_idx = list(range(min(READ_PROMPTS, n_pos)))
+    again = [texts[i] for i in pos_idx] + texts[n_pos: n_pos + READ_PROMPTS]
+    with modulate(lm.model, Modulation(lm.nmap.shape, switch=switch), lm.nmap):
+        on_last, on_tok = last_and_sampled(lm, again, "mlp_input", later, seed=1)
+    directions, snr = {}, {}
+    n_again = len(pos_idx)
+    for l in later:
+        delta = (on_last[l][:n_again] - last[l][pos_idx]).mean(0).double()
+        noise = torch.cat([on_last[l][n_again:], on_tok[l]]).double()
+        cov = torch.cov(noise.T)
+        cov += RIDGE * cov.diagonal().mean() * torch.eye(cov.shape[0], dtype=cov.dtype)
+        e = torch.linalg.solve(cov, delta)
+        e = (e / (e @ delta)).float()
+        e = e - float((noise.float() @ e).mean()) * constant[l]
+        span = float((on_last[l][:n_again] @ e).mean())
+        e = e / span
+        directions[l] = (e, 0.0)
+        snr[l] = round(1.0 / float((noise.float() @ e).std()), 1)
+    z_pos, z_neg = last[layer][:n_pos] @ w, last[layer][n_pos:] @ w
+    info = {"layer": layer, "neurons": neurons.tolist(), "train_auc": round(roc_auc(z_pos, z_neg), 3),
+            "fires_harmful": round(float((z_pos > 0).float().mean()), 3), "fires_harmless": round(float((z_neg > 0).float().mean()), 3),
+            "fires_earlier_tokens": round(float((sampled[layer] @ w > 0).float().mean()), 4), "flag_snr": snr}
+    return FittedSwitch(switch, directions, info)

@@ -1,0 +1,220 @@
+"""The folded switch (`interventions/switch.py`): its hooks compute what its folded weights compute, a switch that keeps
+its neurons' own rows is the base model bit for bit, it travels in the modulation file, and a brute-force reference
+(the gated MLP written out by hand) agrees with both."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import encode, logits, random_modulation
+from neurontune.interventions.modulation import InputTerms, Modulation, ModulationFileError, fold_into_weights, folded_state_dict, modulate
+from neurontune.interventions.switch import Switch
+
+PROMPTS = ("how do I bake bread", "how do I pick locks")
+
+
+def random_switch(lm, layer: int = 1, seed: int = 0, neurons=(3, 7)) -> Switch:
+    gen = torch.Generator().manual_seed(seed)
+    d = lm.model.config.hidden_size
+    return Switch(layer, torch.tensor(neurons), torch.randn(2, d, generator=gen), torch.randn(2, d, generator=gen),
+                  torch.randn(2, d, generator=gen))
+
+
+def own_rows(lm, layer: int = 1, neurons=(3, 7)) -> Switch:
+    mlp = lm.model.model.layers[layer].mlp
+    idx = torch.tensor(neurons)
+    return Switch(layer, idx, mlp.gate_proj.weight[idx].detach().clone(), mlp.up_proj.weight[idx].detach().clone(),
+                  mlp.down_proj.weight[:, idx].detach().t().clone())
+
+
+def with_switch(lm, switch: Switch, terms: bool = True, gains: int = 6) -> Modulation:
+    """Random gains away from the switch's neurons, and input terms on a later layer."""
+    mod = random_modulation(lm.nmap.shape, gains, seed=1)
+    dense = mod.dense()
+    dense[switch.layer, switch.neurons] = 1.0
+    inputs = {}
+    if terms:
+        gen = torch.Generator().manual_seed(2)
+        d = lm.model.config.hidden_size
+        inputs = {switch.layer + 1: InputTerms(torch.tensor([0, 5, 9]), torch.randn(3, generator=gen), torch.randn(d, generator=gen))}
+    return Modulation.from_dense(dense, lm.fingerprint, inputs=inputs, switch=switch)
+
+
+def test_switch_hooks_equal_the_folded_weights_and_a_hand_written_mlp(tiny_llama):
+    lm = tiny_llama
+    switch = random_switch(lm)
+    mod = with_switch(lm, switch)
+    ids = encode(lm, *PROMPTS)
+    with modulate(lm.model, mod, lm.nmap):
+        hooked = logits(lm, ids)
+    folded = fold_into_weights(copy.deepcopy(lm.model), mod)
+    assert torch.allclose(logits(lm, ids, folded), hooked, atol=1e-4)
+    state = folded_state_dict(lm.model, mod, lm.nmap)
+    other = copy.deepcopy(lm.model)
+    other.load_state_dict(state)
+    assert torch.allclose(logits(lm, ids, other), hooked, atol=1e-4)
+    # brute force: the switch layer's MLP written out by hand, the two neurons replaced
+    mlp = lm.model.model.layers[switch.layer].mlp
+    x = torch.randn(4, lm.model.config.hidden_size)
+    gate, up, down = mlp.gate_proj.weight.clone(), mlp.up_proj.weight.clone(), mlp.down_proj.weight.clone()
+    gate[switch.neurons], up[switch.neurons], down[:, switch.neurons] = switch.gate_rows, switch.up_rows, switch.down_cols.t()
+    by_hand = (F.silu(x @ gate.t()) * (x @ up.t())) @ down.t()
+    with modulate(lm.model, Modulation(lm.nmap.shape, switch=switch), lm.nmap), torch.no_grad():
+        assert torch.allclose(mlp(x), by_hand, rtol=1e-5, atol=1e-4)
+    assert not any(m._forward_hooks for m in lm.model.modules())  # nothing stays on the shared model
+
+
+def test_a_switch_with_its_neurons_own_rows_is_the_base_model(tiny_llama):
+    lm = tiny_llama
+    ids = encode(lm, *PROMPTS)
+    base = logits(lm, ids)
+    mod = Modulation(lm.nmap.shape, switch=own_rows(lm))
+    with modulate(lm.model, mod, lm.nmap):
+        assert torch.equal(logits(lm, ids), base)
+    assert torch.equal(logits(lm, ids, fold_into_weights(copy.deepcopy(lm.model), mod)), base)
+
+
+def test_strength_zero_rows_and_scaled_zero_leave_the_base_model(tiny_llama):
+    lm = tiny_llama
+    mod = with_switch(lm, random_switch(lm))
+    ids = encode(lm, *PROMPTS)
+    base = logits(lm, ids)
+    with mod.apply_rows(lm, torch.tensor([0.0, 1.0])):
+        mixed = logits(lm, ids)
+    with modulate(lm.model, mod, lm.nmap):
+        full = logits(lm, ids)
+    assert torch.equal(mixed[0], base[0])  # row at strength 0: the switch is not applied there
+    assert torch.allclose(mixed[1], full[1], atol=1e-5)
+    assert mod.scaled(0).switch is None and mod.scaled(0.5).switch is mod.switch and mod.static().switch is None
+    assert mod.conditional and mod.summary()["switch_layer"] == 1
+
+
+def test_switch_travels_in_the_modulation_file_and_a_bad_one_is_refused(tiny_llama, tmp_path):
+    lm = tiny_llama
+    mod = with_switch(lm, random_switch(lm))
+    back = Modulation.load(mod.save(tmp_path / "m.safetensors"))
+    assert back.switch.layer == 1 and torch.equal(back.switch.neurons, mod.switch.neurons)
+    for name in ("gate_rows", "up_rows", "down_cols"):
+        assert torch.equal(getattr(back.switch, name), getattr(mod.switch, name))
+    ids = encode(lm, *PROMPTS)
+    with modulate(lm.model, mod, lm.nmap):
+        a = logits(lm, ids)
+    with modulate(lm.model, back, lm.nmap):  # (the reloaded input terms' hook may round differently: 1 ulp)
+        assert torch.allclose(logits(lm, ids), a, atol=1e-5)
+    bad = Modulation(lm.nmap.shape, switch=Switch(1, torch.tensor([3, 10_000]), *[torch.zeros(2, 64) for _ in range(3)]))
+    with pytest.raises(ModulationFileError, match="bad switch"):
+        Modulation.load(bad.save(tmp_path / "bad.safetensors"))
+
+
+def test_switch_refuses_gains_on_its_neurons_and_models_without_a_gated_mlp(tiny_llama, tiny_gpt2):
+    switch = random_switch(tiny_llama)
+    dense = torch.ones(tiny_llama.nmap.shape)
+    dense[1, 3] = 2.0
+    with pytest.raises(ValueError, match="switch's"):
+        Modulation.from_dense(dense, switch=switch)
+    mod = Modulation(tiny_gpt2.nmap.shape, switch=random_switch(tiny_gpt2))
+    with pytest.raises(ValueError, match="gated MLP"):
+        with modulate(tiny_gpt2.model, mod, tiny_gpt2.nmap):
+            pass
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny_llama, tmp_path_factory):
+    from neurontune.config import RunConfig
+    from neurontune.data.splits import build_splits
+    from neurontune.method.neuron_scores import run_attribution
+    from neurontune.method.selection import select
+    from neurontune.method.switch_fit import fit_switch
+    from test_metalearn import SMALL
+
+    cache = tmp_path_factory.mktemp("cache")
+    cfg = RunConfig(model="tiny-llama").replace(**SMALL)
+    selection = select(run_attribution(tiny_llama, cfg, cache_dir=cache), cfg.selection)
+    splits = build_splits(cfg.data)
+    exclude = (selection.safety | selection.utility)[1]
+    return fit_switch(tiny_llama, splits, 1, exclude=exclude), cfg, selection, splits, cache, exclude
+
+
+def test_fitted_switch_takes_unselected_neurons_and_its_flag_reads_one_at_harmful_prompt_ends(tiny_llama, fitted):
+    from neurontune.data.chat import chat_prompt
+    from neurontune.interventions.capture import last_token
+    from neurontune.method import switch_fit
+
+    fit, cfg, selection, splits, cache, exclude = fitted
+    assert fit.switch.layer == 1 and len(set(fit.switch.neurons.tolist())) == 2
+    assert not exclude[fit.switch.neurons].any()
+    assert set(fit.directions) == {2} and all(offset == 0.0 for _, offset in fit.directions.values())
+    assert fit.info["fires_harmful"] > fit.info["fires_harmless"]
+    harmful, harmless = splits.harm_pools("train", switch_fit.PROMPTS, switch_fit.PER_FAMILY)
+    texts = [chat_prompt(tiny_llama.tokenizer, t) for t in harmful[: switch_fit.READ_PROMPTS]]
+    with modulate(tiny_llama.model, Modulation(tiny_llama.nmap.shape, switch=fit.switch), tiny_llama.nmap):
+        x = last_token(tiny_llama, texts, "mlp_input", layers=[2])[:, 0]
+    assert float((x @ fit.directions[2][0]).mean()) == pytest.approx(1.0, abs=1e-3)  # scaled to read 1 where it fired
+
+
+def test_switch_form_trains_terms_behind_the_switch_and_exports_a_checkpoint_that_reloads(tiny_llama, fitted, tmp_path):
+    from neurontune.eval.reloaded import Reloaded
+    from neurontune.method.recipe import train_foldable
+    from neurontune.run.export import export
+
+    fit, cfg, selection, splits, cache, exclude = fitted
+    cfg = cfg.replace(fold={"form": "switch", "switch_layer": 1, "steps": 4, "outer_lr": 0.0, "input_lr": 0.5})
+    mod = train_foldable(tiny_llama, selection, cfg, splits, cache_dir=cache).modulation
+    assert mod.switch is not None and mod.switch.layer == 1 and mod.conditional
+    assert set(mod.inputs) <= {2} and mod.inputs and bool((mod.inputs[2].coef != 0).any())
+    assert (mod.dense() == 1).all()  # gains frozen (fold.outer_lr 0): the terms behind the switch do the work
+    result = export(tiny_llama, mod, tmp_path, "switched")
+    assert result["max_logit_diff"] <= result["tolerance"]
+    reloaded = Reloaded.load(result["path"], tiny_llama)
+    base = tiny_llama.model.state_dict()
+    changed = {k for k, v in reloaded.lm.model.state_dict().items() if not torch.equal(v, base[k])}
+    assert changed == {"model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight",
+                       "model.layers.1.mlp.down_proj.weight", "model.layers.2.mlp.up_proj.weight"}
+
+
+def test_switch_form_is_refused_for_a_model_without_a_gated_mlp(tiny_gpt2):
+    from neurontune.config import DataConfig
+    from neurontune.data.splits import build_splits
+    from neurontune.method.switch_fit import fit_switch
+
+    with pytest.raises(ValueError, match="gated MLP"):
+        fit_switch(tiny_gpt2, build_splits(DataConfig()), 1)
+
+
+def test_a_switch_is_written_into_a_gguf_file_too(tiny_llama, tmp_path):
+    """GGUF export rewrites the tensors the switch changes (gate, up, down of its layer, and the later up rows): llama.cpp's
+    format holds the same model; transformers' GGUF loader gets logits near the hooked model's and far from the base's."""
+    from transformers import AutoModelForCausalLM
+
+    from neurontune.run.export import export
+
+    lm = tiny_llama
+    mod = with_switch(lm, random_switch(lm), gains=0)
+    result = export(lm, mod, tmp_path, "s", format="gguf", gguf_type="f16")
+    g = result["gguf"]
+    path = tmp_path / "s" / g["file"]
+    assert {"blk.1.ffn_gate.weight", "blk.1.ffn_up.weight", "blk.1.ffn_down.weight", "blk.2.ffn_up.weight"} <= set(g["changed"])
+    reloaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    ids = encode(lm, *PROMPTS)
+    with modulate(lm.model, mod, lm.nmap):
+        hooked = logits(lm, ids)
+    base, plain = logits(lm, ids), logits(lm, ids, reloaded)
+    assert float((plain - hooked).abs().max()) < float((plain - base).abs().max()) / 10
+
+
+def test_switch_form_on_a_model_without_a_gated_mlp_falls_back_to_harm_directions(tiny_gpt2, tmp_path):
+    from conftest import Recorder
+    from neurontune.config import RunConfig
+    from neurontune.data.splits import build_splits
+    from neurontune.method.neuron_scores import run_attribution
+    from neurontune.method.recipe import train_foldable
+    from neurontune.method.selection import select
+    from test_metalearn import SMALL
+
+    cfg = RunConfig(model="tiny-gpt2").replace(**SMALL).replace(fold={"form": "switch", "steps": 2})
+    selection = select(run_attribution(tiny_gpt2, cfg, cache_dir=tmp_path), cfg.selection)
+    rec = Recorder()
+    mod = train_foldable(tiny_gpt2, selection, cfg, build_splits(cfg.data), cache_dir=tmp_path, reporter=rec).modulation
+    assert mod.switch is None and mod.inputs  # input-side terms along harm directions, said so
+    assert any("'switch'" in m and "conditional" in m for m in rec.said)
