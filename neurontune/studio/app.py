@@ -315,7 +315,7 @@ def compare_tab(page: Page) -> Callable[[], None]:
             with gr.Column(scale=0, min_width=340):
                 strength = gr.Slider(0, 3, 1.0, step=0.05, label="strength ×", info="what-if: 0 = base, 1 = as tuned, 2 = twice the change")
                 C["use_gate"] = gr.Checkbox(**handlers.gate_props(first), elem_id="use-gate",
-                                            info="on: the gains are scaled by the gate's s for each prompt; off: static gains (what export folds)")
+                                            info="on: the gains are scaled by the gate's s for each prompt; off: what Export folds into the weights")
         with gr.Row(equal_height=True):
             with gr.Column():
                 gr.Markdown("Base model", elem_classes="pane-title")
