@@ -218,3 +218,14 @@ def test_switch_form_on_a_model_without_a_gated_mlp_falls_back_to_harm_direction
     mod = train_foldable(tiny_gpt2, selection, cfg, build_splits(cfg.data), cache_dir=tmp_path, reporter=rec).modulation
     assert mod.switch is None and mod.inputs  # input-side terms along harm directions, said so
     assert any("'switch'" in m and "conditional" in m for m in rec.said)
+
+
+def test_switch_settings_are_checked():
+    from neurontune.config import RunConfig
+
+    with pytest.raises(ValueError, match="fold.switch_readers must be 'selected' or 'all', not 'some'"):
+        RunConfig().replace(fold={"form": "switch", "switch_readers": "some"})
+    with pytest.raises(ValueError, match="switch_layer"):
+        RunConfig().replace(fold={"form": "switch", "switch_layer": -1})
+    with pytest.raises(ValueError, match="fold.form must be one of"):
+        RunConfig().replace(fold={"form": "switched"})
