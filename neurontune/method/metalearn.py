@@ -14,10 +14,9 @@ Early stopping keeps the gains with the best validation loss.
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import math
 import random
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,8 +35,8 @@ from ..interventions.modulation import InputTerms, Modulation, RowTerms, modulat
 from ..model.logprobs import PairBatch, encode_pairs, forward, target_logprob
 from .base_answers import cached_answers
 from .conditional import harm_directions
-from .switch_fit import FittedSwitch
 from .selection import Selection, SelectionError
+from .switch_fit import FittedSwitch
 
 
 @dataclass
