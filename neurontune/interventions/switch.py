@@ -73,9 +73,10 @@ def _mlp(model, layer: int):
     return decoder_layers(model)[layer].mlp
 
 
-def _shift_units(idx: torch.Tensor, delta: torch.Tensor, keep: torch.Tensor | None):
-    """Forward hook on a linear map: its output units `idx` get x . delta added (delta = the new minus the old rows),
-    on the rows where `keep` is true if given. Unchanged rows add exactly zero."""
+def _delta_hook(idx: torch.Tensor, delta: torch.Tensor, keep: torch.Tensor | None, *, units_out: bool):
+    """Forward hook adding what the new minus the old weights (`delta`) contribute, on the rows where `keep` is true if
+    given; unchanged weights add exactly zero. `units_out`: the map's output units `idx` get x . delta[j] (gate and up
+    rows); otherwise the output gets x[..., idx] @ delta (the output projection's columns)."""
     ready: dict = {}
 
     def hook(module, args, out):
@@ -84,27 +85,10 @@ def _shift_units(idx: torch.Tensor, delta: torch.Tensor, keep: torch.Tensor | No
         if key not in ready:
             ready[key] = (idx.to(x.device), delta.to(x.device, x.dtype), None if keep is None else keep.to(x.device))
         i, d, k = ready[key]
-        add = x @ d.t()
+        add = x @ d.t() if units_out else x.index_select(-1, i) @ d
         if k is not None:
             add = add * k.view(-1, *([1] * (add.dim() - 1))).to(add.dtype)
-        return out.index_add(-1, i, add.to(out.dtype))
-    return hook
-
-
-def _add_columns(idx: torch.Tensor, delta: torch.Tensor, keep: torch.Tensor | None):
-    """Forward hook on the output projection adding a[..., idx] @ delta (the new minus the old columns)."""
-    ready: dict = {}
-
-    def hook(module, args, out):
-        a = args[0]
-        key = (a.device, a.dtype)
-        if key not in ready:
-            ready[key] = (idx.to(a.device), delta.to(a.device, a.dtype), None if keep is None else keep.to(a.device))
-        i, d, k = ready[key]
-        add = a.index_select(-1, i) @ d
-        if k is not None:
-            add = add * k.view(-1, *([1] * (add.dim() - 1))).to(add.dtype)
-        return out + add.to(out.dtype)
+        return out.index_add(-1, i, add.to(out.dtype)) if units_out else out + add.to(out.dtype)
     return hook
 
 
@@ -117,9 +101,10 @@ def hooks(model, switch: Switch, nmap: NeuronMap, rows: torch.Tensor | None = No
 
     def delta(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
         return new.to(old.device, torch.float32) - old[idx.to(old.device)].detach().float()
-    return [(mlp.gate_proj, _shift_units(idx, delta(switch.gate_rows, mlp.gate_proj.weight), rows)),
-            (mlp.up_proj, _shift_units(idx, delta(switch.up_rows, mlp.up_proj.weight), rows)),
-            (nmap.projections[switch.layer], _add_columns(idx, delta(switch.down_cols, nmap.weight_slice(switch.layer)), rows))]
+    return [(mlp.gate_proj, _delta_hook(idx, delta(switch.gate_rows, mlp.gate_proj.weight), rows, units_out=True)),
+            (mlp.up_proj, _delta_hook(idx, delta(switch.up_rows, mlp.up_proj.weight), rows, units_out=True)),
+            (nmap.projections[switch.layer], _delta_hook(idx, delta(switch.down_cols, nmap.weight_slice(switch.layer)), rows,
+                                                         units_out=False))]
 
 
 @torch.no_grad()
