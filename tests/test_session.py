@@ -210,3 +210,23 @@ def test_quick_picks_call_every_family_tuning_never_saw_unseen():
     assert set(tags) == set(attacks.attack_families())
     assert {f for f, unseen in tags.items() if not unseen} == {"roleplay", "academic"}
     assert [tags[label.split(" · ")[1].rsplit(" (", 1)[0].replace(" ", "_")] for label in picks][-2:] == [False, False]
+
+
+def test_the_export_note_names_what_the_checkpoint_holds_instead_of_the_gate(tiny_llama, tmp_path):
+    """A gated run's export status says the gate is not folded and what is: the static gains, or the run's conditional
+    (foldable) modulation when it trained one; a run without a gate gets no note."""
+    from neurontune.interventions.modulation import InputTerms, Modulation
+    from neurontune.studio.handlers import _gate_note
+    gains = random_modulation(tiny_llama.shape, 20, fingerprint=tiny_llama.fingerprint)
+    d = tiny_llama.nmap.input_rows(0).shape[1]
+    foldable = Modulation(gains.shape, gains.layers, gains.fingerprint, {}, {1: InputTerms(torch.arange(4), torch.full((4,), 0.5), torch.randn(d))})
+    notes = {}
+    for name, gate, folded in (("static", gate_for(tiny_llama), None), ("conditional", gate_for(tiny_llama), foldable), ("ungated", None, None)):
+        s = loaded(tiny_llama)
+        s.adopt_shipped(Snapshot(RunFolder(tmp_path), {"fingerprint": tiny_llama.fingerprint}, CFG.replace(name="balanced"),
+                                 fake_scores(tiny_llama.shape, 3), gains, gate, [{"intervention": "base"}], [], folded))
+        assert (s.exported is foldable) if folded is not None else (s.exported is gains)
+        notes[name] = _gate_note(s)
+    assert "not in this export" in notes["static"] and "static gains only" in notes["static"]
+    assert "not in this export" in notes["conditional"] and "conditional modulation" in notes["conditional"]
+    assert "static gains only" not in notes["conditional"] and notes["ungated"] == ""

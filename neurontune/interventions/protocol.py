@@ -41,7 +41,8 @@ def intervention_name(intervention) -> str:
 # and the model card.
 FORMS = {
     "static": "static gains: the same for every prompt (fold into the output projections)",
-    "conditional": "conditional: gains and input-side terms that read a harm direction (fold exactly into the model's own weights)",
+    "conditional": ("conditional: gains and input-side terms that read a harm direction or a folded switch's flag "
+                    "(fold exactly into the model's own weights)"),
     "gated": "gated: the modulation scaled per prompt by the input gate (cannot be folded)",
 }
 

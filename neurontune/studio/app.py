@@ -34,9 +34,11 @@ HOW = {  # the "how to read this" line of each tab
     "evaluate": "Held-out harmful prompts and unseen attack families (refusal ↑ is better), benign and borderline prompts "
                 "(over-refusal ↓), perplexity ratio ≈ 1 and multiple choice accuracy (utility kept). The sweep trains gains at each "
                 "(k_safety, k_utility) and keeps them: **click a point** (or a table row) to make it the session's, then Compare or Export it.",
-    "export": "Folds the gains into the MLP weights: a standard checkpoint any `transformers` code loads, plus the small "
-              "modulation file and a model card. A Hub token is used for the push only and never stored. An input gate cannot be "
-              "folded: the checkpoint holds what Compare shows with *input gate* unticked.",
+    "export": "Folds the run's modulation into the model's own weights (for the presets: a switch of two rewritten neurons that "
+              "reads the prompt, and input-side terms of later neurons that turn its flag into a refusal; same architecture and "
+              "config): a standard checkpoint any `transformers` code loads, plus the small modulation file and a model card. "
+              "A Hub token is used for the push only and never stored. An input gate cannot be folded: the checkpoint holds "
+              "what Compare shows with *input gate* unticked.",
 }
 CSS = """
 #run-flow {font-size: 1.15rem; min-height: 3.2rem}

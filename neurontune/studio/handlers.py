@@ -255,6 +255,18 @@ def suggest_name(session: Session) -> str:
     return slugify(f"{session.model}-neurontune-{session.cfg.name}")
 
 
+def _gate_note(session: Session) -> str:
+    """What the export status says about the input gate: not folded, and what the checkpoint holds instead."""
+    if session.gate is None:
+        return ""
+    held = ("The checkpoint holds the run's conditional modulation instead (a folded switch or input-side terms that read the "
+            "prompt): what the Compare tab shows with *input gate* unticked; README “Results” compares the two on test."
+            if session.exported is not None and session.exported.conditional else
+            "The checkpoint holds the static gains only: what the Compare tab shows with *input gate* unticked (on the "
+            "embedded model these refuse far more benign prompts than the gated right pane; README “Results”).")
+    return "\n\n⚠ **The input gate is not in this export**: a gate cannot be folded into weights. " + held
+
+
 @returns("export_status", "export_files", "export_name", "hub_token")
 def do_export(studio: Studio, session: Session, name: str, overwrite: bool, repo: str, token: str, fmt: str = "transformers") -> dict:
     """Fold the session's gains into a checkpoint (or a GGUF file) under the export root; the token is used for the push only."""
@@ -277,9 +289,7 @@ def do_export(studio: Studio, session: Session, name: str, overwrite: bool, repo
     download = Path(tempfile.mkdtemp(prefix="neurontune-download-"))  # served copies; the export root stays private
     files = [str(shutil.copy2(p, download / p.name)) for p in (path.modulation_path, path.file(RunFolder.MODEL_CARD))]
     renamed = f" (sanitised from “{name}”)" if name and safe != name else ""
-    gate = ("\n\n⚠ **The input gate is not in this export**: a gate cannot be folded into weights, so the checkpoint holds "
-            "the static gains only: what the Compare tab shows with *input gate* unticked (on the embedded model these "
-            "refuse far more benign prompts than the gated right pane; README “Results”).") if session.gate is not None else ""
+    gate = _gate_note(session)
     push = (f"\n\n⚠ {result['push_error']}" if result["push_error"] else
             f"\n\n↑ Pushed to the Hub: `{result['pushed']}`" if result["pushed"] else "")
     status = (f"✓ Exported to `{path.path}`{renamed}. The reloaded checkpoint matches the hooked model (max logit difference "
