@@ -127,7 +127,8 @@ class FoldConfig:
     over-refusal and utility terms (the rest as in `meta`). `form`: "none" (export folds the run's own gains),
     "static" (gains only), "conditional" (gains and input-side terms along each layer's harm direction) or "switch"
     (a folded switch in layer `switch_layer`, default the middle one, whose flag the input-side terms of later layers
-    read: `method/switch_fit.py`; gated MLPs only; `switch_readers`: the selected neurons of those layers, or all)."""
+    read: `method/switch_fit.py`; gated MLPs only; `switch_readers`: the selected neurons of those layers, or all;
+    `switch_threshold`: the probe's logit it starts firing at)."""
 
     form: str = "none"
     mu_over_refusal: float = 2.0
@@ -139,12 +140,15 @@ class FoldConfig:
     input_from_layer: int = 0
     switch_layer: int | None = None
     switch_readers: str = "selected"  # which neurons of later layers read the switch's flag: "selected" or "all"
+    switch_threshold: float = 0.0  # the probe's logit the switch starts firing at (higher: fires on fewer prompts)
 
     def __post_init__(self):
         if self.form not in FOLD_FORMS:
             raise ValueError(f"fold.form must be one of {', '.join(repr(f) for f in FOLD_FORMS)}, not {self.form!r}.")
         if self.switch_readers not in ("selected", "all"):
             raise ValueError(f"fold.switch_readers must be 'selected' or 'all', not {self.switch_readers!r}.")
+        if not self.switch_threshold >= 0:
+            raise ValueError(f"fold.switch_threshold must be a logit of 0 or more, not {self.switch_threshold}.")
         if self.switch_layer is not None and self.switch_layer < 0:
             raise ValueError(f"fold.switch_layer must be a layer index (0 or more) or null, not {self.switch_layer}.")
 

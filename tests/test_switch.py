@@ -153,6 +153,26 @@ def test_fitted_switch_takes_unselected_neurons_and_its_flag_reads_one_at_harmfu
     assert float((x @ fit.directions[2][0]).mean()) == pytest.approx(1.0, abs=1e-3)  # scaled to read 1 where it fired
 
 
+def test_a_switch_threshold_shifts_the_probe_by_exactly_t_along_k_and_fires_on_fewer_prompts(tiny_llama, fitted):
+    """threshold t rewrites the gate rows a w and a w - T k into a (w - t k) and a (w - t k) - T k (k: the direction that
+    reads about 1 on every token), the up rows and output columns unchanged; the switch fires on no more prompts."""
+    from neurontune.method import switch_fit
+    from neurontune.method.switch_fit import fit_switch
+
+    fit, cfg, selection, splits, cache, exclude = fitted
+    t = 1.5
+    shifted = fit_switch(tiny_llama, splits, 1, exclude=exclude, threshold=t)
+    k = fit.switch.up_rows[0]
+    assert torch.equal(shifted.switch.neurons, fit.switch.neurons) and torch.equal(shifted.switch.up_rows, fit.switch.up_rows)
+    torch.testing.assert_close(shifted.switch.down_cols, fit.switch.down_cols)
+    torch.testing.assert_close(shifted.switch.gate_rows, fit.switch.gate_rows - switch_fit.SHARPNESS * t * k, rtol=0, atol=1e-5)
+    assert shifted.info["threshold"] == t
+    assert shifted.info["fires_harmful"] <= fit.info["fires_harmful"] and shifted.info["fires_harmless"] <= fit.info["fires_harmless"]
+    assert shifted.info["fires_harmful"] + shifted.info["fires_harmless"] < fit.info["fires_harmful"] + fit.info["fires_harmless"]
+    with pytest.raises(ValueError, match="threshold"):
+        fit_switch(tiny_llama, splits, 1, exclude=exclude, threshold=-1.0)
+
+
 def test_switch_form_trains_terms_behind_the_switch_and_exports_a_checkpoint_that_reloads(tiny_llama, fitted, tmp_path):
     from neurontune.eval.reloaded import Reloaded
     from neurontune.method.recipe import train_foldable
@@ -227,5 +247,8 @@ def test_switch_settings_are_checked():
         RunConfig().replace(fold={"form": "switch", "switch_readers": "some"})
     with pytest.raises(ValueError, match="switch_layer"):
         RunConfig().replace(fold={"form": "switch", "switch_layer": -1})
+    with pytest.raises(ValueError, match="fold.switch_threshold must be a logit of 0 or more"):
+        RunConfig().replace(fold={"form": "switch", "switch_threshold": -0.5})
+    assert RunConfig().replace(fold={"form": "switch", "switch_threshold": 0.5}).fold.switch_threshold == 0.5
     with pytest.raises(ValueError, match="fold.form must be one of"):
         RunConfig().replace(fold={"form": "switched"})

@@ -14,6 +14,7 @@ input-side terms of later layers read its flag with.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -64,10 +65,14 @@ def _least_used(lm, layer: int, x: torch.Tensor, exclude: torch.Tensor | None, k
     return use.argsort()[:k].sort().values
 
 
-def fit_switch(lm, splits: Splits, layer: int | None = None, *, exclude: torch.Tensor | None = None,
+def fit_switch(lm, splits: Splits, layer: int | None = None, *, exclude: torch.Tensor | None = None, threshold: float = 0.0,
                reporter: Reporter | None = None) -> FittedSwitch:
     """The switch of layer `layer` (default: the middle layer) and the reading directions of every later layer.
-    `exclude`: [n_neurons] bool, neurons of that layer the switch may not take (the run's selected neurons)."""
+    `exclude`: [n_neurons] bool, neurons of that layer the switch may not take (the run's selected neurons).
+    `threshold`: the probe's logit the switch starts firing at (0: the probe's own boundary; higher fires on fewer
+    prompts, harmless and harmful alike), written with k: a (w - t k) x is about a (w x - t)."""
+    if not math.isfinite(threshold) or threshold < 0:
+        raise ValueError(f"The switch's threshold must be a logit of 0 or more, not {threshold}.")
     reporter = reporter or SILENT
     n_layers = lm.nmap.n_layers
     layer = n_layers // 2 if layer is None else int(layer)
@@ -85,8 +90,8 @@ def fit_switch(lm, splits: Splits, layer: int | None = None, *, exclude: torch.T
     y = torch.cat([torch.ones(n_pos), torch.zeros(len(x0) - n_pos)])
     n_neg, n_tok = len(harmless), len(sampled[layer])
     weight = torch.cat([torch.full((n_pos,), 1.0 / n_pos), torch.full((n_neg,), 0.5 / n_neg), torch.full((n_tok,), 0.5 / n_tok)])
-    w = fit_bias_free(x0, y, weight)
     constant = {l: _constant(torch.cat([last[l], sampled[l]])) for l in [layer] + later}
+    w = fit_bias_free(x0, y, weight) - threshold * constant[layer]
     # 2. the switch's neurons, the flag's direction and size
     neurons = _least_used(lm, layer, torch.cat([last[layer][n_pos:], sampled[layer]]), exclude)
     some = texts[: READ_PROMPTS // 2] + texts[n_pos: n_pos + READ_PROMPTS // 2]
@@ -119,7 +124,7 @@ def fit_switch(lm, splits: Splits, layer: int | None = None, *, exclude: torch.T
         directions[l] = (e, 0.0)
         snr[l] = round(1.0 / float((noise.float() @ e).std()), 1)
     z_pos, z_neg = last[layer][:n_pos] @ w, last[layer][n_pos:] @ w
-    info = {"layer": layer, "neurons": neurons.tolist(), "train_auc": round(roc_auc(z_pos, z_neg), 3),
+    info = {"layer": layer, "neurons": neurons.tolist(), "threshold": threshold, "train_auc": round(roc_auc(z_pos, z_neg), 3),
             "fires_harmful": round(float((z_pos > 0).float().mean()), 3), "fires_harmless": round(float((z_neg > 0).float().mean()), 3),
             "fires_earlier_tokens": round(float((sampled[layer] @ w > 0).float().mean()), 4), "flag_snr": snr}
     return FittedSwitch(switch, directions, info)
