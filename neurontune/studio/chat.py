@@ -13,7 +13,7 @@ from ..data.splits import build_splits
 from ..eval.judge import REFUSALS, read
 from ..eval.judges import WORDS, Judge
 from ..interventions.gating import Gated
-from ..interventions.protocol import FORMS
+from ..interventions.protocol import FORMS, form_of
 from ..interventions.generation import fit_lengths, stream_generate
 from ..interventions.modulation import Modulation
 from .handlers import gains_text
@@ -127,8 +127,7 @@ def form_text(session: Session, gated: bool) -> str:
     """The form the right pane applied, in the vocabulary of `generate` and the evaluation tables."""
     if gated:
         return FORMS["gated"]
-    folded = session.exported
-    return FORMS["conditional" if folded is not None and folded.conditional else "static"] + " — what Export writes"
+    return FORMS[form_of(session.exported) or "static"] + " — what Export writes"
 
 
 @returns("left", "right", "msg", "chat_status")

@@ -13,6 +13,7 @@ import pandas as pd
 from ..data import prompts
 from ..interventions.gating import GateProbe
 from ..interventions.modulation import Modulation, ModulationFileError
+from ..interventions.protocol import form_of
 from ..method.selection import SelectionError
 from ..model.errors import ModelLoadError
 from ..run.export import ExportError, export, slugify
@@ -261,7 +262,7 @@ def _gate_note(session: Session) -> str:
         return ""
     held = ("The checkpoint holds the run's conditional modulation instead (a folded switch or input-side terms that read the "
             "prompt): what the Compare tab shows with *input gate* unticked; README “Results” compares the two on test."
-            if session.exported is not None and session.exported.conditional else
+            if form_of(session.exported) == "conditional" else
             "The checkpoint holds the static gains only: what the Compare tab shows with *input gate* unticked (on the "
             "embedded model these refuse far more benign prompts than the gated right pane; README “Results”).")
     return "\n\n⚠ **The input gate is not in this export**: a gate cannot be folded into weights. " + held

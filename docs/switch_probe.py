@@ -1,0 +1,77 @@
+"""Where does the folded switch's probe fire on the validation split? (validation only; no generation.)
+
+The probe of `method/switch_fit.py` (bias-free, the MLP input at a prompt's last token, fitted on the training harm
+pools with every earlier token as a further negative) is refitted at each layer given, as shipped and with the
+alarming-word negatives weighted ×3 and ×10; it then reads the ends of the validation prompts of each group. The switch
+fires where the probe's logit exceeds `fold.switch_threshold` (default 0): rates at thresholds 0.5–3 are printed too.
+Figures in docs/results.md ("Where the export's over-refusal comes from").
+
+    python docs/switch_probe.py                  # layers 12, 15, 18, 21: about 4 min on a 2-core CPU
+    python docs/switch_probe.py --layers 15,21
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from neurontune.config import load_preset  # noqa: E402
+from neurontune.data.chat import chat_prompt  # noqa: E402
+from neurontune.data.splits import build_splits  # noqa: E402
+from neurontune.infra.probes import fit_bias_free, roc_auc  # noqa: E402
+from neurontune.interventions.capture import last_and_sampled  # noqa: E402
+from neurontune.method.switch_fit import PER_FAMILY, PROMPTS  # noqa: E402
+from neurontune.model.loading import load_model  # noqa: E402
+
+THRESHOLDS = (0.5, 1.0, 1.5, 2.0, 3.0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", default="12,15,18,21")
+    ap.add_argument("--json", help="also write the rates here")
+    args = ap.parse_args()
+    layers = [int(x) for x in args.layers.split(",")]
+    lm = load_model("embedded")
+    sp = build_splits(load_preset("balanced").data)
+    harmful, harmless = sp.harm_pools("train", PROMPTS, PER_FAMILY)
+    n_alarm = len(sp.alarming["train"][: PROMPTS // 2])  # harm_pools puts them after the plain benign and borderline
+    n_plain = len(sp.benign["train"][: PROMPTS * 7 // 10]) + len(sp.borderline["train"][: PROMPTS * 3 // 10])
+    last, sampled = last_and_sampled(lm, [chat_prompt(lm.tokenizer, t) for t in harmful + harmless], "mlp_input", layers)
+    groups = {"harmful": [p.text for p in sp.harmful["validation"]],
+              "twins": [p.text for p in sp.contrast["validation"]],
+              "attacks": [p.text for p in sp.attacked("harmful", "validation", 6, sp.train_families)],
+              "benign": [p.text for p in sp.benign["validation"]],
+              "borderline": [p.text for p in sp.borderline["validation"]],
+              "alarming": [p.text for p in sp.alarming["validation"]],
+              "templates": [p.text for p in sp.attacked("benign", "validation", 3, sp.train_families)]}
+    vlast, _ = last_and_sampled(lm, [chat_prompt(lm.tokenizer, t) for g in groups.values() for t in g], "mlp_input", layers)
+    n_pos, out = len(harmful), {}
+    for layer in layers:
+        x = torch.cat([last[layer], sampled[layer]])
+        y = torch.cat([torch.ones(n_pos), torch.zeros(len(x) - n_pos)])
+        for name, alarm_weight in (("as shipped", 1.0), ("alarming x3", 3.0), ("alarming x10", 10.0)):
+            wneg = torch.ones(len(harmless))
+            wneg[n_plain: n_plain + n_alarm] = alarm_weight
+            weight = torch.cat([torch.full((n_pos,), 1.0 / n_pos), 0.5 * wneg / wneg.sum(),
+                                torch.full((len(sampled[layer]),), 0.5 / len(sampled[layer]))])
+            z, logits, i = vlast[layer] @ fit_bias_free(x, y, weight), {}, 0
+            for g, texts in groups.items():
+                logits[g], i = z[i: i + len(texts)], i + len(texts)
+            for t in (0.0,) + (THRESHOLDS if name == "as shipped" else ()):
+                rates = {g: round(float((v > t).float().mean()), 3) for g, v in logits.items()}
+                if t == 0.0:
+                    rates["auc harmful vs alarming"] = round(roc_auc(logits["harmful"], logits["alarming"]), 3)
+                out[f"layer {layer}, {name}, threshold {t}"] = rates
+                print(f"layer {layer}, {name}, threshold {t}: {json.dumps(rates)}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
