@@ -4,10 +4,14 @@ The probe of `method/switch_fit.py` (bias-free, the MLP input at a prompt's last
 pools with every earlier token as a further negative) is refitted at each layer given, as shipped and with the
 alarming-word negatives weighted ×3 and ×10; it then reads the ends of the validation prompts of each group. The switch
 fires where the probe's logit exceeds `fold.switch_threshold` (default 0): rates at thresholds 0.5–3 are printed too.
+`--ramps` also fits a nonlinear probe of the same input, sum_i c_i clamp(g_i.x + b_i, 0, T) + b (what 2H rewritten
+neurons of one layer could compute, or H neurons of one layer feeding the switch of the next), H = 4, 16, 64, and
+prints its firing at its own boundary and where it fires on 0.90 of the training-attack prompts (the linear probe's
+rate at layer 15), with the share of earlier tokens of the validation prompts it fires on.
 Figures in docs/results.md ("Where the export's over-refusal comes from").
 
     python docs/switch_probe.py                  # layers 12, 15, 18, 21: about 4 min on a 2-core CPU
-    python docs/switch_probe.py --layers 15,21
+    python docs/switch_probe.py --layers 12,14,15 --ramps
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -29,11 +34,39 @@ from neurontune.method.switch_fit import PER_FAMILY, PROMPTS  # noqa: E402
 from neurontune.model.loading import load_model  # noqa: E402
 
 THRESHOLDS = (0.5, 1.0, 1.5, 2.0, 3.0)
+CLAMP = 4.0  # the ramps' saturation, as the switch's
+
+
+def _ramp(z: torch.Tensor) -> torch.Tensor:
+    return F.silu(z) - F.silu(z - CLAMP)  # about clamp(z, 0, T): what two SiLU neurons compute
+
+
+def fit_ramps(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, hidden: int, wd: float, steps: int = 600):
+    """A weighted logistic fit of sum_i c_i ramp(g_i.x + b_i) + b (Adam, seed 0); returns the scoring function."""
+    torch.manual_seed(0)
+    d = x.shape[1]
+    s = x.pow(2).mean().sqrt()
+    xs = x / s
+    g = (torch.randn(hidden, d) / d ** 0.5).requires_grad_()
+    gb = torch.zeros(hidden, requires_grad=True)
+    c = (torch.randn(hidden) * 0.1).requires_grad_()
+    b = torch.zeros((), requires_grad=True)
+    opt = torch.optim.Adam([g, gb, c, b], lr=1e-2)
+    wn = weight / weight.sum()
+    for _ in range(steps):
+        opt.zero_grad()
+        z = _ramp(xs @ g.T + gb) @ c + b
+        loss = (F.binary_cross_entropy_with_logits(z, y, reduction="none") * wn).sum() + wd * g.pow(2).sum()
+        loss.backward()
+        opt.step()
+    g, gb, c, b = (t.detach() for t in (g, gb, c, b))
+    return lambda v: _ramp((v / s) @ g.T + gb) @ c + b
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", default="12,15,18,21")
+    ap.add_argument("--ramps", action="store_true", help="also fit the nonlinear (ramp) probes")
     ap.add_argument("--json", help="also write the rates here")
     args = ap.parse_args()
     layers = [int(x) for x in args.layers.split(",")]
@@ -50,7 +83,7 @@ def main() -> None:
               "borderline": [p.text for p in sp.borderline["validation"]],
               "alarming": [p.text for p in sp.alarming["validation"]],
               "templates": [p.text for p in sp.attacked("benign", "validation", 3, sp.train_families)]}
-    vlast, _ = last_and_sampled(lm, [chat_prompt(lm.tokenizer, t) for g in groups.values() for t in g], "mlp_input", layers)
+    vlast, vtok = last_and_sampled(lm, [chat_prompt(lm.tokenizer, t) for g in groups.values() for t in g], "mlp_input", layers)
     n_pos, out = len(harmful), {}
     for layer in layers:
         x = torch.cat([last[layer], sampled[layer]])
@@ -69,6 +102,23 @@ def main() -> None:
                     rates["auc harmful vs alarming"] = round(roc_auc(logits["harmful"], logits["alarming"]), 3)
                 out[f"layer {layer}, {name}, threshold {t}"] = rates
                 print(f"layer {layer}, {name}, threshold {t}: {json.dumps(rates)}", flush=True)
+        if args.ramps:
+            weight = torch.cat([torch.full((n_pos,), 1.0 / n_pos), torch.full((len(harmless),), 0.5 / len(harmless)),
+                                torch.full((len(sampled[layer]),), 0.5 / len(sampled[layer]))])
+            for hidden in (4, 16, 64):
+                for wd in (1e-3, 1e-2):
+                    score = fit_ramps(x, y, weight, hidden, wd)
+                    z, zt, logits, i = score(vlast[layer]), score(vtok[layer]), {}, 0
+                    for g, texts in groups.items():
+                        logits[g], i = z[i: i + len(texts)], i + len(texts)
+                    att = logits["attacks"].sort(descending=True).values
+                    for where, t in (("boundary", 0.0), ("attacks 0.9", float(att[int(0.9 * len(att)) - 1]) - 1e-6)):
+                        rates = {g: round(float((v > t).float().mean()), 3) for g, v in logits.items()}
+                        rates["earlier tokens"] = round(float((zt > t).float().mean()), 4)
+                        rates["auc harmful vs alarming"] = round(roc_auc(logits["harmful"], logits["alarming"]), 3)
+                        key = f"layer {layer}, ramps H{hidden} wd {wd}, at {where}"
+                        out[key] = rates
+                        print(f"{key}: {json.dumps(rates)}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
 

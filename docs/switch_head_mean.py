@@ -1,0 +1,131 @@
+"""Could a folded switch read the whole turn? (validation only; no head is changed, no generation.)
+
+An attention head whose query rows are zero scores every earlier position alike, so it outputs the running mean of
+its values over the prompt so far: a whole-turn mean made of existing weights. On this model a query head shares its
+values with two others (9 query heads, 3 key-value heads of 64 dims), so what such a head could average is one
+key-value head's 64 value dims. Here those running means are captured at layers 4, 8, 12 and 15, and bias-free
+probes (an explicit constant feature) are fitted on the training harm pools as the switch's is: on the running mean
+alone, and on the mean beside the prompt end's layer-15 MLP input (the switch's reading); each is read on validation
+where it fires on 0.90 of the training-attack prompts. Figures in docs/results.md ("Where the export's over-refusal
+comes from").
+
+    python docs/switch_head_mean.py     # about 6 min on a 2-core CPU
+"""
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from neurontune.config import load_preset  # noqa: E402
+from neurontune.data.chat import chat_prompt  # noqa: E402
+from neurontune.data.splits import build_splits  # noqa: E402
+from neurontune.infra.probes import fit_bias_free, roc_auc  # noqa: E402
+from neurontune.interventions.capture import site_modules  # noqa: E402
+from neurontune.interventions.generation import encode_left  # noqa: E402
+from neurontune.interventions.hooks import scoped_pre_hooks  # noqa: E402
+from neurontune.method.switch_fit import PER_FAMILY, PROMPTS  # noqa: E402
+from neurontune.model.loading import load_model  # noqa: E402
+from neurontune.model.neuron_map import decoder_layers  # noqa: E402
+
+HEAD_LAYERS = (4, 8, 12, 15)
+SWITCH_LAYER = 15
+HEAD_DIM = 64
+SCALE = 10.0  # the value means' scale against the MLP input's
+
+
+@torch.no_grad()
+def capture(lm, texts, per_prompt: int = 4, seed: int = 0):
+    """(MLP input at each prompt's end, at 4 earlier tokens; per head layer: the running mean of the values there)."""
+    gen = torch.Generator().manual_seed(seed)
+    ends, toks = [], []
+    mend = {layer: [] for layer in HEAD_LAYERS}
+    mtok = {layer: [] for layer in HEAD_LAYERS}
+    mlp_in = site_modules(lm, "mlp_input")[SWITCH_LAYER]
+    for s in range(0, len(texts), 16):
+        ids, mask = encode_left(lm.tokenizer, [chat_prompt(lm.tokenizer, t) for t in texts[s:s + 16]], 512)
+        store, values = {}, {}
+
+        def pre(module, args):
+            store["x"] = args[0].float()
+        handles = [decoder_layers(lm.model)[layer].self_attn.v_proj.register_forward_hook(
+            lambda module, args, out, layer=layer: values.__setitem__(layer, out.float())) for layer in HEAD_LAYERS]
+        try:
+            with scoped_pre_hooks([(mlp_in, pre)]):
+                lm.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                         use_cache=False, logits_to_keep=1)
+        finally:
+            for h in handles:
+                h.remove()
+        m = mask.float()
+        count = m.cumsum(1).clamp(min=1)
+        for b in range(len(ids)):
+            pos = mask[b].nonzero().flatten()[:-1]
+            pick = pos[torch.randperm(len(pos), generator=gen)[:per_prompt]]
+            ends.append(store["x"][b, -1])
+            toks.append(store["x"][b, pick])
+            for layer in HEAD_LAYERS:
+                running = (values[layer][b] * m[b, :, None]).cumsum(0) / count[b, :, None]
+                mend[layer].append(running[-1])
+                mtok[layer].append(running[pick])
+    return (torch.stack(ends), torch.cat(toks), {k: torch.stack(v) for k, v in mend.items()},
+            {k: torch.cat(v) for k, v in mtok.items()})
+
+
+def features(captured, layer: int, head: int, which: str):
+    """(prompt ends' features, earlier tokens' features): the switch's reading and/or one head's value mean, and 1."""
+    end, tok, mend, mtok = captured
+    parts_end, parts_tok = [], []
+    if "end" in which:
+        parts_end.append(end)
+        parts_tok.append(tok)
+    if "mean" in which:
+        dims = slice(HEAD_DIM * head, HEAD_DIM * (head + 1))
+        parts_end.append(SCALE * mend[layer][:, dims])
+        parts_tok.append(SCALE * mtok[layer][:, dims])
+    return (torch.cat(parts_end + [torch.ones(len(parts_end[0]), 1)], 1),
+            torch.cat(parts_tok + [torch.ones(len(parts_tok[0]), 1)], 1))
+
+
+def main() -> None:
+    lm = load_model("embedded")
+    sp = build_splits(load_preset("balanced").data)
+    harmful, harmless = sp.harm_pools("train", PROMPTS, PER_FAMILY)
+    pos, neg = capture(lm, harmful), capture(lm, harmless)
+    groups = {"harmful": [p.text for p in sp.harmful["validation"]],
+              "twins": [p.text for p in sp.contrast["validation"]],
+              "attacks": [p.text for p in sp.attacked("harmful", "validation", 6, sp.train_families)],
+              "benign": [p.text for p in sp.benign["validation"]],
+              "borderline": [p.text for p in sp.borderline["validation"]],
+              "alarming": [p.text for p in sp.alarming["validation"]],
+              "templates": [p.text for p in sp.attacked("benign", "validation", 3, sp.train_families)]}
+    val = {g: capture(lm, t) for g, t in groups.items()}
+
+    def run(layer: int, head: int, which: str) -> None:
+        pe, pt = features(pos, layer, head, which)
+        ne, nt = features(neg, layer, head, which)
+        x = torch.cat([pe, ne, pt, nt])
+        y = torch.cat([torch.ones(len(pe)), torch.zeros(len(ne) + len(pt) + len(nt))])
+        weight = torch.cat([torch.full((len(pe),), 1 / len(pe)), torch.full((len(ne),), .5 / len(ne)),
+                            torch.full((len(pt) + len(nt),), .5 / (len(pt) + len(nt)))])
+        w = fit_bias_free(x, y, weight)
+        z = {g: features(val[g], layer, head, which)[0] @ w for g in groups}
+        zt = torch.cat([features(val[g], layer, head, which)[1] for g in groups]) @ w
+        att = z["attacks"].sort(descending=True).values
+        t = float(att[int(0.9 * len(att)) - 1]) - 1e-6
+        rates = {g: round(float((v > t).float().mean()), 3) for g, v in z.items()}
+        rates["earlier tokens"] = round(float((zt > t).float().mean()), 4)
+        rates["auc harmful vs alarming"] = round(roc_auc(z["harmful"], z["alarming"]), 3)
+        name = "prompt end only" if which == "end" else f"{which}, value head {head} of layer {layer}"
+        print(f"{name}: {json.dumps(rates)}", flush=True)
+
+    run(HEAD_LAYERS[0], 0, "end")
+    for layer in HEAD_LAYERS:
+        for head in range(3):
+            run(layer, head, "mean")
+            run(layer, head, "end+mean")
+
+
+if __name__ == "__main__":
+    main()
