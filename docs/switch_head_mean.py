@@ -6,30 +6,36 @@ values with two others (9 query heads, 3 key-value heads of 64 dims), so what su
 key-value head's 64 value dims. Here those running means are captured at layers 4, 8, 12 and 15, and bias-free
 probes (an explicit constant feature) are fitted on the training harm pools as the switch's is: on the running mean
 alone, and on the mean beside the prompt end's layer-15 MLP input (the switch's reading); each is read on validation
-where it fires on 0.90 of the training-attack prompts. Figures in docs/results.md ("Where the export's over-refusal
-comes from").
+where it fires on 0.90 of the training-attack prompts.
+Then the same for the running mean of a whole layer's attention input (576 dims, system prompt included: what a
+key-value group of three zero-query heads with rewritten values could average), beside the mean over the user's turn
+only (what the gate reads, which no head computes), and what giving up each key-value group of those layers costs in
+perplexity on the base model's own answers to 48 validation benign prompts. Figures in docs/results.md ("Where the
+export's over-refusal comes from").
 
-    python docs/switch_head_mean.py     # about 6 min on a 2-core CPU
+    python docs/switch_head_mean.py     # about 7 min on a 2-core CPU
 """
 import json
 import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from neurontune.config import load_preset  # noqa: E402
 from neurontune.data.chat import chat_prompt  # noqa: E402
 from neurontune.data.splits import build_splits  # noqa: E402
 from neurontune.infra.probes import fit_bias_free, roc_auc  # noqa: E402
-from neurontune.interventions.capture import site_modules  # noqa: E402
-from neurontune.interventions.generation import encode_left  # noqa: E402
+from neurontune.interventions.capture import site_modules, template_prefix_len  # noqa: E402
+from neurontune.interventions.generation import encode_left, generate  # noqa: E402
 from neurontune.interventions.hooks import scoped_pre_hooks  # noqa: E402
 from neurontune.method.switch_fit import PER_FAMILY, PROMPTS  # noqa: E402
 from neurontune.model.loading import load_model  # noqa: E402
 from neurontune.model.neuron_map import decoder_layers  # noqa: E402
 
 HEAD_LAYERS = (4, 8, 12, 15)
+MEAN_LAYERS = (8, 12, 15)
 SWITCH_LAYER = 15
 HEAD_DIM = 64
 SCALE = 10.0  # the value means' scale against the MLP input's
@@ -42,6 +48,8 @@ def capture(lm, texts, per_prompt: int = 4, seed: int = 0):
     ends, toks = [], []
     mend = {layer: [] for layer in HEAD_LAYERS}
     mtok = {layer: [] for layer in HEAD_LAYERS}
+    lmean = {layer: {"all": [], "tok": [], "user": []} for layer in MEAN_LAYERS}
+    prefix = template_prefix_len(lm.tokenizer)
     mlp_in = site_modules(lm, "mlp_input")[SWITCH_LAYER]
     for s in range(0, len(texts), 16):
         ids, mask = encode_left(lm.tokenizer, [chat_prompt(lm.tokenizer, t) for t in texts[s:s + 16]], 512)
@@ -51,6 +59,8 @@ def capture(lm, texts, per_prompt: int = 4, seed: int = 0):
             store["x"] = args[0].float()
         handles = [decoder_layers(lm.model)[layer].self_attn.v_proj.register_forward_hook(
             lambda module, args, out, layer=layer: values.__setitem__(layer, out.float())) for layer in HEAD_LAYERS]
+        handles += [decoder_layers(lm.model)[layer].input_layernorm.register_forward_hook(
+            lambda module, args, out, layer=layer: values.__setitem__(("in", layer), out.float())) for layer in MEAN_LAYERS]
         try:
             with scoped_pre_hooks([(mlp_in, pre)]):
                 lm.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
@@ -69,13 +79,23 @@ def capture(lm, texts, per_prompt: int = 4, seed: int = 0):
                 running = (values[layer][b] * m[b, :, None]).cumsum(0) / count[b, :, None]
                 mend[layer].append(running[-1])
                 mtok[layer].append(running[pick])
+            start = int(pos[0]) if len(pos) else int(mask[b].nonzero()[0])
+            for layer in MEAN_LAYERS:
+                x = values[("in", layer)][b]
+                running = (x * m[b, :, None]).cumsum(0) / count[b, :, None]
+                lmean[layer]["all"].append(running[-1])
+                lmean[layer]["tok"].append(running[pick])
+                # the user's text: after the template's prefix, before "<|im_end|>\n<|im_start|>assistant\n"
+                user = x[start + prefix: -5]
+                lmean[layer]["user"].append(user.mean(0) if len(user) else x[-1])
     return (torch.stack(ends), torch.cat(toks), {k: torch.stack(v) for k, v in mend.items()},
-            {k: torch.cat(v) for k, v in mtok.items()})
+            {k: torch.cat(v) for k, v in mtok.items()},
+            {k: {part: torch.stack(v) if part != "tok" else torch.cat(v) for part, v in d.items()} for k, d in lmean.items()})
 
 
 def features(captured, layer: int, head: int, which: str):
     """(prompt ends' features, earlier tokens' features): the switch's reading and/or one head's value mean, and 1."""
-    end, tok, mend, mtok = captured
+    end, tok, mend, mtok, _ = captured
     parts_end, parts_tok = [], []
     if "end" in which:
         parts_end.append(end)
@@ -86,6 +106,55 @@ def features(captured, layer: int, head: int, which: str):
         parts_tok.append(SCALE * mtok[layer][:, dims])
     return (torch.cat(parts_end + [torch.ones(len(parts_end[0]), 1)], 1),
             torch.cat(parts_tok + [torch.ones(len(parts_tok[0]), 1)], 1))
+
+
+def layer_features(captured, layer: int, which: str):
+    """(prompt ends' features, earlier tokens' features or None): the switch's reading and/or a layer's mean, and 1."""
+    end, tok, _, _, lmean = captured
+    parts_end, parts_tok = [], []
+    if "end" in which:
+        parts_end.append(end)
+        parts_tok.append(tok)
+    if "all" in which:
+        parts_end.append(lmean[layer]["all"])
+        parts_tok.append(lmean[layer]["tok"])
+    if "user" in which:
+        parts_end.append(lmean[layer]["user"])
+        parts_tok = None  # the user's turn has no running form: no earlier tokens
+    x_end = torch.cat(parts_end + [torch.ones(len(parts_end[0]), 1)], 1)
+    return x_end, None if parts_tok is None else torch.cat(parts_tok + [torch.ones(len(parts_tok[0]), 1)], 1)
+
+
+@torch.no_grad()
+def perplexity_without_groups(lm, prompts: list[str]) -> dict[int, list[float]]:
+    """{layer: [perplexity ratio with key-value group g's three query heads removed, for each g]} on the base model's
+    own 32-token answers."""
+    answers = generate(lm, prompts, None, max_new_tokens=32)
+    cfg = lm.model.config
+    per, dim = cfg.num_attention_heads // cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+
+    def nll(removed=None) -> float:
+        hooks = []
+        if removed is not None:
+            layer, g = removed
+
+            def pre(module, args):
+                x = args[0].clone()
+                x[..., g * per * dim:(g + 1) * per * dim] = 0
+                return (x,)
+            hooks.append((decoder_layers(lm.model)[layer].self_attn.o_proj, pre))
+        total, n = 0.0, 0
+        with scoped_pre_hooks(hooks):
+            for p, a in zip(prompts, answers):
+                pi = lm.tokenizer(chat_prompt(lm.tokenizer, p), add_special_tokens=False)["input_ids"]
+                ai = lm.tokenizer(a, add_special_tokens=False)["input_ids"]
+                logits = lm.model(input_ids=torch.tensor([pi + ai])).logits[0, len(pi) - 1:-1]
+                total += float(F.cross_entropy(logits.float(), torch.tensor(ai), reduction="sum"))
+                n += len(ai)
+        return total / n
+    base = nll()
+    return {layer: [round(float(torch.tensor(nll((layer, g)) - base).exp()), 3) for g in range(cfg.num_key_value_heads)]
+            for layer in MEAN_LAYERS}
 
 
 def main() -> None:
@@ -125,6 +194,32 @@ def main() -> None:
         for head in range(3):
             run(layer, head, "mean")
             run(layer, head, "end+mean")
+
+    def run_layer(layer: int, which: str) -> None:
+        pe, pt = layer_features(pos, layer, which)
+        ne, nt = layer_features(neg, layer, which)
+        parts = [(pe, 1.0, 1.0), (ne, 0.0, 0.5 if pt is not None else 1.0)]
+        if pt is not None:
+            tokens = torch.cat([pt, nt])
+            parts.append((tokens, 0.0, 0.5))
+        w = fit_bias_free(torch.cat([p[0] for p in parts]), torch.cat([torch.full((len(p[0]),), p[1]) for p in parts]),
+                          torch.cat([torch.full((len(p[0]),), p[2] / len(p[0])) for p in parts]))
+        z = {g: layer_features(val[g], layer, which)[0] @ w for g in groups}
+        att = z["attacks"].sort(descending=True).values
+        t = float(att[int(0.9 * len(att)) - 1]) - 1e-6
+        rates = {g: round(float((v > t).float().mean()), 3) for g, v in z.items()}
+        if pt is not None:
+            zt = torch.cat([layer_features(val[g], layer, which)[1] for g in groups]) @ w
+            rates["earlier tokens"] = round(float((zt > t).float().mean()), 4)
+        rates["auc harmful vs alarming"] = round(roc_auc(z["harmful"], z["alarming"]), 3)
+        print(f"{which}, layer {layer}'s attention input: {json.dumps(rates)}", flush=True)
+
+    for layer in MEAN_LAYERS:
+        for which in ("user", "all", "end+all"):
+            run_layer(layer, which)
+    costs = perplexity_without_groups(lm, [p.text for p in sp.benign["validation"]][:48])
+    for layer, ratios in costs.items():
+        print(f"perplexity ratio without one key-value group of layer {layer} (groups 0, 1, 2): {ratios}", flush=True)
 
 
 if __name__ == "__main__":
