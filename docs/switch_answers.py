@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 from neurontune.config import load_preset  # noqa: E402
 from neurontune.data.chat import chat_prompt  # noqa: E402
@@ -29,6 +29,7 @@ from neurontune.interventions.hooks import scoped_pre_hooks  # noqa: E402
 from neurontune.interventions.modulation import Modulation  # noqa: E402
 from neurontune.method.switch_fit import SHARPNESS  # noqa: E402
 from neurontune.model.loading import load_model  # noqa: E402
+from switch_probe import validation_groups  # noqa: E402
 
 RUN = Path(__file__).resolve().parents[1] / "assets" / "default_run"  # the shipped `balanced` run
 N_ANSWER = 16
@@ -85,13 +86,7 @@ def main() -> None:
     layer = mod.switch.layer
     harmful, harmless = sp.harm_pools("train", 200, 16)
     pos, neg = read(lm, layer, harmful, None), read(lm, layer, harmless, None)
-    groups = {"harmful": [p.text for p in sp.harmful["validation"]][:100],
-              "twins": [p.text for p in sp.contrast["validation"]],
-              "attacks": [p.text for p in sp.attacked("harmful", "validation", 6, sp.train_families)],
-              "benign": [p.text for p in sp.benign["validation"]][:100],
-              "borderline": [p.text for p in sp.borderline["validation"]],
-              "alarming": [p.text for p in sp.alarming["validation"]],
-              "templates": [p.text for p in sp.attacked("benign", "validation", 3, sp.train_families)]}
+    groups = validation_groups(sp, cap=100)
     val = {g: {src: read(lm, layer, texts, m) for src, m in (("base", None), ("export", mod))} for g, texts in groups.items()}
     probes = {"shipped": mod.switch.gate_rows[0] / SHARPNESS, "refit, prompt ends": fit(pos, neg, False),
               "refit, with answer tokens": fit(pos, neg, True)}

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from neurontune.config import load_preset  # noqa: E402
 from neurontune.data.chat import chat_prompt  # noqa: E402
 from neurontune.data.splits import build_splits  # noqa: E402
@@ -33,6 +33,7 @@ from neurontune.interventions.hooks import scoped_pre_hooks  # noqa: E402
 from neurontune.method.switch_fit import PER_FAMILY, PROMPTS  # noqa: E402
 from neurontune.model.loading import load_model  # noqa: E402
 from neurontune.model.neuron_map import decoder_layers  # noqa: E402
+from switch_probe import validation_groups  # noqa: E402
 
 HEAD_LAYERS = (4, 8, 12, 15)
 MEAN_LAYERS = (8, 12, 15)
@@ -93,36 +94,21 @@ def capture(lm, texts, per_prompt: int = 4, seed: int = 0):
             {k: {part: torch.stack(v) if part != "tok" else torch.cat(v) for part, v in d.items()} for k, d in lmean.items()})
 
 
-def features(captured, layer: int, head: int, which: str):
-    """(prompt ends' features, earlier tokens' features): the switch's reading and/or one head's value mean, and 1."""
-    end, tok, mend, mtok, _ = captured
-    parts_end, parts_tok = [], []
-    if "end" in which:
-        parts_end.append(end)
-        parts_tok.append(tok)
-    if "mean" in which:
-        dims = slice(HEAD_DIM * head, HEAD_DIM * (head + 1))
-        parts_end.append(SCALE * mend[layer][:, dims])
-        parts_tok.append(SCALE * mtok[layer][:, dims])
-    return (torch.cat(parts_end + [torch.ones(len(parts_end[0]), 1)], 1),
-            torch.cat(parts_tok + [torch.ones(len(parts_tok[0]), 1)], 1))
-
-
-def layer_features(captured, layer: int, which: str):
-    """(prompt ends' features, earlier tokens' features or None): the switch's reading and/or a layer's mean, and 1."""
-    end, tok, _, _, lmean = captured
-    parts_end, parts_tok = [], []
-    if "end" in which:
-        parts_end.append(end)
-        parts_tok.append(tok)
-    if "all" in which:
-        parts_end.append(lmean[layer]["all"])
-        parts_tok.append(lmean[layer]["tok"])
-    if "user" in which:
-        parts_end.append(lmean[layer]["user"])
-        parts_tok = None  # the user's turn has no running form: no earlier tokens
-    x_end = torch.cat(parts_end + [torch.ones(len(parts_end[0]), 1)], 1)
-    return x_end, None if parts_tok is None else torch.cat(parts_tok + [torch.ones(len(parts_tok[0]), 1)], 1)
+def features(captured, layer: int, which: str, head: int = 0):
+    """(prompt ends' features, earlier tokens' features or None), each with a constant 1: the switch's reading ("end"),
+    one head's value mean ("mean"), a layer's running mean ("all") or its mean over the user's turn ("user", which has
+    no running form, so no earlier tokens)."""
+    end, tok, mend, mtok, lmean = captured
+    dims = slice(HEAD_DIM * head, HEAD_DIM * (head + 1))
+    parts = {"end": lambda: (end, tok),
+             "mean": lambda: (SCALE * mend[layer][:, dims], SCALE * mtok[layer][:, dims]),
+             "all": lambda: (lmean[layer]["all"], lmean[layer]["tok"]),
+             "user": lambda: (lmean[layer]["user"], None)}
+    chosen = [parts[name]() for name in which.split("+")]
+    ends = torch.cat([e for e, _ in chosen] + [torch.ones(len(chosen[0][0]), 1)], 1)
+    if any(t is None for _, t in chosen):
+        return ends, None
+    return ends, torch.cat([t for _, t in chosen] + [torch.ones(len(chosen[0][1]), 1)], 1)
 
 
 @torch.no_grad()
@@ -162,61 +148,37 @@ def main() -> None:
     sp = build_splits(load_preset("balanced").data)
     harmful, harmless = sp.harm_pools("train", PROMPTS, PER_FAMILY)
     pos, neg = capture(lm, harmful), capture(lm, harmless)
-    groups = {"harmful": [p.text for p in sp.harmful["validation"]],
-              "twins": [p.text for p in sp.contrast["validation"]],
-              "attacks": [p.text for p in sp.attacked("harmful", "validation", 6, sp.train_families)],
-              "benign": [p.text for p in sp.benign["validation"]],
-              "borderline": [p.text for p in sp.borderline["validation"]],
-              "alarming": [p.text for p in sp.alarming["validation"]],
-              "templates": [p.text for p in sp.attacked("benign", "validation", 3, sp.train_families)]}
+    groups = validation_groups(sp)
     val = {g: capture(lm, t) for g, t in groups.items()}
 
-    def run(layer: int, head: int, which: str) -> None:
-        pe, pt = features(pos, layer, head, which)
-        ne, nt = features(neg, layer, head, which)
-        x = torch.cat([pe, ne, pt, nt])
-        y = torch.cat([torch.ones(len(pe)), torch.zeros(len(ne) + len(pt) + len(nt))])
-        weight = torch.cat([torch.full((len(pe),), 1 / len(pe)), torch.full((len(ne),), .5 / len(ne)),
-                            torch.full((len(pt) + len(nt),), .5 / (len(pt) + len(nt)))])
-        w = fit_bias_free(x, y, weight)
-        z = {g: features(val[g], layer, head, which)[0] @ w for g in groups}
-        zt = torch.cat([features(val[g], layer, head, which)[1] for g in groups]) @ w
-        att = z["attacks"].sort(descending=True).values
-        t = float(att[int(0.9 * len(att)) - 1]) - 1e-6
-        rates = {g: round(float((v > t).float().mean()), 3) for g, v in z.items()}
-        rates["earlier tokens"] = round(float((zt > t).float().mean()), 4)
-        rates["auc harmful vs alarming"] = round(roc_auc(z["harmful"], z["alarming"]), 3)
-        name = "prompt end only" if which == "end" else f"{which}, value head {head} of layer {layer}"
-        print(f"{name}: {json.dumps(rates)}", flush=True)
-
-    run(HEAD_LAYERS[0], 0, "end")
-    for layer in HEAD_LAYERS:
-        for head in range(3):
-            run(layer, head, "mean")
-            run(layer, head, "end+mean")
-
-    def run_layer(layer: int, which: str) -> None:
-        pe, pt = layer_features(pos, layer, which)
-        ne, nt = layer_features(neg, layer, which)
+    def run(label: str, layer: int, which: str, head: int = 0) -> None:
+        """Fit the probe on train (prompt ends, and earlier tokens where the reading has them), read validation where
+        it fires on 0.90 of the training-attack prompts."""
+        pe, pt = features(pos, layer, which, head)
+        ne, nt = features(neg, layer, which, head)
         parts = [(pe, 1.0, 1.0), (ne, 0.0, 0.5 if pt is not None else 1.0)]
         if pt is not None:
-            tokens = torch.cat([pt, nt])
-            parts.append((tokens, 0.0, 0.5))
+            parts.append((torch.cat([pt, nt]), 0.0, 0.5))
         w = fit_bias_free(torch.cat([p[0] for p in parts]), torch.cat([torch.full((len(p[0]),), p[1]) for p in parts]),
                           torch.cat([torch.full((len(p[0]),), p[2] / len(p[0])) for p in parts]))
-        z = {g: layer_features(val[g], layer, which)[0] @ w for g in groups}
+        z = {g: features(val[g], layer, which, head)[0] @ w for g in groups}
         att = z["attacks"].sort(descending=True).values
         t = float(att[int(0.9 * len(att)) - 1]) - 1e-6
         rates = {g: round(float((v > t).float().mean()), 3) for g, v in z.items()}
         if pt is not None:
-            zt = torch.cat([layer_features(val[g], layer, which)[1] for g in groups]) @ w
+            zt = torch.cat([features(val[g], layer, which, head)[1] for g in groups]) @ w
             rates["earlier tokens"] = round(float((zt > t).float().mean()), 4)
         rates["auc harmful vs alarming"] = round(roc_auc(z["harmful"], z["alarming"]), 3)
-        print(f"{which}, layer {layer}'s attention input: {json.dumps(rates)}", flush=True)
+        print(f"{label}: {json.dumps(rates)}", flush=True)
 
+    run("prompt end only", HEAD_LAYERS[0], "end")
+    for layer in HEAD_LAYERS:
+        for head in range(3):
+            run(f"mean, value head {head} of layer {layer}", layer, "mean", head)
+            run(f"end+mean, value head {head} of layer {layer}", layer, "end+mean", head)
     for layer in MEAN_LAYERS:
         for which in ("user", "all", "end+all"):
-            run_layer(layer, which)
+            run(f"{which}, layer {layer}'s attention input", layer, which)
     costs = perplexity_without_groups(lm, [p.text for p in sp.benign["validation"]][:48])
     for layer, ratios in costs.items():
         print(f"perplexity ratio without one key-value group of layer {layer} (groups 0, 1, 2): {ratios}", flush=True)

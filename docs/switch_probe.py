@@ -37,6 +37,17 @@ THRESHOLDS = (0.5, 1.0, 1.5, 2.0, 3.0)
 CLAMP = 4.0  # the ramps' saturation, as the switch's
 
 
+def validation_groups(sp, cap: int | None = None) -> dict[str, list[str]]:
+    """The validation prompts each switch study reads, by group (`cap`: at most that many harmful and benign)."""
+    return {"harmful": [p.text for p in sp.harmful["validation"]][:cap],
+            "twins": [p.text for p in sp.contrast["validation"]],
+            "attacks": [p.text for p in sp.attacked("harmful", "validation", 6, sp.train_families)],
+            "benign": [p.text for p in sp.benign["validation"]][:cap],
+            "borderline": [p.text for p in sp.borderline["validation"]],
+            "alarming": [p.text for p in sp.alarming["validation"]],
+            "templates": [p.text for p in sp.attacked("benign", "validation", 3, sp.train_families)]}
+
+
 def _ramp(z: torch.Tensor) -> torch.Tensor:
     return F.silu(z) - F.silu(z - CLAMP)  # about clamp(z, 0, T): what two SiLU neurons compute
 
@@ -76,13 +87,7 @@ def main() -> None:
     n_alarm = len(sp.alarming["train"][: PROMPTS // 2])  # harm_pools puts them after the plain benign and borderline
     n_plain = len(sp.benign["train"][: PROMPTS * 7 // 10]) + len(sp.borderline["train"][: PROMPTS * 3 // 10])
     last, sampled = last_and_sampled(lm, [chat_prompt(lm.tokenizer, t) for t in harmful + harmless], "mlp_input", layers)
-    groups = {"harmful": [p.text for p in sp.harmful["validation"]],
-              "twins": [p.text for p in sp.contrast["validation"]],
-              "attacks": [p.text for p in sp.attacked("harmful", "validation", 6, sp.train_families)],
-              "benign": [p.text for p in sp.benign["validation"]],
-              "borderline": [p.text for p in sp.borderline["validation"]],
-              "alarming": [p.text for p in sp.alarming["validation"]],
-              "templates": [p.text for p in sp.attacked("benign", "validation", 3, sp.train_families)]}
+    groups = validation_groups(sp)
     vlast, vtok = last_and_sampled(lm, [chat_prompt(lm.tokenizer, t) for g in groups.values() for t in g], "mlp_input", layers)
     n_pos, out = len(harmful), {}
     for layer in layers:
