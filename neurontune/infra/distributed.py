@@ -6,6 +6,7 @@ the studio, the tests and `python -m neurontune` behave exactly as before.
 """
 from __future__ import annotations
 
+import gc
 import os
 from typing import Callable, Sequence, TypeVar
 
@@ -127,6 +128,10 @@ def barrier() -> None:
 
 
 def close() -> None:
-    """Leave the process group (at the end of a launched CLI command)."""
+    """Leave the process group (at the end of a launched CLI command), all processes together: a process that tears
+    gloo down while another still writes its files can abort at exit ("terminate called without an active exception").
+    The group object is collected here, while the interpreter is whole, not during its shutdown."""
     if launched() and torch.distributed.is_available() and torch.distributed.is_initialized():
+        barrier()
         torch.distributed.destroy_process_group()
+        gc.collect()
