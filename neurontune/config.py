@@ -128,7 +128,8 @@ class FoldConfig:
     "static" (gains only), "conditional" (gains and input-side terms along each layer's harm direction) or "switch"
     (a folded switch in layer `switch_layer`, default the middle one, whose flag the input-side terms of later layers
     read: `method/switch_fit.py`; gated MLPs only; `switch_readers`: the selected neurons of those layers, or all;
-    `switch_threshold`: the probe's logit it starts firing at)."""
+    `switch_threshold`: the probe's logit it starts firing at; `switch_mean`: the switch also reads the whole prompt
+    through a key-value group of its layer's attention rewritten into a running mean, `interventions/turn_mean.py`)."""
 
     form: str = "none"
     mu_over_refusal: float = 2.0
@@ -141,6 +142,7 @@ class FoldConfig:
     switch_layer: int | None = None
     switch_readers: str = "selected"  # which neurons of later layers read the switch's flag: "selected" or "all"
     switch_threshold: float = 0.0  # the probe's logit the switch starts firing at (higher: fires on fewer prompts)
+    switch_mean: bool = False  # the switch reads a turn mean of the whole prompt beside the prompt's end
 
     def __post_init__(self):
         if self.form not in FOLD_FORMS:

@@ -1,11 +1,13 @@
 """One capture primitive: activations at the last token of formatted prompts, read in one unmodulated pass.
 
-Three sites of a decoder layer can be read (`SITES`):
+Four sites of a decoder layer can be read (`SITES`):
 - "neurons": the MLP neurons, i.e. the input of the MLP output projection ([n_neurons] per layer): what the gains
   multiply, what the gate and the neuron card read;
 - "mlp_input": the input of the MLP's input projection, after the layer norm ([d_model]): what a neuron's input-side
   term reads (`modulation.InputTerms`);
-- "residual": the residual stream entering the decoder layer ([d_model]): what the refusal direction is made of.
+- "residual": the residual stream entering the decoder layer ([d_model]): what the refusal direction is made of;
+- "attention_input": the input of the attention's value projection, after the layer norm ([d_model]; LLaMA family):
+  what a key-value group rewritten into a turn mean averages (`turn_mean.TurnMean`).
 
 Every reader of "the activations at the end of the prompt" (the input gate, the neuron card, the direction baseline,
 the separability ceiling, the input terms' directions) goes through `read_ids`, so they all read the same token the
@@ -29,7 +31,7 @@ from ..model.neuron_map import decoder_layers
 from .generation import PROMPT_CAP, encode_left
 from .hooks import scoped_pre_hooks
 
-SITES = ("neurons", "mlp_input", "residual")
+SITES = ("neurons", "mlp_input", "residual", "attention_input")
 
 
 def site_modules(lm, site: str) -> list:
@@ -42,6 +44,11 @@ def site_modules(lm, site: str) -> list:
         return list(lm.nmap.input_projections)
     if site == "residual":
         return list(decoder_layers(lm.model))
+    if site == "attention_input":
+        layers = decoder_layers(lm.model)
+        if not all(hasattr(getattr(layer, "self_attn", None), "v_proj") for layer in layers):
+            raise ValueError(f"'{lm.nmap.model_type}' models have no separate attention value projection to read.")
+        return [layer.self_attn.v_proj for layer in layers]
     raise ValueError(f"Unknown capture site {site!r}; use one of {SITES}.")
 
 
@@ -165,10 +172,12 @@ def unit_features(lm, texts: Sequence[str] | None, layers: torch.Tensor, units: 
 
 @torch.no_grad()
 def last_and_sampled(lm, texts: Sequence[str], site: str, layers: Sequence[int], *, per_prompt: int = 4, seed: int = 0,
-                     batch_size: int = 16, max_length: int = PROMPT_CAP) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+                     batch_size: int = 16, max_length: int = PROMPT_CAP,
+                     running_mean: bool = False) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """({layer: [n, width]} at each formatted prompt's last token, {layer: [m, width]} at up to `per_prompt` of its other
     real tokens drawn at random), on the host, in one pass: the end of a prompt and a sample of what came before it,
-    what a reader that runs on every token (the folded switch) must tell apart."""
+    what a reader that runs on every token (the folded switch) must tell apart. With `running_mean`, each token's value
+    is the mean of the site over the prompt's real tokens up to it (what a zero-query attention head computes)."""
     modules = site_modules(lm, site)
     wanted = sorted(int(l) for l in layers)
     gen = torch.Generator().manual_seed(seed)
@@ -189,6 +198,9 @@ def last_and_sampled(lm, texts: Sequence[str], site: str, layers: Sequence[int],
         def make(layer: int):
             def hook(module, args):
                 x = args[0].reshape(ids.shape[0], -1, args[0].shape[-1])
+                if running_mean:
+                    m = mask.to(x.device, torch.float32)[..., None]
+                    x = (x.float() * m).cumsum(1) / m.cumsum(1).clamp(min=1)
                 store[layer] = (x[:, -1].float().cpu(), x[rows.to(x.device), cols.to(x.device)].float().cpu())
             return hook
         with scoped_pre_hooks([(modules[l], make(l)) for l in wanted]):

@@ -31,18 +31,21 @@ from ..infra.files import read_safetensors, write_file
 from ..model.neuron_map import NeuronMap, neuron_map
 from .hooks import scoped_pre_hooks
 from .switch import Switch
+from .turn_mean import NAMES as turn_mean_names
 from .switch import folded as folded_switch
 from .switch import hooks as switch_hooks
 
-FORMAT_VERSION = 3  # the "version" field of the file header; bump it (and add a migration) when the layout changes
+FORMAT_VERSION = 4  # the "version" field of the file header; bump it (and add a migration) when the layout changes
 REGENERATE = ("Regenerate it with this NeuronTune: `python -m neurontune tune --out DIR` (or Train gains in the studio) "
               "on the model it was made for.")
 # version -> function(header, tensors) returning them in the next version's layout. Version 1 is the first
 # versioned layout; a file without a version (0) predates it and is refused with REGENERATE. Version 2 added the
 # optional input-side terms (`layer.L.input_*` tensors): a version-1 file is a modulation without them. Version 3 added
-# the optional switch (`switch.*` tensors, header "switch_layer"): a version-2 file is a modulation without one.
+# the optional switch (`switch.*` tensors, header "switch_layer"): a version-2 file is a modulation without one. Version 4
+# added the switch's optional turn mean (`switch.mean.*`): a version-3 switch reads the prompt's end only.
 MIGRATIONS: dict[int, Callable[[dict, dict], tuple[dict, dict]]] = {1: lambda header, tensors: (header, tensors),
-                                                                     2: lambda header, tensors: (header, tensors)}
+                                                                     2: lambda header, tensors: (header, tensors),
+                                                                     3: lambda header, tensors: (header, tensors)}
 
 
 @dataclass
@@ -144,6 +147,7 @@ class Modulation:
             "max_abs_coef": float(coefs.abs().max()) if len(coefs) else 0.0,
             "input_layers": sorted(self.inputs),
             "switch_layer": None if self.switch is None else self.switch.layer,
+            "switch_mean": None if self.switch is None or self.switch.mean is None else [self.switch.mean.layer, self.switch.mean.group],
         }
 
     def apply(self, lm):
@@ -295,6 +299,9 @@ def _check_switch(path: Path, shape: tuple[int, int], header: dict, tensors: dic
     if not names and "switch_layer" not in header:
         return None
     try:
+        mean = {k for k in tensors if k.startswith("switch.mean.")}
+        if mean and mean != set(turn_mean_names):
+            raise ValueError(f"its turn mean needs the tensors {list(turn_mean_names)}, not {sorted(mean)}")
         switch = Switch.from_tensors(int(header["switch_layer"]), tensors)
         if not 0 <= switch.layer < shape[0] or (len(switch.neurons) and not 0 <= int(switch.neurons.min()) <= int(switch.neurons.max()) < shape[1]):
             raise ValueError("its layer or neurons are outside the model's shape")

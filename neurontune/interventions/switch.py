@@ -8,8 +8,10 @@ The switch rewrites two neurons j1, j2 of layer `layer`:
 - up rows k, so each neuron is about act(a * w.x) and act(a * w.x - T): their difference is a ramp clamped to [0, T];
 - output columns +f and -f: the clamped ramp times f is added to the residual stream, nothing where the probe reads
   below zero.
-Later layers read the flag through input-side terms whose direction picks f out of their MLP input. Everything is
-rows and columns of existing weight matrices: the folded checkpoint has the architecture and config of the base model.
+Later layers read the flag through input-side terms whose direction picks f out of their MLP input. Optionally the
+switch also reads the whole prompt: `mean`, a key-value group of an attention layer at or before its own rewritten to
+write the running mean of a second probe over every token so far (`turn_mean.TurnMean`), which w then reads beside the
+prompt's end. Everything is rows and columns of existing weight matrices: the folded checkpoint has the architecture and config of the base model.
 The hooked form (`hooks`) computes exactly what the folded weights do, for the duration of a `with` block only.
 """
 from __future__ import annotations
@@ -19,6 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from ..model.neuron_map import NeuronMap, decoder_layers
+from . import turn_mean
+from .turn_mean import TurnMean
 
 
 @dataclass
@@ -31,6 +35,7 @@ class Switch:
     gate_rows: torch.Tensor
     up_rows: torch.Tensor
     down_cols: torch.Tensor
+    mean: TurnMean | None = None  # the whole-prompt reading w reads beside the prompt's end (`turn_mean`)
 
     def __post_init__(self):
         k = len(self.neurons)
@@ -40,16 +45,20 @@ class Switch:
                              f"{[tuple(t.shape) for t in (self.gate_rows, self.up_rows, self.down_cols)]}.")
         if not all(bool(torch.isfinite(t).all()) for t in (self.gate_rows, self.up_rows, self.down_cols)):
             raise ValueError("A switch's rows and columns must be finite.")
+        if self.mean is not None and self.mean.layer > self.layer:
+            raise ValueError(f"The switch of layer {self.layer} reads a turn mean of layer {self.mean.layer}: it must be at or "
+                             "before the switch's own layer.")
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The switch's tensors under the names a modulation file stores them."""
-        return {"switch.neurons": self.neurons.to(torch.int64).contiguous(), "switch.gate_rows": self.gate_rows.float().contiguous(),
-                "switch.up_rows": self.up_rows.float().contiguous(), "switch.down_cols": self.down_cols.float().contiguous()}
+        out = {"switch.neurons": self.neurons.to(torch.int64).contiguous(), "switch.gate_rows": self.gate_rows.float().contiguous(),
+               "switch.up_rows": self.up_rows.float().contiguous(), "switch.down_cols": self.down_cols.float().contiguous()}
+        return out if self.mean is None else {**out, **self.mean.tensors()}
 
     @classmethod
     def from_tensors(cls, layer: int, tensors: dict[str, torch.Tensor]) -> "Switch":
         return cls(int(layer), tensors["switch.neurons"].long(), tensors["switch.gate_rows"].float(),
-                   tensors["switch.up_rows"].float(), tensors["switch.down_cols"].float())
+                   tensors["switch.up_rows"].float(), tensors["switch.down_cols"].float(), TurnMean.from_tensors(tensors))
 
     def check(self, nmap: NeuronMap, d_model: int | None = None) -> None:
         """Refuse a switch that does not fit the model: not a gated MLP, layer or neurons out of range, wrong width."""
@@ -101,7 +110,8 @@ def hooks(model, switch: Switch, nmap: NeuronMap, rows: torch.Tensor | None = No
 
     def delta(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
         return new.to(old.device, torch.float32) - old[idx.to(old.device)].detach().float()
-    return [(mlp.gate_proj, _delta_hook(idx, delta(switch.gate_rows, mlp.gate_proj.weight), rows, units_out=True)),
+    reads = [] if switch.mean is None else turn_mean.hooks(model, switch.mean, rows)
+    return reads + [(mlp.gate_proj, _delta_hook(idx, delta(switch.gate_rows, mlp.gate_proj.weight), rows, units_out=True)),
             (mlp.up_proj, _delta_hook(idx, delta(switch.up_rows, mlp.up_proj.weight), rows, units_out=True)),
             (nmap.projections[switch.layer], _delta_hook(idx, delta(switch.down_cols, nmap.weight_slice(switch.layer)), rows,
                                                          units_out=False))]
@@ -125,4 +135,6 @@ def folded(model, switch: Switch, nmap: NeuronMap, state: dict[str, torch.Tensor
     w = start(down)  # [d_model, n_neurons] for a linear output projection
     w[:, idx.to(w.device)] = switch.down_cols.to(w.device, w.dtype).t()
     out[names[id(down.weight)]] = w
+    if switch.mean is not None:
+        out.update(turn_mean.folded(model, switch.mean, state))
     return out

@@ -74,7 +74,7 @@ def train_foldable(lm, selection: Selection, cfg: RunConfig, splits: Splits, *, 
     elif cfg.fold.form == "switch":
         layer = lm.nmap.n_layers // 2 if cfg.fold.switch_layer is None else cfg.fold.switch_layer
         switch = fit_switch(lm, splits, layer, exclude=(selection.safety | selection.utility)[layer],
-                            threshold=cfg.fold.switch_threshold, reporter=reporter)
+                            threshold=cfg.fold.switch_threshold, mean=cfg.fold.switch_mean, reporter=reporter)
         meta = dataclasses.replace(meta, input_from_layer=layer + 1)
         if cfg.fold.switch_readers == "all":
             readers = torch.zeros(selection.shape, dtype=torch.bool)

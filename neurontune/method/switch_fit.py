@@ -8,6 +8,13 @@ input-side terms of later layers read its flag with.
 2. The two neurons of layer L that matter least to harmless text (mean |activation| x output norm; never a selected
    neuron) become the switch: act(a w.x) - act(a w.x - T), about clamp(a w.x, 0, T), written along f, the direction the
    residual stream uses least (smallest variance of the normalised residual after L).
+With `mean`, a key-value group of layer L's attention first becomes a turn mean (`interventions/turn_mean.py`): a
+second probe, of the running mean of the attention input over every token so far (harmful prompt ends against harmless
+ones, earlier tokens and the tokens of the base model's answers to harmless prompts: the mean runs on while the model
+answers), written along the residual stream's second least-used direction by the group whose heads cost the base
+model's answers least; step 1's probe is then fitted with it in place, with those answer tokens as further negatives,
+so the switch reads the prompt's end and the whole conversation so far. (The end alone fires on about a quarter of safe prompts with alarming words at the rate it
+flags attacks; the whole prompt's mean far less: docs/results.md.)
 3. With the switch in place, each later layer's reading direction is the linear read of the flag's actual imprint that
    the harmless tokens disturb least (Fisher: Σ⁻¹ δ), centred with that layer's k so that harmless tokens read about 0
    and scaled so that a harmful prompt's end reads 1. These are the `InputTerms` directions the training then uses.
@@ -25,8 +32,12 @@ from ..data.splits import Splits
 from ..infra.probes import fit_bias_free, roc_auc
 from ..infra.progress import SILENT, Reporter
 from ..interventions.capture import last_and_sampled
+from ..interventions.generation import generate
+from ..interventions.hooks import scoped_pre_hooks
 from ..interventions.modulation import Modulation, modulate
 from ..interventions.switch import Switch, require_gated
+from ..interventions.turn_mean import TurnMean, groups
+from ..interventions.turn_mean import hooks as turn_mean_hooks
 from ..model.neuron_map import decoder_layers
 
 SHARPNESS = 2.0  # a: the probe's logit times a before the activation
@@ -36,6 +47,11 @@ RIDGE = 1e-2  # the reading directions' covariance ridge, relative to its mean v
 PROMPTS = 400  # harmful (and as many harmless) training prompts, plus PER_FAMILY per training attack family
 PER_FAMILY = 40
 READ_PROMPTS = 200  # of each pool, read again with the switch in place
+ANSWER_PROMPTS = 200  # harmless training prompts whose base answers' tokens are further negatives (with a turn mean)
+ANSWER_TOKENS = 24
+MEAN_SIZE = 0.1  # the turn mean's write per probe standard deviation, against the residual stream's norm at a prompt's end
+COST_PROMPTS = 48  # harmless training prompts the turn mean's group is chosen on, by their base answers' perplexity
+COST_TOKENS = 24
 
 
 @dataclass
@@ -65,8 +81,71 @@ def _least_used(lm, layer: int, x: torch.Tensor, exclude: torch.Tensor | None, k
     return use.argsort()[:k].sort().values
 
 
+def _weights(sizes: list[int], shares: list[float]) -> torch.Tensor:
+    """Per-row loss weights: each group of rows (sizes) gets its share of the loss, split evenly over its rows."""
+    return torch.cat([torch.full((n,), share / max(n, 1)) for n, share in zip(sizes, shares)])
+
+
+def _shares(answers: bool) -> list[float]:
+    """Loss shares of harmful ends, harmless ends, earlier tokens (and harmless answers' tokens, when read)."""
+    return [1.0, 0.5, 0.25, 0.25] if answers else [1.0, 0.5, 0.5]
+
+
+@torch.no_grad()
+def _group_costs(lm, layer: int, texts: list[str]) -> list[float]:
+    """Perplexity ratio of the base model's own short answers to `texts` (formatted harmless prompts) with each
+    key-value group's heads of `layer` cut: what giving the group to a turn mean costs (the evaluation's measure)."""
+    kv, per, dim = groups(lm.model)
+    o_proj = decoder_layers(lm.model)[layer].self_attn.o_proj
+    device = lm.model.get_input_embeddings().weight.device
+    answers = generate(lm, texts, None, max_new_tokens=COST_TOKENS, formatted=True)
+    pairs = [(lm.tokenizer(t, add_special_tokens=False)["input_ids"], lm.tokenizer(a, add_special_tokens=False)["input_ids"])
+             for t, a in zip(texts, answers)]
+    pairs = [(p, a) for p, a in pairs if a]
+
+    def nll(cut: int | None) -> float:
+        hooks = [] if cut is None else [(o_proj, lambda m, a: (a[0].index_fill(-1, torch.arange(cut * per * dim, (cut + 1) * per * dim, device=a[0].device), 0.0),))]
+        total, n = 0.0, 0
+        with scoped_pre_hooks(hooks):
+            for p, a in pairs:
+                ids = torch.tensor([p + a], device=device)
+                out = lm.model(input_ids=ids, use_cache=False).logits[0, len(p) - 1:-1].float()
+                total += float(F.cross_entropy(out, ids[0, len(p):], reduction="sum"))
+                n += len(a)
+        return total / max(n, 1)
+    base = nll(None)
+    return [round(math.exp(nll(g) - base), 4) for g in range(kv)]
+
+
+def fit_mean(lm, layer: int, texts: list[str], n_pos: int, answered: list[str], direction: torch.Tensor,
+             size: float) -> tuple[TurnMean, dict]:
+    """The turn mean of layer `layer`: a bias-free probe (a constant folded in) of the running mean of the attention input
+    telling harmful prompt ends (`texts[:n_pos]`) from harmless ones, from every earlier token and from the tokens of
+    the base model's answers to harmless prompts (`answered`: prompt and answer; the mean runs on while the model
+    answers), in the value row of the key-value group whose heads cost least, written along `direction` at `size` per
+    probe sd."""
+    last, sampled = last_and_sampled(lm, texts, "attention_input", [layer], running_mean=True)
+    a_last, a_tok = last_and_sampled(lm, answered, "attention_input", [layer], running_mean=True)
+    x = torch.cat([last[layer], sampled[layer], a_last[layer], a_tok[layer]])
+    n_neg, n_tok = len(last[layer]) - n_pos, len(sampled[layer])
+    y = torch.cat([torch.ones(n_pos), torch.zeros(len(x) - n_pos)])
+    weight = _weights([n_pos, n_neg, n_tok, len(x) - n_pos - n_neg - n_tok], _shares(True))
+    w = fit_bias_free(torch.cat([x, torch.ones(len(x), 1)], 1), y, weight)
+    row = w[:-1] + w[-1] * _constant(x)  # row . mean ~ w . [mean, 1]: the constant through a direction that reads ~1
+    z = x @ row
+    row = row / max(float(z.std()), 1e-6)
+    costs = _group_costs(lm, layer, texts[n_pos: n_pos + COST_PROMPTS])
+    group = int(torch.tensor(costs).argmin())
+    info = {"layer": layer, "group": group, "group_costs": costs, "train_auc": round(roc_auc(z[:n_pos], z[n_pos:n_pos + n_neg]), 3),
+            "fires_harmful": round(float((z[:n_pos] > 0).float().mean()), 3),
+            "fires_harmless": round(float((z[n_pos:n_pos + n_neg] > 0).float().mean()), 3),
+            "fires_earlier_tokens": round(float((z[n_pos + n_neg:n_pos + n_neg + n_tok] > 0).float().mean()), 4),
+            "fires_answer_tokens": round(float((z[n_pos + n_neg + n_tok:] > 0).float().mean()), 4)}
+    return TurnMean(layer, group, row, size * direction), info
+
+
 def fit_switch(lm, splits: Splits, layer: int | None = None, *, exclude: torch.Tensor | None = None, threshold: float = 0.0,
-               reporter: Reporter | None = None) -> FittedSwitch:
+               mean: bool = False, reporter: Reporter | None = None) -> FittedSwitch:
     """The switch of layer `layer` (default: the middle layer) and the reading directions of every later layer.
     `exclude`: [n_neurons] bool, neurons of that layer the switch may not take (the run's selected neurons).
     `threshold`: the probe's logit the switch starts firing at (0: the probe's own boundary; higher fires on fewer
@@ -83,26 +162,38 @@ def fit_switch(lm, splits: Splits, layer: int | None = None, *, exclude: torch.T
     harmful, harmless = splits.harm_pools("train", PROMPTS, PER_FAMILY)
     texts = [chat_prompt(lm.tokenizer, t) for t in harmful + harmless]
     n_pos = len(harmful)
-    reporter.say("switch: reading the training prompts")
-    last, sampled = last_and_sampled(lm, texts, "mlp_input", [layer] + later)
-    # 1. the probe: harmful prompt ends against harmless ones and against every earlier token
-    x0 = torch.cat([last[layer], sampled[layer]])
-    y = torch.cat([torch.ones(n_pos), torch.zeros(len(x0) - n_pos)])
-    n_neg, n_tok = len(harmless), len(sampled[layer])
-    weight = torch.cat([torch.full((n_pos,), 1.0 / n_pos), torch.full((n_neg,), 0.5 / n_neg), torch.full((n_tok,), 0.5 / n_tok)])
-    constant = {l: _constant(torch.cat([last[l], sampled[l]])) for l in [layer] + later}
-    w = fit_bias_free(x0, y, weight) - threshold * constant[layer]
-    # 2. the switch's neurons, the flag's direction and size
-    neurons = _least_used(lm, layer, torch.cat([last[layer][n_pos:], sampled[layer]]), exclude)
+    # the residual stream's least-used directions (after L): the flag's, and the turn mean's
     some = texts[: READ_PROMPTS // 2] + texts[n_pos: n_pos + READ_PROMPTS // 2]
     res_last, res_tok = last_and_sampled(lm, some, "residual", later)
     rows = torch.cat([torch.cat([res_last[l], res_tok[l]]) for l in later])
     rows = rows / rows.norm(dim=1, keepdim=True).clamp(min=1e-6)
-    f = torch.linalg.eigh(torch.cov(rows.double().T)).eigenvectors[:, 0].float()
-    size = FLAG * float(res_last[later[0]].norm(dim=1).mean()) / CLAMP
+    least = torch.linalg.eigh(torch.cov(rows.double().T)).eigenvectors[:, :2].float().T
+    norm = float(res_last[later[0]].norm(dim=1).mean())
+    turn, mean_info, reads, answered = None, None, [], []
+    if mean:
+        reporter.say("switch: fitting its turn mean")
+        some_harmless = texts[n_pos: n_pos + ANSWER_PROMPTS]
+        answered = [t + a for t, a in zip(some_harmless, generate(lm, some_harmless, None, max_new_tokens=ANSWER_TOKENS, formatted=True))]
+        turn, mean_info = fit_mean(lm, layer, texts, n_pos, answered, least[1], MEAN_SIZE * norm)
+        reads = turn_mean_hooks(lm.model, turn)
+    reporter.say("switch: reading the training prompts")
+    with scoped_pre_hooks([], post=reads):
+        last, sampled = last_and_sampled(lm, texts, "mlp_input", [layer] + later)
+        a_last, a_tok = last_and_sampled(lm, answered, "mlp_input", [layer]) if answered else (None, None)
+    # 1. the probe: harmful prompt ends against harmless ones and against every earlier token
+    answer_x = torch.cat([a_last[layer], a_tok[layer]]) if answered else last[layer][:0]
+    x0 = torch.cat([last[layer], sampled[layer], answer_x])
+    y = torch.cat([torch.ones(n_pos), torch.zeros(len(x0) - n_pos)])
+    n_neg, n_tok = len(harmless), len(sampled[layer])
+    weight = _weights([n_pos, n_neg, n_tok, len(answer_x)], _shares(bool(answered)))
+    constant = {l: _constant(torch.cat([last[l], sampled[l]])) for l in [layer] + later}
+    w = fit_bias_free(x0, y, weight) - threshold * constant[layer]
+    # 2. the switch's neurons, the flag's direction and size
+    neurons = _least_used(lm, layer, torch.cat([last[layer][n_pos:], sampled[layer]]), exclude)
+    f, size = least[0], FLAG * norm / CLAMP
     k0 = constant[layer]
     switch = Switch(layer, neurons, torch.stack([SHARPNESS * w, SHARPNESS * w - CLAMP * k0]), torch.stack([k0, k0]),
-                    torch.stack([size * f, -size * f]))
+                    torch.stack([size * f, -size * f]), turn)
     # 3. each later layer's reading direction, from the switch's imprint against the harmless tokens' spread
     reporter.say("switch: reading its flag in later layers")
     pos_idx = list(range(min(READ_PROMPTS, n_pos)))
@@ -127,4 +218,6 @@ def fit_switch(lm, splits: Splits, layer: int | None = None, *, exclude: torch.T
     info = {"layer": layer, "neurons": neurons.tolist(), "threshold": threshold, "train_auc": round(roc_auc(z_pos, z_neg), 3),
             "fires_harmful": round(float((z_pos > 0).float().mean()), 3), "fires_harmless": round(float((z_neg > 0).float().mean()), 3),
             "fires_earlier_tokens": round(float((sampled[layer] @ w > 0).float().mean()), 4), "flag_snr": snr}
+    if mean_info is not None:
+        info["mean"] = mean_info
     return FittedSwitch(switch, directions, info)

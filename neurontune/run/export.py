@@ -165,7 +165,12 @@ def _conditional_text(summary: dict) -> str:
     if not summary.get("n_conditional"):
         return ""
     if summary.get("switch_layer") is not None:
-        return (f"; two neurons of layer {summary['switch_layer']} are rewritten into a switch that reads the end of the prompt "
+        reads = "the end of the prompt"
+        if summary.get("switch_mean") is not None:
+            layer, group = summary["switch_mean"]
+            reads = (f"the end of the prompt and the whole prompt (key-value group {group} of layer {layer}'s attention is "
+                     "rewritten to average a probe over every token so far)")
+        return (f"; two neurons of layer {summary['switch_layer']} are rewritten into a switch that reads {reads} "
                 f"and raises a flag in the residual stream where it reads harmful, and {summary['n_conditional']} neurons of "
                 f"later layers read that flag through their input projection (input-side terms up to {summary['max_abs_coef']:.2f}): "
                 "a modulation that depends on the input, folded exactly into the weights")
