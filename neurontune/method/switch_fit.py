@@ -10,10 +10,9 @@ input-side terms of later layers read its flag with.
    residual stream uses least (smallest variance of the normalised residual after L).
 With `mean`, a key-value group of layer L's attention first becomes a turn mean (`interventions/turn_mean.py`): a
 second probe, of the running mean of the attention input over every token so far (harmful prompt ends against harmless
-ones, earlier tokens and the tokens of the base model's answers to harmless prompts: the mean runs on while the model
-answers), written along the residual stream's second least-used direction by the group whose heads cost the base
-model's answers least; step 1's probe is then fitted with it in place, with those answer tokens as further negatives,
-so the switch reads the prompt's end and the whole conversation so far. (The end alone fires on about a quarter of safe prompts with alarming words at the rate it
+ones and earlier tokens), written along the residual stream's second least-used direction by the group whose heads
+matter least to the harmless prompts; step 1's probe is then fitted with it in place, so the switch reads the prompt's
+end and the whole prompt. (The end alone fires on about a quarter of safe prompts with alarming words at the rate it
 flags attacks; the whole prompt's mean far less: docs/results.md.)
 3. With the switch in place, each later layer's reading direction is the linear read of the flag's actual imprint that
    the harmless tokens disturb least (Fisher: Σ⁻¹ δ), centred with that layer's k so that harmless tokens read about 0
@@ -47,8 +46,6 @@ RIDGE = 1e-2  # the reading directions' covariance ridge, relative to its mean v
 PROMPTS = 400  # harmful (and as many harmless) training prompts, plus PER_FAMILY per training attack family
 PER_FAMILY = 40
 READ_PROMPTS = 200  # of each pool, read again with the switch in place
-ANSWER_PROMPTS = 200  # harmless training prompts whose base answers' tokens are further negatives (with a turn mean)
-ANSWER_TOKENS = 24
 MEAN_SIZE = 0.1  # the turn mean's write per probe standard deviation, against the residual stream's norm at a prompt's end
 COST_PROMPTS = 48  # harmless training prompts the turn mean's group is chosen on, by their base answers' perplexity
 COST_TOKENS = 24
@@ -81,16 +78,6 @@ def _least_used(lm, layer: int, x: torch.Tensor, exclude: torch.Tensor | None, k
     return use.argsort()[:k].sort().values
 
 
-def _weights(sizes: list[int], shares: list[float]) -> torch.Tensor:
-    """Per-row loss weights: each group of rows (sizes) gets its share of the loss, split evenly over its rows."""
-    return torch.cat([torch.full((n,), share / max(n, 1)) for n, share in zip(sizes, shares)])
-
-
-def _shares(answers: bool) -> list[float]:
-    """Loss shares of harmful ends, harmless ends, earlier tokens (and harmless answers' tokens, when read)."""
-    return [1.0, 0.5, 0.25, 0.25] if answers else [1.0, 0.5, 0.5]
-
-
 @torch.no_grad()
 def _group_costs(lm, layer: int, texts: list[str]) -> list[float]:
     """Perplexity ratio of the base model's own short answers to `texts` (formatted harmless prompts) with each
@@ -117,20 +104,17 @@ def _group_costs(lm, layer: int, texts: list[str]) -> list[float]:
     return [round(math.exp(nll(g) - base), 4) for g in range(kv)]
 
 
-def fit_mean(lm, layer: int, texts: list[str], n_pos: int, answered: list[str], direction: torch.Tensor,
-             size: float) -> tuple[TurnMean, dict]:
+def fit_mean(lm, layer: int, texts: list[str], n_pos: int, direction: torch.Tensor, size: float) -> tuple[TurnMean, dict]:
     """The turn mean of layer `layer`: a bias-free probe (a constant folded in) of the running mean of the attention input
-    telling harmful prompt ends (`texts[:n_pos]`) from harmless ones, from every earlier token and from the tokens of
-    the base model's answers to harmless prompts (`answered`: prompt and answer; the mean runs on while the model
-    answers), in the value row of the key-value group whose heads cost least, written along `direction` at `size` per
-    probe sd."""
+    telling harmful prompt ends (`texts[:n_pos]`) from harmless ones and from every earlier token, in the value row of
+    the key-value group whose heads cost the harmless prompts least, written along `direction` at `size` per probe sd."""
     last, sampled = last_and_sampled(lm, texts, "attention_input", [layer], running_mean=True)
-    a_last, a_tok = last_and_sampled(lm, answered, "attention_input", [layer], running_mean=True)
-    x = torch.cat([last[layer], sampled[layer], a_last[layer], a_tok[layer]])
+    x = torch.cat([last[layer], sampled[layer]])
+    ones = torch.ones(len(x), 1)
     n_neg, n_tok = len(last[layer]) - n_pos, len(sampled[layer])
     y = torch.cat([torch.ones(n_pos), torch.zeros(len(x) - n_pos)])
-    weight = _weights([n_pos, n_neg, n_tok, len(x) - n_pos - n_neg - n_tok], _shares(True))
-    w = fit_bias_free(torch.cat([x, torch.ones(len(x), 1)], 1), y, weight)
+    weight = torch.cat([torch.full((n_pos,), 1.0 / n_pos), torch.full((n_neg,), 0.5 / n_neg), torch.full((n_tok,), 0.5 / n_tok)])
+    w = fit_bias_free(torch.cat([x, ones], 1), y, weight)
     row = w[:-1] + w[-1] * _constant(x)  # row . mean ~ w . [mean, 1]: the constant through a direction that reads ~1
     z = x @ row
     row = row / max(float(z.std()), 1e-6)
@@ -139,8 +123,7 @@ def fit_mean(lm, layer: int, texts: list[str], n_pos: int, answered: list[str], 
     info = {"layer": layer, "group": group, "group_costs": costs, "train_auc": round(roc_auc(z[:n_pos], z[n_pos:n_pos + n_neg]), 3),
             "fires_harmful": round(float((z[:n_pos] > 0).float().mean()), 3),
             "fires_harmless": round(float((z[n_pos:n_pos + n_neg] > 0).float().mean()), 3),
-            "fires_earlier_tokens": round(float((z[n_pos + n_neg:n_pos + n_neg + n_tok] > 0).float().mean()), 4),
-            "fires_answer_tokens": round(float((z[n_pos + n_neg + n_tok:] > 0).float().mean()), 4)}
+            "fires_earlier_tokens": round(float((z[n_pos + n_neg:] > 0).float().mean()), 4)}
     return TurnMean(layer, group, row, size * direction), info
 
 
@@ -169,23 +152,19 @@ def fit_switch(lm, splits: Splits, layer: int | None = None, *, exclude: torch.T
     rows = rows / rows.norm(dim=1, keepdim=True).clamp(min=1e-6)
     least = torch.linalg.eigh(torch.cov(rows.double().T)).eigenvectors[:, :2].float().T
     norm = float(res_last[later[0]].norm(dim=1).mean())
-    turn, mean_info, reads, answered = None, None, [], []
+    turn, mean_info, reads = None, None, []
     if mean:
         reporter.say("switch: fitting its turn mean")
-        some_harmless = texts[n_pos: n_pos + ANSWER_PROMPTS]
-        answered = [t + a for t, a in zip(some_harmless, generate(lm, some_harmless, None, max_new_tokens=ANSWER_TOKENS, formatted=True))]
-        turn, mean_info = fit_mean(lm, layer, texts, n_pos, answered, least[1], MEAN_SIZE * norm)
+        turn, mean_info = fit_mean(lm, layer, texts, n_pos, least[1], MEAN_SIZE * norm)
         reads = turn_mean_hooks(lm.model, turn)
     reporter.say("switch: reading the training prompts")
     with scoped_pre_hooks([], post=reads):
         last, sampled = last_and_sampled(lm, texts, "mlp_input", [layer] + later)
-        a_last, a_tok = last_and_sampled(lm, answered, "mlp_input", [layer]) if answered else (None, None)
     # 1. the probe: harmful prompt ends against harmless ones and against every earlier token
-    answer_x = torch.cat([a_last[layer], a_tok[layer]]) if answered else last[layer][:0]
-    x0 = torch.cat([last[layer], sampled[layer], answer_x])
+    x0 = torch.cat([last[layer], sampled[layer]])
     y = torch.cat([torch.ones(n_pos), torch.zeros(len(x0) - n_pos)])
     n_neg, n_tok = len(harmless), len(sampled[layer])
-    weight = _weights([n_pos, n_neg, n_tok, len(answer_x)], _shares(bool(answered)))
+    weight = torch.cat([torch.full((n_pos,), 1.0 / n_pos), torch.full((n_neg,), 0.5 / n_neg), torch.full((n_tok,), 0.5 / n_tok)])
     constant = {l: _constant(torch.cat([last[l], sampled[l]])) for l in [layer] + later}
     w = fit_bias_free(x0, y, weight) - threshold * constant[layer]
     # 2. the switch's neurons, the flag's direction and size
