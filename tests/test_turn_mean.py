@@ -177,3 +177,11 @@ def test_a_turn_mean_is_written_into_a_gguf_file_too(tiny_llama, tmp_path):
         without = logits(lm, ids)
     plain = logits(lm, ids, reloaded)
     assert float((plain - hooked).abs().max()) < float((plain - without).abs().max()) / 10
+
+
+def test_switch_mean_setting_is_checked():
+    from neurontune.config import RunConfig
+
+    with pytest.raises(ValueError, match="'switch_mean' in preset section 'fold' must be true or false, not 'yes'"):
+        RunConfig().replace(fold={"form": "switch", "switch_mean": "yes"})
+    assert RunConfig().replace(fold={"form": "switch", "switch_mean": True}).fold.switch_mean is True
