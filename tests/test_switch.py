@@ -75,9 +75,8 @@ def test_a_switch_with_its_neurons_own_rows_is_the_base_model(tiny_llama):
     assert torch.equal(logits(lm, ids, fold_into_weights(copy.deepcopy(lm.model), mod)), base)
 
 
-def test_strength_zero_rows_and_scaled_zero_leave_the_base_model(tiny_llama):
-    lm = tiny_llama
-    mod = with_switch(lm, random_switch(lm))
+def check_rows_at_strength_zero_and_one(lm, mod: Modulation) -> None:
+    """One batch, rows at strengths 0 and 1: row 0 is the base model bit for bit, row 1 the full modulation."""
     ids = encode(lm, *PROMPTS)
     base = logits(lm, ids)
     with mod.apply_rows(lm, torch.tensor([0.0, 1.0])):
@@ -86,6 +85,12 @@ def test_strength_zero_rows_and_scaled_zero_leave_the_base_model(tiny_llama):
         full = logits(lm, ids)
     assert torch.equal(mixed[0], base[0])  # row at strength 0: the switch is not applied there
     assert torch.allclose(mixed[1], full[1], atol=1e-5)
+
+
+def test_strength_zero_rows_and_scaled_zero_leave_the_base_model(tiny_llama):
+    lm = tiny_llama
+    mod = with_switch(lm, random_switch(lm))
+    check_rows_at_strength_zero_and_one(lm, mod)
     assert mod.scaled(0).switch is None and mod.scaled(0.5).switch is mod.switch and mod.static().switch is None
     assert mod.conditional and mod.summary()["switch_layer"] == 1
 

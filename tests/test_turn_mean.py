@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 from conftest import encode, logits
-from test_switch import PROMPTS, random_switch, with_switch
+from test_switch import PROMPTS, check_rows_at_strength_zero_and_one, random_switch, with_switch
 
 from neurontune.interventions.modulation import FORMAT_VERSION, Modulation, ModulationFileError, fold_into_weights, folded_state_dict, modulate
 from neurontune.interventions.switch import Switch
@@ -68,15 +68,7 @@ def test_turn_mean_hooks_equal_the_folded_weights_and_attention_written_by_hand(
 
 def test_turn_mean_rows_at_strength_zero_are_the_base_model_and_the_folded_weights_change_only_its_units(tiny_llama):
     lm = tiny_llama
-    mod = with_switch(lm, switch_with_mean(lm, random_mean(lm)))
-    ids = encode(lm, *PROMPTS)
-    base = logits(lm, ids)
-    with mod.apply_rows(lm, torch.tensor([0.0, 1.0])):
-        mixed = logits(lm, ids)
-    with modulate(lm.model, mod, lm.nmap):
-        full = logits(lm, ids)
-    assert torch.equal(mixed[0], base[0])
-    assert torch.allclose(mixed[1], full[1], atol=1e-5)
+    check_rows_at_strength_zero_and_one(lm, with_switch(lm, switch_with_mean(lm, random_mean(lm))))
     state = folded_state_dict(lm.model, Modulation(lm.nmap.shape, switch=switch_with_mean(lm, random_mean(lm))), lm.nmap)
     attn = "model.layers.1.self_attn."
     kv, per, dim = groups(lm.model)
