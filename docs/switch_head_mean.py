@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from neurontune.config import load_preset  # noqa: E402
@@ -28,9 +27,9 @@ from neurontune.data.chat import chat_prompt  # noqa: E402
 from neurontune.data.splits import build_splits  # noqa: E402
 from neurontune.infra.probes import fit_bias_free, roc_auc  # noqa: E402
 from neurontune.interventions.capture import site_modules, template_prefix_len  # noqa: E402
-from neurontune.interventions.generation import encode_left, generate  # noqa: E402
+from neurontune.interventions.generation import encode_left  # noqa: E402
 from neurontune.interventions.hooks import scoped_pre_hooks  # noqa: E402
-from neurontune.method.switch_fit import PER_FAMILY, PROMPTS  # noqa: E402
+from neurontune.method.switch_fit import PER_FAMILY, PROMPTS, group_costs  # noqa: E402
 from neurontune.model.loading import load_model  # noqa: E402
 from neurontune.model.neuron_map import decoder_layers  # noqa: E402
 from switch_probe import validation_groups  # noqa: E402
@@ -111,36 +110,11 @@ def features(captured, layer: int, which: str, head: int = 0):
     return ends, torch.cat([t for _, t in chosen] + [torch.ones(len(chosen[0][1]), 1)], 1)
 
 
-@torch.no_grad()
 def perplexity_without_groups(lm, prompts: list[str]) -> dict[int, list[float]]:
     """{layer: [perplexity ratio with key-value group g's three query heads removed, for each g]} on the base model's
-    own 32-token answers."""
-    answers = generate(lm, prompts, None, max_new_tokens=32)
-    cfg = lm.model.config
-    per, dim = cfg.num_attention_heads // cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
-
-    def nll(removed=None) -> float:
-        hooks = []
-        if removed is not None:
-            layer, g = removed
-
-            def pre(module, args):
-                x = args[0].clone()
-                x[..., g * per * dim:(g + 1) * per * dim] = 0
-                return (x,)
-            hooks.append((decoder_layers(lm.model)[layer].self_attn.o_proj, pre))
-        total, n = 0.0, 0
-        with scoped_pre_hooks(hooks):
-            for p, a in zip(prompts, answers):
-                pi = lm.tokenizer(chat_prompt(lm.tokenizer, p), add_special_tokens=False)["input_ids"]
-                ai = lm.tokenizer(a, add_special_tokens=False)["input_ids"]
-                logits = lm.model(input_ids=torch.tensor([pi + ai])).logits[0, len(pi) - 1:-1]
-                total += float(F.cross_entropy(logits.float(), torch.tensor(ai), reduction="sum"))
-                n += len(ai)
-        return total / n
-    base = nll()
-    return {layer: [round(float(torch.tensor(nll((layer, g)) - base).exp()), 3) for g in range(cfg.num_key_value_heads)]
-            for layer in MEAN_LAYERS}
+    own 32-token answers (`switch_fit.group_costs`, what the turn mean's fit chooses its group by)."""
+    texts = [chat_prompt(lm.tokenizer, p) for p in prompts]
+    return {layer: [round(c, 3) for c in group_costs(lm, layer, texts, tokens=32)] for layer in MEAN_LAYERS}
 
 
 def main() -> None:

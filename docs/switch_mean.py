@@ -8,6 +8,7 @@ docs/results.md ("The switch reads the whole prompt").
 
     python docs/switch_mean.py --fold '{"switch_mean": false}' --out runs/val-switch        # about 10 min on 2 cores
     python docs/switch_mean.py --fold '{"switch_mean": true}' --out runs/val-switch-mean
+    python docs/switch_mean.py --read runs/val-switch runs/val-switch-mean                   # about 2 min a run
 """
 import argparse
 import json
@@ -15,15 +16,22 @@ import shutil
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from neurontune.config import load_preset  # noqa: E402
+from neurontune.data.chat import chat_prompt  # noqa: E402
 from neurontune.data.splits import build_splits  # noqa: E402
+from neurontune.interventions.capture import last_and_sampled, site_modules  # noqa: E402
+from neurontune.interventions.hooks import scoped_pre_hooks  # noqa: E402
+from neurontune.interventions.modulation import Modulation, modulate  # noqa: E402
 from neurontune.method import switch_fit  # noqa: E402
 from neurontune.method.recipe import train_foldable  # noqa: E402
 from neurontune.method.selection import select  # noqa: E402
 from neurontune.model.loading import load_model  # noqa: E402
 from neurontune.run.evaluate_run import evaluate_run  # noqa: E402
 from neurontune.run.folder import RunFolder  # noqa: E402
+from switch_probe import validation_groups  # noqa: E402
 
 SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "default_run"
 COLUMNS = {"harmful_refusal": "harmful", "train_family_refusal": "training attacks", "contrast_refusal": "twins",
@@ -32,12 +40,56 @@ COLUMNS = {"harmful_refusal": "harmful", "train_family_refusal": "training attac
            "mc_accuracy": "MC"}
 
 
+ANSWER_GROUPS = ("harmful", "attacked", "benign", "benign_attacked", "borderline", "alarming")  # generations' categories
+
+
+@torch.no_grad()
+def read(lm, run: Path) -> None:
+    """Where the run's switch fires: prompt ends and earlier tokens of the validation groups, and its export's answers."""
+    sw = RunFolder(run).foldable().switch
+    w = sw.gate_rows[0]
+    with_switch = Modulation(lm.nmap.shape, switch=sw)
+    ends = {}
+    with modulate(lm.model, with_switch, lm.nmap):
+        for group, texts in validation_groups(build_splits(load_preset("balanced").data)).items():
+            last, earlier = last_and_sampled(lm, [chat_prompt(lm.tokenizer, t) for t in texts], "mlp_input", [sw.layer])
+            ends[group] = round(float((last[sw.layer] @ w > 0).float().mean()), 3)
+            ends[group + " (earlier tokens)"] = round(float((earlier[sw.layer] @ w > 0).float().mean()), 4)
+    print(f"{run} prompt ends: {json.dumps(ends)}", flush=True)
+    rows = [r for r in RunFolder(run).generations() if r["intervention"] == "neurontune export"]
+    store, answers = {}, {}
+    mlp_in = site_modules(lm, "mlp_input")[sw.layer]
+    silent = {}
+    for group in ANSWER_GROUPS:
+        fired = n = silent[group] = 0
+        for r in (r for r in rows if r["category"] == group):
+            p = lm.tokenizer(chat_prompt(lm.tokenizer, r["prompt"]), add_special_tokens=False)["input_ids"]
+            a = lm.tokenizer(r["answer"], add_special_tokens=False)["input_ids"]
+            with modulate(lm.model, with_switch, lm.nmap), scoped_pre_hooks([(mlp_in, lambda m, args: store.__setitem__("x", args[0][0].float()))]):
+                lm.model(input_ids=torch.tensor([p + a]), use_cache=False)
+            z = store["x"][len(p) - 1:] @ w  # the prompt's end, then the answer's tokens
+            fired += int((z[1:] > 0).sum())
+            n += len(a)
+            silent[group] += int(bool(r["refusal"]) and not bool((z > 0).any()))
+        answers[group] = round(fired / max(n, 1), 3)
+    print(f"{run} answer tokens: {json.dumps(answers)}", flush=True)
+    print(f"{run} refused with the flag down at the prompt's end and through the answer: {json.dumps(silent)}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--fold", default="{}", help="fold settings over the preset's, as JSON")
     ap.add_argument("--mean-size", type=float, default=None, help="switch_fit.MEAN_SIZE")
-    ap.add_argument("--out", required=True, help="a new run folder (a copy of the shipped run)")
+    ap.add_argument("--out", help="a new run folder (a copy of the shipped run)")
+    ap.add_argument("--read", nargs="+", help="run folders this script made: where their switch fires")
     args = ap.parse_args()
+    if args.read:
+        lm = load_model("embedded")
+        for run in args.read:
+            read(lm, Path(run))
+        return
+    if not args.out:
+        ap.error("give --out (a new run folder) or --read RUN ...")
     if args.mean_size is not None:
         switch_fit.MEAN_SIZE = args.mean_size
     lm = load_model("embedded")

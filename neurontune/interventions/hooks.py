@@ -10,6 +10,7 @@ import contextvars
 from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator
 
+import torch
 from torch import nn
 
 PreHook = Callable[[nn.Module, tuple], "tuple | None"]
@@ -44,3 +45,22 @@ def scoped_pre_hooks(hooks: Iterable[tuple[nn.Module, PreHook]], with_kwargs: bo
             _ACTIVE.set(_ACTIVE.get() - {token})
         for h in handles:
             h.remove()
+
+
+def delta_hook(idx: torch.Tensor, delta: torch.Tensor, keep: torch.Tensor | None, *, units_out: bool):
+    """Forward hook adding what new minus old weights (`delta`) contribute, on the rows where `keep` is true if
+    given; unchanged weights add exactly zero. `units_out`: the map's output units `idx` get x . delta[j] (gate and up
+    rows); otherwise the output gets x[..., idx] @ delta (the output projection's columns)."""
+    ready: dict = {}
+
+    def hook(module, args, out):
+        x = args[0]
+        key = (x.device, x.dtype)
+        if key not in ready:
+            ready[key] = (idx.to(x.device), delta.to(x.device, x.dtype), None if keep is None else keep.to(x.device))
+        i, d, k = ready[key]
+        add = x @ d.t() if units_out else x.index_select(-1, i) @ d
+        if k is not None:
+            add = add * k.view(-1, *([1] * (add.dim() - 1))).to(add.dtype)
+        return out.index_add(-1, i, add.to(out.dtype)) if units_out else out + add.to(out.dtype)
+    return hook

@@ -31,9 +31,9 @@ from ..infra.files import read_safetensors, write_file
 from ..model.neuron_map import NeuronMap, neuron_map
 from .hooks import scoped_pre_hooks
 from .switch import Switch
-from .turn_mean import NAMES as turn_mean_names
 from .switch import folded as folded_switch
 from .switch import hooks as switch_hooks
+from .turn_mean import NAMES as turn_mean_names
 
 FORMAT_VERSION = 4  # the "version" field of the file header; bump it (and add a migration) when the layout changes
 REGENERATE = ("Regenerate it with this NeuronTune: `python -m neurontune tune --out DIR` (or Train gains in the studio) "

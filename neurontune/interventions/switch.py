@@ -11,7 +11,8 @@ The switch rewrites two neurons j1, j2 of layer `layer`:
 Later layers read the flag through input-side terms whose direction picks f out of their MLP input. Optionally the
 switch also reads the whole prompt: `mean`, a key-value group of an attention layer at or before its own rewritten to
 write the running mean of a second probe over every token so far (`turn_mean.TurnMean`), which w then reads beside the
-prompt's end. Everything is rows and columns of existing weight matrices: the folded checkpoint has the architecture and config of the base model.
+prompt's end. Everything is rows and columns of existing weight matrices: the folded checkpoint has the architecture
+and config of the base model.
 The hooked form (`hooks`) computes exactly what the folded weights do, for the duration of a `with` block only.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model.neuron_map import NeuronMap, decoder_layers
+from .hooks import delta_hook
 from . import turn_mean
 from .turn_mean import TurnMean
 
@@ -82,25 +84,6 @@ def _mlp(model, layer: int):
     return decoder_layers(model)[layer].mlp
 
 
-def _delta_hook(idx: torch.Tensor, delta: torch.Tensor, keep: torch.Tensor | None, *, units_out: bool):
-    """Forward hook adding what the new minus the old weights (`delta`) contribute, on the rows where `keep` is true if
-    given; unchanged weights add exactly zero. `units_out`: the map's output units `idx` get x . delta[j] (gate and up
-    rows); otherwise the output gets x[..., idx] @ delta (the output projection's columns)."""
-    ready: dict = {}
-
-    def hook(module, args, out):
-        x = args[0]
-        key = (x.device, x.dtype)
-        if key not in ready:
-            ready[key] = (idx.to(x.device), delta.to(x.device, x.dtype), None if keep is None else keep.to(x.device))
-        i, d, k = ready[key]
-        add = x @ d.t() if units_out else x.index_select(-1, i) @ d
-        if k is not None:
-            add = add * k.view(-1, *([1] * (add.dim() - 1))).to(add.dtype)
-        return out.index_add(-1, i, add.to(out.dtype)) if units_out else out + add.to(out.dtype)
-    return hook
-
-
 def hooks(model, switch: Switch, nmap: NeuronMap, rows: torch.Tensor | None = None) -> list:
     """Forward hooks that make the model compute what the folded switch computes (`hooks.scoped_pre_hooks(post=...)`).
     `rows`: a [B] bool mask of the batch rows it applies to (per-row strengths: rows at strength 0 stay the base model)."""
@@ -111,9 +94,9 @@ def hooks(model, switch: Switch, nmap: NeuronMap, rows: torch.Tensor | None = No
     def delta(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
         return new.to(old.device, torch.float32) - old[idx.to(old.device)].detach().float()
     reads = [] if switch.mean is None else turn_mean.hooks(model, switch.mean, rows)
-    return reads + [(mlp.gate_proj, _delta_hook(idx, delta(switch.gate_rows, mlp.gate_proj.weight), rows, units_out=True)),
-            (mlp.up_proj, _delta_hook(idx, delta(switch.up_rows, mlp.up_proj.weight), rows, units_out=True)),
-            (nmap.projections[switch.layer], _delta_hook(idx, delta(switch.down_cols, nmap.weight_slice(switch.layer)), rows,
+    return reads + [(mlp.gate_proj, delta_hook(idx, delta(switch.gate_rows, mlp.gate_proj.weight), rows, units_out=True)),
+            (mlp.up_proj, delta_hook(idx, delta(switch.up_rows, mlp.up_proj.weight), rows, units_out=True)),
+            (nmap.projections[switch.layer], delta_hook(idx, delta(switch.down_cols, nmap.weight_slice(switch.layer)), rows,
                                                          units_out=False))]
 
 

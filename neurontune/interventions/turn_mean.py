@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model.neuron_map import decoder_layers
+from .hooks import delta_hook
 
 NAMES = ("switch.mean.where", "switch.mean.value_row", "switch.mean.out_col")  # its tensors in a modulation file
 
@@ -55,12 +56,11 @@ class TurnMean:
 
 @dataclass(frozen=True)
 class Where:
-    """The rewritten units: the group's heads' query rows, its value rows, its heads' output columns."""
+    """The rewritten units: the group's heads (their query rows and output columns) and its value rows."""
 
     attn: torch.nn.Module
-    q: torch.Tensor
-    v: torch.Tensor
-    o: torch.Tensor
+    heads: torch.Tensor
+    values: torch.Tensor
 
 
 def groups(model) -> tuple[int, int, int]:
@@ -86,52 +86,39 @@ def where(model, tm: TurnMean) -> Where:
         raise ValueError(f"The turn mean's key-value group {tm.group} is outside the model's groups 0..{kv - 1}.")
     if tm.value_row.shape[0] != attn.v_proj.in_features or tm.out_col.shape[0] != attn.o_proj.out_features:
         raise ValueError(f"The turn mean was made for hidden size {tm.value_row.shape[0]}, not {attn.v_proj.in_features}.")
-    heads = torch.arange(tm.group * per * dim, (tm.group + 1) * per * dim)
-    return Where(attn, heads, torch.arange(tm.group * dim, (tm.group + 1) * dim), heads)
+    return Where(attn, torch.arange(tm.group * per * dim, (tm.group + 1) * per * dim), torch.arange(tm.group * dim, (tm.group + 1) * dim))
 
 
 def new_rows(tm: TurnMean, w: Where) -> tuple[torch.Tensor, torch.Tensor]:
     """(the group's new value rows [dim, d_model], its heads' new output columns, neuron-major [per*dim, d_model])."""
-    v = torch.zeros(len(w.v), tm.value_row.shape[0])
+    v = torch.zeros(len(w.values), tm.value_row.shape[0])
     v[0] = tm.value_row.float()
-    o = torch.zeros(len(w.o), tm.out_col.shape[0])
+    o = torch.zeros(len(w.heads), tm.out_col.shape[0])
     o[0] = tm.out_col.float()
     return v, o
 
 
 def hooks(model, tm: TurnMean, rows: torch.Tensor | None = None) -> list:
     """Forward hooks that make the model compute what the folded turn mean computes, on the batch rows where `rows`
-    ([B] bool) is true if given (rows at strength 0 stay the base model exactly)."""
+    ([B] bool) is true if given (rows at strength 0 stay the base model exactly): the heads' queries set to 0, the
+    group's values replaced, the output projection given what its new minus old columns add."""
     w = where(model, tm)
     v_new, o_new = new_rows(tm, w)
-    o_delta = o_new - w.attn.o_proj.weight.detach().float().cpu()[:, w.o].t()
-    cache: dict = {}
+    o_delta = o_new - w.attn.o_proj.weight.detach().float().cpu()[:, w.heads].t()
 
-    def ready(x: torch.Tensor):
-        key = (x.device, x.dtype)
-        if key not in cache:
-            cache[key] = (w.q.to(x.device), w.v.to(x.device), w.o.to(x.device), v_new.to(x.device, x.dtype),
-                          o_delta.to(x.device, x.dtype), None if rows is None else rows.to(x.device))
-        return cache[key]
-
-    def keep(new: torch.Tensor, old: torch.Tensor, k) -> torch.Tensor:
-        return new if k is None else torch.where(k.view(-1, *([1] * (new.dim() - 1))), new, old)
-
-    def q_hook(module, args, out):
-        q, _, _, _, _, k = ready(args[0])
-        return keep(out.index_fill(-1, q, 0.0), out, k)
-
-    def v_hook(module, args, out):
-        _, v, _, rows_new, _, k = ready(args[0])
-        return keep(out.index_copy(-1, v, (args[0] @ rows_new.t()).to(out.dtype)), out, k)
-
-    def o_hook(module, args, out):
-        _, _, o, _, delta, k = ready(args[0])
-        add = args[0].index_select(-1, o) @ delta
-        if k is not None:
-            add = add * k.view(-1, *([1] * (add.dim() - 1))).to(add.dtype)
-        return out + add.to(out.dtype)
-    return [(w.attn.q_proj, q_hook), (w.attn.v_proj, v_hook), (w.attn.o_proj, o_hook)]
+    def replacing(idx: torch.Tensor, new):
+        """Forward hook writing new(x) into units `idx` of the output (kept rows only)."""
+        def hook(module, args, out):
+            i = idx.to(out.device)
+            changed = out.index_copy(-1, i, new(args[0], out.dtype).expand(*out.shape[:-1], len(i)))
+            if rows is None:
+                return changed
+            return torch.where(rows.to(out.device).view(-1, *([1] * (out.dim() - 1))), changed, out)
+        return hook
+    zeros = lambda x, dtype: x.new_zeros((), dtype=dtype)  # noqa: E731
+    values = lambda x, dtype: (x @ v_new.to(x.device, x.dtype).t()).to(dtype)  # noqa: E731
+    return [(w.attn.q_proj, replacing(w.heads, zeros)), (w.attn.v_proj, replacing(w.values, values)),
+            (w.attn.o_proj, delta_hook(w.heads, o_delta, rows, units_out=False))]
 
 
 @torch.no_grad()
@@ -145,7 +132,7 @@ def folded(model, tm: TurnMean, state: dict[str, torch.Tensor] | None = None) ->
 
     def start(p):
         return (state or {}).get(names[id(p)], p).detach().clone()
-    for module, idx, rows in ((w.attn.q_proj, w.q, None), (w.attn.v_proj, w.v, v_new)):
+    for module, idx, rows in ((w.attn.q_proj, w.heads, None), (w.attn.v_proj, w.values, v_new)):
         t = start(module.weight)
         t[idx.to(t.device)] = 0 if rows is None else rows.to(t.device, t.dtype)
         out[names[id(module.weight)]] = t
@@ -154,6 +141,6 @@ def folded(model, tm: TurnMean, state: dict[str, torch.Tensor] | None = None) ->
             b[idx.to(b.device)] = 0
             out[names[id(module.bias)]] = b
     t = start(w.attn.o_proj.weight)
-    t[:, w.o.to(t.device)] = o_new.to(t.device, t.dtype).t()
+    t[:, w.heads.to(t.device)] = o_new.to(t.device, t.dtype).t()
     out[names[id(w.attn.o_proj.weight)]] = t
     return out

@@ -79,13 +79,13 @@ def _least_used(lm, layer: int, x: torch.Tensor, exclude: torch.Tensor | None, k
 
 
 @torch.no_grad()
-def _group_costs(lm, layer: int, texts: list[str]) -> list[float]:
-    """Perplexity ratio of the base model's own short answers to `texts` (formatted harmless prompts) with each
-    key-value group's heads of `layer` cut: what giving the group to a turn mean costs (the evaluation's measure)."""
+def group_costs(lm, layer: int, texts: list[str], tokens: int = COST_TOKENS) -> list[float]:
+    """Perplexity ratio of the base model's own answers (`tokens` long) to `texts` (formatted harmless prompts) with
+    each key-value group's heads of `layer` cut: what giving the group to a turn mean costs (the evaluation's measure)."""
     kv, per, dim = groups(lm.model)
     o_proj = decoder_layers(lm.model)[layer].self_attn.o_proj
     device = lm.model.get_input_embeddings().weight.device
-    answers = generate(lm, texts, None, max_new_tokens=COST_TOKENS, formatted=True)
+    answers = generate(lm, texts, None, max_new_tokens=tokens, formatted=True)
     pairs = [(lm.tokenizer(t, add_special_tokens=False)["input_ids"], lm.tokenizer(a, add_special_tokens=False)["input_ids"])
              for t, a in zip(texts, answers)]
     pairs = [(p, a) for p, a in pairs if a]
@@ -118,7 +118,7 @@ def fit_mean(lm, layer: int, texts: list[str], n_pos: int, direction: torch.Tens
     row = w[:-1] + w[-1] * _constant(x)  # row . mean ~ w . [mean, 1]: the constant through a direction that reads ~1
     z = x @ row
     row = row / max(float(z.std()), 1e-6)
-    costs = _group_costs(lm, layer, texts[n_pos: n_pos + COST_PROMPTS])
+    costs = group_costs(lm, layer, texts[n_pos: n_pos + COST_PROMPTS])
     group = int(torch.tensor(costs).argmin())
     info = {"layer": layer, "group": group, "group_costs": costs, "train_auc": round(roc_auc(z[:n_pos], z[n_pos:n_pos + n_neg]), 3),
             "fires_harmful": round(float((z[:n_pos] > 0).float().mean()), 3),
