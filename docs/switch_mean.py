@@ -9,6 +9,7 @@ docs/results.md ("The switch reads the whole prompt").
     python docs/switch_mean.py --fold '{"switch_mean": false}' --out runs/val-switch        # about 10 min on 2 cores
     python docs/switch_mean.py --fold '{"switch_mean": true}' --out runs/val-switch-mean
     python docs/switch_mean.py --read runs/val-switch runs/val-switch-mean                   # about 2 min a run
+    python docs/switch_mean.py --fold '{"kl_answers": "harmless"}' --seed 1 --out runs/val-switch-kl-1
 """
 import argparse
 import json
@@ -80,6 +81,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--fold", default="{}", help="fold settings over the preset's, as JSON")
     ap.add_argument("--mean-size", type=float, default=None, help="switch_fit.MEAN_SIZE")
+    ap.add_argument("--seed", type=int, default=None, help="meta.seed of the foldable training (default: the preset's)")
     ap.add_argument("--out", help="a new run folder (a copy of the shipped run)")
     ap.add_argument("--read", nargs="+", help="run folders this script made: where their switch fires")
     args = ap.parse_args()
@@ -94,7 +96,7 @@ def main() -> None:
         switch_fit.MEAN_SIZE = args.mean_size
     lm = load_model("embedded")
     cfg = load_preset("balanced")
-    cfg = cfg.replace(fold=json.loads(args.fold))
+    cfg = cfg.replace(fold=json.loads(args.fold), **({"meta": {"seed": args.seed}} if args.seed is not None else {}))
     out = Path(args.out)
     if out.exists():
         shutil.rmtree(out)

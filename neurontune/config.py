@@ -67,6 +67,9 @@ class SelectionConfig:
     utility_rank: str = "over_refusal"  # "over_refusal" or "contrast" (over_refusal - safety: refusal of harmless prompts only)
 
 
+KL_ANSWERS = ("benign", "harmless")  # meta.kl_answers
+
+
 @dataclass(frozen=True)
 class MetaConfig:
     mode: str = "fomaml"  # "fomaml" | "reptile" | "joint"
@@ -108,6 +111,10 @@ class MetaConfig:
     # default is the whole-sentence penalty (why: docs/log.md).
     over_refusal_span: str = "target"
     opening_weight: float = 0.0
+    # Whose answers the KL term keeps: the base model's answers to plain "benign" training prompts, or to every
+    # "harmless" kind (benign, borderline-safe, alarming-word, and benign inside the training attack templates), so
+    # that a modulation that half-fires on a safe prompt is held to its answer there too.
+    kl_answers: str = "benign"
 
     def __post_init__(self):
         if self.gate_features not in ("amplified", "layer", "residual", "residual_mean", "residual_tail"):
@@ -115,6 +122,8 @@ class MetaConfig:
                              f"not {self.gate_features!r}.")
         if self.gate_first and not self.gate:
             raise ValueError("meta.gate_first trains the gains behind the input gate: set meta.gate to true as well.")
+        if self.kl_answers not in KL_ANSWERS:
+            raise ValueError(f"meta.kl_answers must be 'benign' or 'harmless', not {self.kl_answers!r}.")
 
 
 FOLD_FORMS = ("none", "static", "conditional", "switch")
@@ -143,6 +152,7 @@ class FoldConfig:
     switch_readers: str = "selected"  # which neurons of later layers read the switch's flag: "selected" or "all"
     switch_threshold: float = 0.0  # the probe's logit the switch starts firing at (higher: fires on fewer prompts)
     switch_mean: bool = False  # the switch reads a turn mean of the whole prompt beside the prompt's end
+    kl_answers: str | None = None  # None: meta.kl_answers
 
     def __post_init__(self):
         if self.form not in FOLD_FORMS:
@@ -151,6 +161,8 @@ class FoldConfig:
             raise ValueError(f"fold.switch_readers must be 'selected' or 'all', not {self.switch_readers!r}.")
         if not self.switch_threshold >= 0:
             raise ValueError(f"fold.switch_threshold must be a logit of 0 or more, not {self.switch_threshold}.")
+        if self.kl_answers is not None and self.kl_answers not in KL_ANSWERS:
+            raise ValueError(f"fold.kl_answers must be 'benign', 'harmless' or null, not {self.kl_answers!r}.")
         if self.switch_layer is not None and self.switch_layer < 0:
             raise ValueError(f"fold.switch_layer must be a layer index (0 or more) or null, not {self.switch_layer}.")
 
@@ -161,7 +173,8 @@ class FoldConfig:
                                    input_from_layer=self.input_from_layer,
                                    steps=self.steps if self.steps is not None else meta.steps,
                                    outer_lr=self.outer_lr if self.outer_lr is not None else meta.outer_lr,
-                                   max_gain=self.max_gain if self.max_gain is not None else meta.max_gain)
+                                   max_gain=self.max_gain if self.max_gain is not None else meta.max_gain,
+                                   kl_answers=self.kl_answers if self.kl_answers is not None else meta.kl_answers)
 
 
 @dataclass(frozen=True)

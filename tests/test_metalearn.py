@@ -179,3 +179,31 @@ def test_conditional_training_learns_input_terms_on_centred_directions(setup):
         assert offset == 0.0 and float(x[:, i].mean(0) @ d) == pytest.approx(0.0, abs=1e-4)
         assert float((x[:, i] @ d).std()) == pytest.approx(1.0, rel=1e-3)  # unit spread over the prompts
         assert float(x[: len(pos), i].mean(0) @ d) > float(x[len(pos):, i].mean(0) @ d)  # harmful reads higher
+
+
+def test_kl_answers_harmless_keeps_the_benign_answers_and_adds_every_harmless_kind(setup):
+    """meta.kl_answers "harmless": the KL pool is the default pool (same prompts, same answers, same order) followed by
+    borderline-safe, alarming-word and template-wrapped benign requests of the same split; the fold passes it through;
+    a bad value is refused with what to write."""
+    from neurontune.data.splits import build_splits
+    from neurontune.method.metalearn import build_tasks
+    lm, cfg, sel, cache = setup
+    splits = build_splits(cfg.data)
+    plain = build_tasks(lm, cfg, splits, cache)
+    wide = build_tasks(lm, cfg.replace(meta={"kl_answers": "harmless"}), splits, cache)
+    n = len(plain.answers)
+    assert wide.answers[:n] == plain.answers and wide.val_answers[:len(plain.val_answers)] == plain.val_answers
+    extra = [p for p, _ in wide.answers[n:]]
+    k = max(cfg.data.n_answer, 8) // 2
+    assert len(extra) == 3 * k
+    assert extra[:k] == [chat_prompt(lm.tokenizer, p.text) for p in splits.borderline["train"][:k]]
+    assert extra[k:2 * k] == [chat_prompt(lm.tokenizer, p.text) for p in splits.alarming["train"][:k]]
+    bare = {chat_prompt(lm.tokenizer, p.text) for p in splits.benign["train"]}
+    assert all(p not in bare and any(b.text in p for b in splits.benign["train"]) for p in extra[2 * k:])  # wrapped
+    assert plain.harmful == wide.harmful and plain.benign == wide.benign  # nothing else moves
+    assert cfg.replace(fold={"form": "switch", "kl_answers": "harmless"}).fold.meta(cfg.meta).kl_answers == "harmless"
+    assert cfg.replace(meta={"kl_answers": "harmless"}).fold.meta(cfg.replace(meta={"kl_answers": "harmless"}).meta).kl_answers == "harmless"
+    with pytest.raises(ValueError, match="meta.kl_answers must be 'benign' or 'harmless'"):
+        cfg.replace(meta={"kl_answers": "all"})
+    with pytest.raises(ValueError, match="fold.kl_answers must be"):
+        cfg.replace(fold={"kl_answers": "everything"})

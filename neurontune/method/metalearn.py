@@ -158,16 +158,30 @@ def build_tasks(lm, cfg: RunConfig, splits: Splits, cache_dir) -> TaskData:
     for i, f in enumerate(splits.train_families):  # and a few in each training form
         val_harmful += in_form(splits.harmful["validation"][16 + 2 * i:18 + 2 * i], f)
         val_benign += in_form(harmless_val[16 + i:17 + i], f)
-    answer_prompts = splits.benign["train"][: max(d.n_answer, 8) * 2]
-    val_answer_prompts = splits.benign["validation"][-8:]
-    answers = cached_answers(lm, [p.text for p in answer_prompts], d.answer_tokens, cache_dir)
-    val_answers = cached_answers(lm, [p.text for p in val_answer_prompts], d.answer_tokens, cache_dir)
+    n = max(d.n_answer, 8)
+    answer_prompts = [p.text for p in splits.benign["train"][: n * 2]]
+    val_answer_prompts = [p.text for p in splits.benign["validation"][-8:]]
+    if cfg.meta.kl_answers == "harmless":
+        answer_prompts += _kl_harmless(splits, "train", n // 2, d.seed)
+        val_answer_prompts += _kl_harmless(splits, "validation", 2, d.seed)
+    answers = cached_answers(lm, answer_prompts, d.answer_tokens, cache_dir)
+    val_answers = cached_answers(lm, val_answer_prompts, d.answer_tokens, cache_dir)
     return TaskData(
         harmful=harmful, benign=benign,
-        answers=[(chat_prompt(tok, p.text), a) for p, a in zip(answer_prompts, answers)],
+        answers=[(chat_prompt(tok, p), a) for p, a in zip(answer_prompts, answers)],
         val_harmful=val_harmful, val_benign=val_benign,
-        val_answers=[(chat_prompt(tok, p.text), a) for p, a in zip(val_answer_prompts, val_answers)],
+        val_answers=[(chat_prompt(tok, p), a) for p, a in zip(val_answer_prompts, val_answers)],
     )
+
+
+def _kl_harmless(splits: Splits, split: str, n: int, seed: int) -> list[str]:
+    """User prompts beyond plain benign ones whose base answers the KL term keeps (`meta.kl_answers: "harmless"`):
+    n borderline-safe, n alarming-word, and n benign requests inside the training attack templates (taken from the
+    end of the benign pool, away from the plain ones), each template drawn with its own seeded generator."""
+    rng, fams = random.Random(seed + 1), attacks.attack_families()
+    wrapped = [attacks.wrap(rng.choice(fams[splits.train_families[i % len(splits.train_families)]]), p.text)
+               for i, p in enumerate(splits.benign[split][-(n + 8):-8])]
+    return [p.text for p in splits.borderline[split][:n]] + [p.text for p in splits.alarming[split][:n]] + wrapped
 
 
 def _interleave(a: list, b: list) -> list:
