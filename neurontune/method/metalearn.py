@@ -1,7 +1,8 @@
 """Meta-learned neuron gains: amplify safety neurons, suppress over-refusal neurons, weights frozen.
 
 Loss on a batch = refusal NLL on harmful (attacked) prompts + opening_weight * -log p(refuse) on them
-                + lam_kl * KL(base || modulated) over the base model's own answers to benign prompts
+                + lam_kl * KL(base || modulated) over the base model's own answers to benign prompts (with
+                  kl_answers "harmless" also to borderline-safe, alarming-word and template-wrapped benign ones)
                 + mu * -log(1 - p(refuse)) on benign and borderline-safe prompts in the same forms,
 where p(refuse) is, with over_refusal_span="target" (default), the per-token probability of a refusal sentence,
 and with "opening" the probability that the answer opens with a refusal ("I'm sorry", "I can't", ...:
