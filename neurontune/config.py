@@ -115,6 +115,9 @@ class MetaConfig:
     # "harmless" kind (benign, borderline-safe, alarming-word, and benign inside the training attack templates), so
     # that a modulation that half-fires on a safe prompt is held to its answer there too.
     kl_answers: str = "benign"
+    # Answer tokens at the start of each kept answer that the KL term leaves out: the opening is then left to the
+    # refusal and over-refusal terms, and the KL term holds only what follows it.
+    kl_skip: int = 0
 
     def __post_init__(self):
         if self.gate_features not in ("amplified", "layer", "residual", "residual_mean", "residual_tail"):
@@ -124,6 +127,8 @@ class MetaConfig:
             raise ValueError("meta.gate_first trains the gains behind the input gate: set meta.gate to true as well.")
         if self.kl_answers not in KL_ANSWERS:
             raise ValueError(f"meta.kl_answers must be 'benign' or 'harmless', not {self.kl_answers!r}.")
+        if not (isinstance(self.kl_skip, int) and self.kl_skip >= 0):
+            raise ValueError(f"meta.kl_skip must be a count of answer tokens (0 or more), not {self.kl_skip!r}.")
 
 
 FOLD_FORMS = ("none", "static", "conditional", "switch")
@@ -153,6 +158,10 @@ class FoldConfig:
     switch_threshold: float = 0.0  # the probe's logit the switch starts firing at (higher: fires on fewer prompts)
     switch_mean: bool = False  # the switch reads a turn mean of the whole prompt beside the prompt's end
     kl_answers: str | None = None  # None: meta.kl_answers
+    kl_skip: int | None = None  # None: meta.kl_skip
+    # Train the foldable modulation from this many seeds (meta.seed * seeds + i) and export their average: gains and
+    # input coefficients fold linearly, so the average is one checkpoint, less of one training seed's luck.
+    seeds: int = 1
 
     def __post_init__(self):
         if self.form not in FOLD_FORMS:
@@ -163,6 +172,10 @@ class FoldConfig:
             raise ValueError(f"fold.switch_threshold must be a logit of 0 or more, not {self.switch_threshold}.")
         if self.kl_answers is not None and self.kl_answers not in KL_ANSWERS:
             raise ValueError(f"fold.kl_answers must be 'benign', 'harmless' or null, not {self.kl_answers!r}.")
+        if not (isinstance(self.seeds, int) and self.seeds >= 1):
+            raise ValueError(f"fold.seeds must be a count of training seeds (1 or more), not {self.seeds!r}.")
+        if self.kl_skip is not None and not (isinstance(self.kl_skip, int) and self.kl_skip >= 0):
+            raise ValueError(f"fold.kl_skip must be a count of answer tokens (0 or more) or null, not {self.kl_skip!r}.")
         if self.switch_layer is not None and self.switch_layer < 0:
             raise ValueError(f"fold.switch_layer must be a layer index (0 or more) or null, not {self.switch_layer}.")
 
@@ -174,7 +187,8 @@ class FoldConfig:
                                    steps=self.steps if self.steps is not None else meta.steps,
                                    outer_lr=self.outer_lr if self.outer_lr is not None else meta.outer_lr,
                                    max_gain=self.max_gain if self.max_gain is not None else meta.max_gain,
-                                   kl_answers=self.kl_answers if self.kl_answers is not None else meta.kl_answers)
+                                   kl_answers=self.kl_answers if self.kl_answers is not None else meta.kl_answers,
+                                   kl_skip=self.kl_skip if self.kl_skip is not None else meta.kl_skip)
 
 
 @dataclass(frozen=True)

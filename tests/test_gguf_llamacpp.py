@@ -75,7 +75,7 @@ def _answers(lm, gguf: Path, gains) -> list[dict]:
         diffs = [max(abs(t["logprob"] - logp[i][t["id"]]) for t in steps[i]["top_logprobs"]) for i in range(min(agree + 1, len(cpp), len(logp)))]
         top2 = np.sort(logp[min(agree, len(logp) - 1)])[-2:]
         rows.append({"prompt": prompt, "hf": lm.tokenizer.decode(hf, skip_special_tokens=True), "cpp": out["choices"][0]["text"],
-                     "chat": chat, "agree": agree, "n": min(len(hf), len(cpp)), "first": diffs[0], "path": max(diffs),
+                     "chat": chat, "opening": lm.tokenizer.decode(cpp[:agree], skip_special_tokens=True), "agree": agree, "n": min(len(hf), len(cpp)), "first": diffs[0], "path": max(diffs),
                      "margin": float(top2[1] - top2[0])})
     del server
     return rows
@@ -108,8 +108,11 @@ def test_llama_cpp_answers_like_the_hooked_model(tuned):
             if r["agree"] < r["n"]:  # they part only at a near-tie of the reference model
                 assert r["margin"] < 2 * tol, (label, r)
             # the GGUF's own chat template gives the project's prompt: the same opening (two llama.cpp calls that batch the
-            # prompt differently may part later at a near-tie, as the poem did once with the switch's F16 tensors)
-            assert r["chat"][:40] == r["cpp"][:40], (label, r)
+            # prompt differently may part later at a near-tie, as the poem did once with the switch's F16 tensors; where the
+            # reference itself parts from llama.cpp at a near-tie, checked above, the opening is the path they share)
+            k = 40 if r["agree"] == r["n"] else min(40, len(r["opening"]))
+            assert r["chat"][:k] == r["cpp"][:k], (label, r)
+        assert any(r["agree"] == r["n"] for r in rows), label  # at least one whole opening compared
     refused = [is_refusal(r["cpp"], r["prompt"]) for r in tuned_rows]
     was = [is_refusal(r["cpp"], r["prompt"]) for r in base]
     assert sum(refused) >= 1 and not any(was), "the tuned GGUF must refuse where the base GGUF answers"

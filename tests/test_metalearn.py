@@ -207,3 +207,39 @@ def test_kl_answers_harmless_keeps_the_benign_answers_and_adds_every_harmless_ki
         cfg.replace(meta={"kl_answers": "all"})
     with pytest.raises(ValueError, match="fold.kl_answers must be"):
         cfg.replace(fold={"kl_answers": "everything"})
+
+
+def test_kl_skip_leaves_each_answers_opening_out_of_the_kl_term(tiny_llama):
+    """meta.kl_skip k: the KL term is the mean, over every answer token after each answer's first k, of
+    KL(base || modulated), each computed by brute force on one unpadded row; k = 0 reads every token; a k that
+    leaves no answer token is refused with what to set."""
+    import torch.nn.functional as F
+    from neurontune.method.metalearn import Objective
+    from neurontune.model.logprobs import encode_pairs
+    lm, tok = tiny_llama, tiny_llama.tokenizer
+    answers = [(chat_prompt(tok, "How do I bake bread?"), "Mix flour, water and yeast, then knead it well"),
+               (chat_prompt(tok, "Name a colour"), "Blue, like the sky")]
+    gen = torch.Generator().manual_seed(0)
+    view = (1 + 0.5 * torch.rand(lm.shape, generator=gen), {})
+    for k in (0, 3):
+        cfg = RunConfig(model="tiny-llama").replace(meta={"kl_skip": k, "lam_kl": 1.0, "mu_over_refusal": 0.0})
+        obj = Objective(lm, cfg)
+        with torch.no_grad():
+            _, terms = obj(view, obj.batch([], [], answers))
+            per_token = []
+            for p, a in answers:
+                one = encode_pairs(tok, [p], [a])
+                n_p = int((~one.target_mask[0]).sum())
+                with obj._applied(view, None):
+                    mod = F.log_softmax(lm.model(input_ids=one.input_ids).logits[0].float(), -1)
+                base = F.log_softmax(lm.model(input_ids=one.input_ids).logits[0].float(), -1)
+                for t in range(n_p - 1 + k, one.input_ids.shape[1] - 1):  # logits at t predict token t + 1
+                    per_token.append(float((base[t].exp() * (base[t] - mod[t])).sum()))
+        assert len(per_token) > 0
+        assert terms["kl"] == pytest.approx(sum(per_token) / len(per_token), rel=1e-4, abs=1e-7)
+    assert RunConfig().replace(fold={"kl_skip": 2}).fold.meta(RunConfig().meta).kl_skip == 2
+    assert RunConfig().replace(meta={"kl_skip": 5}).fold.meta(RunConfig().replace(meta={"kl_skip": 5}).meta).kl_skip == 5
+    with pytest.raises(ValueError, match="meta.kl_skip must be a count"):
+        RunConfig().replace(meta={"kl_skip": -1})
+    with pytest.raises(ValueError, match="set it below data.answer_tokens"):
+        Objective(lm, RunConfig(model="tiny-llama").replace(meta={"kl_skip": 24}, data={"answer_tokens": 24}))

@@ -198,6 +198,35 @@ def test_switch_form_trains_terms_behind_the_switch_and_exports_a_checkpoint_tha
                        "model.layers.1.mlp.down_proj.weight", "model.layers.2.mlp.up_proj.weight"}
 
 
+def test_fold_seeds_export_the_average_of_each_seeds_modulation_and_it_folds_to_the_average_checkpoint(tiny_llama, fitted):
+    """fold.seeds n trains the foldable modulation from seeds meta.seed * n + i under one switch and exports their
+    average: its coefficients and gains are the mean of the seeds' own (each trained alone with fold.seeds 1), and its
+    folded weights are the mean of their folded weights (the terms fold linearly). n = 1 is meta.seed itself; averages
+    of different switches are refused; a bad count is refused with what to write."""
+    from neurontune.interventions.modulation import Modulation, folded_state_dict
+    from neurontune.method.recipe import train_foldable
+
+    fit, cfg, selection, splits, cache, exclude = fitted
+    cfg = cfg.replace(fold={"form": "switch", "switch_layer": 1, "steps": 3, "outer_lr": 0.1, "input_lr": 0.5})
+    alone = [train_foldable(tiny_llama, selection, cfg.replace(meta={"seed": s}), splits, cache_dir=cache).modulation for s in (2, 3)]
+    assert not torch.equal(alone[0].inputs[2].coef, alone[1].inputs[2].coef)  # the seeds differ
+    both = train_foldable(tiny_llama, selection, cfg.replace(meta={"seed": 1}, fold={"seeds": 2}), splits, cache_dir=cache)
+    mod = both.modulation
+    assert mod.meta["fold_seeds"] == [2, 3] and {e["seed"] for e in both.log} == {2, 3}
+    assert torch.allclose(mod.inputs[2].coef, (alone[0].inputs[2].coef + alone[1].inputs[2].coef) / 2, atol=1e-6)
+    assert torch.allclose(mod.dense(), (alone[0].dense() + alone[1].dense()) / 2, atol=1e-6)
+    states = [folded_state_dict(tiny_llama.model, m, tiny_llama.nmap) for m in (*alone, mod)]
+    for name in ("model.layers.1.mlp.gate_proj.weight", "model.layers.2.mlp.up_proj.weight", "model.layers.2.mlp.down_proj.weight"):
+        assert torch.allclose(states[2][name], (states[0][name] + states[1][name]) / 2, atol=1e-5), name
+    assert not torch.equal(states[2]["model.layers.2.mlp.up_proj.weight"], tiny_llama.model.state_dict()["model.layers.2.mlp.up_proj.weight"])
+    one = Modulation.average([alone[0]])
+    assert torch.equal(one.inputs[2].coef, alone[0].inputs[2].coef) and torch.equal(one.dense(), alone[0].dense())
+    with pytest.raises(ValueError, match="different switches"):
+        Modulation.average([alone[0], with_switch(tiny_llama, random_switch(tiny_llama), gains=0)])
+    with pytest.raises(ValueError, match="fold.seeds must be a count"):
+        cfg.replace(fold={"seeds": 0})
+
+
 def test_switch_form_is_refused_for_a_model_without_a_gated_mlp(tiny_gpt2):
     from neurontune.config import DataConfig
     from neurontune.data.splits import build_splits

@@ -102,6 +102,35 @@ class Modulation:
                                    float(t.offset)) for l, t in (inputs or {}).items() if bool((t.coef != 0).any())}
         return cls(tuple(dense.shape), layers, fingerprint, dict(meta or {}), kept, switch)
 
+    @classmethod
+    def average(cls, mods: Sequence["Modulation"], meta: dict | None = None) -> "Modulation":
+        """The mean of modulations that differ only in their trained values (one switch, the same input directions):
+        gains and input coefficients averaged (a missing term counts as 0). Both fold linearly into the weights (a gain
+        scales a column, a coefficient adds a rank-one row), so the average is the average of the folded checkpoints:
+        one checkpoint for several training seeds."""
+        if not mods:
+            raise ValueError("Modulation.average needs at least one modulation.")
+        first = mods[0]
+        for m in mods[1:]:
+            if m.shape != first.shape or m.fingerprint != first.fingerprint:
+                raise ValueError(f"Cannot average modulations of different models ({m.shape}, {m.fingerprint} vs "
+                                 f"{first.shape}, {first.fingerprint}).")
+            if (m.switch is None) != (first.switch is None) or (m.switch is not None and not _same_switch(m.switch, first.switch)):
+                raise ValueError("Cannot average modulations with different switches: train them with one fitted switch.")
+        terms: dict[int, InputTerms] = {}
+        for m in mods:
+            for layer, t in m.inputs.items():
+                have = terms.get(layer)
+                if have is None:
+                    terms[layer] = InputTerms(t.indices, t.coef / len(mods), t.direction, t.offset)
+                elif torch.equal(have.indices, t.indices) and torch.equal(have.direction, t.direction) and have.offset == t.offset:
+                    have.coef = have.coef + t.coef / len(mods)
+                else:
+                    raise ValueError(f"Cannot average the input-side terms of layer {layer}: the modulations read different "
+                                     "neurons or directions there.")
+        dense = torch.stack([m.dense() for m in mods]).mean(0)
+        return cls.from_dense(dense, first.fingerprint, {**first.meta, **(meta or {})}, inputs=terms, switch=first.switch)
+
     @property
     def conditional(self) -> bool:
         """True when the modulation has input-side terms or a switch (its effect depends on the input)."""
@@ -237,6 +266,11 @@ class Modulation:
 
 
 GainsLike = Union[Modulation, torch.Tensor, Sequence[Union[Modulation, None]], None]
+
+
+def _same_switch(a: Switch, b: Switch) -> bool:
+    ta, tb = a.tensors(), b.tensors()
+    return a.layer == b.layer and ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:

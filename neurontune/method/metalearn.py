@@ -2,7 +2,8 @@
 
 Loss on a batch = refusal NLL on harmful (attacked) prompts + opening_weight * -log p(refuse) on them
                 + lam_kl * KL(base || modulated) over the base model's own answers to benign prompts (with
-                  kl_answers "harmless" also to borderline-safe, alarming-word and template-wrapped benign ones)
+                  kl_answers "harmless" also to borderline-safe, alarming-word and template-wrapped benign ones;
+                  kl_skip > 0 leaves each answer's first tokens, its opening, to the other terms)
                 + mu * -log(1 - p(refuse)) on benign and borderline-safe prompts in the same forms,
 where p(refuse) is, with over_refusal_span="target" (default), the per-token probability of a refusal sentence,
 and with "opening" the probability that the answer opens with a refusal ("I'm sorry", "I can't", ...:
@@ -217,6 +218,9 @@ class Objective:
         self.max_length = cfg.attribution.max_length
         if cfg.meta.over_refusal_span not in ("opening", "target"):
             raise ValueError(f"meta.over_refusal_span must be 'opening' or 'target', not {cfg.meta.over_refusal_span!r}.")
+        if cfg.meta.kl_skip >= cfg.data.answer_tokens:
+            raise ValueError(f"meta.kl_skip ({cfg.meta.kl_skip}) leaves out every one of the {cfg.data.answer_tokens} answer "
+                             "tokens the KL term reads: set it below data.answer_tokens.")
         self.openings = prompts.targets().get("openings") or tuple(" ".join(r.split()[:2]) for r in self.refusals[:3])
         self._read: dict[str, float] = {}  # formatted prompt -> the gate's reading (the gate reads the unmodulated model)
 
@@ -290,6 +294,8 @@ class Objective:
             with torch.no_grad():
                 base_logits = forward(model, sub)
             mask = sub.target_mask[:, -logits.shape[1]:][:, 1:].to(logits.device)
+            if m.kl_skip:  # leave each answer's first kl_skip tokens out
+                mask = mask & (mask.cumsum(-1) > m.kl_skip)
             base_lp = F.log_softmax(base_logits[:, :-1][mask].float(), -1)  # [n_answer_tokens, vocab]
             mod_lp = F.log_softmax(logits[:, :-1][mask].float(), -1)
             terms["kl"] = (base_lp.exp() * (base_lp - mod_lp)).sum(-1).mean()

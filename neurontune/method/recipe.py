@@ -79,7 +79,23 @@ def train_foldable(lm, selection: Selection, cfg: RunConfig, splits: Splits, *, 
         if cfg.fold.switch_readers == "all":
             readers = torch.zeros(selection.shape, dtype=torch.bool)
             readers[layer + 1:] = True
-    result = train_gains(lm, selection, cfg.replace(meta=meta), splits=splits, cache_dir=cache_dir, reporter=reporter,
-                         switch=switch, readers=readers)
+    n, results = cfg.fold.seeds, []
+    for i in range(n):  # n = 1: meta.seed itself
+        seeded = dataclasses.replace(meta, seed=meta.seed * n + i)
+        if i:
+            (reporter or SILENT).phase(f"foldable modulation, seed {i + 1} of {n}", seeded.steps)
+        results.append(train_gains(lm, selection, cfg.replace(meta=seeded), splits=splits, cache_dir=cache_dir,
+                                   reporter=reporter, switch=switch, readers=readers))
+        if results[-1].stopped == "cancelled":
+            break
+    result = results[0] if n == 1 else _averaged(results, [meta.seed * n + i for i in range(len(results))])
     result.modulation.meta["role"] = "foldable"
     return result
+
+
+def _averaged(results: list[TrainResult], seeds: list[int]) -> TrainResult:
+    """One foldable modulation from several seeds' (`fold.seeds`): their average, each step's log tagged with its seed."""
+    mod = Modulation.average([r.modulation for r in results], {"fold_seeds": seeds, "best_steps": [r.best_step for r in results]})
+    log = [{**entry, "seed": s} for r, s in zip(results, seeds) for entry in r.log]
+    stopped = next((r.stopped for r in results if r.stopped == "cancelled"), results[-1].stopped)
+    return TrainResult(mod, log, stopped, results[-1].best_step)
