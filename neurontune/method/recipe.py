@@ -6,7 +6,8 @@ baselines and the sweep.
   gains), then the gains are trained behind it, each training prompt at the strength the gate reads from it;
 - otherwise the gains are trained as if no gate existed and, when `meta.gate` asks, a gate is fitted on them after;
 - `fold.form` "static" / "conditional" / "switch": a second modulation is trained without any gate, for export
-  (`FoldConfig`; "switch" fits the folded switch first, `switch_fit`).
+  (`FoldConfig`; "switch" fits the folded switch first, `switch_fit`); `fold.seeds` > 1 trains it from several
+  seeds and exports their average (`Modulation.average`: it folds to the average of their checkpoints).
 """
 from __future__ import annotations
 
