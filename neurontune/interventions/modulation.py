@@ -115,7 +115,7 @@ class Modulation:
             if m.shape != first.shape or m.fingerprint != first.fingerprint:
                 raise ValueError(f"Cannot average modulations of different models ({m.shape}, {m.fingerprint} vs "
                                  f"{first.shape}, {first.fingerprint}).")
-            if (m.switch is None) != (first.switch is None) or (m.switch is not None and not _same_switch(m.switch, first.switch)):
+            if (m.switch is None) != (first.switch is None) or (m.switch is not None and not m.switch.same(first.switch)):
                 raise ValueError("Cannot average modulations with different switches: train them with one fitted switch.")
         terms: dict[int, InputTerms] = {}
         for m in mods:
@@ -266,11 +266,6 @@ class Modulation:
 
 
 GainsLike = Union[Modulation, torch.Tensor, Sequence[Union[Modulation, None]], None]
-
-
-def _same_switch(a: Switch, b: Switch) -> bool:
-    ta, tb = a.tensors(), b.tensors()
-    return a.layer == b.layer and ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:

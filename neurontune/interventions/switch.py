@@ -57,6 +57,11 @@ class Switch:
                "switch.up_rows": self.up_rows.float().contiguous(), "switch.down_cols": self.down_cols.float().contiguous()}
         return out if self.mean is None else {**out, **self.mean.tensors()}
 
+    def same(self, other: "Switch") -> bool:
+        """The same rewrite: same layer, same stored tensors bit for bit (what a file of either would hold)."""
+        a, b = self.tensors(), other.tensors()
+        return self.layer == other.layer and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
     @classmethod
     def from_tensors(cls, layer: int, tensors: dict[str, torch.Tensor]) -> "Switch":
         return cls(int(layer), tensors["switch.neurons"].long(), tensors["switch.gate_rows"].float(),
