@@ -7,11 +7,13 @@ fires where the probe's logit exceeds `fold.switch_threshold` (default 0): rates
 `--ramps` also fits a nonlinear probe of the same input, sum_i c_i clamp(g_i.x + b_i, 0, T) + b (what 2H rewritten
 neurons of one layer could compute, or H neurons of one layer feeding the switch of the next), H = 4, 16, 64, and
 prints its firing at its own boundary and where it fires on 0.90 of the training-attack prompts (the linear probe's
-rate at layer 15), with the share of earlier tokens of the validation prompts it fires on.
+rate at layer 15), with the share of earlier tokens of the validation prompts it fires on. `--pairs` prints where the
+shipped probes of two layers both fire (what a switch could compute if it also read the flag of an earlier one).
 Figures in docs/results.md ("Where the export's over-refusal comes from").
 
     python docs/switch_probe.py                  # layers 12, 15, 18, 21: about 4 min on a 2-core CPU
     python docs/switch_probe.py --layers 12,14,15 --ramps
+    python docs/switch_probe.py --layers 8,10,12,13,14,15,21 --pairs   # both probes of a pair must fire (AND)
 """
 from __future__ import annotations
 
@@ -78,6 +80,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", default="12,15,18,21")
     ap.add_argument("--ramps", action="store_true", help="also fit the nonlinear (ramp) probes")
+    ap.add_argument("--pairs", action="store_true", help="also print where the probes of two layers both fire")
     ap.add_argument("--json", help="also write the rates here")
     args = ap.parse_args()
     layers = [int(x) for x in args.layers.split(",")]
@@ -89,7 +92,7 @@ def main() -> None:
     last, sampled = last_and_sampled(lm, [chat_prompt(lm.tokenizer, t) for t in harmful + harmless], "mlp_input", layers)
     groups = validation_groups(sp)
     vlast, vtok = last_and_sampled(lm, [chat_prompt(lm.tokenizer, t) for g in groups.values() for t in g], "mlp_input", layers)
-    n_pos, out = len(harmful), {}
+    n_pos, out, shipped = len(harmful), {}, {}
     for layer in layers:
         x = torch.cat([last[layer], sampled[layer]])
         y = torch.cat([torch.ones(n_pos), torch.zeros(len(x) - n_pos)])
@@ -101,6 +104,8 @@ def main() -> None:
             z, logits, i = vlast[layer] @ fit_bias_free(x, y, weight), {}, 0
             for g, texts in groups.items():
                 logits[g], i = z[i: i + len(texts)], i + len(texts)
+            if name == "as shipped":
+                shipped[layer] = logits
             for t in (0.0,) + (THRESHOLDS if name == "as shipped" else ()):
                 rates = {g: round(float((v > t).float().mean()), 3) for g, v in logits.items()}
                 if t == 0.0:
@@ -124,6 +129,12 @@ def main() -> None:
                         key = f"layer {layer}, ramps H{hidden} wd {wd}, at {where}"
                         out[key] = rates
                         print(f"{key}: {json.dumps(rates)}", flush=True)
+    if args.pairs:
+        for a in layers:
+            for b in (b for b in layers if b > a):
+                rates = {g: round(float(((shipped[a][g] > 0) & (shipped[b][g] > 0)).float().mean()), 3) for g in groups}
+                out[f"layers {a} and {b}"] = rates
+                print(f"layers {a} and {b}, both fire: {json.dumps(rates)}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
 

@@ -143,7 +143,8 @@ class FoldConfig:
     (a folded switch in layer `switch_layer`, default the middle one, whose flag the input-side terms of later layers
     read: `method/switch_fit.py`; gated MLPs only; `switch_readers`: the selected neurons of those layers, or all;
     `switch_threshold`: the probe's logit it starts firing at; `switch_mean`: the switch also reads the whole prompt
-    through a key-value group of its layer's attention rewritten into a running mean, `interventions/turn_mean.py`)."""
+    through a key-value group of its layer's attention rewritten into a running mean, `interventions/turn_mean.py`;
+    `switch_earlier`: a layer before the switch's whose own probe must read harmful too, an AND of two layers)."""
 
     form: str = "none"
     mu_over_refusal: float = 2.0
@@ -157,6 +158,7 @@ class FoldConfig:
     switch_readers: str = "selected"  # which neurons of later layers read the switch's flag: "selected" or "all"
     switch_threshold: float = 0.0  # the probe's logit the switch starts firing at (higher: fires on fewer prompts)
     switch_mean: bool = False  # the switch reads a turn mean of the whole prompt beside the prompt's end
+    switch_earlier: int | None = None  # a layer before the switch's: the switch also reads that layer's switch (an AND)
     kl_answers: str | None = None  # None: meta.kl_answers
     kl_skip: int | None = None  # None: meta.kl_skip
     # Train the foldable modulation from this many seeds (meta.seed * seeds + i) and export their average: gains and
@@ -178,6 +180,13 @@ class FoldConfig:
             raise ValueError(f"fold.kl_skip must be a count of answer tokens (0 or more) or null, not {self.kl_skip!r}.")
         if self.switch_layer is not None and self.switch_layer < 0:
             raise ValueError(f"fold.switch_layer must be a layer index (0 or more) or null, not {self.switch_layer}.")
+        if self.switch_earlier is not None and not (isinstance(self.switch_earlier, int) and self.switch_earlier >= 0
+                                                    and (self.switch_layer is None or self.switch_earlier < self.switch_layer)):
+            raise ValueError("fold.switch_earlier must be a layer index before the switch's (fold.switch_layer) or null, not "
+                             f"{self.switch_earlier!r}.")
+        if self.switch_earlier is not None and self.switch_mean:
+            raise ValueError("fold.switch_earlier and fold.switch_mean cannot both be set: a switch reads an earlier switch or a "
+                             "turn mean, not both.")
 
     def meta(self, meta: "MetaConfig") -> "MetaConfig":
         """The training settings of the foldable modulation: `meta` without any gate, with this section's terms."""

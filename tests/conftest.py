@@ -88,6 +88,22 @@ def random_modulation(shape: tuple[int, int], n: int, seed: int = 0, low: float 
     return Modulation.from_dense(dense, fingerprint)
 
 
+def without_tensor(path, name: str, out):
+    """A copy of the modulation file `path` without tensor `name`, its checksum renewed (a file stored half: only the
+    loader's own checks can refuse it)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from neurontune.interventions.modulation import _checksum
+    with safe_open(str(path), "pt") as f:
+        header = f.metadata()
+    tensors = load_file(str(path))
+    del tensors[name]
+    header["checksum"] = _checksum(tensors)
+    save_file(tensors, str(out), metadata=header)
+    return out
+
+
 def ablation_hooks(lm: LoadedModel, neurons: dict[int, list[int]]):
     """Register plain (unscoped) pre-hooks zeroing the given input units of each output projection.
     Returns the handles; the caller removes them."""

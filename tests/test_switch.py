@@ -2,12 +2,13 @@
 its neurons' own rows is the base model bit for bit, it travels in the modulation file, and a brute-force reference
 (the gated MLP written out by hand) agrees with both."""
 import copy
+import dataclasses
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import encode, logits, random_modulation
+from conftest import encode, logits, random_modulation, without_tensor
 from neurontune.interventions.modulation import InputTerms, Modulation, ModulationFileError, fold_into_weights, folded_state_dict, modulate
 from neurontune.interventions.switch import Switch
 
@@ -124,6 +125,49 @@ def test_switch_refuses_gains_on_its_neurons_and_models_without_a_gated_mlp(tiny
             pass
 
 
+def test_a_switch_that_reads_an_earlier_one_folds_exactly_and_travels_in_the_file(tiny_llama, tmp_path):
+    """A switch with an earlier switch (an AND of two layers' probes): hooks = folded weights = reloaded state dict; an
+    earlier switch with its neurons' own rows changes nothing bit for bit; rows at strength 0 are the base model; the
+    file keeps both; a half-stored earlier switch, one after the switch, or gains on its neurons are refused."""
+    lm = tiny_llama
+    chained = dataclasses.replace(random_switch(lm, layer=1), earlier=random_switch(lm, layer=0, seed=5, neurons=(2, 11)))
+    assert [s.layer for s in chained.chain()] == [0, 1]
+    mod = with_switch(lm, chained)
+    ids = encode(lm, *PROMPTS)
+    with modulate(lm.model, mod, lm.nmap):
+        hooked = logits(lm, ids)
+    with modulate(lm.model, with_switch(lm, dataclasses.replace(chained, earlier=None)), lm.nmap):
+        assert not torch.allclose(logits(lm, ids), hooked, atol=1e-3)  # the earlier switch does something
+    assert torch.allclose(logits(lm, ids, fold_into_weights(copy.deepcopy(lm.model), mod)), hooked, atol=1e-4)
+    other = copy.deepcopy(lm.model)
+    other.load_state_dict(folded_state_dict(lm.model, mod, lm.nmap))
+    assert torch.allclose(logits(lm, ids, other), hooked, atol=1e-4)
+    assert not any(m._forward_hooks for m in lm.model.modules())
+    # an earlier switch that keeps its neurons' own rows: the switch alone, bit for bit (hooked and folded)
+    alone, own = with_switch(lm, random_switch(lm)), with_switch(lm, dataclasses.replace(random_switch(lm), earlier=own_rows(lm, 0, (2, 11))))
+    with modulate(lm.model, alone, lm.nmap):
+        a = logits(lm, ids)
+    with modulate(lm.model, own, lm.nmap):
+        assert torch.equal(logits(lm, ids), a)
+    assert torch.equal(logits(lm, ids, fold_into_weights(copy.deepcopy(lm.model), own)),
+                       logits(lm, ids, fold_into_weights(copy.deepcopy(lm.model), alone)))
+    check_rows_at_strength_zero_and_one(lm, mod)
+    # the file
+    path = mod.save(tmp_path / "m.safetensors")
+    back = Modulation.load(path)
+    assert back.switch.same(mod.switch) and back.switch.earlier.layer == 0 and mod.summary()["switch_earlier"] == 0
+    with modulate(lm.model, back, lm.nmap):
+        assert torch.allclose(logits(lm, ids), hooked, atol=1e-5)
+    with pytest.raises(ModulationFileError, match="earlier switch needs the tensors"):
+        Modulation.load(without_tensor(path, "switch.earlier.up_rows", tmp_path / "half.safetensors"))
+    with pytest.raises(ValueError, match="earlier switch of layer 1"):
+        dataclasses.replace(random_switch(lm, layer=1), earlier=random_switch(lm, layer=1))
+    dense = torch.ones(lm.nmap.shape)
+    dense[0, 11] = 2.0
+    with pytest.raises(ValueError, match="Neurons \\[2, 11\\] of layer 0 are the switch's"):
+        Modulation.from_dense(dense, switch=chained)
+
+
 @pytest.fixture(scope="module")
 def fitted(tiny_llama, tmp_path_factory):
     from neurontune.config import RunConfig
@@ -196,6 +240,47 @@ def test_switch_form_trains_terms_behind_the_switch_and_exports_a_checkpoint_tha
     changed = {k for k, v in reloaded.lm.model.state_dict().items() if not torch.equal(v, base[k])}
     assert changed == {"model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight",
                        "model.layers.1.mlp.down_proj.weight", "model.layers.2.mlp.up_proj.weight"}
+
+
+def test_a_fitted_switch_with_an_earlier_layer_is_an_and_of_two_probes_and_exports_both(tiny_llama, fitted, tmp_path):
+    """fold.switch_earlier: the earlier switch is the switch that layer would have (same probe, up rows and neurons; its
+    ramp moved to end at the probe's boundary), both switches take unselected neurons, the later one's rows are its own probe's shifted by one vector
+    (M (r - k) and the flag's imprint taken out, r reading the earlier flag as 1 at harmful prompt ends); trained and exported, the checkpoint changes both layers' switch matrices and reloads exactly."""
+    from neurontune.eval.reloaded import Reloaded
+    from neurontune.method import switch_fit
+    from neurontune.method.recipe import train_foldable
+    from neurontune.method.switch_fit import fit_switch
+    from neurontune.run.export import export
+
+    fit, cfg, selection, splits, cache, exclude = fitted
+    both = selection.safety | selection.utility
+    chained = fit_switch(tiny_llama, splits, 1, exclude=both, earlier=0)
+    sw, alone0 = chained.switch, fit_switch(tiny_llama, splits, 0, exclude=both[0]).switch
+    assert sw.layer == 1 and sw.earlier.layer == 0 and sw.earlier.earlier is None and sw.mean is None
+    assert not both[0][sw.earlier.neurons].any() and not both[1][sw.neurons].any()
+    assert torch.equal(sw.earlier.neurons, alone0.neurons) and torch.equal(sw.earlier.up_rows, alone0.up_rows)
+    k0 = alone0.up_rows[0]  # its ramp ends where that switch's starts: full where the probe reads harmful
+    torch.testing.assert_close(sw.earlier.gate_rows, alone0.gate_rows + switch_fit.CLAMP * k0, rtol=0, atol=1e-4)
+    shift = sw.gate_rows - fit.switch.gate_rows  # the same probe (fitted without the earlier flag), shifted
+    assert torch.equal(sw.neurons, fit.switch.neurons)
+    # (row 2 is a w - T k: k, the direction that reads about 1, is refitted on the prompts with the earlier flag in place)
+    torch.testing.assert_close(shift[0] - shift[1], switch_fit.CLAMP * (sw.up_rows[0] - fit.switch.up_rows[0]), rtol=0, atol=1e-4)
+    assert float(shift[0].norm()) > 0.1 * float(fit.switch.gate_rows[0].norm())
+    assert chained.info["earlier"]["flag_read"]["harmful"] == pytest.approx(1.0, abs=1e-3)
+    with pytest.raises(ValueError, match="earlier switch's layer must be before"):
+        fit_switch(tiny_llama, splits, 1, exclude=both, earlier=1)
+    with pytest.raises(ValueError, match="not both"):
+        fit_switch(tiny_llama, splits, 1, exclude=both, earlier=0, mean=True)
+    assert switch_fit.AND_MARGIN > 0
+    cfg = cfg.replace(fold={"form": "switch", "switch_layer": 1, "switch_earlier": 0, "steps": 2, "outer_lr": 0.0, "input_lr": 0.5})
+    mod = train_foldable(tiny_llama, selection, cfg, splits, cache_dir=cache).modulation
+    assert mod.switch.earlier is not None and mod.switch.earlier.layer == 0 and mod.summary()["switch_earlier"] == 0
+    result = export(tiny_llama, mod, tmp_path, "anded")
+    assert result["max_logit_diff"] <= result["tolerance"]
+    reloaded = Reloaded.load(result["path"], tiny_llama)
+    base = tiny_llama.model.state_dict()
+    changed = {k for k, v in reloaded.lm.model.state_dict().items() if not torch.equal(v, base[k])}
+    assert {f"model.layers.{l}.mlp.{m}.weight" for l in (0, 1) for m in ("gate_proj", "up_proj", "down_proj")} <= changed
 
 
 def test_fold_seeds_export_the_average_of_each_seeds_modulation_and_it_folds_to_the_average_checkpoint(tiny_llama, fitted):
@@ -286,3 +371,8 @@ def test_switch_settings_are_checked():
     assert RunConfig().replace(fold={"form": "switch", "switch_threshold": 0.5}).fold.switch_threshold == 0.5
     with pytest.raises(ValueError, match="fold.form must be one of"):
         RunConfig().replace(fold={"form": "switched"})
+    with pytest.raises(ValueError, match="fold.switch_earlier must be a layer index before the switch's"):
+        RunConfig().replace(fold={"form": "switch", "switch_layer": 12, "switch_earlier": 12})
+    with pytest.raises(ValueError, match="fold.switch_earlier and fold.switch_mean cannot both be set"):
+        RunConfig().replace(fold={"form": "switch", "switch_earlier": 12, "switch_mean": True})
+    assert RunConfig().replace(fold={"form": "switch", "switch_earlier": 12}).fold.switch_earlier == 12

@@ -30,12 +30,12 @@ from torch import nn
 from ..infra.files import read_safetensors, write_file
 from ..model.neuron_map import NeuronMap, neuron_map
 from .hooks import scoped_pre_hooks
-from .switch import Switch
+from .switch import EARLIER, EARLIER_NAMES, Switch
 from .switch import folded as folded_switch
 from .switch import hooks as switch_hooks
 from .turn_mean import NAMES as turn_mean_names
 
-FORMAT_VERSION = 4  # the "version" field of the file header; bump it (and add a migration) when the layout changes
+FORMAT_VERSION = 5  # the "version" field of the file header; bump it (and add a migration) when the layout changes
 REGENERATE = ("Regenerate it with this NeuronTune: `python -m neurontune tune --out DIR` (or Train gains in the studio) "
               "on the model it was made for.")
 # version -> function(header, tensors) returning them in the next version's layout. Version 1 is the first
@@ -43,9 +43,11 @@ REGENERATE = ("Regenerate it with this NeuronTune: `python -m neurontune tune --
 # optional input-side terms (`layer.L.input_*` tensors): a version-1 file is a modulation without them. Version 3 added
 # the optional switch (`switch.*` tensors, header "switch_layer"): a version-2 file is a modulation without one. Version 4
 # added the switch's optional turn mean (`switch.mean.*`): a version-3 switch reads the prompt's end only.
+# Version 5 added the switch's optional earlier switch (`switch.earlier.*`): a version-4 switch reads one layer.
 MIGRATIONS: dict[int, Callable[[dict, dict], tuple[dict, dict]]] = {1: lambda header, tensors: (header, tensors),
                                                                      2: lambda header, tensors: (header, tensors),
-                                                                     3: lambda header, tensors: (header, tensors)}
+                                                                     3: lambda header, tensors: (header, tensors),
+                                                                     4: lambda header, tensors: (header, tensors)}
 
 
 @dataclass
@@ -79,12 +81,12 @@ class Modulation:
     switch: Switch | None = None  # the folded switch whose flag the input-side terms read (`switch.Switch`)
 
     def __post_init__(self):
-        if self.switch is not None:  # the switch owns its neurons: no gain or input term may touch them
-            idx = self.switch.neurons
-            gains = self.layers.get(self.switch.layer)
-            terms = self.inputs.get(self.switch.layer)
+        for sw in [] if self.switch is None else self.switch.chain():  # a switch owns its neurons: no gain or input term may touch them
+            idx = sw.neurons
+            gains = self.layers.get(sw.layer)
+            terms = self.inputs.get(sw.layer)
             if (gains is not None and bool(torch.isin(gains[0], idx).any())) or (terms is not None and bool(torch.isin(terms.indices, idx).any())):
-                raise ValueError(f"Neurons {idx.tolist()} of layer {self.switch.layer} are the switch's: a gain or input term "
+                raise ValueError(f"Neurons {idx.tolist()} of layer {sw.layer} are the switch's: a gain or input term "
                                  "on them would be overwritten. Leave them out of the selection.")
 
     @classmethod
@@ -177,6 +179,7 @@ class Modulation:
             "input_layers": sorted(self.inputs),
             "switch_layer": None if self.switch is None else self.switch.layer,
             "switch_mean": None if self.switch is None or self.switch.mean is None else [self.switch.mean.layer, self.switch.mean.group],
+            "switch_earlier": None if self.switch is None or self.switch.earlier is None else self.switch.earlier.layer,
         }
 
     def apply(self, lm):
@@ -331,9 +334,13 @@ def _check_switch(path: Path, shape: tuple[int, int], header: dict, tensors: dic
         mean = {k for k in tensors if k.startswith("switch.mean.")}
         if mean and mean != set(turn_mean_names):
             raise ValueError(f"its turn mean needs the tensors {list(turn_mean_names)}, not {sorted(mean)}")
+        earlier, wanted = {k for k in tensors if k.startswith(EARLIER)}, {EARLIER + n for n in EARLIER_NAMES}
+        if earlier and earlier != wanted:
+            raise ValueError(f"its earlier switch needs the tensors {sorted(wanted)}, not {sorted(earlier)}")
         switch = Switch.from_tensors(int(header["switch_layer"]), tensors)
-        if not 0 <= switch.layer < shape[0] or (len(switch.neurons) and not 0 <= int(switch.neurons.min()) <= int(switch.neurons.max()) < shape[1]):
-            raise ValueError("its layer or neurons are outside the model's shape")
+        for sw in switch.chain():
+            if not 0 <= sw.layer < shape[0] or (len(sw.neurons) and not 0 <= int(sw.neurons.min()) <= int(sw.neurons.max()) < shape[1]):
+                raise ValueError("its layer or neurons are outside the model's shape")
     except (KeyError, ValueError) as exc:
         raise ModulationFileError(f"{path} is corrupted (bad switch: {exc}). {REGENERATE}") from exc
     return switch

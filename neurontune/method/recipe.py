@@ -74,8 +74,8 @@ def train_foldable(lm, selection: Selection, cfg: RunConfig, splits: Splits, *, 
                                  "the exported modulation reads a harm direction instead (fold.form 'conditional').")
     elif cfg.fold.form == "switch":
         layer = lm.nmap.n_layers // 2 if cfg.fold.switch_layer is None else cfg.fold.switch_layer
-        switch = fit_switch(lm, splits, layer, exclude=(selection.safety | selection.utility)[layer],
-                            threshold=cfg.fold.switch_threshold, mean=cfg.fold.switch_mean, reporter=reporter)
+        switch = fit_switch(lm, splits, layer, exclude=selection.safety | selection.utility, threshold=cfg.fold.switch_threshold,
+                            mean=cfg.fold.switch_mean, earlier=cfg.fold.switch_earlier, reporter=reporter)
         meta = dataclasses.replace(meta, input_from_layer=layer + 1)
         if cfg.fold.switch_readers == "all":
             readers = torch.zeros(selection.shape, dtype=torch.bool)

@@ -35,12 +35,14 @@ from ..interventions.generation import generate
 from ..interventions.hooks import scoped_pre_hooks
 from ..interventions.modulation import Modulation, modulate
 from ..interventions.switch import Switch, require_gated
+from ..interventions.switch import hooks as switch_hooks
 from ..interventions.turn_mean import TurnMean, groups
 from ..interventions.turn_mean import hooks as turn_mean_hooks
 from ..model.neuron_map import decoder_layers
 
 SHARPNESS = 2.0  # a: the probe's logit times a before the activation
 CLAMP = 4.0  # T: the switch's output saturates at T times its column
+AND_MARGIN = 8.0  # with an earlier switch: the logit the probe must read to fire while the earlier flag is down
 FLAG = 0.3  # the flag's size against the residual stream's norm at the end of a prompt
 RIDGE = 1e-2  # the reading directions' covariance ridge, relative to its mean variance
 PROMPTS = 400  # harmful (and as many harmless) training prompts, plus PER_FAMILY per training attack family
@@ -128,11 +130,13 @@ def fit_mean(lm, layer: int, texts: list[str], n_pos: int, direction: torch.Tens
 
 
 def fit_switch(lm, splits: Splits, layer: int | None = None, *, exclude: torch.Tensor | None = None, threshold: float = 0.0,
-               mean: bool = False, reporter: Reporter | None = None) -> FittedSwitch:
+               mean: bool = False, earlier: int | None = None, reporter: Reporter | None = None) -> FittedSwitch:
     """The switch of layer `layer` (default: the middle layer) and the reading directions of every later layer.
-    `exclude`: [n_neurons] bool, neurons of that layer the switch may not take (the run's selected neurons).
-    `threshold`: the probe's logit the switch starts firing at (0: the probe's own boundary; higher fires on fewer
-    prompts, harmless and harmful alike), written with k: a (w - t k) x is about a (w x - t)."""
+    `exclude`: bool, neurons the switches may not take (the run's selected neurons): [n_neurons] for that layer, or
+    [n_layers, n_neurons]. `threshold`: the probe's logit the switch starts firing at (0: the probe's own boundary;
+    higher fires on fewer prompts, harmless and harmful alike), written with k: a (w - t k) x is about a (w x - t).
+    `earlier`: a layer before it whose own switch (its probe fitted the same way) the switch also reads: without that
+    flag its probe must read above `AND_MARGIN` to fire, so both layers' probes must read harmful (an AND)."""
     if not math.isfinite(threshold) or threshold < 0:
         raise ValueError(f"The switch's threshold must be a logit of 0 or more, not {threshold}.")
     reporter = reporter or SILENT
@@ -140,39 +144,57 @@ def fit_switch(lm, splits: Splits, layer: int | None = None, *, exclude: torch.T
     layer = n_layers // 2 if layer is None else int(layer)
     if not 0 <= layer < n_layers - 1:
         raise ValueError(f"The switch's layer must be in 0..{n_layers - 2} (a later layer must read its flag), not {layer}.")
+    if earlier is not None and not 0 <= int(earlier) < layer:
+        raise ValueError(f"The earlier switch's layer must be before the switch's ({layer}), not {earlier}.")
+    if earlier is not None and mean:
+        raise ValueError("A switch reads a turn mean or an earlier switch, not both.")
     require_gated(lm.nmap)
+    excluded = lambda l: exclude if exclude is None or exclude.dim() == 1 else exclude[l]  # noqa: E731
     later = list(range(layer + 1, n_layers))
     harmful, harmless = splits.harm_pools("train", PROMPTS, PER_FAMILY)
     texts = [chat_prompt(lm.tokenizer, t) for t in harmful + harmless]
     n_pos = len(harmful)
-    # the residual stream's least-used directions (after L): the flag's, and the turn mean's
+    # the residual stream's least-used directions (after L, or after the earlier switch's layer): the flag's, and the
+    # turn mean's or the earlier flag's
     some = texts[: READ_PROMPTS // 2] + texts[n_pos: n_pos + READ_PROMPTS // 2]
-    res_last, res_tok = last_and_sampled(lm, some, "residual", later)
-    rows = torch.cat([torch.cat([res_last[l], res_tok[l]]) for l in later])
+    after = later if earlier is None else list(range(int(earlier) + 1, n_layers))
+    res_last, res_tok = last_and_sampled(lm, some, "residual", after)
+    rows = torch.cat([torch.cat([res_last[l], res_tok[l]]) for l in after])
     rows = rows / rows.norm(dim=1, keepdim=True).clamp(min=1e-6)
     least = torch.linalg.eigh(torch.cov(rows.double().T)).eigenvectors[:, :2].float().T
     norm = float(res_last[later[0]].norm(dim=1).mean())
-    turn, mean_info, reads = None, None, []
+    f, size = least[0], FLAG * norm / CLAMP
+    turn, mean_info, reads, first, first_info = None, None, [], None, None
     if mean:
         reporter.say("switch: fitting its turn mean")
         turn, mean_info = fit_mean(lm, layer, texts, n_pos, least[1], MEAN_SIZE * norm)
         reads = turn_mean_hooks(lm.model, turn)
+    if earlier is not None:
+        reporter.say(f"switch: fitting the earlier switch of layer {earlier}")
+        first, first_info, before = _earlier(lm, texts, n_pos, int(earlier), layer, excluded(int(earlier)), least[1], size)
+        reads = switch_hooks(lm.model, first, lm.nmap)
     reporter.say("switch: reading the training prompts")
     with scoped_pre_hooks([], post=reads):
         last, sampled = last_and_sampled(lm, texts, "mlp_input", [layer] + later)
     # 1. the probe: harmful prompt ends against harmless ones and against every earlier token
-    x0 = torch.cat([last[layer], sampled[layer]])
-    y = torch.cat([torch.ones(n_pos), torch.zeros(len(x0) - n_pos)])
-    n_neg, n_tok = len(harmless), len(sampled[layer])
-    weight = torch.cat([torch.full((n_pos,), 1.0 / n_pos), torch.full((n_neg,), 0.5 / n_neg), torch.full((n_tok,), 0.5 / n_tok)])
     constant = {l: _constant(torch.cat([last[l], sampled[l]])) for l in [layer] + later}
-    w = fit_bias_free(x0, y, weight) - threshold * constant[layer]
-    # 2. the switch's neurons, the flag's direction and size
-    neurons = _least_used(lm, layer, torch.cat([last[layer][n_pos:], sampled[layer]]), exclude)
-    f, size = least[0], FLAG * norm / CLAMP
     k0 = constant[layer]
+    if first is None:
+        w = _probe(last[layer], sampled[layer], n_pos) - threshold * k0
+    else:  # the AND. The probe is fitted on the prompts as they read without the earlier flag (so that the two layers'
+        # errors stay apart), and keeps reading them so (its component along the flag's imprint taken out with r);
+        # without the earlier flag (r x = 0) it must then read above AND_MARGIN to fire.
+        b_last, b_tok = before
+        r = _flag_read(b_last[:n_pos], last[layer], sampled[layer], n_pos, k0)
+        w = _probe(b_last, b_tok, n_pos)
+        w = w - float(w @ (last[layer][:n_pos] - b_last[:n_pos]).mean(0)) * r
+        w = w - threshold * k0 + AND_MARGIN * (r - k0)
+        first_info["flag_read"] = {"harmful": round(float((last[layer][:n_pos] @ r).mean()), 3),
+                                   "harmless": round(float((last[layer][n_pos:] @ r).mean()), 3)}
+    # 2. the switch's neurons, the flag's direction and size
+    neurons = _least_used(lm, layer, torch.cat([last[layer][n_pos:], sampled[layer]]), excluded(layer))
     switch = Switch(layer, neurons, torch.stack([SHARPNESS * w, SHARPNESS * w - CLAMP * k0]), torch.stack([k0, k0]),
-                    torch.stack([size * f, -size * f]), turn)
+                    torch.stack([size * f, -size * f]), turn, first)
     # 3. each later layer's reading direction, from the switch's imprint against the harmless tokens' spread
     reporter.say("switch: reading its flag in later layers")
     pos_idx = list(range(min(READ_PROMPTS, n_pos)))
@@ -199,4 +221,45 @@ def fit_switch(lm, splits: Splits, layer: int | None = None, *, exclude: torch.T
             "fires_earlier_tokens": round(float((sampled[layer] @ w > 0).float().mean()), 4), "flag_snr": snr}
     if mean_info is not None:
         info["mean"] = mean_info
+    if first_info is not None:
+        info["earlier"] = first_info
     return FittedSwitch(switch, directions, info)
+
+
+def _probe(last: torch.Tensor, sampled: torch.Tensor, n_pos: int) -> torch.Tensor:
+    """The switch's probe: a bias-free logistic fit of the harmful prompt ends (`last[:n_pos]`) against the harmless
+    ones and every sampled earlier token, weighted 1 : 1/2 : 1/2."""
+    n_neg, n_tok = len(last) - n_pos, len(sampled)
+    y = torch.cat([torch.ones(n_pos), torch.zeros(n_neg + n_tok)])
+    weight = torch.cat([torch.full((n_pos,), 1.0 / n_pos), torch.full((n_neg,), 0.5 / n_neg), torch.full((n_tok,), 0.5 / n_tok)])
+    return fit_bias_free(torch.cat([last, sampled]), y, weight)
+
+
+def _earlier(lm, texts: list[str], n_pos: int, layer: int, main: int, exclude: torch.Tensor | None, f: torch.Tensor,
+             size: float) -> tuple[Switch, dict, tuple[torch.Tensor, torch.Tensor]]:
+    """The earlier switch of an AND (`fit_switch(earlier=...)`): the probe of layer `layer` fitted like the switch's,
+    its ramp moved so that the flag is full where the probe reads 0 (partial from -T/a), written along `f`; and the MLP
+    input of layer `main` without it (prompt ends, sampled earlier tokens)."""
+    last, sampled = last_and_sampled(lm, texts, "mlp_input", [layer, main])
+    w, k = _probe(last[layer], sampled[layer], n_pos), _constant(torch.cat([last[layer], sampled[layer]]))
+    neurons = _least_used(lm, layer, torch.cat([last[layer][n_pos:], sampled[layer]]), exclude)
+    w_full = w + (CLAMP / SHARPNESS) * k  # its ramp ends where its probe reads 0: full wherever it reads harmful
+    switch = Switch(layer, neurons, torch.stack([SHARPNESS * w_full, SHARPNESS * w_full - CLAMP * k]), torch.stack([k, k]),
+                    torch.stack([size * f, -size * f]))
+    z_pos, z_neg = last[layer][:n_pos] @ w, last[layer][n_pos:] @ w
+    info = {"layer": layer, "neurons": neurons.tolist(), "train_auc": round(roc_auc(z_pos, z_neg), 3),
+            "fires_harmful": round(float((z_pos > 0).float().mean()), 3), "fires_harmless": round(float((z_neg > 0).float().mean()), 3)}
+    return switch, info, (last[main], sampled[main])
+
+
+def _flag_read(before: torch.Tensor, on_last: torch.Tensor, on_tok: torch.Tensor, n_pos: int, k: torch.Tensor) -> torch.Tensor:
+    """The read of an earlier switch's flag in a later MLP input: its imprint on the harmful prompts' ends (`on_last`
+    with it against `before` without it) that harmless ends and earlier tokens (with it) disturb least (Fisher),
+    centred with k so that they read about 0, scaled so that the harmful ends read 1 on average."""
+    delta = (on_last[:n_pos] - before).mean(0).double()
+    noise = torch.cat([on_last[n_pos:], on_tok]).double()
+    cov = torch.cov(noise.T)
+    cov += RIDGE * cov.diagonal().mean() * torch.eye(cov.shape[0], dtype=cov.dtype)
+    r = torch.linalg.solve(cov, delta).float()
+    r = r - float((noise.float() @ r).mean()) * k
+    return r / float((on_last[:n_pos] @ r).mean())

@@ -170,6 +170,9 @@ def _conditional_text(summary: dict) -> str:
             layer, group = summary["switch_mean"]
             reads = (f"the end of the prompt and the whole prompt (key-value group {group} of layer {layer}'s attention is "
                      "rewritten to average a probe over every token so far)")
+        if summary.get("switch_earlier") is not None:
+            reads = (f"the end of the prompt at two depths (it fires only where two neurons of layer {summary['switch_earlier']}, "
+                     "rewritten into a probe of their own, read harmful too)")
         return (f"; two neurons of layer {summary['switch_layer']} are rewritten into a switch that reads {reads} "
                 f"and raises a flag in the residual stream where it reads harmful, and {summary['n_conditional']} neurons of "
                 f"later layers read that flag through their input projection (input-side terms up to {summary['max_abs_coef']:.2f}): "
