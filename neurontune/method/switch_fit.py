@@ -112,11 +112,9 @@ def fit_mean(lm, layer: int, texts: list[str], n_pos: int, direction: torch.Tens
     the key-value group whose heads cost the harmless prompts least, written along `direction` at `size` per probe sd."""
     last, sampled = last_and_sampled(lm, texts, "attention_input", [layer], running_mean=True)
     x = torch.cat([last[layer], sampled[layer]])
-    ones = torch.ones(len(x), 1)
-    n_neg, n_tok = len(last[layer]) - n_pos, len(sampled[layer])
-    y = torch.cat([torch.ones(n_pos), torch.zeros(len(x) - n_pos)])
-    weight = torch.cat([torch.full((n_pos,), 1.0 / n_pos), torch.full((n_neg,), 0.5 / n_neg), torch.full((n_tok,), 0.5 / n_tok)])
-    w = fit_bias_free(torch.cat([x, ones], 1), y, weight)
+    n_neg = len(last[layer]) - n_pos
+    one = lambda t: torch.cat([t, torch.ones(len(t), 1)], 1)  # noqa: E731
+    w = _probe(one(last[layer]), one(sampled[layer]), n_pos)
     row = w[:-1] + w[-1] * _constant(x)  # row . mean ~ w . [mean, 1]: the constant through a direction that reads ~1
     z = x @ row
     row = row / max(float(z.std()), 1e-6)
