@@ -3,7 +3,8 @@
 The shipped run's selection (assets/default_run, preset `balanced`) is kept; only the foldable modulation is trained
 again, with `fold` settings given as JSON (e.g. '{"switch_mean": true}' for a switch that also reads a turn mean,
 `interventions/turn_mean.py`), and evaluated on the validation split as the export checkpoint reloaded with plain
-transformers, beside the base model and the gated run. `--mean-size` overrides `switch_fit.MEAN_SIZE`. Figures in
+transformers, beside the base model and the gated run. `--mean-size` overrides `switch_fit.MEAN_SIZE`, `--and-margin`
+`switch_fit.AND_MARGIN`. Figures in
 docs/results.md ("The switch reads the whole prompt").
 
     python docs/switch_mean.py --fold '{"switch_mean": false}' --out runs/val-switch        # about 10 min on 2 cores
@@ -81,6 +82,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--fold", default="{}", help="fold settings over the preset's, as JSON")
     ap.add_argument("--mean-size", type=float, default=None, help="switch_fit.MEAN_SIZE")
+    ap.add_argument("--and-margin", type=float, default=None, help="switch_fit.AND_MARGIN (with fold.switch_earlier)")
     ap.add_argument("--seed", type=int, default=None, help="meta.seed of the foldable training (default: the preset's)")
     ap.add_argument("--out", help="a new run folder (a copy of the shipped run)")
     ap.add_argument("--read", nargs="+", help="run folders this script made: where their switch fires")
@@ -94,6 +96,8 @@ def main() -> None:
         ap.error("give --out (a new run folder) or --read RUN ...")
     if args.mean_size is not None:
         switch_fit.MEAN_SIZE = args.mean_size
+    if args.and_margin is not None:
+        switch_fit.AND_MARGIN = args.and_margin
     lm = load_model("embedded")
     cfg = load_preset("balanced")
     cfg = cfg.replace(fold=json.loads(args.fold), **({"meta": {"seed": args.seed}} if args.seed is not None else {}))

@@ -267,6 +267,13 @@ def test_a_fitted_switch_with_an_earlier_layer_is_an_and_of_two_probes_and_expor
     torch.testing.assert_close(shift[0] - shift[1], switch_fit.CLAMP * (sw.up_rows[0] - fit.switch.up_rows[0]), rtol=0, atol=1e-4)
     assert float(shift[0].norm()) > 0.1 * float(fit.switch.gate_rows[0].norm())
     assert chained.info["earlier"]["flag_read"]["harmful"] == pytest.approx(1.0, abs=1e-3)
+    # the margin is one vector's multiple: another margin moves both gate rows by (its difference) x and_step
+    assert fit.and_step is None and chained.and_step is not None
+    wide = fit_switch(tiny_llama, splits, 1, exclude=both, earlier=0, margin=3.0).switch
+    torch.testing.assert_close(wide.gate_rows, sw.gate_rows + (3.0 - switch_fit.AND_MARGIN) * chained.and_step, rtol=0, atol=1e-4)
+    assert torch.equal(wide.up_rows, sw.up_rows) and wide.earlier.same(sw.earlier)
+    with pytest.raises(ValueError, match="AND's margin must be a logit of 0 or more"):
+        fit_switch(tiny_llama, splits, 1, exclude=both, earlier=0, margin=-1.0)
     with pytest.raises(ValueError, match="earlier switch's layer must be before"):
         fit_switch(tiny_llama, splits, 1, exclude=both, earlier=1)
     with pytest.raises(ValueError, match="not both"):

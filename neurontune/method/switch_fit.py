@@ -58,6 +58,7 @@ class FittedSwitch:
     switch: Switch
     directions: dict[int, tuple[torch.Tensor, float]]  # layer -> (reading direction, offset 0): the input terms' directions
     info: dict = field(default_factory=dict)  # what the fit measured (firing rates, signal-to-noise per layer)
+    and_step: torch.Tensor | None = None  # with an earlier switch: what one unit of margin adds to both gate rows, a (r - k)
 
 
 def _constant(x: torch.Tensor) -> torch.Tensor:
@@ -128,15 +129,20 @@ def fit_mean(lm, layer: int, texts: list[str], n_pos: int, direction: torch.Tens
 
 
 def fit_switch(lm, splits: Splits, layer: int | None = None, *, exclude: torch.Tensor | None = None, threshold: float = 0.0,
-               mean: bool = False, earlier: int | None = None, reporter: Reporter | None = None) -> FittedSwitch:
+               mean: bool = False, earlier: int | None = None, margin: float | None = None,
+               reporter: Reporter | None = None) -> FittedSwitch:
     """The switch of layer `layer` (default: the middle layer) and the reading directions of every later layer.
     `exclude`: bool, neurons the switches may not take (the run's selected neurons): [n_neurons] for that layer, or
     [n_layers, n_neurons]. `threshold`: the probe's logit the switch starts firing at (0: the probe's own boundary;
     higher fires on fewer prompts, harmless and harmful alike), written with k: a (w - t k) x is about a (w x - t).
     `earlier`: a layer before it whose own switch (its probe fitted the same way) the switch also reads: without that
-    flag its probe must read above `AND_MARGIN` to fire, so both layers' probes must read harmful (an AND)."""
+    flag its probe must read above `margin` (default `AND_MARGIN`) to fire, so both layers' probes must read harmful (an
+    AND); the switch at another margin is its gate rows plus (margin' - margin) x `and_step`."""
+    margin = AND_MARGIN if margin is None else float(margin)
     if not math.isfinite(threshold) or threshold < 0:
         raise ValueError(f"The switch's threshold must be a logit of 0 or more, not {threshold}.")
+    if not math.isfinite(margin) or margin < 0:
+        raise ValueError(f"The AND's margin must be a logit of 0 or more, not {margin}.")
     reporter = reporter or SILENT
     n_layers = lm.nmap.n_layers
     layer = n_layers // 2 if layer is None else int(layer)
@@ -162,7 +168,7 @@ def fit_switch(lm, splits: Splits, layer: int | None = None, *, exclude: torch.T
     least = torch.linalg.eigh(torch.cov(rows.double().T)).eigenvectors[:, :2].float().T
     norm = float(res_last[later[0]].norm(dim=1).mean())
     f, size = least[0], FLAG * norm / CLAMP
-    turn, mean_info, reads, first, first_info = None, None, [], None, None
+    turn, mean_info, reads, first, first_info, r = None, None, [], None, None, None
     if mean:
         reporter.say("switch: fitting its turn mean")
         turn, mean_info = fit_mean(lm, layer, texts, n_pos, least[1], MEAN_SIZE * norm)
@@ -181,12 +187,12 @@ def fit_switch(lm, splits: Splits, layer: int | None = None, *, exclude: torch.T
         w = _probe(last[layer], sampled[layer], n_pos) - threshold * k0
     else:  # the AND. The probe is fitted on the prompts as they read without the earlier flag (so that the two layers'
         # errors stay apart), and keeps reading them so (its component along the flag's imprint taken out with r);
-        # without the earlier flag (r x = 0) it must then read above AND_MARGIN to fire.
+        # without the earlier flag (r x = 0) it must then read above the margin to fire.
         b_last, b_tok = before
         r = _flag_read(b_last[:n_pos], last[layer], sampled[layer], n_pos, k0)
         w = _probe(b_last, b_tok, n_pos)
         w = w - float(w @ (last[layer][:n_pos] - b_last[:n_pos]).mean(0)) * r
-        w = w - threshold * k0 + AND_MARGIN * (r - k0)
+        w = w - threshold * k0 + margin * (r - k0)
         first_info["flag_read"] = {"harmful": round(float((last[layer][:n_pos] @ r).mean()), 3),
                                    "harmless": round(float((last[layer][n_pos:] @ r).mean()), 3)}
     # 2. the switch's neurons, the flag's direction and size
@@ -221,7 +227,7 @@ def fit_switch(lm, splits: Splits, layer: int | None = None, *, exclude: torch.T
         info["mean"] = mean_info
     if first_info is not None:
         info["earlier"] = first_info
-    return FittedSwitch(switch, directions, info)
+    return FittedSwitch(switch, directions, info, None if r is None else SHARPNESS * (r - k0))
 
 
 def _probe(last: torch.Tensor, sampled: torch.Tensor, n_pos: int) -> torch.Tensor:
