@@ -2,7 +2,7 @@
 
 The probe of `method/switch_fit.py` (bias-free, the MLP input at a prompt's last token, fitted on the training harm
 pools with every earlier token as a further negative) is refitted at each layer given, as shipped and with the
-alarming-word negatives weighted ×3 and ×10; it then reads the ends of the validation prompts of each group. The switch
+alarming-word negatives weighted ×3 and ×10 (`--weights`: the templated harmless prompts too); it then reads the ends of the validation prompts of each group. The switch
 fires where the probe's logit exceeds `fold.switch_threshold` (default 0): rates at thresholds 0.5–3 are printed too.
 `--ramps` also fits a nonlinear probe of the same input, sum_i c_i clamp(g_i.x + b_i, 0, T) + b (what 2H rewritten
 neurons of one layer could compute, or H neurons of one layer feeding the switch of the next), H = 4, 16, 64, and
@@ -14,6 +14,7 @@ Figures in docs/results.md ("Where the export's over-refusal comes from").
     python docs/switch_probe.py                  # layers 12, 15, 18, 21: about 4 min on a 2-core CPU
     python docs/switch_probe.py --layers 12,14,15 --ramps
     python docs/switch_probe.py --layers 8,10,12,13,14,15,21 --pairs   # both probes of a pair must fire (AND)
+    python docs/switch_probe.py --layers 15 --weights 1:3,3:3,2:2,5:5    # the templated harmless prompts weighted too
 """
 from __future__ import annotations
 
@@ -81,8 +82,14 @@ def main() -> None:
     ap.add_argument("--layers", default="12,15,18,21")
     ap.add_argument("--ramps", action="store_true", help="also fit the nonlinear (ramp) probes")
     ap.add_argument("--pairs", action="store_true", help="also print where the probes of two layers both fire")
+    ap.add_argument("--weights", default="", help="further weightings of the harmless pool's alarming-word and templated "
+                    "prompts, as A:T pairs (e.g. 3:3,2:2); the shipped probe, alarming x3 and x10 are always fitted")
     ap.add_argument("--json", help="also write the rates here")
     args = ap.parse_args()
+    weightings = [("as shipped", 1.0, 1.0), ("alarming x3", 3.0, 1.0), ("alarming x10", 10.0, 1.0)]
+    for pair in filter(None, args.weights.split(",")):
+        a, t = (float(v) for v in pair.split(":"))
+        weightings.append((f"alarming x{a:g}, templates x{t:g}", a, t))
     layers = [int(x) for x in args.layers.split(",")]
     lm = load_model("embedded")
     sp = build_splits(load_preset("balanced").data)
@@ -96,9 +103,10 @@ def main() -> None:
     for layer in layers:
         x = torch.cat([last[layer], sampled[layer]])
         y = torch.cat([torch.ones(n_pos), torch.zeros(len(x) - n_pos)])
-        for name, alarm_weight in (("as shipped", 1.0), ("alarming x3", 3.0), ("alarming x10", 10.0)):
+        for name, alarm_weight, template_weight in weightings:
             wneg = torch.ones(len(harmless))
             wneg[n_plain: n_plain + n_alarm] = alarm_weight
+            wneg[n_plain + n_alarm:] = template_weight
             weight = torch.cat([torch.full((n_pos,), 1.0 / n_pos), 0.5 * wneg / wneg.sum(),
                                 torch.full((len(sampled[layer]),), 0.5 / len(sampled[layer]))])
             z, logits, i = vlast[layer] @ fit_bias_free(x, y, weight), {}, 0
