@@ -46,18 +46,26 @@ ANSWER_GROUPS = ("harmful", "attacked", "benign", "benign_attacked", "borderline
 
 
 @torch.no_grad()
+def fires(lm, sw, groups: dict[str, list[str]]) -> dict[str, float]:
+    """Where a switch fires (its first gate row reads > 0), with it in place: at the ends of each group's prompts and
+    on their earlier tokens."""
+    ends = {}
+    with modulate(lm.model, Modulation(lm.nmap.shape, switch=sw), lm.nmap):
+        for group, texts in groups.items():
+            last, earlier = last_and_sampled(lm, [chat_prompt(lm.tokenizer, t) for t in texts], "mlp_input", [sw.layer])
+            ends[group] = round(float((last[sw.layer] @ sw.gate_rows[0] > 0).float().mean()), 3)
+            ends[group + " (earlier tokens)"] = round(float((earlier[sw.layer] @ sw.gate_rows[0] > 0).float().mean()), 4)
+    return ends
+
+
+@torch.no_grad()
 def read(lm, run: Path) -> None:
     """Where the run's switch fires: prompt ends and earlier tokens of the validation groups, and its export's answers."""
     sw = RunFolder(run).foldable().switch
     w = sw.gate_rows[0]
     with_switch = Modulation(lm.nmap.shape, switch=sw)
-    ends = {}
-    with modulate(lm.model, with_switch, lm.nmap):
-        for group, texts in validation_groups(build_splits(load_preset("balanced").data)).items():
-            last, earlier = last_and_sampled(lm, [chat_prompt(lm.tokenizer, t) for t in texts], "mlp_input", [sw.layer])
-            ends[group] = round(float((last[sw.layer] @ w > 0).float().mean()), 3)
-            ends[group + " (earlier tokens)"] = round(float((earlier[sw.layer] @ w > 0).float().mean()), 4)
-    print(f"{run} prompt ends: {json.dumps(ends)}", flush=True)
+    print(f"{run} prompt ends: {json.dumps(fires(lm, sw, validation_groups(build_splits(load_preset('balanced').data))))}",
+          flush=True)
     rows = [r for r in RunFolder(run).generations() if r["intervention"] == "neurontune export"]
     store, answers = {}, {}
     mlp_in = site_modules(lm, "mlp_input")[sw.layer]

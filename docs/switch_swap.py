@@ -12,6 +12,7 @@ session). Figures in docs/results.md ("Where the folded switch reads").
     python docs/switch_swap.py --runs assets/default_run --out runs/val-swap           # about 15 min on 2 cores
 """
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -21,17 +22,15 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from neurontune.config import load_preset  # noqa: E402
-from neurontune.data.chat import chat_prompt  # noqa: E402
 from neurontune.data.splits import build_splits  # noqa: E402
-from neurontune.interventions.capture import last_and_sampled  # noqa: E402
-from neurontune.interventions.modulation import InputTerms, Modulation, modulate  # noqa: E402
+from neurontune.interventions.modulation import InputTerms, Modulation  # noqa: E402
 from neurontune.interventions.switch import Switch  # noqa: E402
 from neurontune.method import switch_fit  # noqa: E402
 from neurontune.method.selection import select  # noqa: E402
 from neurontune.model.loading import load_model  # noqa: E402
 from neurontune.run.evaluate_run import evaluate_run  # noqa: E402
 from neurontune.run.folder import RunFolder  # noqa: E402
-from switch_mean import COLUMNS, read  # noqa: E402
+from switch_mean import COLUMNS, fires, read  # noqa: E402
 from switch_probe import validation_groups  # noqa: E402
 
 
@@ -45,25 +44,12 @@ def fit_and(lm, cfg, splits, run: Path, layer: int, earlier: int) -> switch_fit.
 
 def at_margin(fitted: switch_fit.FittedSwitch, margin: float) -> Switch:
     """The fitted AND (at `switch_fit.AND_MARGIN`) at another margin."""
-    sw = fitted.switch
-    shift = (margin - switch_fit.AND_MARGIN) * fitted.and_step
-    return Switch(sw.layer, sw.neurons, sw.gate_rows + shift, sw.up_rows, sw.down_cols, None, sw.earlier)
+    return dataclasses.replace(fitted.switch, gate_rows=fitted.switch.gate_rows + (margin - switch_fit.AND_MARGIN) * fitted.and_step)
 
 
 def swapped(plain: Switch, sw: Switch) -> Switch:
     """`sw`'s decision (gate and up rows, earlier switch) on `plain`'s neurons, writing `plain`'s flag."""
-    return Switch(plain.layer, plain.neurons, sw.gate_rows, sw.up_rows, plain.down_cols, None, sw.earlier)
-
-
-@torch.no_grad()
-def prompt_ends(lm, sw: Switch, groups: dict[str, list[str]]) -> dict[str, float]:
-    """Where the switch fires (its first gate row reads > 0) at the ends of the validation prompts, with it in place."""
-    out = {}
-    with modulate(lm.model, Modulation(lm.nmap.shape, switch=sw), lm.nmap):
-        for group, texts in groups.items():
-            last, _ = last_and_sampled(lm, [chat_prompt(lm.tokenizer, t) for t in texts], "mlp_input", [sw.layer])
-            out[group] = round(float((last[sw.layer] @ sw.gate_rows[0] > 0).float().mean()), 3)
-    return out
+    return dataclasses.replace(sw, neurons=plain.neurons, down_cols=plain.down_cols)
 
 
 def main() -> None:
@@ -81,14 +67,14 @@ def main() -> None:
     splits = build_splits(cfg.data)
     groups = validation_groups(splits)
     plain = RunFolder(args.runs[0]).foldable().switch
-    print("plain switch, prompt ends:", json.dumps(prompt_ends(lm, plain, groups)), flush=True)
+    print("plain switch, prompt ends:", json.dumps(fires(lm, plain, groups)), flush=True)
     fitted = fit_and(lm, cfg, splits, Path(args.runs[0]), plain.layer, args.earlier)
     sw = fitted.switch
     cos = float(torch.nn.functional.cosine_similarity(sw.earlier.down_cols[0], plain.down_cols[0], dim=0))
     print(f"earlier flag against the switch's flag: cosine {cos:.3f}", flush=True)
     ends = {}
     for m in [float(x) for x in args.margins.split(",")]:
-        ends[m] = prompt_ends(lm, swapped(plain, at_margin(fitted, m)), groups)
+        ends[m] = fires(lm, swapped(plain, at_margin(fitted, m)), groups)
         print(f"AND at margin {m:g}, prompt ends:", json.dumps(ends[m]), flush=True)
     margin = args.margin
     if margin is None:  # log.md, tenth session: the smallest margin whose alarming words fire on at most 0.12
