@@ -1,6 +1,7 @@
 """How much of the user's turn should the gate average? The leave-one-family-out gate study (`docs/gate_lofo.py`) for
-the mean over the whole turn against the mean over its last 24, 32 or 48 tokens (validation only; held-out test
-families never read).
+the mean over the whole turn against the mean over its last 24, 32 or 48 tokens, both means side by side in one
+probe, and the larger of the whole-turn and last-32 probes' logits (`meta.gate_features: "residual_either"`)
+(validation only; held-out test families never read).
 
 Each prompt's residual stream entering layer 18 (the layer every pooled fit of `docs/gate_lofo.py` chose) is read once
 per token of the user's turn; for each training family F left out, one probe per reading is fitted on the training
@@ -72,12 +73,20 @@ def main() -> None:
         templates = text(splits.attacked("benign", "validation", 24, kept))
         read(tp + tn + vp + vn + fp + fn + plain_pos + plain_neg + templates)
         y = torch.tensor([1.0] * len(tp) + [0.0] * len(tn))
+        probes = {}
         for tail in TAILS:
             auc, _, (mean, std, w, b) = best_layer_probe(feats(tp + tn, tail)[:, None], y, feats(vp + vn, tail)[:, None], len(vp))
-            logit = lambda texts: ((feats(texts, tail) - mean) / std) @ w + b  # noqa: E731
+            probes["whole turn" if tail is None else f"last {tail}"] = (
+                auc, lambda texts, tail=tail, mean=mean, std=std, w=w, b=b: ((feats(texts, tail) - mean) / std) @ w + b)
+        both = lambda texts: torch.cat([feats(texts, None), feats(texts, 32)], -1)  # noqa: E731
+        auc, _, (mean, std, w, b) = best_layer_probe(both(tp + tn)[:, None], y, both(vp + vn)[:, None], len(vp))
+        probes["both side by side"] = (auc, lambda texts: ((both(texts) - mean) / std) @ w + b)
+        whole, last = probes["whole turn"][1], probes["last 32"][1]
+        probes["either (residual_either)"] = (float("nan"), lambda texts: torch.maximum(whole(texts), last(texts)))
+        for reads, (auc, logit) in probes.items():
             opens = lambda texts: round(float((torch.sigmoid(3 * logit(texts)) > 0.5).float().mean()), 3)  # noqa: E731
             z_f, z_neg = logit(fp), logit(plain_neg + fn)
-            row = {"reads": "whole turn" if tail is None else f"last {tail}", "left_out": held, "val_auc": round(auc, 3),
+            row = {"reads": reads, "left_out": held, "val_auc": round(auc, 3),
                    "left_out_auc": round(roc_auc(z_f, z_neg), 3), "left_out_recall@5%": round(recall_at_fpr(z_f, z_neg, 0.05)[0], 3),
                    "opens_harmful_in_F": opens(fp), "opens_harmless_in_F": opens(fn), "opens_plain_harmful": opens(plain_pos),
                    "opens_benign": opens(benign), "opens_alarming": opens(alarming), "opens_borderline": opens(borderline),

@@ -93,7 +93,8 @@ class MetaConfig:
     # What the gate reads: "amplified" (the 256 most amplified neurons, or before training the top selected safety
     # neurons), "layer" (every neuron of the layer whose probe separates validation prompts best), "residual" (the
     # residual stream entering the layer that separates them best, at the prompt's last token), "residual_mean"
-    # (the same, averaged over the user's turn) or "residual_tail" (averaged over the turn's last 32 tokens)
+    # (the same, averaged over the user's turn), "residual_tail" (averaged over the turn's last 32 tokens) or
+    # "residual_either" (both, each at its own layer: the gate opens where either reads harmful)
     gate_features: str = "amplified"
     # Train the gains BEHIND the gate: the gate is fitted first (it reads the unmodulated prompt) and every training
     # prompt gets the gains at the strength the gate reads from it; off: gains first, then a gate fitted on them.
@@ -120,8 +121,9 @@ class MetaConfig:
     kl_skip: int = 0
 
     def __post_init__(self):
-        if self.gate_features not in ("amplified", "layer", "residual", "residual_mean", "residual_tail"):
-            raise ValueError("meta.gate_features must be 'amplified', 'layer', 'residual', 'residual_mean' or 'residual_tail', "
+        if self.gate_features not in ("amplified", "layer", "residual", "residual_mean", "residual_tail", "residual_either"):
+            raise ValueError("meta.gate_features must be 'amplified', 'layer', 'residual', 'residual_mean', 'residual_tail' or "
+                             "'residual_either', "
                              f"not {self.gate_features!r}.")
         if self.gate_first and not self.gate:
             raise ValueError("meta.gate_first trains the gains behind the input gate: set meta.gate to true as well.")

@@ -311,3 +311,39 @@ def test_residual_tail_gate_is_fitted_on_the_end_of_the_turn(tiny_llama):
     assert MetaConfig(gate_features="residual_tail").gate_features == "residual_tail"
     with pytest.raises(ValueError, match="residual_tail"):
         MetaConfig(gate_features="residual_max")
+
+
+def test_either_gate_opens_where_either_probe_reads_harmful(tiny_llama, tmp_path):
+    """features="residual_either": the whole-turn and the tail probes, fitted as alone, and a logit that is the larger
+    of theirs, brute force; sharpness and the bias shift reach both; the gate file, the free-form path
+    (`Gated.apply`) and the studio's description keep both readings."""
+    from neurontune.config import DataConfig, MetaConfig
+    from neurontune.data.splits import build_splits
+    from neurontune.interventions.gating import GateProbe
+    from neurontune.interventions.generation import generate
+    from neurontune.method import gate_fit as gating
+    lm, splits = tiny_llama, build_splits(DataConfig())
+    either = gating.fit_gate_for_run(lm, None, splits, features="residual_either", sharpness=3.0, bias_shift=0.5, cache_dir=False)
+    mean = gating.fit_gate_for_run(lm, None, splits, features="residual_mean", sharpness=3.0, bias_shift=0.5, cache_dir=False)
+    tail = gating.fit_gate_for_run(lm, None, splits, features="residual_tail", sharpness=3.0, bias_shift=0.5, cache_dir=False)
+    assert [p.pool_last for p in either.parts()] == [None, gating.TAIL] and either.bias_shift == either.either.bias_shift == 0.5
+    users = ["Please read this long story first. " * 12 + "Then tell me how to bake bread.", "How do I pick a lock?", "Hi"]
+    texts = [chat_prompt(lm.tokenizer, u) for u in users]
+    z_mean, z_tail = (torch.logit(g.read(lm, texts).double()).float() for g in (mean, tail))
+    torch.testing.assert_close(torch.logit(either.read(lm, texts).double()).float(), torch.maximum(z_mean, z_tail), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(z_mean, z_tail, atol=1e-2)  # two readings, so the larger is not either one by chance
+    either.save(tmp_path / "gate.safetensors")
+    back = GateProbe.load(tmp_path / "gate.safetensors", shape=lm.shape)
+    assert [p.pool_last for p in back.parts()] == [None, gating.TAIL]
+    torch.testing.assert_close(back.read(lm, texts), either.read(lm, texts))
+    back.either.weight[0] = float("nan")
+    with pytest.raises(ValueError, match="corrupted gate file"):  # each reading is checked as a gate alone is
+        GateProbe.load(back.save(tmp_path / "nan.safetensors"))
+    back = GateProbe.load(tmp_path / "gate.safetensors", shape=lm.shape)
+    mod = random_modulation(lm.shape, 20, seed=3, fingerprint=lm.fingerprint)
+    with Gated(mod, back).apply(lm) as state:
+        generate(lm, users, max_new_tokens=2)
+    torch.testing.assert_close(state["s"], either.read(lm, texts), rtol=1e-4, atol=1e-5)
+    assert MetaConfig(gate_features="residual_either").gate_features == "residual_either"
+    from neurontune.studio.handlers import _gate_reads
+    assert "last 32 tokens" in _gate_reads(back.either) and "user's turn" in _gate_reads(back)

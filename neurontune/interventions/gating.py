@@ -2,7 +2,8 @@
 
 `GateProbe` is a logistic readout of activations at the prompt's last token, or averaged over the user's turn (some
 MLP neurons, a whole layer's neurons, or the residual stream of a layer: `capture.unit_features` reads them), giving
-a strength s in (0, 1).
+a strength s in (0, 1); with `either`, a second such readout of the same prompt, and the gate opens where either
+reads harmful (s from the larger logit).
 `Gated(inner, probe)` is the one gated intervention: every caller (the evaluation harness, the studio's chat and
 bulk table, `generate` on the command line) turns prompts into per-row strengths with `Gated.strengths` and applies
 `inner` at those strengths (`inner.apply_rows`; for gains that is 1 + s (g - 1) and s times any input-side term).
@@ -23,6 +24,7 @@ from ..infra.files import read_safetensors, write_file
 from .capture import SITES, unit_features
 from .generation import PROMPT_CAP
 
+EITHER = "either."  # the gate file's prefix for a probe's `either` reading
 GATED = " + gate"  # suffix of a gated row's name: the same intervention scaled per prompt by the gate
 
 
@@ -31,7 +33,8 @@ class GateProbe:
     """s = sigmoid(((a - mean) / std) . weight + bias), a = the units (layers[i], neurons[i]) of `site` at the
     prompt's last token ("neurons": MLP neurons; "residual": dimensions of the residual stream entering a layer), or
     with `pool_from` = k their mean over the prompt's tokens from the k-th on (the user's turn: `template_prefix_len`),
-    or over the last `pool_last` of those."""
+    or over the last `pool_last` of those. `either`: a second probe (another layer or pooling) whose logit the gate
+    takes where it is the larger, so it opens where either reads harmful; its bias carries the same `bias_shift`."""
 
     layers: torch.Tensor  # [k] layer of each feature
     neurons: torch.Tensor  # [k] unit of each feature within its layer's site
@@ -45,36 +48,57 @@ class GateProbe:
     site: str = "neurons"
     pool_from: int | None = None
     pool_last: int | None = None
+    either: "GateProbe | None" = None
 
     def logit(self, acts: torch.Tensor) -> torch.Tensor:
         """acts: [B, k] raw activations -> [B] logit of the strength."""
         return ((acts - self.mean) / self.std) @ self.weight + self.bias
 
-    def strength(self, acts: torch.Tensor) -> torch.Tensor:
-        """acts: [B, k] raw activations -> [B] strength in (0, 1)."""
-        return torch.sigmoid(self.logit(acts))
-
-    def features(self, lm, formatted: Sequence[str], max_length: int = PROMPT_CAP) -> torch.Tensor:
-        """[n, k] what the probe reads, for formatted prompts (chat template applied, ending with the assistant header)."""
-        return unit_features(lm, formatted, self.layers, self.neurons, site=self.site, max_length=max_length,
-                             pool_from=self.pool_from, pool_last=self.pool_last)
+    def logits(self, lm, formatted: Sequence[str] | None, *, ids: tuple[torch.Tensor, torch.Tensor] | None = None,
+               max_length: int = PROMPT_CAP, reporter=None) -> torch.Tensor:
+        """[n] the gate's logit of each formatted prompt, or of the left-padded `ids` = (input ids, mask) of one forward:
+        this probe's, or with `either` the larger of the two."""
+        z = self.logit(unit_features(lm, formatted, self.layers, self.neurons, site=self.site, ids=ids, max_length=max_length,
+                                     reporter=reporter, pool_from=self.pool_from, pool_last=self.pool_last))
+        if self.either is None:
+            return z
+        return torch.maximum(z, self.either.logits(lm, formatted, ids=ids, max_length=max_length, reporter=reporter))
 
     def read(self, lm, formatted: Sequence[str], max_length: int = PROMPT_CAP) -> torch.Tensor:
         """[n] strength of each formatted prompt (prompts longer than `max_length` tokens keep their end, as generation does)."""
         if not len(formatted):
             return torch.zeros(0)
-        return self.strength(self.features(lm, formatted, max_length))
+        return torch.sigmoid(self.logits(lm, formatted, max_length=max_length))
+
+    def parts(self) -> list["GateProbe"]:
+        """This probe and every `either` reading after it."""
+        return [self] + ([] if self.either is None else self.either.parts())
+
+    def sharpen(self, factor: float, shift: float) -> None:
+        """Multiply every part's logit by `factor`, then add `shift` to it (recorded as `bias_shift`), in place."""
+        for part in self.parts():
+            part.weight, part.bias = part.weight * factor, part.bias * factor + shift
+            part.bias_shift = shift
+
+    def _entries(self, prefix: str = "") -> tuple[dict, dict]:
+        tensors = {prefix + k: v.contiguous() for k, v in {"layers": self.layers, "neurons": self.neurons, "mean": self.mean,
+                                                           "std": self.std, "weight": self.weight}.items()}
+        meta = {prefix + k: v for k, v in {"bias": repr(self.bias), "train_accuracy": repr(self.train_accuracy),
+                                           "fingerprint": self.fingerprint or "", "bias_shift": repr(self.bias_shift),
+                                           "site": self.site}.items()}
+        if self.pool_from is not None:
+            meta[prefix + "pool_from"] = str(int(self.pool_from))
+        if self.pool_last is not None:
+            meta[prefix + "pool_last"] = str(int(self.pool_last))
+        if self.either is not None:
+            t, m = self.either._entries(prefix + EITHER)
+            tensors, meta = {**tensors, **t}, {**meta, **m}
+        return tensors, meta
 
     def save(self, path):
         from safetensors.torch import save_file
-        tensors = {k: v.contiguous() for k, v in {"layers": self.layers, "neurons": self.neurons, "mean": self.mean,
-                                                  "std": self.std, "weight": self.weight}.items()}
-        meta = {"format": "neurontune-gate", "bias": repr(self.bias), "train_accuracy": repr(self.train_accuracy),
-                "fingerprint": self.fingerprint or "", "bias_shift": repr(self.bias_shift), "site": self.site}
-        if self.pool_from is not None:
-            meta["pool_from"] = str(int(self.pool_from))
-        if self.pool_last is not None:
-            meta["pool_last"] = str(int(self.pool_last))
+        tensors, meta = self._entries()
+        meta["format"] = "neurontune-gate"
         return write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), checksum=False)
 
     @classmethod
@@ -87,17 +111,24 @@ class GateProbe:
             raise ValueError(f"{path} is not a readable gate file ({exc}).") from exc
         if meta.get("format") != "neurontune-gate":
             raise ValueError(f"{path} is not a NeuronTune gate file.")
-        fingerprint = meta.get("fingerprint") or None
+        return cls._part(path, meta, t, "", shape, expected_fingerprint)
+
+    @classmethod
+    def _part(cls, path, meta: dict, t: dict, prefix: str, shape, expected_fingerprint) -> "GateProbe":
+        """The probe stored under `prefix` in a gate file's (metadata, tensors), with its `either` readings, checked."""
+        fingerprint = meta.get(prefix + "fingerprint") or None
         if expected_fingerprint and fingerprint and fingerprint != expected_fingerprint:
             raise ValueError(f"{path} is a gate fitted on model {fingerprint}, not the loaded model {expected_fingerprint}.")
-        site = meta.get("site") or "neurons"
+        site = meta.get(prefix + "site") or "neurons"
         if site not in SITES:
             raise ValueError(f"{path} is a gate reading an unknown site {site!r}; this NeuronTune reads {SITES}.")
         try:
-            probe = cls(t["layers"].long(), t["neurons"].long(), t["mean"].float(), t["std"].float(), t["weight"].float(),
-                        float(meta["bias"]), float(meta.get("train_accuracy", 0)), fingerprint, float(meta.get("bias_shift", 0)), site,
-                        int(meta["pool_from"]) if meta.get("pool_from") else None,
-                        int(meta["pool_last"]) if meta.get("pool_last") else None)
+            probe = cls(*(t[prefix + k].long() for k in ("layers", "neurons")),
+                        *(t[prefix + k].float() for k in ("mean", "std", "weight")),
+                        float(meta[prefix + "bias"]), float(meta.get(prefix + "train_accuracy", 0)), fingerprint,
+                        float(meta.get(prefix + "bias_shift", 0)), site,
+                        int(meta[prefix + "pool_from"]) if meta.get(prefix + "pool_from") else None,
+                        int(meta[prefix + "pool_last"]) if meta.get(prefix + "pool_last") else None)
         except (KeyError, ValueError) as exc:
             raise ValueError(f"{path} is a corrupted gate file (missing or unreadable {exc}).") from exc
         k = len(probe.layers)
@@ -108,6 +139,8 @@ class GateProbe:
         if shape is not None and (int(probe.layers.min()) < 0 or int(probe.layers.max()) >= shape[0]
                                   or (site == "neurons" and (int(probe.neurons.min()) < 0 or int(probe.neurons.max()) >= shape[1]))):
             raise ValueError(f"{path} reads neurons outside this model's {tuple(shape)} (layers × neurons): it was fitted on another model.")
+        if prefix + EITHER + "layers" in t:
+            probe.either = cls._part(path, meta, t, prefix + EITHER, shape, expected_fingerprint)
         return probe
 
 
@@ -164,9 +197,7 @@ class Gated:
             mask = torch.ones_like(ids) if mask is None else mask[:, -ids.shape[1]:]
             local.busy = True
             try:
-                s = self.probe.strength(unit_features(lm, None, self.probe.layers, self.probe.neurons, site=self.probe.site,
-                                                      ids=(ids, mask), pool_from=self.probe.pool_from,
-                                                      pool_last=self.probe.pool_last))
+                s = torch.sigmoid(self.probe.logits(lm, None, ids=(ids, mask)))
             finally:
                 local.busy = False
             state["s"] = s

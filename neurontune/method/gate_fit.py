@@ -15,7 +15,11 @@ reads (`GATE_FEATURES`):
 - "residual_tail": the same mean over the last `TAIL` tokens of the user's turn only (the whole turn when it is
   shorter): a request inside a long template usually sits at its end, where a mean over the whole turn is diluted
   by the template (docs/gate_tail.py: the gate opens on more harmful prompts inside an unseen family, and the
-  preset on more alarming-word requests, so it is an option, not `balanced`'s choice).
+  preset on more alarming-word requests, so it is an option, not `balanced`'s choice);
+- "residual_either": both means, each probe at its own best layer, and the gate opens where either reads harmful
+  (`GateProbe.either`): the tail catches a request at the end of a long frame, the whole turn one that the frame's
+  last instruction hides (docs/gate_tail.py: leaving each training family out, it opens on more harmful prompts
+  inside the family it never saw than either mean alone, at a little more over-refusal).
 The gate reads activations of the unmodulated model, so it can be fitted before the gains are trained.
 """
 from __future__ import annotations
@@ -35,7 +39,8 @@ from ..interventions.capture import last_token, template_prefix_len, unit_featur
 from ..interventions.gating import GateProbe
 from ..interventions.modulation import Modulation
 
-GATE_FEATURES = ("amplified", "layer", "residual", "residual_mean", "residual_tail")
+GATE_FEATURES = ("amplified", "layer", "residual", "residual_mean", "residual_tail", "residual_either")
+EITHER = {"residual_either": ("residual_mean", "residual_tail")}  # gates that open where either of two fits reads harmful
 LAYER_SITES = {"layer": ("neurons", False), "residual": ("residual", False), "residual_mean": ("residual", True),
                "residual_tail": ("residual", True)}  # site, pooled over the user's turn
 TAIL = 32  # tokens "residual_tail" averages (chosen among 24, 32, 48 by docs/gate_pooling.py, validation)
@@ -120,10 +125,8 @@ def choose_bias_shift(lm, probe: GateProbe, splits, shifts: tuple[float, ...] = 
     `max_fpr` the largest true-positive rate among the shifts that open the gate on at most that share of harmless
     prompts (ties: the smaller shift)."""
     positive, negative = splits.harm_pools("validation", 48, 6)
-    feats = lambda texts: unit_features(lm, _formatted(lm, texts), probe.layers, probe.neurons, site=probe.site,  # noqa: E731
-                                        reporter=reporter, pool_from=probe.pool_from, pool_last=probe.pool_last)
-    z_pos = probe.logit(feats(positive)) - probe.bias_shift
-    z_neg = probe.logit(feats(negative)) - probe.bias_shift
+    z_pos = probe.logits(lm, _formatted(lm, positive), reporter=reporter) - probe.bias_shift
+    z_neg = probe.logits(lm, _formatted(lm, negative), reporter=reporter) - probe.bias_shift
     tpr = {s: float((z_pos + s > 0).float().mean()) for s in shifts}
     fpr = {s: float((z_neg + s > 0).float().mean()) for s in shifts}
     if max_fpr is not None:
@@ -146,12 +149,12 @@ def fit_gate_for_run(lm, source, splits, *, bias_shift: float | None = 0.0, feat
     if features not in GATE_FEATURES:
         raise ValueError(f"The gate's features must be one of {GATE_FEATURES}, not {features!r}.")
     neurons = amplified_neurons(source) if features == "amplified" else None
-    probe = _cached_fit(lm, splits, features, neurons, reporter, cache_dir)
-    if sharpness != 1.0:
-        probe.weight, probe.bias = probe.weight * sharpness, probe.bias * sharpness
+    probe, *others = [_cached_fit(lm, splits, f, neurons, reporter, cache_dir) for f in EITHER.get(features, (features,))]
+    for other in others:
+        probe.parts()[-1].either = other
+    probe.sharpen(sharpness, 0.0)
     shift = choose_bias_shift(lm, probe, splits, reporter=reporter, max_fpr=max_fpr) if bias_shift is None else float(bias_shift)
-    probe.bias += shift
-    probe.bias_shift = shift
+    probe.sharpen(1.0, shift)
     return probe
 
 

@@ -108,6 +108,16 @@ def on_meta(studio: Studio, session: Session, mode, steps, lam_kl, mu_over_refus
     return {}
 
 
+def _gate_reads(gate) -> str:
+    """What one probe of a gate reads, in words."""
+    layers = sorted({int(x) for x in gate.layers.tolist()})
+    where = {"residual": "the residual stream entering layer", "mlp_input": "the MLP input of layer"}.get(gate.site)
+    reads = (f"{where} {', '.join(map(str, layers))}, {len(gate.layers):,} units" if where
+             else f"{len(gate.layers):,} neurons")
+    return reads + (" at the prompt's last token" if gate.pool_from is None else ", averaged over the user's turn" if gate.pool_last is None
+                    else f", averaged over the last {gate.pool_last} tokens of the user's turn")
+
+
 def gains_text(session: Session) -> str:
     if session.modulation is None:
         return ("No gains yet: both panes answer with the base model. Train gains or apply fixed gains in **Tune**, "
@@ -119,12 +129,8 @@ def gains_text(session: Session) -> str:
     if gate is None:
         return text + " (static: no input gate)."
     accuracy = f", training accuracy {gate.train_accuracy:.0%}" if gate.train_accuracy else ""
-    layers = sorted({int(x) for x in gate.layers.tolist()})
-    where = {"residual": "the residual stream entering layer", "mlp_input": "the MLP input of layer"}.get(gate.site)
-    reads = (f"{where} {', '.join(map(str, layers))}, {len(gate.layers):,} units" if where
-             else f"{len(gate.layers):,} neurons")
-    reads += (" at the prompt's last token" if gate.pool_from is None else ", averaged over the user's turn" if gate.pool_last is None
-              else f", averaged over the last {gate.pool_last} tokens of the user's turn")
+    parts = gate.parts()
+    reads = " and one on ".join(_gate_reads(part) for part in parts) + (", opening where either reads harmful" if len(parts) > 1 else "")
     text += (f" and by an **input gate** (a probe on {reads}{accuracy}): the right pane applies strength × s, s from 0 "
              "(prompt looks benign) to 1 (looks harmful), as “neurontune + gate” in the evaluation.")
     if session.foldable is not None:
