@@ -8,7 +8,7 @@ per token of the user's turn; for each training family F left out, one probe per
 pools without F (`best_layer_probe`) and read inside F, on the plain validation prompts and on benign requests inside
 the remaining training families. Prints one row per (reading, F) and the means.
 
-    python docs/gate_tail.py      # about 10 min on a 2-core CPU
+    python docs/gate_tail.py      # about 3 to 10 min on a 2-core CPU
 """
 from __future__ import annotations
 
