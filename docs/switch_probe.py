@@ -15,6 +15,7 @@ Figures in docs/results.md ("Where the export's over-refusal comes from").
     python docs/switch_probe.py --layers 12,14,15 --ramps
     python docs/switch_probe.py --layers 8,10,12,13,14,15,21 --pairs   # both probes of a pair must fire (AND)
     python docs/switch_probe.py --layers 15 --weights 1:3,3:3,2:2,5:5    # the templated harmless prompts weighted too
+    python docs/switch_probe.py --curve 15   # layer 15 fitted on fewer or more training prompts: would more data help?
 """
 from __future__ import annotations
 
@@ -77,6 +78,35 @@ def fit_ramps(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, hidden: in
     return lambda v: _ramp((v / s) @ g.T + gb) @ c + b
 
 
+def learning_curve(layer: int) -> None:
+    """The shipped probe's firing on the validation groups when fitted on fewer or more training prompts (alarming-word
+    pairs, plain harmful requests); every fit shares one sample of earlier tokens. "alarming@attacks 0.9": alarming
+    words over the threshold at which the probe fires on 0.90 of the training-attack prompts (the shipped rate)."""
+    lm = load_model("embedded")
+    sp = build_splits(load_preset("balanced").data)
+    fmt = lambda texts: [chat_prompt(lm.tokenizer, t) for t in texts]  # noqa: E731
+    harmful, harmless = sp.harm_pools("train", len(sp.harmful["train"]), PER_FAMILY, pairs=len(sp.alarming["train"]))
+    texts = list(dict.fromkeys(harmful + harmless))
+    last, sampled = last_and_sampled(lm, fmt(texts), "mlp_input", [layer])
+    row = {t: i for i, t in enumerate(texts)}
+    groups = validation_groups(sp)
+    vlast, _ = last_and_sampled(lm, fmt([t for g in groups.values() for t in g]), "mlp_input", [layer])
+    for n, pairs in [(400, 0), (400, 50), (400, 100), (400, 150), (400, 200), (200, 100), (300, 150), (400, 214), (647, 214)]:
+        pos, neg = sp.harm_pools("train", n, PER_FAMILY, pairs=pairs)
+        x = last[layer][[row[t] for t in pos + neg]]
+        y = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg) + len(sampled[layer]))])
+        weight = torch.cat([torch.full((len(pos),), 1.0 / len(pos)), torch.full((len(neg),), 0.5 / len(neg)),
+                            torch.full((len(sampled[layer]),), 0.5 / len(sampled[layer]))])
+        z, logits, i = vlast[layer] @ fit_bias_free(torch.cat([x, sampled[layer]]), y, weight), {}, 0
+        for g, ts in groups.items():
+            logits[g], i = z[i: i + len(ts)], i + len(ts)
+        rates = {g: round(float((v > 0).float().mean()), 3) for g, v in logits.items()}
+        att = logits["attacks"].sort(descending=True).values
+        rates["alarming@attacks 0.9"] = round(float((logits["alarming"] > float(att[int(0.9 * len(att)) - 1]) - 1e-6).float().mean()), 3)
+        rates["auc twins vs alarming"] = round(roc_auc(logits["twins"], logits["alarming"]), 3)
+        print(f"layer {layer}, {n} plain harmful, {pairs} alarming-word pairs: {json.dumps(rates)}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", default="12,15,18,21")
@@ -84,8 +114,12 @@ def main() -> None:
     ap.add_argument("--pairs", action="store_true", help="also print where the probes of two layers both fire")
     ap.add_argument("--weights", default="", help="further weightings of the harmless pool's alarming-word and templated "
                     "prompts, as A:T pairs (e.g. 3:3,2:2); the shipped probe, alarming x3 and x10 are always fitted")
+    ap.add_argument("--curve", type=int, metavar="LAYER", help="only the learning curve of this layer's probe, fitted with "
+                    "0-214 alarming-word pairs and 200-647 plain harmful prompts in the training pools")
     ap.add_argument("--json", help="also write the rates here")
     args = ap.parse_args()
+    if args.curve is not None:
+        return learning_curve(args.curve)
     weightings = [("as shipped", 1.0, 1.0), ("alarming x3", 3.0, 1.0), ("alarming x10", 10.0, 1.0)]
     for pair in filter(None, args.weights.split(",")):
         a, t = (float(v) for v in pair.split(":"))
