@@ -34,7 +34,7 @@ from neurontune.data.chat import chat_prompt  # noqa: E402
 from neurontune.data.splits import build_splits  # noqa: E402
 from neurontune.infra.probes import fit_bias_free, roc_auc  # noqa: E402
 from neurontune.interventions.capture import last_and_sampled  # noqa: E402
-from neurontune.method.switch_fit import PER_FAMILY, PROMPTS  # noqa: E402
+from neurontune.method.switch_fit import PER_FAMILY, PROMPTS, _probe  # noqa: E402
 from neurontune.model.loading import load_model  # noqa: E402
 
 THRESHOLDS = (0.5, 1.0, 1.5, 2.0, 3.0)
@@ -93,11 +93,7 @@ def learning_curve(layer: int) -> None:
     vlast, _ = last_and_sampled(lm, fmt([t for g in groups.values() for t in g]), "mlp_input", [layer])
     for n, pairs in [(400, 0), (400, 50), (400, 100), (400, 150), (400, 200), (200, 100), (300, 150), (400, 214), (647, 214)]:
         pos, neg = sp.harm_pools("train", n, PER_FAMILY, pairs=pairs)
-        x = last[layer][[row[t] for t in pos + neg]]
-        y = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg) + len(sampled[layer]))])
-        weight = torch.cat([torch.full((len(pos),), 1.0 / len(pos)), torch.full((len(neg),), 0.5 / len(neg)),
-                            torch.full((len(sampled[layer]),), 0.5 / len(sampled[layer]))])
-        z, logits, i = vlast[layer] @ fit_bias_free(torch.cat([x, sampled[layer]]), y, weight), {}, 0
+        z, logits, i = vlast[layer] @ _probe(last[layer][[row[t] for t in pos + neg]], sampled[layer], len(pos)), {}, 0
         for g, ts in groups.items():
             logits[g], i = z[i: i + len(ts)], i + len(ts)
         rates = {g: round(float((v > 0).float().mean()), 3) for g, v in logits.items()}

@@ -70,6 +70,10 @@ class SelectionConfig:
 KL_ANSWERS = ("benign", "harmless")  # meta.kl_answers
 
 
+# What an input gate can read (`meta.gate_features`; fitted by `method/gate_fit.py`).
+GATE_FEATURES = ("amplified", "layer", "residual", "residual_mean", "residual_tail", "residual_either")
+
+
 @dataclass(frozen=True)
 class MetaConfig:
     mode: str = "fomaml"  # "fomaml" | "reptile" | "joint"
@@ -121,10 +125,8 @@ class MetaConfig:
     kl_skip: int = 0
 
     def __post_init__(self):
-        if self.gate_features not in ("amplified", "layer", "residual", "residual_mean", "residual_tail", "residual_either"):
-            raise ValueError("meta.gate_features must be 'amplified', 'layer', 'residual', 'residual_mean', 'residual_tail' or "
-                             "'residual_either', "
-                             f"not {self.gate_features!r}.")
+        if self.gate_features not in GATE_FEATURES:
+            raise ValueError(f"meta.gate_features must be one of {', '.join(map(repr, GATE_FEATURES))}, not {self.gate_features!r}.")
         if self.gate_first and not self.gate:
             raise ValueError("meta.gate_first trains the gains behind the input gate: set meta.gate to true as well.")
         if self.kl_answers not in KL_ANSWERS:

@@ -31,6 +31,7 @@ from typing import Sequence
 
 import torch
 
+from ..config import GATE_FEATURES
 from ..data.chat import chat_prompt
 from ..infra import files
 from ..infra.probes import fit_probe, roc_auc
@@ -39,7 +40,6 @@ from ..interventions.capture import last_token, template_prefix_len, unit_featur
 from ..interventions.gating import GateProbe
 from ..interventions.modulation import Modulation
 
-GATE_FEATURES = ("amplified", "layer", "residual", "residual_mean", "residual_tail", "residual_either")
 EITHER = {"residual_either": ("residual_mean", "residual_tail")}  # gates that open where either of two fits reads harmful
 LAYER_SITES = {"layer": ("neurons", False), "residual": ("residual", False), "residual_mean": ("residual", True),
                "residual_tail": ("residual", True)}  # site, pooled over the user's turn
