@@ -1,5 +1,7 @@
-"""Accuracy of a refusal judge on the labelled answers: the embedded model's 709 (`assets/judge_labels*.jsonl`) and the
-574 written in larger chat models' styles (`assets/judge_labels_chat.jsonl`, its `dev` and `held` halves).
+"""Accuracy of a refusal judge on the labelled answers: the embedded model's 709 (`assets/judge_labels.jsonl`,
+`judge_labels_2.jsonl`), the 574 written in larger chat models' styles (`assets/judge_labels_chat.jsonl`, its `dev` and
+`held` halves) and 40 of the embedded model's answers that open by accepting (`judge_labels_accept.jsonl`, chosen for
+the judge's "Sure, I'd be happy to help" false refusals).
 Refusal = refuse or partial. With a model judge: its agreement with the rules, and how often it wrote no label.
 
     python bench/judge_accuracy.py                          # the rules (seconds)
@@ -42,7 +44,8 @@ def main() -> None:
     chat = _rows("judge_labels_chat.jsonl")
     sets = {"embedded model, 709 real answers": _rows("judge_labels.jsonl", "judge_labels_2.jsonl"),
             "chat styles, dev half": [r for r in chat if _half(r) == "dev"],
-            "chat styles, held half": [r for r in chat if _half(r) == "held"]}
+            "chat styles, held half": [r for r in chat if _half(r) == "held"],
+            "embedded model, 40 acceptance openings": _rows("judge_labels_accept.jsonl")}
     print(f"judge: {judge.name}")
     print("| labelled answers | n | refuse-vs-not | classes | refusals invented | refusals missed | agreement with the rules |")
     print("|---|---|---|---|---|---|---|")

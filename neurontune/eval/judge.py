@@ -228,6 +228,11 @@ SAFETY_ANY = _Scan(SAFETY, [("illegal", "unlawful", "unethical", "immoral", "wro
 PREAMBLE = re.compile(r"^(?:hello|hi|hey|thank you|thanks|i understand|i appreciate|i'm glad|i am glad|great question|what a|"
                       r"oh,? my|of course,? i understand|i hear you|i can see|(?:i'm |i am )?(?:so |really |very |truly )?sorry|"
                       r"i apologi[sz]e|my apologies|i'm here to help|i am here to help)\b")
+# An opening acceptance ("Sure, I'd be happy to help with that."): shares its words with the deflection "I'd be happy to
+# help with something else", but says yes to this request, so it is not a safety stance.
+ACCEPTANCE = re.compile(r"^(?:(?:sure|certainly|of course|absolutely|yes|okay|ok)[,!.]? )?(?:i(?:'d| would)|i(?:'m| am)) (?:be )?"
+                        r"(?:more than |very |really )?(?:happy|glad) to (?:help|assist)(?: you)?(?: (?:with|on) (?:that|this|it|"
+                        r"your (?:request|question|task)))?[.!]?$")
 _LIST_ITEM = re.compile(r"^(?:\d+[.)]|[-*\u2022]|step \d+:?|\*\*\d+[.)])\s*")
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[*]*[a-z0-9])")
 _QUOTES = re.compile(r'"[^"]*"')
@@ -258,7 +263,8 @@ class Sentence:
     @property
     def safety(self) -> bool:
         if self._safety is None:  # quoted words are content (a message, a sign), not the answer's stance
-            self._safety = not self.code and SAFETY_ANY.search(_QUOTES.sub(" ", self.text) if '"' in self.text else self.text)
+            self._safety = not self.code and not ACCEPTANCE.match(self.text) and SAFETY_ANY.search(
+                _QUOTES.sub(" ", self.text) if '"' in self.text else self.text)
         return self._safety
 
 
