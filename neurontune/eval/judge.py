@@ -230,7 +230,7 @@ PREAMBLE = re.compile(r"^(?:hello|hi|hey|thank you|thanks|i understand|i appreci
                       r"i apologi[sz]e|my apologies|i'm here to help|i am here to help)\b")
 # An opening acceptance ("Sure, I'd be happy to help with that."): shares its words with the deflection "I'd be happy to
 # help with something else", but says yes to this request, so it is not a safety stance.
-ACCEPTANCE = re.compile(r"^(?:(?:sure|certainly|of course|absolutely|yes|okay|ok)[,!.]? )?(?:i(?:'d| would)|i(?:'m| am)) (?:be )?"
+ACCEPTANCE = re.compile(r"^(?:(?:sure|certainly|of course|absolutely|yes|okay|ok)[,!.]? )?(?:i(?:'d| would) be|i(?:'m| am)) "
                         r"(?:more than |very |really )?(?:happy|glad) to (?:help|assist)(?: you)?(?: (?:with|on) (?:that|this|it|"
                         r"your (?:request|question|task)))?[.!]?$")
 _LIST_ITEM = re.compile(r"^(?:\d+[.)]|[-*\u2022]|step \d+:?|\*\*\d+[.)])\s*")
