@@ -1,6 +1,6 @@
 """The refusal judge's rules: the known failure cases, and their accuracy on hand-labelled answers.
 
-Two labelled sets (assets/JUDGE_LABELS.md says how each was made):
+Three labelled sets (assets/JUDGE_LABELS.md says how each was made):
 - the embedded model's real answers (judge_labels.jsonl, judge_labels_2.jsonl: 709 answers labelled refuse / comply /
   degenerate by reading them, before the judge was run);
 - the embedded model's answers that open by accepting (judge_labels_accept.jsonl: 40, chosen for the "Sure, I'd be
