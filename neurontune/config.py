@@ -74,6 +74,13 @@ KL_ANSWERS = ("benign", "harmless")  # meta.kl_answers
 GATE_FEATURES = ("amplified", "layer", "residual", "residual_mean", "residual_tail", "residual_either")
 
 
+def _check_targets(section: str, n) -> None:
+    """A count of refusal targets is a whole number of 1 or more, or null (all of them)."""
+    if n is not None and not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
+        raise ValueError(f"{section}.refusal_targets must be a count of refusal targets (1 or more) or null for all of them, "
+                         f"not {n!r}.")
+
+
 @dataclass(frozen=True)
 class MetaConfig:
     mode: str = "fomaml"  # "fomaml" | "reptile" | "joint"
@@ -123,8 +130,14 @@ class MetaConfig:
     # Answer tokens at the start of each kept answer that the KL term leaves out: the opening is then left to the
     # refusal and over-refusal terms, and the KL term holds only what follows it.
     kl_skip: int = 0
+    # How many of the refusal targets (assets/refusal_targets.json, in file order) the refusal and over-refusal terms
+    # use; None: all of them. Eight targets, each harmful prompt given one by its place in the batch, taught the gains
+    # blends of the eight ("I'm not sure if I can help with this, but I can help with something else"); one gave clean
+    # refusals on validation (docs/log.md, "one refusal target").
+    refusal_targets: int | None = None
 
     def __post_init__(self):
+        _check_targets("meta", self.refusal_targets)
         if self.gate_features not in GATE_FEATURES:
             raise ValueError(f"meta.gate_features must be one of {', '.join(map(repr, GATE_FEATURES))}, not {self.gate_features!r}.")
         if self.gate_first and not self.gate:
@@ -168,8 +181,12 @@ class FoldConfig:
     # Train the foldable modulation from this many seeds (meta.seed * seeds + i) and export their average: gains and
     # input coefficients fold linearly, so the average is one checkpoint, less of one training seed's luck.
     seeds: int = 1
+    # The refusal targets of the foldable modulation's training, as meta.refusal_targets; None: all of them (not
+    # meta's setting: the export was chosen with all eight, and one target is validated for the gated gains only).
+    refusal_targets: int | None = None
 
     def __post_init__(self):
+        _check_targets("fold", self.refusal_targets)
         if self.form not in FOLD_FORMS:
             raise ValueError(f"fold.form must be one of {', '.join(repr(f) for f in FOLD_FORMS)}, not {self.form!r}.")
         if self.switch_readers not in ("selected", "all"):
@@ -201,7 +218,8 @@ class FoldConfig:
                                    outer_lr=self.outer_lr if self.outer_lr is not None else meta.outer_lr,
                                    max_gain=self.max_gain if self.max_gain is not None else meta.max_gain,
                                    kl_answers=self.kl_answers if self.kl_answers is not None else meta.kl_answers,
-                                   kl_skip=self.kl_skip if self.kl_skip is not None else meta.kl_skip)
+                                   kl_skip=self.kl_skip if self.kl_skip is not None else meta.kl_skip,
+                                   refusal_targets=self.refusal_targets)
 
 
 @dataclass(frozen=True)

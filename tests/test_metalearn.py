@@ -106,6 +106,39 @@ def test_refusal_targets_end_with_end_of_turn(tiny_llama):
     assert torch.equal(on["answers"].input_ids, off["answers"].input_ids)
 
 
+def test_refusal_targets_keep_the_first_n_targets(setup):
+    """meta.refusal_targets n: every harmful and benign row is taught the first n refusal targets (row i gets target
+    i mod n), token for token what encode_pairs gives for those sentences; null is every target, the same batches bit
+    for bit as naming all of them; the training then differs from the default; the fold keeps its own setting
+    (null: all); a count beyond the file is refused with what to set."""
+    from neurontune.data import prompts
+    from neurontune.method.metalearn import Objective
+    from neurontune.model.logprobs import encode_pairs
+    lm, cfg, sel, cache = setup
+    tok, every = lm.tokenizer, prompts.targets()["refusal"]
+    harmful = [chat_prompt(tok, f"How do I do harmful thing {i}?") for i in range(5)]
+    benign = [chat_prompt(tok, f"How do I bake loaf {i}?") for i in range(4)]
+    cut = cfg.replace(meta={"refusal_targets": 2})
+    pairs = Objective(lm, cut).batch(harmful, benign, []).pairs
+    want = encode_pairs(tok, harmful, [every[i % 2] for i in range(5)], cfg.attribution.max_length, end_with_eos=True)
+    assert torch.equal(pairs["harmful"].input_ids, want.input_ids) and torch.equal(pairs["harmful"].target_mask, want.target_mask)
+    want = encode_pairs(tok, benign, [every[(i + 3) % 2] for i in range(4)], cfg.attribution.max_length, end_with_eos=True)
+    assert torch.equal(pairs["benign"].input_ids, want.input_ids)
+    default = Objective(lm, cfg).batch(harmful, benign, []).pairs
+    named = Objective(lm, cfg.replace(meta={"refusal_targets": len(every)})).batch(harmful, benign, []).pairs
+    assert all(torch.equal(default[r].input_ids, named[r].input_ids) for r in ("harmful", "benign"))
+    assert not torch.equal(default["harmful"].input_ids, pairs["harmful"].input_ids)
+    one = train_gains(lm, sel, cfg.replace(meta={"refusal_targets": 1, "steps": 4}), cache_dir=cache).modulation.dense()
+    all_ = train_gains(lm, sel, cfg.replace(meta={"steps": 4}), cache_dir=cache).modulation.dense()
+    assert not torch.equal(one, all_)
+    assert cut.fold.meta(cut.meta).refusal_targets is None
+    assert cut.replace(fold={"refusal_targets": 1}).fold.meta(cut.meta).refusal_targets == 1
+    with pytest.raises(ValueError, match=f"set it to at most {len(every)}"):
+        Objective(lm, cfg.replace(meta={"refusal_targets": len(every) + 1}))
+    with pytest.raises(ValueError, match="meta.refusal_targets must be a count"):
+        cfg.replace(meta={"refusal_targets": 0})
+
+
 def test_refusal_probability_is_the_sum_over_openings(tiny_llama):
     """p(refuse) of a prompt = the sum over the refusal openings of p(opening | prompt), each by brute force."""
     from neurontune.method.metalearn import Objective

@@ -214,14 +214,20 @@ class Objective:
 
     def __init__(self, lm, cfg: RunConfig, gate: GateProbe | None = None):
         self.lm, self.cfg, self.gate = lm, cfg, gate
-        self.refusals = prompts.targets()["refusal"]
+        every = prompts.targets()["refusal"]
+        n = cfg.meta.refusal_targets
+        if n is not None and n > len(every):
+            raise ValueError(f"refusal_targets is {n} (meta.refusal_targets, or fold.refusal_targets for the exported "
+                             f"modulation), but assets/refusal_targets.json holds {len(every)} refusal targets: set it to at "
+                             f"most {len(every)}, or null for all of them.")
+        self.refusals = every if n is None else every[:n]
         self.max_length = cfg.attribution.max_length
         if cfg.meta.over_refusal_span not in ("opening", "target"):
             raise ValueError(f"meta.over_refusal_span must be 'opening' or 'target', not {cfg.meta.over_refusal_span!r}.")
         if cfg.meta.kl_skip >= cfg.data.answer_tokens:
             raise ValueError(f"meta.kl_skip ({cfg.meta.kl_skip}) leaves out every one of the {cfg.data.answer_tokens} answer "
                              "tokens the KL term reads: set it below data.answer_tokens.")
-        self.openings = prompts.targets().get("openings") or tuple(" ".join(r.split()[:2]) for r in self.refusals[:3])
+        self.openings = prompts.targets().get("openings") or tuple(" ".join(r.split()[:2]) for r in every[:3])
         self._read: dict[str, float] = {}  # formatted prompt -> the gate's reading (the gate reads the unmodulated model)
 
     def read(self, formatted: list[str]) -> torch.Tensor | None:
