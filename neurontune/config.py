@@ -131,9 +131,7 @@ class MetaConfig:
     # refusal and over-refusal terms, and the KL term holds only what follows it.
     kl_skip: int = 0
     # How many of the refusal targets (assets/refusal_targets.json, in file order) the refusal and over-refusal terms
-    # use; None: all of them. Eight targets, each harmful prompt given one by its place in the batch, taught the gains
-    # blends of the eight ("I'm not sure if I can help with this, but I can help with something else"); one gave clean
-    # refusals on validation (docs/log.md, "one refusal target").
+    # use; None: all of them. Gains taught several learn blends of them (why one: docs/method.md).
     refusal_targets: int | None = None
 
     def __post_init__(self):

@@ -214,7 +214,8 @@ class Objective:
 
     def __init__(self, lm, cfg: RunConfig, gate: GateProbe | None = None):
         self.lm, self.cfg, self.gate = lm, cfg, gate
-        every = prompts.targets()["refusal"]
+        targets = prompts.targets()
+        every = targets["refusal"]
         n = cfg.meta.refusal_targets
         if n is not None and n > len(every):
             raise ValueError(f"refusal_targets is {n} (meta.refusal_targets, or fold.refusal_targets for the exported "
@@ -227,7 +228,7 @@ class Objective:
         if cfg.meta.kl_skip >= cfg.data.answer_tokens:
             raise ValueError(f"meta.kl_skip ({cfg.meta.kl_skip}) leaves out every one of the {cfg.data.answer_tokens} answer "
                              "tokens the KL term reads: set it below data.answer_tokens.")
-        self.openings = prompts.targets().get("openings") or tuple(" ".join(r.split()[:2]) for r in every[:3])
+        self.openings = targets.get("openings") or tuple(" ".join(r.split()[:2]) for r in every[:3])
         self._read: dict[str, float] = {}  # formatted prompt -> the gate's reading (the gate reads the unmodulated model)
 
     def read(self, formatted: list[str]) -> torch.Tensor | None:
