@@ -316,9 +316,9 @@ def _shared_answers(lm, interventions: dict[str, object], splits: Splits, cfg: E
         mod = _row_modulation(iv)
         if iv is None or mod is None or getattr(iv, "fingerprint", lm.fingerprint) not in (None, lm.fingerprint):
             continue
-        s = [float(v) for v in iv.strengths(lm, formatted)] if is_gated(iv) else [1.0] * len(rows)
+        mods, s = iv.per_prompt(lm, formatted, formatted=True) if is_gated(iv) else ([mod] * len(rows), [1.0] * len(rows))
         out[name] = ([""] * len(rows), s)
-        jobs += [(name, i, mod if s[i] == 1.0 else mod.scaled(s[i])) for i in range(len(rows))]
+        jobs += [(name, i, mods[i]) for i in range(len(rows))]
     length = {i: len(lm.tokenizer(f, add_special_tokens=False)["input_ids"]) for i, f in enumerate(formatted)}
     jobs.sort(key=lambda j: (length[j[1]], j[1]))
     batches = [jobs[k:k + cfg.batch_size] for k in range(0, len(jobs), cfg.batch_size)]
