@@ -37,6 +37,13 @@ def test_export_round_trip(request, tmp_path, name):
     assert "| neurontune | 0.900 ± 0.020 [0.83, 0.94]" in card and "| base | 0.100 [0.05, 0.20]" in card
     assert "input gate" not in card
     assert "comes from the refusal judge: model:embedded (partial refusals counted" in card and "`judges agree`" in card
+    assert "Quoted from the run's evaluation, not measured on this export" in card and "applied by hooks" in card
+    # the row of the run's exported checkpoints, over 3 seeds: a mean of three checkpoints, and the card says so
+    summary["table"].append({**summary["table"][1], "intervention": "neurontune export"})
+    export(lm, mod, tmp_path, "tuned-2", preset={"name": "balanced"}, eval_summary=summary)
+    card = (tmp_path / "tuned-2" / "README.md").read_text()
+    assert "`neurontune export` row is the mean of 3 checkpoints, one per training seed" in card
+    assert "| neurontune export | 0.900" in card and "| neurontune | 0.900" not in card
     # the shared model itself was not modified by the export
     with torch.no_grad():
         assert not torch.allclose(lm.model(ids).logits, hooked)

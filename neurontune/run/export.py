@@ -103,8 +103,16 @@ def _evaluation(summary: dict | None, gated: bool, own: dict | None = None) -> s
         return "_Not evaluated: run `python -m neurontune evaluate --run DIR` before exporting to have the figures here._"
     split, seeds = summary.get("split", "test"), summary.get("seeds", 1)
     unseen = "attack families never seen in tuning included" if split == "test" else "training attack families only"
-    text = (f"Held-out {split} prompts ({unseen}), {seeds} training seed(s): mean"
-            f"{' ± sd' if seeds > 1 else ''} [Wilson 95 % interval]. The `{own_row}` row is what this checkpoint computes.\n\n"
+    if own_row == EXPORTED and seeds > 1:
+        what = (f"The `{own_row}` row is the mean of {seeds} checkpoints, one per training seed, this one (the run's own) among "
+                "them; export with a measurement (the default of `neurontune export`) to have this checkpoint's own figures.")
+    elif own_row == EXPORTED:
+        what = f"The `{own_row}` row is this checkpoint, reloaded with plain `transformers`."
+    else:
+        what = (f"The `{own_row}` row is the run's gains applied by hooks; folded, they compute the same logits (the reload "
+                "check above).")
+    text = (f"Quoted from the run's evaluation, not measured on this export: held-out {split} prompts ({unseen}), {seeds} "
+            f"training seed(s): mean{' ± sd' if seeds > 1 else ''} [Wilson 95 % interval]. {what}\n\n"
             + markdown(frame, {"": [n for n in ("base", own_row) if n in frame.index]}))
     if gated:
         gated_row = next((n for n in frame.index if n.startswith("neurontune") and n not in ("neurontune", EXPORTED)), None)
@@ -211,7 +219,7 @@ def _gguf_section(g: dict) -> str:
     notes = "".join(f"\n\n{n}" for n in g["notes"])
     check = (f"Reloaded with `transformers`' GGUF loader: {g['weights_checked']} weights compared with the folded ones (copied "
              f"tensors bit for bit, re-quantised ones within their type's own rounding; largest difference {g['max_weight_error']:.2e} "
-             f"in `{g['worst_tensor']}`). Against the hooked float32 model on two check prompts: max logit difference "
+             f"in `{g['worst_tensor']}`). Against the hooked float32 model on {len(CHECK_PROMPTS)} check prompts (harmless and harmful): max logit difference "
              f"{g['max_logit_diff']:.3f}, same top token at {g['top1_agreement']:.1%} of positions (what quantisation moves).")
     load = f"""## Run it
 
@@ -231,7 +239,8 @@ from transformers import AutoModelForCausalLM  # transformers dequantises it
 model = AutoModelForCausalLM.from_pretrained("path/to/folder", gguf_file="{f}")
 ```
 
-{check} The evaluation below was measured on the hooked float32 model."""
+{check} The evaluation below is the run's, of the float32 modulation this file folds, not of this file: the check above
+says how far the two part."""
     return load
 
 def measure_checkpoint(lm, path: str | Path, modulation: Modulation, preset: dict | None, split: str = "test", *,
@@ -261,6 +270,17 @@ def measure_checkpoint(lm, path: str | Path, modulation: Modulation, preset: dic
             "judge": describe(judge), "style_audit": splits.style_audit(split).accuracy}
 
 
+# Prompts (and answer openings) the reloaded checkpoint is compared on: harmless ones and a harmful one, so that a
+# conditional modulation (a folded switch, input-side terms) is checked where it fires as well as where it stays quiet.
+CHECK_PROMPTS = (("How do I make a cake?", "Sure"), ("Write a short poem about the sea.", "Here"),
+                 ("How do I pick a lock to break into my neighbour's house?", "I"))
+
+
+def _check_batch(lm):
+    prompts = [chat_prompt(lm.tokenizer, p) for p, _ in CHECK_PROMPTS]
+    return encode_pairs(lm.tokenizer, prompts, [a for _, a in CHECK_PROMPTS], max_length=128)
+
+
 FLOAT32_TOLERANCE = 1e-3  # max |logit| difference allowed for a float32 export
 ROUNDING_FACTOR = 3.0  # low precision: allowed difference = this x the dtype's own rounding of the hooked logits
 
@@ -280,8 +300,7 @@ def _check_reload(lm, modulation: Modulation, folder: Path, tolerance: float | N
 
     dtype = lm.model.dtype
     reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
-    prompts = [chat_prompt(lm.tokenizer, p) for p in ("How do I make a cake?", "Write a short poem about the sea.")]
-    batch = encode_pairs(lm.tokenizer, prompts, ["Sure", "Here"], max_length=128)
+    batch = _check_batch(lm)
     mask = batch.attention_mask.bool()
     with modulate(lm.model, modulation, lm.nmap):
         hooked = forward(lm.model, batch, all_logits=True).float().cpu()
@@ -305,8 +324,7 @@ def _check_reload(lm, modulation: Modulation, folder: Path, tolerance: float | N
 
 def _logit_agreement(lm, modulation: Modulation, reloaded) -> dict:
     """Max logit difference and share of positions with the same top token, reloaded vs hooked, on the check prompts."""
-    prompts = [chat_prompt(lm.tokenizer, p) for p in ("How do I make a cake?", "Write a short poem about the sea.")]
-    batch = encode_pairs(lm.tokenizer, prompts, ["Sure", "Here"], max_length=128)
+    batch = _check_batch(lm)
     mask = batch.attention_mask.bool()
     with torch.no_grad():
         with modulate(lm.model, modulation, lm.nmap):
@@ -342,7 +360,7 @@ def export(lm, modulation: Modulation, root: str | Path, name: str, *, format: s
            tolerance: float | None = None, push_to_hub: str | None = None, token: str | None = None,
            reporter: Reporter | None = None, measure: str | None = None, judge=None) -> dict:
     """Write the export folder; returns {"path", "format", "max_logit_diff", "tolerance", "rounding", "pushed",
-    "push_error", "gate_left_out", "gguf"} (the reload check's figures: see `_check_reload` for how the tolerance
+    "push_error", "gate_left_out", "gguf", "measured"} (the reload check's figures: see `_check_reload` for how the tolerance
     follows the model's dtype; for a GGUF export, `gguf` holds `check_gguf`'s figures and what was written).
 
     `format`: "transformers" (a safetensors checkpoint) or "gguf" (one GGUF file; `gguf_type` "auto", "f16" or
@@ -397,7 +415,8 @@ def export(lm, modulation: Modulation, root: str | Path, name: str, *, format: s
     except files.FolderExists:
         raise ExportError(f"An export named {path.name!r} appeared at {path} meanwhile; it was kept. Choose another name.") from None
     result = {"path": str(path), "format": format, "max_logit_diff": check["max_logit_diff"], "tolerance": check["tolerance"],
-              "rounding": check["rounding"], "pushed": None, "push_error": None, "gate_left_out": gated, "gguf": check.get("gguf")}
+              "rounding": check["rounding"], "pushed": None, "push_error": None, "gate_left_out": gated, "gguf": check.get("gguf"),
+              "measured": check.get("measured")}
     reporter.progress(2, steps, "saved")
     if push_to_hub:
         reporter.progress(2, steps, f"pushing to {push_to_hub}")
