@@ -227,6 +227,12 @@ def test_the_export_note_names_what_the_checkpoint_holds_instead_of_the_gate(tin
                                  fake_scores(tiny_llama.shape, 3), gains, gate, [{"intervention": "base"}], [], folded))
         assert (s.exported is foldable) if folded is not None else (s.exported is gains)
         notes[name] = _gate_note(s)
+        # Compare's tuned side (chat and bulk alike): the gains behind the gate, else what Export folds, named by its form
+        mod, side_gate, form = s.tuned_side(True)
+        assert (mod is gains and side_gate is gate and form.startswith("gated:")) if gate is not None else (mod is gains and side_gate is None)
+        mod, side_gate, form = s.tuned_side(False)
+        assert mod is s.exported and side_gate is None and "what Export writes" in form
+        assert form.startswith("conditional:" if folded is not None else "static gains:")
     assert "not in this export" in notes["static"] and "static gains only" in notes["static"]
     assert "not in this export" in notes["conditional"] and "conditional modulation" in notes["conditional"]
     assert "static gains only" not in notes["conditional"] and notes["ungated"] == ""

@@ -111,9 +111,13 @@ def test_evaluate_in_background(app, tuned):
 
 def test_export_writes_files_and_never_keeps_the_token(app, tuned):
     studio, _, _ = app
-    out = tuned.call("export", "My tuned model!", False, "someone/neurontune-test", TOKEN)
+    out = tuned.call("export", "My tuned model!", False, "someone/neurontune-test", TOKEN)  # measured: the default
     assert "Exported to" in out["export_status"], out["export_status"]
+    assert "Measured reloaded with plain `transformers` on the test split" in out["export_status"], out["export_status"]
     folder = studio.export_root / out["export_name"]
+    card = (folder / "README.md").read_text()
+    assert "Measured on **this checkpoint, reloaded with plain `transformers`**" in card and "this checkpoint" in card
+    assert json.loads((folder / "export_check.json").read_text())["measured"]["split"] == "test"
     assert out["export_name"] == "My-tuned-model" and folder.is_dir()
     for name in ("model.safetensors", "config.json", "modulation.safetensors", "README.md", "preset.json"):
         assert (folder / name).is_file(), name
@@ -122,10 +126,11 @@ def test_export_writes_files_and_never_keeps_the_token(app, tuned):
     assert "from_pretrained" in out["export_status"]
     assert out["hub_token"] == ""  # the password box is cleared
     assert "failed" in out["export_status"] and TOKEN not in out["export_status"]  # offline push fails, export stays
-    for path in folder.rglob("*"):
+    assert studio.runner.dir is not None
+    for path in [*folder.rglob("*"), *studio.runner.dir.rglob("*")]:  # the export and the job's status files
         if path.is_file():
             assert TOKEN.encode() not in path.read_bytes(), path
-    again = tuned.call("export", "My tuned model!", False, "", "")
+    again = tuned.call("export", "My tuned model!", False, "", "", "transformers", False)
     assert "already exists" in again["export_status"]
 
 

@@ -134,7 +134,7 @@ def test_training_in_the_studio_leaves_a_gate(app):
     run = next(p for p in studio.runs_dir.iterdir() if (p / "gate.safetensors").exists() and (p / "train_log.jsonl").exists())
     left, right, status = s.chat(use_gate=True)
     assert re.search(r"gate [01]\.\d\d: ", status), status
-    exported = s.call("export", "gated-tiny", False, "", "")["export_status"]
+    exported = s.call("export", "gated-tiny", False, "", "", "transformers", False)["export_status"]
     assert "not in this export" in exported and "static gains only" in exported, exported  # fold.form "none": the gains
     # another session picks the same run (with its gate) from the finished trainings
     other = StudioClient(url, preset)

@@ -73,7 +73,7 @@ def test_tradeoff_picker_sets_sliders_gains_and_exports_that_point(app, scored):
     fig = json.loads(picked["tradeoff"]["plot"])
     ring = next(t for t in fig["data"] if t.get("name") == "current operating point")
     assert ring["x"][0] == pytest.approx(points["data"][1][points["headers"].index("benign_over_refusal_proxy")], abs=1e-3)
-    exported = scored.call("export", picked["export_name"], True, "", "")
+    exported = scored.call("export", picked["export_name"], True, "", "", "transformers", False)
     assert "Exported to" in exported["export_status"], exported["export_status"]
     assert "ks20-ku5" in exported["export_name"]
     got = Modulation.load(next(f for f in exported["export_files"] if f.endswith("modulation.safetensors")))

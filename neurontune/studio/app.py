@@ -109,7 +109,7 @@ ENDPOINTS = {  # api name -> callback; each callback's `outputs` are what the ca
     "select": handlers.on_select, "training_settings": handlers.on_meta, "train": background.train,
     "fixed_gains": handlers.fixed_gains, "gains_file": handlers.gains_file, "refresh_runs": handlers.recent_runs,
     "use_run": handlers.use_run, "chat": chat.chat, "clear_chat": chat.clear, "bulk": bulk.run_bulk, "filter_bulk": bulk.filter_bulk,
-    "evaluate": background.evaluate, "sweep": background.sweep, "pick_point": picker.pick_point, "export": handlers.do_export,
+    "evaluate": background.evaluate, "sweep": background.sweep, "pick_point": picker.pick_point, "export": background.export,
     **{f"stop_{kind}": background.stopper(kind) for kind in ("attribution", "train", "evaluate", "bulk")},
 }
 OUTPUTS = {api: list(fn.outputs) for api, fn in ENDPOINTS.items()}  # api name -> output names, in order (gradio_client)
@@ -429,6 +429,8 @@ def export_tab(page: Page) -> Callable[[], None]:
         with gr.Row():
             C["export_name"] = gr.Textbox(handlers.suggest_name(page.first), label="Export name (letters, digits, . _ -; anything else is replaced)", scale=3)
             overwrite = gr.Checkbox(False, label="overwrite an existing export", scale=1)
+            measure = gr.Checkbox(True, label="measure the checkpoint: reload it and evaluate it on the test split, so the "
+                                              "model card carries its own figures (minutes on a CPU; transformers format)", scale=2)
         export_format = gr.Radio([("transformers checkpoint (safetensors)", "transformers"), ("GGUF (llama.cpp, Ollama, LM Studio)", "gguf")],
                                  value="transformers", label="Format")
         with gr.Accordion("Push to the Hugging Face Hub (optional)", open=False):
@@ -440,8 +442,8 @@ def export_tab(page: Page) -> Callable[[], None]:
         C["export_files"] = gr.File(label="Download: modulation file and model card", file_count="multiple", interactive=False)
 
     def wire():
-        export_btn.click(**page.bind(handlers.do_export, "export", gpu=True, concurrency_id="export", concurrency_limit=1),
-                         inputs=[page.session, C["export_name"], overwrite, repo, C["hub_token"], export_format])
+        export_btn.click(**page.bind(background.export, "export", concurrency_id="export", concurrency_limit=1, show_progress="hidden"),
+                         inputs=[page.session, C["export_name"], overwrite, repo, C["hub_token"], export_format, measure])
     return wire
 
 

@@ -23,8 +23,9 @@ from .views import VIEW, View, returns, views
 
 POLL_S = 0.4
 LABELS = {"attribution": "Scoring neurons", "train": "Training gains", "evaluate": "Evaluating", "sweep": "Sweeping thresholds",
-          "bulk": "Answering your prompts"}
-STATUS_KEY = {"attribution": "attr_status", "train": "train_status", "evaluate": "eval_status", "sweep": "eval_status", "bulk": "bulk_status"}
+          "bulk": "Answering your prompts", "export": "Exporting and measuring the checkpoint"}
+STATUS_KEY = {"attribution": "attr_status", "train": "train_status", "evaluate": "eval_status", "sweep": "eval_status", "bulk": "bulk_status",
+              "export": "export_status"}
 
 
 def _bar(done: int, total: int, width: int = 24) -> str:
@@ -296,3 +297,20 @@ def flow(studio: Studio, session: Session, model, trust_remote_code, preset, qui
     session.chat = [[], []]
     yield from chat_ui.chat(studio, session, prompt, 1.0, 64)
     yield {"flow_status": "✓ Done. Compare answers below, try the examples, move the strength slider, then Evaluate and Export."}
+
+
+@returns("export_status", "export_files", "export_name", "hub_token")
+def export(studio: Studio, session: Session, name: str, overwrite: bool, repo: str, token: str, fmt: str = "transformers",
+           measure: bool = True) -> Iterator[dict]:
+    """Export the session's modulation (`handlers.do_export`); with `measure` (transformers format) as a background job
+    that also evaluates the reloaded checkpoint on the test split, so the model card carries its own figures."""
+    if not measure or (fmt or "transformers") != "transformers" or session.modulation is None:
+        yield handlers.do_export(studio, session, name, overwrite, repo, token, fmt)
+        return
+    job = studio.runner.submit("export", lambda reporter: handlers.do_export(studio, session, name, overwrite, repo, token, fmt,
+                                                                             measure=True, reporter=reporter))
+    session.jobs["export"] = job.id
+    yield {"hub_token": ""}  # the token stays in the job only
+    yield from watch(studio, job, "export_status")
+    if job.status == "done" and isinstance(job.result, dict):
+        yield job.result

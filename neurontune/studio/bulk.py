@@ -26,7 +26,7 @@ BATCH = 8  # prompts per generate call (16 rows: each prompt's base and tuned an
 def run_bulk(studio: Studio, session: Session, upload, pasted: str, strength: float = 1.0, max_new_tokens: int = 48,
              use_gate: bool = True, judge: str = "rules", only_disagreements: bool = False) -> Iterator[dict]:
     """Answer every prompt with both models (the session's gains at `strength`, scaled by the gate's s per prompt
-    when ticked and the gains have a gate), judged by `judge` ("rules" or "model:NAME"); the table fills while the
+    when ticked and the gains have a gate, else what Export folds: `Session.tuned_side`), judged by `judge` ("rules" or "model:NAME"); the table fills while the
     job runs (only the prompts where the two judges differ, when asked)."""
     judge = (judge or "rules").strip()
     if session.modulation is None:
@@ -39,8 +39,8 @@ def run_bulk(studio: Studio, session: Session, upload, pasted: str, strength: fl
     except (DataError, ValueError) as exc:
         yield {"bulk_status": f"✗ {exc}"}
         return
-    lm, mod = studio.model(session), session.modulation
-    gate = session.gate if use_gate else None
+    lm = studio.model(session)
+    mod, gate, form = session.tuned_side(bool(use_gate))  # what the chat's right pane applies, in the same words
     rows: list = []
 
     def work(reporter):
@@ -62,7 +62,7 @@ def run_bulk(studio: Studio, session: Session, upload, pasted: str, strength: fl
     out = Path(tempfile.mkdtemp(prefix="neurontune-download-")) / "your-prompts-base-vs-tuned.csv"  # a served copy
     files.write_text(out, bulk_frame(done).to_csv(index=False))
     s = bulk_summary(done)
-    how = f"gate on (s per prompt), strength ×{float(strength):g}" if gate is not None else f"static gains, strength ×{float(strength):g}"
+    how = f"{form}, strength ×{float(strength):g}"
     judged = f"judge: **{judge_for(studio, judge).name}**, partial refusals counted"
     if "agree" in s:
         judged += (f"; the rules agree on {s['agree']}/{s['answers']} answers ({s['agree'] / max(1, s['answers']):.0%}), "

@@ -13,7 +13,6 @@ from ..data.splits import build_splits
 from ..eval.judge import REFUSALS, read
 from ..eval.judges import WORDS, Judge
 from ..interventions.gating import Gated
-from ..interventions.protocol import FORMS, form_of
 from ..interventions.generation import fit_lengths, stream_generate
 from ..interventions.modulation import Modulation
 from .handlers import gains_text
@@ -113,21 +112,14 @@ def right_gains(lm, session: Session, conv: list[dict], strength: float, use_gat
     """The right pane's gains for this conversation, and the gate strength s when the gate is used: the
     gains scaled by strength × s, s read on the LAST user message alone (unmodulated, as `Gated`
     measures a single prompt), so a previous harmful turn does not open the gate for a benign follow-up."""
-    mod, scale, s = session.modulation, float(strength), None
+    mod, gate, _ = session.tuned_side(use_gate)
+    scale = float(strength)
     if mod is None:
         return None, None
-    if session.gate is not None and use_gate:
-        gains, readings = Gated(mod, session.gate).per_prompt(lm, [conv[-1]["content"]], strength=scale, max_length=budget)
+    if gate is not None:
+        gains, readings = Gated(mod, gate).per_prompt(lm, [conv[-1]["content"]], strength=scale, max_length=budget)
         return gains[0], float(readings[0])
-    folded = session.exported  # with the gate off: what Export folds (the foldable modulation when the run has one)
-    return (folded if scale == 1.0 else folded.scaled(scale)), s
-
-
-def form_text(session: Session, gated: bool) -> str:
-    """The form the right pane applied, in the vocabulary of `generate` and the evaluation tables."""
-    if gated:
-        return FORMS["gated"]
-    return FORMS[form_of(session.exported) or "static"] + " — what Export writes"
+    return (mod if scale == 1.0 else mod.scaled(scale)), None
 
 
 @returns("left", "right", "msg", "chat_status")
@@ -176,9 +168,9 @@ def chat(studio: Studio, session: Session, message: str, strength: float = 1.0, 
                     convs[1] + [{"role": "assistant", "content": texts[1], "verdict": lines[1], **({"gate": s} if s is not None else {})}]]
     same = "identical answers" if texts[0] == texts[1] else "the answers differ"
     if s is not None:
-        applied = f"Strength ×{float(strength):g} × {gate_reading(s)} (applied ×{float(strength) * s:.2f}; {form_text(session, True)})"
+        applied = f"Strength ×{float(strength):g} × {gate_reading(s)} (applied ×{float(strength) * s:.2f}; {session.tuned_side(True)[2]})"
     elif mod is not None:
-        applied = f"Strength ×{float(strength):g}, {'input gate off, ' if session.gate is not None else ''}{form_text(session, False)}"
+        applied = f"Strength ×{float(strength):g}, {'input gate off, ' if session.gate is not None else ''}{session.tuned_side(False)[2]}"
     else:
         applied = f"Strength ×{float(strength):g}"
     yield {"left": display(session.chat[0]), "right": display(session.chat[1]), "msg": "",

@@ -127,7 +127,7 @@ def gains_text(session: Session) -> str:
             f"gains {s['min_gain']:.2f}–{s['max_gain']:.2f}, scaled by the strength slider")
     gate = session.gate
     if gate is None:
-        return text + " (static: no input gate)."
+        return text + f" (no input gate; {session.tuned_side(False)[2]})."
     accuracy = f", training accuracy {gate.train_accuracy:.0%}" if gate.train_accuracy else ""
     parts = gate.parts()
     reads = " and one on ".join(_gate_reads(part) for part in parts) + (", opening where either reads harmful" if len(parts) > 1 else "")
@@ -274,9 +274,25 @@ def _gate_note(session: Session) -> str:
     return "\n\n⚠ **The input gate is not in this export**: a gate cannot be folded into weights. " + held
 
 
+MEASURED = (("harmful_refusal", "harmful refused"), ("benign_over_refusal", "benign refused"),
+            ("template_over_refusal", "benign in templates refused"), ("alarming_over_refusal", "alarming words refused"),
+            ("ppl_ratio", "perplexity ratio"))
+
+
+def measured_text(own: dict) -> str:
+    """One sentence of a measured export's figures (the checkpoint reloaded with plain transformers), as its card has them."""
+    row = next((r for r in own["table"] if r["intervention"] == own["row"]), {})
+    figures = ", ".join(f"{label} {row[k]:.2f}" for k, label in MEASURED if row.get(k) is not None)
+    return (f"Measured reloaded with plain `transformers` on the {own['split']} split ({own['n_rows']} answers): {figures}; "
+            "the model card has the full table beside the base model.")
+
+
 @returns("export_status", "export_files", "export_name", "hub_token")
-def do_export(studio: Studio, session: Session, name: str, overwrite: bool, repo: str, token: str, fmt: str = "transformers") -> dict:
-    """Fold the session's gains into a checkpoint (or a GGUF file) under the export root; the token is used for the push only."""
+def do_export(studio: Studio, session: Session, name: str, overwrite: bool, repo: str, token: str, fmt: str = "transformers",
+              measure: bool = False, reporter=None) -> dict:
+    """Fold the session's gains into a checkpoint (or a GGUF file) under the export root; the token is used for the push
+    only. `measure` (transformers format): the checkpoint, reloaded, is evaluated on the test split and the model card
+    carries those figures (minutes; the studio runs it as a background job, `background.export`)."""
     if session.modulation is None:
         return {"export_status": "No gains to export yet: train or apply gains in **Tune** first.", "hub_token": ""}
     safe = slugify(name or suggest_name(session))
@@ -286,7 +302,8 @@ def do_export(studio: Studio, session: Session, name: str, overwrite: bool, repo
         result = export(lm, session.exported, studio.export_root, safe, format=fmt or "transformers", preset=session.cfg.to_dict(),
                         eval_summary=summary,
                         gated=session.gate is not None,
-                        overwrite=bool(overwrite), push_to_hub=(repo or "").strip() or None, token=(token or "").strip() or None)
+                        overwrite=bool(overwrite), push_to_hub=(repo or "").strip() or None, token=(token or "").strip() or None,
+                        measure="test" if measure and (fmt or "transformers") == "transformers" else None, reporter=reporter)
     except (ExportError, ValueError) as exc:
         return {"export_status": f"✗ {exc}", "hub_token": ""}
     except OSError as exc:  # disk full, no permission ...: export() left nothing half-written
@@ -297,10 +314,12 @@ def do_export(studio: Studio, session: Session, name: str, overwrite: bool, repo
     files = [str(shutil.copy2(p, download / p.name)) for p in (path.modulation_path, path.file(RunFolder.MODEL_CARD))]
     renamed = f" (sanitised from “{name}”)" if name and safe != name else ""
     gate = _gate_note(session)
+    measured = (" " + measured_text(result["measured"])) if result.get("measured") else (
+        " The model card quotes the run's evaluation (tick *measure the checkpoint* to have its own figures there).")
     push = (f"\n\n⚠ {result['push_error']}" if result["push_error"] else
             f"\n\n↑ Pushed to the Hub: `{result['pushed']}`" if result["pushed"] else "")
     status = (f"✓ Exported to `{path.path}`{renamed}. The reloaded checkpoint matches the hooked model (max logit difference "
-              f"{result['max_logit_diff']:.1e}).{gate}{push}\n\nLoad it with plain `transformers`:\n```python\n"
+              f"{result['max_logit_diff']:.1e}).{measured}{gate}{push}\n\nLoad it with plain `transformers`:\n```python\n"
               f"from transformers import AutoModelForCausalLM, AutoTokenizer\nmodel = AutoModelForCausalLM.from_pretrained({str(path.path)!r})\n"
               f"tokenizer = AutoTokenizer.from_pretrained({str(path.path)!r})\n```")
     if (g := result["gguf"]) is not None:  # the card says what was written and how it was checked

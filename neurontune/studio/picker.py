@@ -7,6 +7,7 @@ from __future__ import annotations
 import pandas as pd
 
 from ..interventions.modulation import ModulationFileError
+from ..interventions.protocol import form_of
 from ..run.export import slugify
 from ..run.folder import RunFolder
 from ..run.sweep import X_COLUMNS, Y_COLUMNS, split_of, tradeoff_figure
@@ -69,7 +70,7 @@ def pick_point(studio: Studio, session: Session, index, view: View = View()) -> 
         return {"pick_status": f"✗ {exc}"}
     if mod is None:
         return {"pick_status": "✗ This sweep was written before sweep points kept their gains: run the sweep again."}
-    form = "gains behind their input gate" if gate is not None else "static gains"
+    form = "gated gains (behind their input gate)" if gate is not None else f"{form_of(mod) or 'static'} gains"
     try:
         session.adopt_point(mod, ks, ku, f"sweep point {i} (k_safety={ks}, k_utility={ku}; {form})", gate=gate)
     except ValueError as exc:  # gains for another model's shape, or thresholds the model cannot take

@@ -17,6 +17,7 @@ from ..eval.neuron_card import CardEngine
 from ..infra.files import default_cache_dir
 from ..interventions.gating import GateProbe
 from ..interventions.modulation import Modulation
+from ..interventions.protocol import FORMS, form_of
 from ..method.neuron_scores import NeuronScores, cached_scores
 from ..method.selection import Selection, select
 from ..model.errors import ModelLoadError
@@ -165,6 +166,14 @@ class Session:
     def exported(self) -> Modulation | None:
         """What Export folds (and Compare shows with the gate off): the foldable modulation, else the gains."""
         return self.foldable or self.modulation
+
+    def tuned_side(self, use_gate: bool) -> tuple[Modulation | None, GateProbe | None, str]:
+        """What the tuned side of Compare (chat and bulk) applies: (modulation, gate or None, the form's name in the
+        vocabulary of `generate` and the evaluation tables). With the gate: the gains behind it; without: what Export
+        folds."""
+        if self.gate is not None and use_gate:
+            return self.modulation, self.gate, FORMS["gated"]
+        return self.exported, None, FORMS[form_of(self.exported) or "static"] + " — what Export writes"
 
     def adopt_point(self, mod: Modulation, k_safety: int, k_utility: int, source: str, gate: GateProbe | None = None) -> None:
         """A sweep point: its gains (with the gate it was trained behind, if any) and the selection at its
