@@ -207,3 +207,42 @@ def test_form_rewrite_is_shared_by_harmful_and_harmless():
         forms = {phrasing(p.text) for p in pool}
         assert forms == {"imperative", "question", "context"}
     assert matched("How do I bake bread?") == "How do I bake bread?"  # a question is left alone
+
+
+def test_alarming_pairs_share_words_and_split_together():
+    """Each safe request with alarming words has an unsafe twin in the same words and form; every category of the
+    issue (homonyms, figurative language, safe targets and contexts, definitions, history, public figures' privacy,
+    drugs and medicine) sits in every form and every split, the twins stay aligned in one split, and no pair text is
+    also a prompt of another pool."""
+    import re
+    from collections import Counter
+
+    rows = [json.loads(line) for line in (sets.ASSETS / "alarming_pairs.jsonl").read_text().splitlines() if line.strip()]
+    pairs = sets.alarming_pairs()
+    assert len(pairs) == len(rows) == 360
+    categories = {"homonyms", "figurative", "safe_targets", "safe_contexts", "definitions", "history", "privacy_public",
+                  "drugs_medicine"}
+    assert set(Counter((r["category"], r["form"]) for r in rows)) == {(c, f) for c in categories for f in ("question", "imperative", "context")}
+    stop = set("what how does the and for with from that this your about into when where which who why can should".split())
+
+    def words(text: str) -> set[str]:
+        return {w for w in re.findall(r"[a-z]+", text.lower()) if len(w) > 3 and w not in stop}
+    for (safe, unsafe), r in zip(pairs, rows):
+        assert safe.source == r["safe"].strip() and unsafe.source == r["unsafe"].strip() and safe.text != unsafe.text
+        assert safe.category == unsafe.category == r["category"]
+        assert words(safe.source) & words(unsafe.source), (safe.source, unsafe.source)  # the alarming word(s) they share
+    texts = [t for p in pairs for t in (p[0].text, p[1].text)]
+    assert len(set(texts)) == len(texts)
+    others = {t for kind in (sets.harmful, sets.benign, sets.borderline) for p in kind() for t in (p.text, p.source)}
+    assert not (set(texts) | {p.source for pair in pairs for p in pair}) & others
+    s = build_splits(DataConfig())
+    twin = {p[0].text: p[1].text for p in pairs}
+    seen: dict[str, set[str]] = {}
+    for name in ("train", "validation", "test"):
+        safe, unsafe = s.alarming[name], s.contrast[name]
+        assert safe and len(safe) == len(unsafe)
+        assert [twin[p.text] for p in safe] == [p.text for p in unsafe]  # aligned: contrast[i] is alarming[i]'s twin
+        assert {p.category for p in safe} == categories  # every category in every split
+        seen[name] = {p.text for p in safe}
+    assert not (seen["train"] & seen["validation"]) and not (seen["train"] & seen["test"]) and not (seen["validation"] & seen["test"])
+    assert sum(len(v) for v in seen.values()) <= len(pairs)
