@@ -98,7 +98,7 @@ def test_default_flow_in_browser(studio_url):
             page.locator("#card-status").screenshot(path=str(ARTIFACTS / "card-header.png"))
             page.get_by_role("tab", name="6 · Export").click()
             page.get_by_role("button", name="Export", exact=True).click()
-            expect(page.get_by_text("Exported to").first).to_be_visible(timeout=60_000)
+            expect(page.get_by_text("Exported to").first).to_be_visible(timeout=timeout_s * 1000)  # measured: a job
             if MODEL != "tiny-llama":  # the README's Evaluate screenshot: a real metrics table
                 page.get_by_role("tab", name="5 · Evaluate").click()
                 page.get_by_role("button", name="Run evaluation").click()
