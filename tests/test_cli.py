@@ -232,3 +232,35 @@ def test_gate_first_sweep_measures_each_point_behind_its_gate(tmp_path, gate_fir
         assert frame[key].iloc[0] == pytest.approx(again[key], abs=1e-6), key
     base = pd.read_csv(out / RunFolder.SWEEP_BASELINES)
     assert base["name"].tolist() == ["base"] and base["ppl_ratio"].iloc[0] == pytest.approx(1.0)
+
+
+def test_balanced_shape_tune_then_export_carries_the_reloaded_switch_checkpoints_figures(tmp_path, tiny_preset):
+    """`tune` then `export` with `balanced`'s own recipe on a tiny model (gate fitted first on the user's turn, gains
+    taught one refusal target behind it, a folded switch whose readers are trained from two seeds and averaged): the
+    checkpoint is the averaged switch modulation, only MLP weights change, and its card carries the figures of that
+    checkpoint reloaded with plain transformers."""
+    from neurontune.config import load_preset
+    balanced = load_preset("balanced")
+    cfg = load_preset(str(tiny_preset)).replace(
+        meta={k: getattr(balanced.meta, k) for k in ("gate", "gate_first", "gate_features", "gate_sharpness", "refusal_targets", "mode")},
+        fold={"form": "switch", "switch_layer": 1, "switch_readers": "all", "steps": 3, "outer_lr": 0.0, "input_lr": 0.5, "seeds": 2})
+    preset = cfg.save(tiny_preset.parent / "tiny-balanced-shape.json")
+    cache, run_dir = tmp_path / "cache", tmp_path / "run"
+    assert run("tune", "--model", "tiny-llama", "--preset", preset, "--out", run_dir, "--no-eval", "--cache-dir", cache) == 0
+    from neurontune.run.folder import RunFolder
+    foldable = RunFolder(run_dir).foldable()
+    assert foldable.switch is not None and foldable.meta["fold_seeds"] == [cfg.meta.seed, cfg.meta.seed + 1]
+    assert run("export", "--model", "tiny-llama", "--run", run_dir, "--name", "bal", "--root", tmp_path / "exports",
+               "--eval-split", "validation", "--cache-dir", cache) == 0
+    export_dir = tmp_path / "exports" / "bal"
+    card = (export_dir / "README.md").read_text()
+    assert "Measured on **this checkpoint, reloaded with plain `transformers`**" in card and "| this checkpoint |" in card
+    assert "not in this checkpoint" in card  # the gate is said to be left out
+    check = json.loads((export_dir / "export_check.json").read_text())
+    assert check["measured"]["form"] == "conditional" and check["max_logit_diff"] <= check["tolerance"]
+    from safetensors.torch import load_file
+
+    from neurontune.model.loading import load_model
+    weights, base = load_file(str(export_dir / "model.safetensors")), load_model("tiny-llama").model.state_dict()
+    changed = {k for k, v in weights.items() if k in base and not torch.equal(v, base[k])}
+    assert "model.layers.1.mlp.gate_proj.weight" in changed and all(".mlp." in k for k in changed)
