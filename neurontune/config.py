@@ -110,6 +110,9 @@ class MetaConfig:
     # Train the gains BEHIND the gate: the gate is fitted first (it reads the unmodulated prompt) and every training
     # prompt gets the gains at the strength the gate reads from it; off: gains first, then a gate fitted on them.
     gate_first: bool = False
+    # Also fit the gate on the safety pairs (assets/safety_pairs.jsonl, training only): questions about staying safe
+    # from a harm as harmless, requests to cause it in the same words as harmful.
+    gate_safety_pairs: bool = False
     # Also train one input-side term per selected neuron along its layer's harm direction (method/conditional.py):
     # a modulation that depends on the input and still folds into the model's own weights.
     conditional: bool = False

@@ -246,3 +246,32 @@ def test_alarming_pairs_share_words_and_split_together():
         seen[name] = {p.text for p in safe}
     assert not (seen["train"] & seen["validation"]) and not (seen["train"] & seen["test"]) and not (seen["validation"] & seen["test"])
     assert sum(len(v) for v in seen.values()) <= len(pairs)
+
+
+def test_safety_pairs_share_words_and_reach_only_the_training_pools():
+    """Each question about staying safe from a harm has an unsafe twin in the same words and form; no pair text is a
+    prompt of another pool; `harm_pools(..., safety=True)` adds them to the training split only (unsafe → harmful,
+    safe → harmless), so no validation or test pool changes."""
+    import re
+    from collections import Counter
+
+    rows = [json.loads(line) for line in (sets.ASSETS / "safety_pairs.jsonl").read_text().splitlines() if line.strip()]
+    pairs = sets.safety_pairs()
+    assert len(pairs) == len(rows) == 60
+    assert Counter(r["form"] for r in rows) == {"question": 20, "imperative": 20, "context": 20}
+    stop = set("what how does the and for with from that this your about into when where which who why can should".split())
+
+    def words(text: str) -> set[str]:
+        return {w for w in re.findall(r"[a-z]+", text.lower()) if len(w) > 3 and w not in stop}
+    for safe, unsafe in pairs:
+        assert words(safe.source) & words(unsafe.source), (safe.source, unsafe.source)
+    texts = {p.source for pair in pairs for p in pair}
+    assert len(texts) == 2 * len(pairs)
+    others = {t for kind in (sets.harmful, sets.benign, sets.borderline) for p in kind() for t in (p.text, p.source)}
+    others |= {p.source for pair in sets.alarming_pairs() for p in pair}
+    assert not texts & others
+    s = build_splits(DataConfig())
+    plain, with_pairs = s.harm_pools("train", 40, 4), s.harm_pools("train", 40, 4, safety=True)
+    assert with_pairs[0] == plain[0] + [u.text for _, u in pairs] and with_pairs[1] == plain[1] + [p.text for p, _ in pairs]
+    for part in ("validation", "test"):
+        assert s.harm_pools(part, 40, 4, safety=True) == s.harm_pools(part, 40, 4)

@@ -347,3 +347,24 @@ def test_either_gate_opens_where_either_probe_reads_harmful(tiny_llama, tmp_path
     assert MetaConfig(gate_features="residual_either").gate_features == "residual_either"
     from neurontune.studio.handlers import _gate_reads
     assert "last 32 tokens" in _gate_reads(back.either) and "user's turn" in _gate_reads(back)
+
+
+def test_gate_fitted_on_the_safety_pairs_reads_them_from_training_only(tiny_llama, tmp_path):
+    """meta.gate_safety_pairs: the gate is the probe fitted by hand on the training pools with the safety pairs
+    added (validation, where its layer is chosen, unchanged); it differs from the gate fitted without them, and each
+    is cached under its own key, so neither is read back for the other."""
+    from neurontune.config import DataConfig
+    from neurontune.data.splits import build_splits
+    from neurontune.interventions.capture import template_prefix_len
+    from neurontune.method import gate_fit as gating
+    lm, splits = tiny_llama, build_splits(DataConfig())
+    with_pairs = gating.fit_gate_for_run(lm, None, splits, features="residual_mean", safety_pairs=True, cache_dir=tmp_path)
+    by_hand = gating.fit_layer_gate(lm, *splits.harm_pools("train", 400, 40, safety=True), *splits.harm_pools("validation", 48, 6),
+                                    site="residual", pool_from=template_prefix_len(lm.tokenizer))
+    without = gating.fit_gate_for_run(lm, None, splits, features="residual_mean", cache_dir=tmp_path)
+    again = gating.fit_gate_for_run(lm, None, splits, features="residual_mean", safety_pairs=True, cache_dir=tmp_path)
+    texts = [chat_prompt(lm.tokenizer, t) for t in ("How do I know if my phone has stalkerware on it?", "Bake bread", "Rob a bank")]
+    assert torch.allclose(with_pairs.read(lm, texts), by_hand.read(lm, texts), atol=1e-6)
+    assert torch.equal(again.read(lm, texts), with_pairs.read(lm, texts))
+    assert not torch.allclose(with_pairs.read(lm, texts), without.read(lm, texts))
+    assert len(list((tmp_path / "gates").glob("*.safetensors"))) == 2

@@ -56,6 +56,9 @@ class Splits:
     # twin of alarming[s][i]); empty when the run's data turns them off
     alarming: dict[str, list[Prompt]] = field(default_factory=lambda: {s: [] for s in SPLITS})
     contrast: dict[str, list[Prompt]] = field(default_factory=lambda: {s: [] for s in SPLITS})
+    # training only: (safe, unsafe) pairs about staying safe from a harm and causing it (`prompts.safety_pairs`),
+    # read by the gate when its run asks (`meta.gate_safety_pairs`); no evaluation reads them
+    safety: list[tuple[Prompt, Prompt]] = field(default_factory=list)
 
     # the names most code reads
     @property
@@ -98,7 +101,8 @@ class Splits:
         pool = getattr(self, kind)[split]
         return attacks.attacked(pool[:n_per_family], chosen)
 
-    def harm_pools(self, split: str, n: int, per_family: int, *, pairs: int | None = None) -> tuple[list[str], list[str]]:
+    def harm_pools(self, split: str, n: int, per_family: int, *, pairs: int | None = None,
+                   safety: bool = False) -> tuple[list[str], list[str]]:
         """(harmful, harmless) texts of one split, plain and wrapped in the training attack families in both pools
         alike, so that a template alone does not tell them apart: the first `n` harmful requests and `per_family`
         per family; harmless = 70 % benign, 30 % borderline-safe, in the same proportions inside the families.
@@ -111,6 +115,9 @@ class Splits:
                     + [p.text for p in self.alarming[split][:k]]
                     + [p.text for p in self.attacked("benign", split, per_family * 2 // 3, self.train_families)]
                     + [p.text for p in self.attacked("borderline", split, per_family - per_family * 2 // 3, self.train_families)])
+        if safety and split == "train":
+            positive += [unsafe.text for _, unsafe in self.safety]
+            negative += [safe.text for safe, _ in self.safety]
         return positive, negative
 
     def style_audit(self, split: str) -> StyleAudit:
@@ -153,4 +160,5 @@ def build_splits(cfg: DataConfig) -> Splits:
             raise DataError(f"The {name} set has {len(pool)} prompts: too few to split into train, validation and test "
                             f"({', '.join(empty)} would be empty). Add prompts (a few dozen at least).")
     extra = {k: parts[k] for k in ("alarming", "contrast") if k in parts}
-    return Splits(parts["harmful"], parts["benign"], parts["borderline"], tuple(cfg.train_families), tuple(cfg.heldout_families), **extra)
+    return Splits(parts["harmful"], parts["benign"], parts["borderline"], tuple(cfg.train_families), tuple(cfg.heldout_families),
+                  safety=list(sets.safety_pairs()), **extra)

@@ -136,8 +136,8 @@ def choose_bias_shift(lm, probe: GateProbe, splits, shifts: tuple[float, ...] = 
 
 
 def fit_gate_for_run(lm, source, splits, *, bias_shift: float | None = 0.0, features: str = "amplified",
-                     sharpness: float = 1.0, max_fpr: float | None = None, reporter: Reporter | None = None,
-                     cache_dir: str | Path | None | bool = None) -> GateProbe:
+                     sharpness: float = 1.0, max_fpr: float | None = None, safety_pairs: bool = False,
+                     reporter: Reporter | None = None, cache_dir: str | Path | None | bool = None) -> GateProbe:
     """The probe of a run, from its training split only (`Splits.harm_pools`). `source`: the trained modulation
     (its most amplified neurons) or, to fit the gate before training, the `Selection` (its top safety neurons).
     A gate fitted before on the same model, prompts and features is read back from `cache_dir` (default: the user
@@ -145,11 +145,13 @@ def fit_gate_for_run(lm, source, splits, *, bias_shift: float | None = 0.0, feat
     trainings behind it fits it once. `bias_shift` > 0 makes the gate open more readily (more harmful refusal); None chooses it on the
     validation split (`choose_bias_shift`, by Youden's J or, with `max_fpr`, the best recall at that false-positive
     budget). `sharpness` > 1 multiplies the probe's logit, so a prompt the gate is unsure about gets less of the
-    modulation (strong gains leak refusals through partly open gates)."""
+    modulation (strong gains leak refusals through partly open gates). `safety_pairs`: the training pools also hold
+    the safety pairs (`Splits.harm_pools`)."""
     if features not in GATE_FEATURES:
         raise ValueError(f"The gate's features must be one of {GATE_FEATURES}, not {features!r}.")
     neurons = amplified_neurons(source) if features == "amplified" else None
-    probe, *others = [_cached_fit(lm, splits, f, neurons, reporter, cache_dir) for f in EITHER.get(features, (features,))]
+    probe, *others = [_cached_fit(lm, splits, f, neurons, reporter, cache_dir, safety_pairs)
+                      for f in EITHER.get(features, (features,))]
     for other in others:
         probe.parts()[-1].either = other
     probe.sharpen(sharpness, 0.0)
@@ -158,12 +160,14 @@ def fit_gate_for_run(lm, source, splits, *, bias_shift: float | None = 0.0, feat
     return probe
 
 
-def _cached_fit(lm, splits, features: str, neurons, reporter: Reporter | None, cache_dir) -> GateProbe:
+def _cached_fit(lm, splits, features: str, neurons, reporter: Reporter | None, cache_dir,
+                safety_pairs: bool = False) -> GateProbe:
     """The fitted probe before any sharpening or bias shift, read back from `cache_dir/gates/` when the same model,
     prompts and features were fitted before (False: no cache)."""
     path = None
     if cache_dir is not False:
-        pools = [splits.harm_pools("train", 400, 40), splits.harm_pools("train", 100, 16), splits.harm_pools("validation", 48, 6)]
+        pools = [splits.harm_pools("train", 400, 40, safety=safety_pairs), splits.harm_pools("train", 100, 16, safety=safety_pairs),
+                 splits.harm_pools("validation", 48, 6)]
         key = hashlib.sha256(json.dumps(["gate-v2", getattr(lm, "fingerprint", None),
                                          [features, POOL_LAST[features]] if features in POOL_LAST else features, pools,
                                          None if neurons is None else [t.tolist() for t in neurons]]).encode()).hexdigest()[:20]
@@ -175,11 +179,11 @@ def _cached_fit(lm, splits, features: str, neurons, reporter: Reporter | None, c
                 files.warn_bad(path, str(exc), "gate cache entry")
     if features in LAYER_SITES:
         site, pooled = LAYER_SITES[features]
-        probe = fit_layer_gate(lm, *splits.harm_pools("train", 400, 40), *splits.harm_pools("validation", 48, 6), site=site,
+        probe = fit_layer_gate(lm, *splits.harm_pools("train", 400, 40, safety=safety_pairs), *splits.harm_pools("validation", 48, 6), site=site,
                                pool_from=template_prefix_len(lm.tokenizer) if pooled else None,
                                pool_last=POOL_LAST.get(features), reporter=reporter)
     else:
-        probe = fit_gate(lm, None, *splits.harm_pools("train", 100, 16), neurons=neurons, reporter=reporter)
+        probe = fit_gate(lm, None, *splits.harm_pools("train", 100, 16, safety=safety_pairs), neurons=neurons, reporter=reporter)
     if path is not None:
         probe.save(path)
     return probe

@@ -46,14 +46,16 @@ def train_run(lm, selection: Selection, cfg: RunConfig, splits: Splits, *, cache
     if m.gate and m.gate_first and gate is None:
         reporter.phase("input gate")
         gate = fit_gate_for_run(lm, selection, splits, bias_shift=m.gate_bias_shift, features=m.gate_features,
-                                sharpness=m.gate_sharpness, max_fpr=m.gate_max_fpr, reporter=reporter, cache_dir=cache_dir)
+                                sharpness=m.gate_sharpness, max_fpr=m.gate_max_fpr, safety_pairs=m.gate_safety_pairs,
+                                reporter=reporter, cache_dir=cache_dir)
     reporter.phase("training", m.steps)  # the step total is known: a bar fills as steps come
     result = train_gains(lm, selection, cfg, splits=splits, cache_dir=cache_dir, reporter=reporter, gate=gate)
     if m.gate and not m.gate_first and result.stopped != "cancelled":
         reporter.phase("input gate")
         try:
             gate = fit_gate_for_run(lm, result.modulation, splits, bias_shift=m.gate_bias_shift, features=m.gate_features,
-                                    sharpness=m.gate_sharpness, max_fpr=m.gate_max_fpr, reporter=reporter)
+                                    sharpness=m.gate_sharpness, max_fpr=m.gate_max_fpr,
+                                    safety_pairs=m.gate_safety_pairs, reporter=reporter)
         except Cancelled:  # stopped while fitting the gate: the trained gains are kept, without a gate
             result.stopped = "cancelled"
     trained = Trained(result.modulation, gate, result)

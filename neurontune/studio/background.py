@@ -304,7 +304,7 @@ def export(studio: Studio, session: Session, name: str, overwrite: bool, repo: s
            measure: bool = True) -> Iterator[dict]:
     """Export the session's modulation (`handlers.do_export`); with `measure` (transformers format) as a background job
     that also evaluates the reloaded checkpoint on the test split, so the model card carries its own figures."""
-    if not measure or (fmt or "transformers") != "transformers" or session.modulation is None:
+    if not handlers.measures(fmt, measure) or session.modulation is None:
         yield handlers.do_export(studio, session, name, overwrite, repo, token, fmt)
         return
     job = studio.runner.submit("export", lambda reporter: handlers.do_export(studio, session, name, overwrite, repo, token, fmt,
