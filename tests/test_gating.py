@@ -368,3 +368,27 @@ def test_gate_fitted_on_the_safety_pairs_reads_them_from_training_only(tiny_llam
     assert torch.equal(again.read(lm, texts), with_pairs.read(lm, texts))
     assert not torch.allclose(with_pairs.read(lm, texts), without.read(lm, texts))
     assert len(list((tmp_path / "gates").glob("*.safetensors"))) == 2
+
+
+def test_train_run_passes_gate_safety_pairs_to_the_gates_fit(tiny_llama, monkeypatch):
+    """The preset's `meta.gate_safety_pairs` reaches the gate's fit, gate first or after the gains (the same one
+    route), and is off by default."""
+    import dataclasses
+    from neurontune.config import RunConfig
+    from neurontune.data.splits import build_splits
+    from neurontune.method import recipe
+    from neurontune.method.metalearn import TrainResult
+    seen = []
+
+    def fake_fit(lm, source, splits, **kw):
+        seen.append(kw["safety_pairs"])
+        raise StopIteration  # the fit is all this test needs
+    monkeypatch.setattr(recipe, "fit_gate_for_run", fake_fit)
+    monkeypatch.setattr(recipe, "train_gains", lambda *a, **k: TrainResult(random_modulation(tiny_llama.shape, 4), [], "done"))
+    base = RunConfig()
+    splits = build_splits(base.data)
+    for first, pairs in ((True, True), (False, True), (True, False)):
+        cfg = base.replace(meta=dataclasses.replace(base.meta, gate=True, gate_first=first, gate_safety_pairs=pairs))
+        with pytest.raises(StopIteration):
+            recipe.train_run(tiny_llama, None, cfg, splits)
+    assert seen == [True, True, False] and RunConfig().meta.gate_safety_pairs is False
