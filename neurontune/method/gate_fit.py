@@ -164,12 +164,12 @@ def _cached_fit(lm, splits, features: str, neurons, reporter: Reporter | None, c
                 safety_pairs: bool = False) -> GateProbe:
     """The fitted probe before any sharpening or bias shift, read back from `cache_dir/gates/` when the same model,
     prompts and features were fitted before (False: no cache)."""
+    big, small = splits.harm_pools("train", 400, 40, safety=safety_pairs), splits.harm_pools("train", 100, 16, safety=safety_pairs)
+    val = splits.harm_pools("validation", 48, 6)
     path = None
     if cache_dir is not False:
-        pools = [splits.harm_pools("train", 400, 40, safety=safety_pairs), splits.harm_pools("train", 100, 16, safety=safety_pairs),
-                 splits.harm_pools("validation", 48, 6)]
         key = hashlib.sha256(json.dumps(["gate-v2", getattr(lm, "fingerprint", None),
-                                         [features, POOL_LAST[features]] if features in POOL_LAST else features, pools,
+                                         [features, POOL_LAST[features]] if features in POOL_LAST else features, [big, small, val],
                                          None if neurons is None else [t.tolist() for t in neurons]]).encode()).hexdigest()[:20]
         path = Path(cache_dir or files.default_cache_dir()) / "gates" / f"{key}.safetensors"
         if path.is_file():
@@ -179,11 +179,10 @@ def _cached_fit(lm, splits, features: str, neurons, reporter: Reporter | None, c
                 files.warn_bad(path, str(exc), "gate cache entry")
     if features in LAYER_SITES:
         site, pooled = LAYER_SITES[features]
-        probe = fit_layer_gate(lm, *splits.harm_pools("train", 400, 40, safety=safety_pairs), *splits.harm_pools("validation", 48, 6), site=site,
-                               pool_from=template_prefix_len(lm.tokenizer) if pooled else None,
+        probe = fit_layer_gate(lm, *big, *val, site=site, pool_from=template_prefix_len(lm.tokenizer) if pooled else None,
                                pool_last=POOL_LAST.get(features), reporter=reporter)
     else:
-        probe = fit_gate(lm, None, *splits.harm_pools("train", 100, 16, safety=safety_pairs), neurons=neurons, reporter=reporter)
+        probe = fit_gate(lm, None, *small, neurons=neurons, reporter=reporter)
     if path is not None:
         probe.save(path)
     return probe
