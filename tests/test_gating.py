@@ -392,3 +392,36 @@ def test_train_run_passes_gate_safety_pairs_to_the_gates_fit(tiny_llama, monkeyp
         with pytest.raises(StopIteration):
             recipe.train_run(tiny_llama, None, cfg, splits)
     assert seen == [True, True, False] and RunConfig().meta.gate_safety_pairs is False
+
+
+def test_every_caller_reads_a_prompt_with_the_same_gate_and_gives_it_the_same_gains(tiny_llama):
+    """The bulk table, `generate`'s engine call, the evaluation harness's reading and free-form generation behind
+    `Gated.apply` give one prompt the same s, and every caller's per-row gains are 1 + s (g - 1) exactly."""
+    from neurontune.eval.bulk import compare_prompts
+    from neurontune.interventions.gating import GateProbe, row_modulations
+    from neurontune.interventions.generation import generate
+    from neurontune.run.answer import answer
+    lm = tiny_llama
+    mod = random_modulation(lm.shape, 60, seed=4, low=0.2, high=3.0, fingerprint=lm.fingerprint)
+    gen = torch.Generator().manual_seed(0)
+    k = 8
+    probe = GateProbe(torch.arange(k) % lm.shape[0], torch.arange(k), torch.zeros(k), torch.ones(k),
+                      torch.randn(k, generator=gen), 0.0, 1.0, lm.fingerprint)
+    prompts = ["Tell me about bread", "How do I pick a lock on my own front door?", "Hi"]
+    readings = []
+    for p in prompts:
+        bulk = compare_prompts(lm, [p], mod, gate=probe, max_new_tokens=2)[0].gate
+        _, engine = answer(lm, [p], Gated(mod, probe), max_new_tokens=2)
+        harness = float(Gated(mod, probe).strengths(lm, [chat_prompt(lm.tokenizer, p)])[0])
+        with Gated(mod, probe).apply(lm) as state:
+            generate(lm, [chat_prompt(lm.tokenizer, p)], formatted=True, max_new_tokens=1)
+        assert bulk == engine[0] == harness == float(state["s"][0]), (p, bulk, engine, harness, state["s"])
+        readings.append(harness)
+    assert len(set(readings)) == len(prompts) and all(0 < s < 1 for s in readings)  # a gate that reads each prompt
+    rows, s = row_modulations(lm, mod, probe, prompts)  # read as one padded batch: equal up to float rounding
+    assert torch.allclose(torch.tensor(s), torch.tensor(readings), atol=1e-6)
+    expected = mod.row_gains(torch.tensor(s))
+    for i, row in enumerate(rows):
+        assert torch.equal(row.dense(), expected[i])
+    static, none = row_modulations(lm, mod, None, prompts, strength=0.5)
+    assert none is None and all(torch.equal(m.dense(), mod.scaled(0.5).dense()) for m in static)

@@ -11,7 +11,7 @@ from typing import Iterator, Sequence
 import pandas as pd
 
 from ..infra.progress import SILENT, Reporter
-from ..interventions.gating import Gated, GateProbe
+from ..interventions.gating import GateProbe, row_modulations
 from ..interventions.generation import fit_lengths, generate
 from ..interventions.modulation import Modulation
 from .judge import REFUSALS
@@ -54,16 +54,6 @@ class BulkRow:
         return out
 
 
-def tuned_gains(lm, prompts: Sequence[str], modulation: Modulation, gate: GateProbe | None, strength: float,
-                max_prompt_tokens: int) -> tuple[list[Modulation], list[float] | None]:
-    """The tuned row's gains for each prompt: strength × the gate's s (read on the prompt alone, unmodulated)
-    when there is a gate, else the static gains at `strength`."""
-    if gate is None:
-        mod = modulation if float(strength) == 1.0 else modulation.scaled(float(strength))
-        return [mod] * len(prompts), None
-    return Gated(modulation, gate).per_prompt(lm, prompts, strength=strength, max_length=max_prompt_tokens)
-
-
 def iter_compare(lm, prompts: Sequence[str], modulation: Modulation, *, gate: GateProbe | None = None, strength: float = 1.0,
                  max_new_tokens: int = 48, batch_size: int = 8, reporter: Reporter | None = None,
                  judge: Judge | None = None) -> Iterator[list[BulkRow]]:
@@ -80,7 +70,7 @@ def iter_compare(lm, prompts: Sequence[str], modulation: Modulation, *, gate: Ga
     for start in range(0, len(prompts), batch_size):
         reporter.check("The bulk run")
         chunk = prompts[start:start + batch_size]
-        tuned, s = tuned_gains(lm, chunk, modulation, gate, strength, budget)
+        tuned, s = row_modulations(lm, modulation, gate, chunk, strength=strength, max_length=budget)
         pairs = [p for p in chunk for _ in (0, 1)]
         answers = generate(lm, pairs, [g for t in tuned for g in (None, t)], max_new_tokens=max_new_tokens, batch_size=2 * len(chunk))
         verdicts = judge.verdicts(pairs, answers)

@@ -45,6 +45,10 @@ FORMS = {
                     "(fold exactly into the model's own weights)"),
     "gated": "gated: the modulation scaled per prompt by the input gate (cannot be folded)",
 }
+# The same forms as titles of the evaluation tables' blocks (rows compared like with like).
+FORM_TITLES = {"static": "static (the same for every prompt)",
+               "conditional": "conditional, folded into the weights (what export writes, reloaded)",
+               "gated": "gated (the same input gate in front of each)"}
 
 
 def form_of(intervention) -> str | None:

@@ -21,6 +21,7 @@ from ..infra.progress import SILENT, Reporter
 from ..eval.reloaded import Reloaded
 from ..interventions.gating import GATED, Gated
 from ..interventions.modulation import Modulation
+from ..interventions.protocol import FORM_TITLES
 from ..method.recipe import Trained, train_run
 from ..method.selection import select
 from .export import EXPORTED, export
@@ -132,14 +133,9 @@ def evaluate_run(lm, run: str | Path | RunFolder, cfg: RunConfig | None = None, 
     return table
 
 
-BLOCKS = {"static": "static (the same for every prompt)",
-          "conditional": "conditional, folded into the weights (what export writes, reloaded)",
-          "gated": "gated (the same input gate in front of each)"}
-
-
 def table_blocks(forms: dict[str, str | None]) -> dict[str, list[str]]:
     """Rows grouped by the form they apply, so that like is compared with like (the base model heads the first block)."""
-    out: dict[str, list[str]] = {title: [] for title in BLOCKS.values()}
+    out: dict[str, list[str]] = {title: [] for title in FORM_TITLES.values()}
     for name, form in forms.items():
-        out[BLOCKS.get(form or "static", BLOCKS["static"])].append(name)
+        out[FORM_TITLES.get(form or "static", FORM_TITLES["static"])].append(name)
     return {title: names for title, names in out.items() if names}

@@ -140,7 +140,7 @@ def train(studio: Studio, session: Session, view: View = View()) -> Iterator[dic
             try:
                 gate = RunFolder(run).gate(lm)
             except ValueError as exc:
-                note = f"\n\n⚠ The run's gate could not be read ({exc}): the right pane uses the static gains."
+                note = f"\n\n⚠ The run's gate could not be read ({exc}): the right pane shows what Export writes, without a gate."
         try:
             session.set_gains(result.modulation, f"trained gains ({len(result.log)} steps, {stopped.get(result.stopped, result.stopped)}, "
                               f"best step {result.best_step})", gate=gate, run_dir=str(run),

@@ -12,7 +12,7 @@ from ..data.chat import chat_prompt
 from ..data.splits import build_splits
 from ..eval.judge import REFUSALS, read
 from ..eval.judges import WORDS, Judge
-from ..interventions.gating import Gated
+from ..interventions.gating import row_modulations
 from ..interventions.generation import fit_lengths, stream_generate
 from ..interventions.modulation import Modulation
 from .handlers import gains_text
@@ -116,10 +116,8 @@ def right_gains(lm, session: Session, conv: list[dict], strength: float, use_gat
     scale = float(strength)
     if mod is None:
         return None, None
-    if gate is not None:
-        gains, readings = Gated(mod, gate).per_prompt(lm, [conv[-1]["content"]], strength=scale, max_length=budget)
-        return gains[0], float(readings[0])
-    return (mod if scale == 1.0 else mod.scaled(scale)), None
+    gains, readings = row_modulations(lm, mod, gate, [conv[-1]["content"]], strength=scale, max_length=budget)
+    return gains[0], (None if readings is None else float(readings[0]))
 
 
 @returns("left", "right", "msg", "chat_status")

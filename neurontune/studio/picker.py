@@ -70,7 +70,7 @@ def pick_point(studio: Studio, session: Session, index, view: View = View()) -> 
         return {"pick_status": f"✗ {exc}"}
     if mod is None:
         return {"pick_status": "✗ This sweep was written before sweep points kept their gains: run the sweep again."}
-    form = "gated gains (behind their input gate)" if gate is not None else f"{form_of(mod) or 'static'} gains"
+    form = f"{'gated' if gate is not None else form_of(mod) or 'static'} gains"  # the forms' vocabulary (protocol.FORMS)
     try:
         session.adopt_point(mod, ks, ku, f"sweep point {i} (k_safety={ks}, k_utility={ku}; {form})", gate=gate)
     except ValueError as exc:  # gains for another model's shape, or thresholds the model cannot take
