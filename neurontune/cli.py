@@ -224,7 +224,7 @@ def cmd_export(args) -> int:
         result = export(lm, folder.exported(lm.fingerprint), args.root, args.name, format=args.format, gguf_type=args.gguf_type,
                         preset=cfg.to_dict(), eval_summary=folder.eval_summary(), gated=gated, overwrite=args.overwrite,
                         push_to_hub=args.push_to_hub, token=token, reporter=bars,
-                        measure=None if args.no_eval or args.format == "gguf" else args.eval_split,
+                        measure=None if args.no_eval else args.eval_split,
                         judge=None if args.no_eval else _judge(args))
     if (g := result["gguf"]) is not None:
         changed = ", ".join(f"{n} as {t}" for t, n in sorted(g["changed_types"].items())) or "none"
@@ -454,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "F16 for a transformers model), f16 or q8_0 (the type of every tensor written anew)")
     p.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="also upload to this Hub repo (token from $HF_TOKEN, never stored)")
     p.add_argument("--eval-split", default="test", choices=["test", "validation"],
-                   help="the model card's figures: the checkpoint reloaded with plain transformers, measured on this split (default test)")
+                   help="the model card's figures: the checkpoint reloaded with plain transformers (a GGUF file: read back by transformers), measured on this split (default test)")
     p.add_argument("--no-eval", action="store_true", help="skip measuring the reloaded checkpoint (the card then quotes the run's evaluation)")
     p.set_defaults(func=cmd_export)
 

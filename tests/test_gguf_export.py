@@ -54,6 +54,25 @@ def test_tiny_gguf_holds_the_tuned_model(lm, tmp_path, gguf_type):
     assert str(meta["tokenizer.chat_template"].contents()) == lm.tokenizer.chat_template
 
 
+def test_a_measured_gguf_export_carries_the_figures_of_the_file_read_back(lm, tmp_path):
+    """With a measurement, a GGUF export's card carries the figures of the GGUF file as transformers reads it back, not
+    those of the float weights it was written from: the same modulation exported as a float32 checkpoint measures the
+    same prompts with another perplexity (q8_0 rounds the changed tensors), close to it."""
+    mod = random_modulation(lm.shape, 60, seed=3, low=0.0, high=3.0, fingerprint=lm.fingerprint)
+    result = export(lm, mod, tmp_path, "q", format="gguf", gguf_type="q8_0", preset={"name": "balanced"}, measure="validation")
+    own = result["measured"]
+    assert own["read_back"].startswith("GGUF") and own["split"] == "validation" and own["form"] == "static"
+    card = (Path(result["path"]) / "README.md").read_text()
+    assert "Measured on **this GGUF file, read back by plain `transformers`**" in card and "| this checkpoint |" in card
+    assert json.loads((Path(result["path"]) / RunFolder.EXPORT_CHECK).read_text())["measured"]["read_back"] == own["read_back"]
+    float32 = export(lm, mod, tmp_path, "f", preset={"name": "balanced"}, measure="validation")["measured"]
+    assert float32["read_back"] == "checkpoint"
+
+    def ppl(m):
+        return next(r["ppl_ratio"] for r in m["table"] if r["intervention"] == "this checkpoint")
+    assert ppl(own) != ppl(float32) and abs(ppl(own) / ppl(float32) - 1) < 0.05, (ppl(own), ppl(float32))
+
+
 def test_gated_mlp_folds_into_up_rows(tiny_llama, tiny_gpt2):
     """A gain on neuron i of a gated MLP is row i of up_proj scaled (what keeps block quantisation exact); GPT-2 has
     no gate, so its gains stay in the output projection."""
@@ -119,4 +138,6 @@ def test_cli_exports_gguf(tiny_llama, tmp_path, capsys):
                  "--format", "gguf", "--gguf-type", "q8_0"]) == 0
     out = capsys.readouterr().out
     assert "g.Q8_0.gguf" in out and "llama-cli -m" in out
-    assert json.loads((tmp_path / "ex" / "g" / "export_check.json").read_text())["gguf"]["changed_types"] == {"Q8_0": 3}
+    check = json.loads((tmp_path / "ex" / "g" / "export_check.json").read_text())
+    assert check["gguf"]["changed_types"] == {"Q8_0": 3}
+    assert check["measured"]["split"] == "test" and check["measured"]["read_back"].startswith("GGUF")  # measured by default

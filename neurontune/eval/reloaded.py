@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..model.loading import LoadedModel, load_model
+from ..model.loading import LoadedModel, fingerprint, load_model
+from ..model.neuron_map import neuron_map
 
 
 @dataclass
@@ -24,3 +25,12 @@ class Reloaded:
         dtype = str(base.model.dtype).removeprefix("torch.")
         reloaded = load_model(str(path), dtype=dtype)
         return cls(reloaded, base.fingerprint, name or cls.name, {"kind": "reloaded checkpoint", "form": "folded", "path": str(path)})
+
+    @classmethod
+    def of_model(cls, model, base: LoadedModel, path: str | Path, name: str | None = None) -> "Reloaded":
+        """A checkpoint transformers has already read back (a GGUF file, dequantised), with the base model's tokenizer
+        (the export wrote the same one), in the base model's dtype."""
+        model = model.to(base.model.dtype).eval().requires_grad_(False)
+        nmap = neuron_map(model)
+        lm = LoadedModel(model, base.tokenizer, str(path), fingerprint(model, nmap), nmap, source=f"gguf:{path}")
+        return cls(lm, base.fingerprint, name or cls.name, {"kind": "reloaded checkpoint", "form": "folded", "path": str(path)})

@@ -76,7 +76,9 @@ def _folded_state_dict(lm, modulation: Modulation, into_up: bool = False) -> dic
 def _measured(own: dict) -> str:
     """The card's figures when the export measured itself: this checkpoint, reloaded, beside the base model."""
     frame = pd.DataFrame(own["table"]).set_index("intervention")
-    return (f"Measured on **this checkpoint, reloaded with plain `transformers`** (no NeuronTune code, no hook) beside the base "
+    what = ("this GGUF file, read back by plain `transformers`** (dequantised to float; llama.cpp computes in the file's "
+            "own types)" if own.get("read_back", "").startswith("GGUF") else "this checkpoint, reloaded with plain `transformers`**")
+    return (f"Measured on **{what} (no NeuronTune code, no hook) beside the base "
             f"model, on the held-out {own['split']} split ({own['n_rows']} generated answers of {own['max_new_tokens']} tokens, "
             f"{'attack families never seen in tuning included; ' if own['split'] == 'test' else 'training attack families only; '}"
             f"{own['n_ppl']} answers for perplexity, {own['n_mc']} multiple-choice "
@@ -244,10 +246,10 @@ says how far the two part."""
     return load
 
 def measure_checkpoint(lm, path: str | Path, modulation: Modulation, preset: dict | None, split: str = "test", *,
-                       judge=None, reporter: Reporter | None = None) -> dict:
+                       judge=None, reporter: Reporter | None = None, model=None) -> dict:
     """The figures of the checkpoint in `path`, reloaded with plain transformers (`eval.reloaded.Reloaded`), beside the
     base model, on `split` of the preset's prompts (FULL_EVAL on test, VALIDATION_EVAL on validation): what the model
-    card reports."""
+    card reports. `model`: the checkpoint as transformers already read it back (a GGUF file, dequantised)."""
     from ..config import FULL_EVAL, VALIDATION_EVAL, RunConfig
     from ..data.splits import build_splits
     from ..eval.harness import evaluate_many
@@ -260,14 +262,15 @@ def measure_checkpoint(lm, path: str | Path, modulation: Modulation, preset: dic
     splits, ecfg = build_splits(cfg.data), (VALIDATION_EVAL if split == "validation" else FULL_EVAL)
     judge = judge_from_spec(judge)
     row = "this checkpoint"
-    reloaded = Reloaded.load(path, lm, name=row)
+    reloaded = Reloaded.load(path, lm, name=row) if model is None else Reloaded.of_model(model, lm, path, name=row)
     reloaded.meta["folds"] = "conditional" if modulation.conditional else "static"
     results = evaluate_many(lm, {"base": None, row: reloaded}, splits, ecfg, split=split, reporter=reporter, judge=judge)
     table = summarise({r.name: [r] for r in results})
     rows = [{"intervention": n, **{k: (None if v != v else v) for k, v in r.items()}} for n, r in table.to_dict(orient="index").items()]
     return {"table": rows, "split": split, "row": row, "form": form_of(reloaded), "n_rows": len(results[1].rows),
             "max_new_tokens": ecfg.max_new_tokens, "n_ppl": results[1].meta["n_ppl"], "n_mc": results[1].meta["n_mc"],
-            "judge": describe(judge), "style_audit": splits.style_audit(split).accuracy}
+            "judge": describe(judge), "style_audit": splits.style_audit(split).accuracy,
+            "read_back": "GGUF file, dequantised by transformers" if model is not None else "checkpoint"}
 
 
 # Prompts (and answer openings) the reloaded checkpoint is compared on: harmless ones and a harmful one, so that a
@@ -334,8 +337,9 @@ def _logit_agreement(lm, modulation: Modulation, reloaded) -> dict:
             "top1_agreement": float((plain.argmax(-1) == hooked.argmax(-1)).float().mean())}
 
 
-def _gguf_fill(lm, modulation: Modulation, tmp: Path, name: str, gguf_type: str) -> dict:
-    """Write `name.TYPE.gguf` into `tmp` from the folded state dict and check it; returns the figures for the card."""
+def _gguf_fill(lm, modulation: Modulation, tmp: Path, name: str, gguf_type: str) -> tuple:
+    """Write `name.TYPE.gguf` into `tmp` from the folded state dict and check it; returns (the file as transformers read
+    it back, the figures for the card)."""
     state = _folded_state_dict(lm, modulation, into_up=True)
     notes = []
     if gguf_type == "auto" and modulation.switch is not None:  # a switch is a probe: block-quantised, it fires where it should not
@@ -350,7 +354,7 @@ def _gguf_fill(lm, modulation: Modulation, tmp: Path, name: str, gguf_type: str)
         checked, reloaded = gguf_export.check_gguf(lm, state, out)
     except gguf_export.GGUFExportError as exc:
         raise ExportError(str(exc)) from None
-    return {"file": out.path.name, "size_mb": out.path.stat().st_size / 1e6, "source": out.source, "label": out.label,
+    return reloaded, {"file": out.path.name, "size_mb": out.path.stat().st_size / 1e6, "source": out.source, "label": out.label,
             "changed": out.changed, "changed_types": out.changed_types(), "copied": out.copied, "notes": notes + list(out.notes),
             **checked, **_logit_agreement(lm, modulation, reloaded)}
 
@@ -388,8 +392,14 @@ def export(lm, modulation: Modulation, root: str | Path, name: str, *, format: s
         folder.write_config(preset or {})
         reporter.progress(0, steps, "folding the modulation and saving")
         if format == "gguf":
-            figures = _gguf_fill(lm, modulation, tmp, path.name, gguf_type)
-            folder.write_model_card(model_card(lm, modulation, name, eval_summary, preset, gated, gguf=figures))
+            reloaded, figures = _gguf_fill(lm, modulation, tmp, path.name, gguf_type)
+            own = None
+            if measure is not None:  # the card's figures: this file as transformers reads it, beside the base model
+                reporter.progress(1, steps, f"measuring the GGUF file, read back, on the {measure} split")
+                own = measure_checkpoint(lm, tmp / figures["file"], modulation, preset, measure, judge=judge,
+                                         reporter=reporter.muted(), model=reloaded)
+                check["measured"] = own
+            folder.write_model_card(model_card(lm, modulation, name, eval_summary, preset, gated, gguf=figures, own=own))
             check.update(max_logit_diff=figures["max_logit_diff"], tolerance=None, rounding=None, gguf=figures)
             folder.write_export_check(check)
             return

@@ -430,7 +430,7 @@ def export_tab(page: Page) -> Callable[[], None]:
             C["export_name"] = gr.Textbox(handlers.suggest_name(page.first), label="Export name (letters, digits, . _ -; anything else is replaced)", scale=3)
             overwrite = gr.Checkbox(False, label="overwrite an existing export", scale=1)
             measure = gr.Checkbox(True, label="measure the checkpoint: reload it and evaluate it on the test split, so the "
-                                              "model card carries its own figures (minutes on a CPU; transformers format)", scale=2)
+                                              "model card carries its own figures (minutes on a CPU; a GGUF file is read back by transformers)", scale=2)
         export_format = gr.Radio([("transformers checkpoint (safetensors)", "transformers"), ("GGUF (llama.cpp, Ollama, LM Studio)", "gguf")],
                                  value="transformers", label="Format")
         with gr.Accordion("Push to the Hugging Face Hub (optional)", open=False):

@@ -302,9 +302,9 @@ def flow(studio: Studio, session: Session, model, trust_remote_code, preset, qui
 @returns("export_status", "export_files", "export_name", "hub_token")
 def export(studio: Studio, session: Session, name: str, overwrite: bool, repo: str, token: str, fmt: str = "transformers",
            measure: bool = True) -> Iterator[dict]:
-    """Export the session's modulation (`handlers.do_export`); with `measure` (transformers format) as a background job
+    """Export the session's modulation (`handlers.do_export`); with `measure` as a background job
     that also evaluates the reloaded checkpoint on the test split, so the model card carries its own figures."""
-    if not handlers.measures(fmt, measure) or session.modulation is None:
+    if not measure or session.modulation is None:
         yield handlers.do_export(studio, session, name, overwrite, repo, token, fmt)
         return
     job = studio.runner.submit("export", lambda reporter: handlers.do_export(studio, session, name, overwrite, repo, token, fmt,

@@ -287,17 +287,11 @@ def measured_text(own: dict) -> str:
             "the model card has the full table beside the base model.")
 
 
-def measures(fmt: str | None, measure: bool) -> bool:
-    """Whether an export evaluates its checkpoint: asked for, and in the transformers format (a GGUF file is not
-    reloaded here)."""
-    return bool(measure) and (fmt or "transformers") == "transformers"
-
-
 @returns("export_status", "export_files", "export_name", "hub_token")
 def do_export(studio: Studio, session: Session, name: str, overwrite: bool, repo: str, token: str, fmt: str = "transformers",
               measure: bool = False, reporter=None) -> dict:
     """Fold the session's gains into a checkpoint (or a GGUF file) under the export root; the token is used for the push
-    only. `measure` (transformers format): the checkpoint, reloaded, is evaluated on the test split and the model card
+    only. `measure`: the checkpoint reloaded (a GGUF file read back by transformers) is evaluated on the test split and the model card
     carries those figures (minutes; the studio runs it as a background job, `background.export`)."""
     if session.modulation is None:
         return {"export_status": "No gains to export yet: train or apply gains in **Tune** first.", "hub_token": ""}
@@ -309,7 +303,7 @@ def do_export(studio: Studio, session: Session, name: str, overwrite: bool, repo
                         eval_summary=summary,
                         gated=session.gate is not None,
                         overwrite=bool(overwrite), push_to_hub=(repo or "").strip() or None, token=(token or "").strip() or None,
-                        measure="test" if measures(fmt, measure) else None, reporter=reporter)
+                        measure="test" if measure else None, reporter=reporter)
     except (ExportError, ValueError) as exc:
         return {"export_status": f"✗ {exc}", "hub_token": ""}
     except OSError as exc:  # disk full, no permission ...: export() left nothing half-written
