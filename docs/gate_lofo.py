@@ -4,10 +4,13 @@ For each training attack family F: the gate's probe is fitted on the training po
 its layer chosen on the validation pools without F, then it reads the validation prompts inside F (harmful: should
 open; benign and borderline: should not) and the plain validation prompts. Compared: what the gate reads
 (`meta.gate_features`: "residual", the prompt's last token; "residual_mean", the mean over the user's turn;
-"residual_tail", the mean over its last 32 tokens). Held-out
+"residual_tail", the mean over its last 32 tokens; "layer", a whole layer's MLP neurons at the last token;
+"amplified", the 256 highest-ranked safety neurons of the shipped run's selection at the last token, what a gate-first
+"amplified" gate reads before training; attribution saw every training family, a leak in its favour). Held-out
 test families are never read. Prints one row per (F, features) and a mean row; `--json PATH` keeps them.
 
     python docs/gate_lofo.py                  # about 10 min on a 2-core CPU
+    python docs/gate_lofo.py --features amplified,layer --sharpness 6   # the other readings of item 1 (~10 min)
     python docs/gate_lofo.py --features residual_mean \
         --extra-families translation,format_constraint,distractor,emotional_pressure   # does variety help? (~6 min)
 """
@@ -26,8 +29,10 @@ from neurontune.config import load_preset  # noqa: E402
 from neurontune.data.chat import chat_prompt  # noqa: E402
 from neurontune.data.splits import build_splits  # noqa: E402
 from neurontune.infra.probes import recall_at_fpr, roc_auc  # noqa: E402
-from neurontune.interventions.capture import last_token, template_prefix_len  # noqa: E402
-from neurontune.method.gate_fit import LAYER_SITES, POOL_LAST, best_layer_probe  # noqa: E402
+from neurontune.interventions.capture import last_token, template_prefix_len, unit_features  # noqa: E402
+from neurontune.method.gate_fit import LAYER_SITES, POOL_LAST, amplified_neurons, best_layer_probe  # noqa: E402
+from neurontune.method.selection import select  # noqa: E402
+from neurontune.run.folder import RunFolder  # noqa: E402
 from neurontune.model.loading import load_model  # noqa: E402
 
 LAYERS = list(range(8, 28, 2))  # candidate layers (every second one from 8 to 26 on SmolLM2-135M's 30)
@@ -49,13 +54,20 @@ def main() -> None:
     extra = tuple(f for f in args.extra_families.split(",") if f)
     reads: dict[tuple[str, str], torch.Tensor] = {}
 
+    picked = None
+    if "amplified" in args.features:
+        picked = amplified_neurons(select(RunFolder("assets/default_run").scores(), cfg.selection))
+
     def read(texts: list[str], features: str) -> torch.Tensor:
-        """[n, len(LAYERS), d] what the gate reads, every prompt read once per feature kind."""
-        site, pooled = LAYER_SITES[features]
+        """[n, len(LAYERS), d] what the gate reads (amplified: [n, 1, 256]), every prompt read once per feature kind."""
         todo = [t for t in dict.fromkeys(texts) if (features, t) not in reads]
-        if todo:
+        if todo and features == "amplified":
+            x = unit_features(lm, [chat_prompt(lm.tokenizer, t) for t in todo], *picked)[:, None, :]
+        elif todo:
+            site, pooled = LAYER_SITES[features]
             x = last_token(lm, [chat_prompt(lm.tokenizer, t) for t in todo], site, layers=LAYERS,
                            pool_from=template_prefix_len(lm.tokenizer) if pooled else None, pool_last=POOL_LAST.get(features))
+        if todo:
             reads.update({(features, t): row for t, row in zip(todo, x)})
         return torch.stack([reads[(features, t)] for t in texts])
 
@@ -79,7 +91,8 @@ def main() -> None:
             logit = lambda texts: ((read(texts, features)[:, i] - mean) / std) @ w + b  # noqa: E731
             opens = lambda texts: float((torch.sigmoid(args.sharpness * logit(texts)) > 0.5).float().mean())  # noqa: E731
             z_f, z_neg = logit(fp), logit(plain_neg + fn)
-            row = {"features": features, "extra": ",".join(extra), "left_out": held, "layer": LAYERS[i], "val_auc": round(auc, 3),
+            row = {"features": features, "extra": ",".join(extra), "left_out": held,
+                   "layer": "selected" if features == "amplified" else LAYERS[i], "val_auc": round(auc, 3),
                    "left_out_auc": round(roc_auc(z_f, z_neg), 3), "left_out_recall@5%": round(recall_at_fpr(z_f, z_neg, 0.05)[0], 3),
                    "opens_harmful_in_F": round(opens(fp), 3), "opens_harmless_in_F": round(opens(fn), 3),
                    "opens_plain_harmful": round(opens(plain_pos), 3), "opens_benign": round(opens(benign), 3),
