@@ -65,6 +65,12 @@ class InputTerms:
         return InputTerms(self.indices, self.coef.clone() if strength == 1 else self.coef * strength, self.direction, self.offset)
 
 
+def at_strength(gains: torch.Tensor, strength) -> torch.Tensor:
+    """1 + s (g - 1): gains moved towards the identity by strength s (a number or a tensor that broadcasts): the one
+    formula a gate's reading, the studio's strength slider and training behind a gate all apply."""
+    return 1.0 + strength * (gains - 1.0)
+
+
 class ModulationFileError(ValueError):
     """A modulation file is unreadable, of an unknown version, or made for another model."""
 
@@ -149,7 +155,7 @@ class Modulation:
         """Interpolate towards the identity: gain -> 1 + strength * (gain - 1), input coefficients -> strength * coef
         (a switch stays, its flag read less); exactly the modulation at 1, none at 0."""
         strength = float(strength)
-        layers = {l: (i, g.clone() if strength == 1 else 1.0 + strength * (g - 1.0)) for l, (i, g) in self.layers.items()}
+        layers = {l: (i, g.clone() if strength == 1 else at_strength(g, strength)) for l, (i, g) in self.layers.items()}
         inputs = {l: t.scaled(strength) for l, t in self.inputs.items()}
         switch = None if strength == 0 else self.switch
         if strength == 0:
@@ -190,7 +196,7 @@ class Modulation:
         """[B, n_layers, n_neurons] gains 1 + s (g - 1) for per-row strengths s; exactly g at s = 1 and 1 at s = 0."""
         dense = self.dense()[None]
         s = strengths.detach().float().cpu()[:, None, None]
-        return torch.where(s == 1, dense, torch.where(s == 0, torch.ones_like(dense), 1 + s * (dense - 1)))
+        return torch.where(s == 1, dense, torch.where(s == 0, torch.ones_like(dense), at_strength(dense, s)))
 
     def row_inputs(self, strengths: torch.Tensor) -> dict[int, "RowTerms"]:
         """The input-side terms at one strength per batch row: coefficients s * coef ([B, k])."""

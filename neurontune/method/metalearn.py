@@ -33,7 +33,7 @@ from ..data.splits import Splits, build_splits
 from ..infra.files import default_cache_dir
 from ..infra.progress import SILENT, Reporter
 from ..interventions.gating import GateProbe
-from ..interventions.modulation import InputTerms, Modulation, RowTerms, modulate
+from ..interventions.modulation import InputTerms, Modulation, RowTerms, at_strength, modulate
 from ..model.logprobs import PairBatch, encode_pairs, forward, target_logprob
 from .base_answers import cached_answers
 from .conditional import harm_directions
@@ -268,7 +268,7 @@ class Objective:
         dense, inputs = view
         if s is None:
             return modulate(self.lm.model, dense, self.lm.nmap, inputs=inputs)
-        rows = 1 + s[:, None, None] * (dense[None] - 1)
+        rows = at_strength(dense[None], s[:, None, None])
         row_inputs = {l: RowTerms(t.indices, s[:, None] * t.coef[None], t.direction, t.offset) for l, t in inputs.items()}
         return modulate(self.lm.model, rows, self.lm.nmap, inputs=row_inputs)
 
