@@ -76,9 +76,10 @@ def _folded_state_dict(lm, modulation: Modulation, into_up: bool = False) -> dic
 def _measured(own: dict) -> str:
     """The card's figures when the export measured itself: this checkpoint, reloaded, beside the base model."""
     frame = pd.DataFrame(own["table"]).set_index("intervention")
-    what = ("this GGUF file, read back by plain `transformers`** (dequantised to float; llama.cpp computes in the file's "
-            "own types)" if own.get("read_back", "").startswith("GGUF") else "this checkpoint, reloaded with plain `transformers`**")
-    return (f"Measured on **{what} (no NeuronTune code, no hook) beside the base "
+    what = ("this GGUF file, read back by plain `transformers`** (dequantised to float, no NeuronTune code, no hook; "
+            "llama.cpp computes in the file's own types)" if own.get("read_back", "").startswith("GGUF")
+            else "this checkpoint, reloaded with plain `transformers`** (no NeuronTune code, no hook)")
+    return (f"Measured on **{what} beside the base "
             f"model, on the held-out {own['split']} split ({own['n_rows']} generated answers of {own['max_new_tokens']} tokens, "
             f"{'attack families never seen in tuning included; ' if own['split'] == 'test' else 'training attack families only; '}"
             f"{own['n_ppl']} answers for perplexity, {own['n_mc']} multiple-choice "
