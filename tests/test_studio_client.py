@@ -132,6 +132,11 @@ def test_export_writes_files_and_never_keeps_the_token(app, tuned):
             assert TOKEN.encode() not in path.read_bytes(), path
     again = tuned.call("export", "My tuned model!", False, "", "", "transformers", False)
     assert "already exists" in again["export_status"]
+    # a GGUF export is measured too: the file itself, read back by transformers
+    gguf = tuned.call("export", "my-gguf", False, "", "", "gguf", True)
+    assert "Measured the GGUF file read back by `transformers` on the test split" in gguf["export_status"], gguf["export_status"]
+    card = (studio.export_root / gguf["export_name"] / "README.md").read_text()
+    assert "library_name: gguf" in card and "Measured on **this GGUF file, read back by plain `transformers`**" in card
 
 
 def test_bad_input_keeps_the_previous_model_and_data(app, tmp_path):

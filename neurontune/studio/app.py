@@ -429,8 +429,9 @@ def export_tab(page: Page) -> Callable[[], None]:
         with gr.Row():
             C["export_name"] = gr.Textbox(handlers.suggest_name(page.first), label="Export name (letters, digits, . _ -; anything else is replaced)", scale=3)
             overwrite = gr.Checkbox(False, label="overwrite an existing export", scale=1)
-            measure = gr.Checkbox(True, label="measure the checkpoint: reload it and evaluate it on the test split, so the "
-                                              "model card carries its own figures (minutes on a CPU; a GGUF file is read back by transformers)", scale=2)
+            measure = gr.Checkbox(True, label="measure the checkpoint (minutes on a CPU)", scale=2,
+                                  info="reload it (a GGUF file: read back by transformers) and evaluate it on the test split, "
+                                       "so the model card carries its own figures")
         export_format = gr.Radio([("transformers checkpoint (safetensors)", "transformers"), ("GGUF (llama.cpp, Ollama, LM Studio)", "gguf")],
                                  value="transformers", label="Format")
         with gr.Accordion("Push to the Hugging Face Hub (optional)", open=False):

@@ -283,7 +283,8 @@ def measured_text(own: dict) -> str:
     """One sentence of a measured export's figures (the checkpoint reloaded with plain transformers), as its card has them."""
     row = next((r for r in own["table"] if r["intervention"] == own["row"]), {})
     figures = ", ".join(f"{label} {row[k]:.2f}" for k, label in MEASURED if row.get(k) is not None)
-    return (f"Measured reloaded with plain `transformers` on the {own['split']} split ({own['n_rows']} answers): {figures}; "
+    how = "the GGUF file read back by" if own.get("read_back", "").startswith("GGUF") else "reloaded with plain"
+    return (f"Measured {how} `transformers` on the {own['split']} split ({own['n_rows']} answers): {figures}; "
             "the model card has the full table beside the base model.")
 
 
@@ -324,6 +325,6 @@ def do_export(studio: Studio, session: Session, name: str, overwrite: bool, repo
               f"tokenizer = AutoTokenizer.from_pretrained({str(path.path)!r})\n```")
     if (g := result["gguf"]) is not None:  # the card says what was written and how it was checked
         status = (f"✓ Exported `{path.path / g['file']}` ({g['size_mb']:.1f} MB){renamed}: same top token as the hooked model at "
-                  f"{g['top1_agreement']:.0%} of positions (max logit difference {g['max_logit_diff']:.2f}).{gate}{push}\n\n"
+                  f"{g['top1_agreement']:.0%} of positions (max logit difference {g['max_logit_diff']:.2f}).{measured}{gate}{push}\n\n"
                   f"Run it with llama.cpp: `llama-cli -m {path.path / g['file']}`" + "".join(f"\n\n{n}" for n in g["notes"]))
     return {"export_status": status, "export_files": files, "export_name": safe, "hub_token": ""}
