@@ -61,7 +61,7 @@ def test_a_measured_gguf_export_carries_the_figures_of_the_file_read_back(lm, tm
     mod = random_modulation(lm.shape, 60, seed=3, low=0.0, high=3.0, fingerprint=lm.fingerprint)
     result = export(lm, mod, tmp_path, "q", format="gguf", gguf_type="q8_0", preset={"name": "balanced"}, measure="validation")
     own = result["measured"]
-    assert own["read_back"].startswith("GGUF") and own["split"] == "validation" and own["form"] == "static"
+    assert own["read_back"] == "gguf" and own["split"] == "validation" and own["form"] == "static"
     card = (Path(result["path"]) / "README.md").read_text()
     assert "Measured on **this GGUF file, read back by plain `transformers`**" in card and "| this checkpoint |" in card
     assert json.loads((Path(result["path"]) / RunFolder.EXPORT_CHECK).read_text())["measured"]["read_back"] == own["read_back"]
@@ -140,4 +140,4 @@ def test_cli_exports_gguf(tiny_llama, tmp_path, capsys):
     assert "g.Q8_0.gguf" in out and "llama-cli -m" in out
     check = json.loads((tmp_path / "ex" / "g" / "export_check.json").read_text())
     assert check["gguf"]["changed_types"] == {"Q8_0": 3}
-    assert check["measured"]["split"] == "test" and check["measured"]["read_back"].startswith("GGUF")  # measured by default
+    assert check["measured"]["split"] == "test" and check["measured"]["read_back"] == "gguf"  # measured by default

@@ -7,8 +7,8 @@ reads harmful (s from the larger logit).
 `Gated(inner, probe)` is the one gated intervention: every caller (the evaluation harness, the studio's chat and
 bulk table, `generate` on the command line) turns prompts into per-row strengths with `Gated.strengths` and applies
 `inner` at those strengths (`inner.apply_rows`; for gains that is 1 + s (g - 1) and s times any input-side term).
-`row_modulations` is the one way a caller that answers prompts row by row (chat, bulk table, `generate`) gets each
-prompt's modulation, gate or no gate. `Gated.apply(lm)` does the same for free-form generation, measuring each new
+`row_modulations` is the one way a caller that may or may not have a gate (the studio's chat and bulk table) gets
+each prompt's modulation; a caller holding a `Gated` (`generate`, the harness) calls `Gated.per_prompt`, which it wraps. `Gated.apply(lm)` does the same for free-form generation, measuring each new
 prompt on its first forward.
 A gate cannot be folded into weights; fitting one lives in `method/gate_fit.py`.
 """
@@ -148,8 +148,8 @@ class GateProbe:
 
 def row_modulations(lm, modulation, gate: "GateProbe | None", prompts: Sequence[str], *, strength: float = 1.0,
                     formatted: bool = False, max_length: int = PROMPT_CAP) -> tuple[list, list[float] | None]:
-    """(the modulation each prompt gets, the gate's readings or None): the one way callers that answer prompts one row
-    each (the studio's chat and bulk table, `generate`) turn prompts into per-row modulations. With a gate: the
+    """(the modulation each prompt gets, the gate's readings or None): how callers that answer prompts one row each
+    and may have no gate (the studio's chat and bulk table) turn prompts into per-row modulations. With a gate: the
     modulation at strength x s, s read from the prompt alone (`Gated.per_prompt`); without: at `strength` for every row."""
     if gate is None:
         mod = modulation if float(strength) == 1.0 else modulation.scaled(float(strength))

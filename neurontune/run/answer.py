@@ -9,7 +9,7 @@ from typing import Sequence
 
 from ..eval.judges import RULES, Judge
 from ..infra.progress import Reporter
-from ..interventions.gating import Gated, row_modulations
+from ..interventions.gating import Gated
 from ..interventions.generation import generate
 from ..interventions.modulation import Modulation
 from ..interventions.protocol import FORMS
@@ -60,7 +60,7 @@ def answer(lm, prompts: Sequence[str], intervention=None, *, max_new_tokens: int
     strengths = None
     gains = intervention
     if isinstance(intervention, Gated):
-        gains, strengths = row_modulations(lm, intervention.inner, intervention.probe, prompts)
+        gains, strengths = intervention.per_prompt(lm, prompts)
     answers = generate(lm, prompts, gains, max_new_tokens=max_new_tokens, batch_size=batch_size, reporter=reporter)
     return answers, strengths
 

@@ -77,7 +77,7 @@ def _measured(own: dict) -> str:
     """The card's figures when the export measured itself: this checkpoint, reloaded, beside the base model."""
     frame = pd.DataFrame(own["table"]).set_index("intervention")
     what = ("this GGUF file, read back by plain `transformers`** (dequantised to float, no NeuronTune code, no hook; "
-            "llama.cpp computes in the file's own types)" if own.get("read_back", "").startswith("GGUF")
+            "llama.cpp computes in the file's own types)" if own.get("read_back") == "gguf"
             else "this checkpoint, reloaded with plain `transformers`** (no NeuronTune code, no hook)")
     return (f"Measured on **{what} beside the base "
             f"model, on the held-out {own['split']} split ({own['n_rows']} generated answers of {own['max_new_tokens']} tokens, "
@@ -271,7 +271,7 @@ def measure_checkpoint(lm, path: str | Path, modulation: Modulation, preset: dic
     return {"table": rows, "split": split, "row": row, "form": form_of(reloaded), "n_rows": len(results[1].rows),
             "max_new_tokens": ecfg.max_new_tokens, "n_ppl": results[1].meta["n_ppl"], "n_mc": results[1].meta["n_mc"],
             "judge": describe(judge), "style_audit": splits.style_audit(split).accuracy,
-            "read_back": "GGUF file, dequantised by transformers" if model is not None else "checkpoint"}
+            "read_back": "checkpoint" if model is None else "gguf"}  # what transformers read: the folder, or the GGUF file
 
 
 # Prompts (and answer openings) the reloaded checkpoint is compared on: harmless ones and a harmful one, so that a

@@ -283,7 +283,7 @@ def measured_text(own: dict) -> str:
     """One sentence of a measured export's figures (the checkpoint reloaded with plain transformers), as its card has them."""
     row = next((r for r in own["table"] if r["intervention"] == own["row"]), {})
     figures = ", ".join(f"{label} {row[k]:.2f}" for k, label in MEASURED if row.get(k) is not None)
-    how = "the GGUF file read back by" if own.get("read_back", "").startswith("GGUF") else "reloaded with plain"
+    how = "the GGUF file read back by" if own.get("read_back") == "gguf" else "reloaded with plain"
     return (f"Measured {how} `transformers` on the {own['split']} split ({own['n_rows']} answers): {figures}; "
             "the model card has the full table beside the base model.")
 
